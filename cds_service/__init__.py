@@ -1,0 +1,14 @@
+"""CDS Hooks 2.0 decision-support service for Epic.
+
+`create_app(config=None)` is the only entry point: gunicorn serves it (`cds-service serve`), the
+tests call it with an explicit mapping.
+"""
+
+
+def create_app(config=None):
+    from cds_service.app import create_app as _create_app
+
+    return _create_app(config)
+
+
+__all__ = ["create_app"]

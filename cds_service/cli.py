@@ -1,0 +1,102 @@
+"""`cds-service` command line. Operators script against it: keep options and names stable.
+
+    cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH]
+    cds-service check-config [--site-config PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from cds_service.errors import ConfigError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from cds_service import create_app
+
+    # Validate once in the master so a bad configuration stops start-up with a clear message,
+    # instead of every worker failing to boot.
+    try:
+        create_app().extensions["cds"].close()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+
+    class Application(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            self.cfg.set("workers", args.workers)
+            self.cfg.set("threads", args.threads)
+            self.cfg.set("worker_class", "gthread" if args.threads > 1 else "sync")
+            self.cfg.set("timeout", 30)
+            self.cfg.set("graceful_timeout", 30)
+            self.cfg.set("accesslog", "-" if args.access_log else None)
+            self.cfg.set("proc_name", "cds-service")
+
+        def load(self):
+            return create_app()
+
+    Application().run()
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from cds_service import create_app
+
+    try:
+        app = create_app()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    rt = app.extensions["cds"]
+    for site in rt.sites.values():
+        print(f"site {site.id} ({site.source})")  # noqa: T201
+        for service_id, enabled in site.services.items():
+            print(f"  {service_id}: {', '.join(enabled.service.hooks)}")  # noqa: T201
+            for key, template in enabled.prefetch.items():
+                print(f"    prefetch {key}: {template}")  # noqa: T201
+    rt.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cds-service", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def site_config_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--site-config", metavar="PATH",
+                       help="site YAML file or directory (default: $CDS_SITE_CONFIG)")
+
+    serve = sub.add_parser("serve", help="run the service under gunicorn")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=2)
+    serve.add_argument("--threads", type=int, default=4,
+                       help="threads per worker (a slow FHIR fallback does not block others)")
+    serve.add_argument("--access-log", action="store_true", help="gunicorn access log on stdout")
+    site_config_option(serve)
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate the site configuration and print it")
+    site_config_option(check)
+    check.set_defaults(func=_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "site_config", None):
+        # Workers build their own app from the environment, so pass the path that way.
+        os.environ["CDS_SITE_CONFIG"] = args.site_config
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

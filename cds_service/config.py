@@ -1,0 +1,220 @@
+"""Deployment settings and per-site configuration.
+
+Order of precedence (lowest first), applied once in `create_app`: `DEFAULTS` below, then
+`CDS_`-prefixed environment variables (values parsed as JSON when they can be, so
+`CDS_MAX_CONTENT_LENGTH=1048576` is an int), then the explicit mapping passed to
+`create_app(config)`. The site configuration is read from the path in `SITE_CONFIG`
+(`CDS_SITE_CONFIG`): one YAML file or a directory of them, one site per file. Every key is
+documented in `site_config/README.md`. Nothing here is read inside a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
+
+from cds_service.errors import ConfigError
+from cds_service.prefetch import PrefetchSettings, lint_template
+from cds_service.registry import CdsService
+
+DEFAULTS: dict[str, Any] = {
+    # Path to one site YAML file or a directory of them; None = one built-in site ("default")
+    # with every registered service enabled on its declared prefetch templates.
+    "SITE_CONFIG": None,
+    # Site answering requests when several are configured (issuer-based tenancy comes with JWTs).
+    "DEFAULT_SITE": None,
+    # Feedback store. SQLite (embedded, zero set-up) unless a PostgreSQL URL is configured.
+    "DATABASE_URL": "sqlite:///var/cds-service.sqlite3",
+    # Request body limit; Flask answers 413 above it.
+    "MAX_CONTENT_LENGTH": 5 * 1024 * 1024,
+    # Threads per worker process for parallel FHIR fallback reads.
+    "FHIR_MAX_WORKERS": 16,
+    "LOG_LEVEL": "INFO",
+}
+
+BUILTIN_SITE_ID = "default"
+
+
+@dataclass(frozen=True)
+class SiteService:
+    """A service as enabled at one site: the prefetch templates that site actually uses."""
+
+    service: CdsService
+    prefetch: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital's configuration; `raw` keeps the parsed YAML for keys later features read."""
+
+    id: str
+    source: str
+    services: Mapping[str, SiteService]
+    epic_compatibility: bool = True
+    prefetch_settings: PrefetchSettings = field(default_factory=PrefetchSettings)
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+class _PrefetchSettingsSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    deadline_seconds = fields.Float(validate=validate.Range(min=0.05, max=60))
+    max_pages = fields.Integer(validate=validate.Range(min=1, max=1000))
+    # Plain-http FHIR servers are refused (rule 20: https for production data); this opens
+    # loopback addresses only, for local test servers.
+    allow_http_loopback = fields.Boolean()
+
+
+class _ServiceEntrySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    enabled = fields.Boolean(load_default=True)
+    prefetch = fields.Dict(keys=fields.String(), values=fields.String())
+
+
+class _SiteSchema(Schema):
+    class Meta:
+        # Keys owned by later features (issuers, audiences, mappings, thresholds…) are kept in
+        # `Site.raw` and validated by those features.
+        unknown = EXCLUDE
+
+    site = fields.String(
+        required=True, validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    )
+    epic_compatibility = fields.Boolean(load_default=True)
+    prefetch = fields.Nested(_PrefetchSettingsSchema, load_default=dict)
+    services = fields.Dict(
+        keys=fields.String(), values=fields.Nested(_ServiceEntrySchema, allow_none=True)
+    )
+
+
+def _flatten(messages: Any, prefix: str = "") -> list[str]:
+    if isinstance(messages, dict):
+        out: list[str] = []
+        for key, value in messages.items():
+            if key == "value" and isinstance(value, dict):  # marshmallow's Dict value errors
+                out += _flatten(value, prefix)
+            else:
+                out += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        return [f"{prefix or '<root>'}: {' '.join(messages)}"]
+    return [f"{prefix or '<root>'}: {messages}"]
+
+
+def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService]) -> Site:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        parsed = _SiteSchema().load(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_flatten(exc.messages))) from exc
+
+    entries = parsed.get("services")
+    if entries is None:  # not listed: every registered service, declared templates
+        entries = {service_id: {} for service_id in registry}
+    services: dict[str, SiteService] = {}
+    for service_id, entry in entries.items():
+        entry = entry or {}
+        if service_id not in registry:
+            raise ConfigError(
+                f"{source}: services.{service_id}: no such service "
+                f"(registered: {', '.join(registry) or 'none'})"
+            )
+        if not entry.get("enabled", True):
+            continue
+        service = registry[service_id]
+        templates = dict(service.prefetch)
+        for key, template in (entry.get("prefetch") or {}).items():
+            if key not in templates:
+                raise ConfigError(
+                    f"{source}: services.{service_id}.prefetch.{key}: the service reads no such "
+                    f"prefetch key (its keys: {', '.join(templates) or 'none'})"
+                )
+            templates[key] = template
+        for key, template in templates.items():
+            problems = lint_template(template)
+            if problems:
+                raise ConfigError(
+                    f"{source}: services.{service_id}.prefetch.{key}: {template!r}: "
+                    + "; ".join(problems)
+                )
+        services[service_id] = SiteService(service, MappingProxyType(templates))
+
+    p = parsed["prefetch"]
+    settings = PrefetchSettings(
+        deadline_s=p.get("deadline_seconds", PrefetchSettings.deadline_s),
+        max_pages=p.get("max_pages", PrefetchSettings.max_pages),
+        allow_http_loopback=p.get("allow_http_loopback", PrefetchSettings.allow_http_loopback),
+    )
+    return Site(
+        id=parsed["site"],
+        source=source,
+        services=MappingProxyType(services),
+        epic_compatibility=parsed["epic_compatibility"],
+        prefetch_settings=settings,
+        raw=MappingProxyType(data),
+    )
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read site configuration: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+
+
+def load_sites(path: str | Path | None, registry: Mapping[str, CdsService]) -> dict[str, Site]:
+    """Read and validate every site; raises ConfigError naming the file and key at fault."""
+    if path is None:
+        site = _site_from_mapping({"site": BUILTIN_SITE_ID}, "<built-in defaults>", registry)
+        return {site.id: site}
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(p for p in root.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        if not files:
+            raise ConfigError(f"{root}: no *.yaml site files in this directory")
+    elif root.is_file():
+        files = [root]
+    else:
+        raise ConfigError(f"{root}: site configuration path does not exist")
+
+    sites: dict[str, Site] = {}
+    for file in files:
+        site = _site_from_mapping(_read_yaml(file), str(file), registry)
+        if site.id in sites:
+            raise ConfigError(
+                f"{file}: site: {site.id!r} is already defined in {sites[site.id].source}"
+            )
+        sites[site.id] = site
+    return sites
+
+
+def choose_default_site(sites: Mapping[str, Site], wanted: str | None) -> Site:
+    if wanted:
+        if wanted not in sites:
+            raise ConfigError(
+                f"DEFAULT_SITE: {wanted!r} is not a configured site ({', '.join(sites)})"
+            )
+        return sites[wanted]
+    if len(sites) == 1:
+        return next(iter(sites.values()))
+    raise ConfigError(
+        f"DEFAULT_SITE: {len(sites)} sites are configured ({', '.join(sites)}); "
+        "set CDS_DEFAULT_SITE to the one that answers requests"
+    )
+
+
+def enabled_service_ids(site: Site) -> Sequence[str]:
+    return tuple(site.services)

@@ -1,0 +1,95 @@
+"""The one place where exceptions become HTTP responses: always an OperationOutcome body.
+
+Never a stack trace in a body (the sandbox reference services leak theirs, peers.md §1), never a
+silent empty success (HealthChain answers `{"cards": []}` when a handler throws).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import flask_smorest
+from flask import Flask, Response, json, request
+from werkzeug.exceptions import HTTPException, UnsupportedMediaType
+
+from cds_service.errors import CdsError, Issue, operation_outcome
+from cds_service.schemas import OperationOutcomeSchema, messages_to_issues
+
+log = logging.getLogger("cds_service.http")
+
+# FHIR issue type per HTTP status, for errors raised by Flask/werkzeug themselves.
+_ISSUE_CODE = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    413: "too-long",
+    415: "not-supported",
+    422: "invalid",
+    429: "throttled",
+}
+
+
+def outcome_response(body: dict, status: int, headers: dict | None = None) -> Response:
+    response = Response(json.dumps(body), status=status, mimetype="application/json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+class Api(flask_smorest.Api):
+    """flask-smorest Api whose error bodies are OperationOutcomes instead of its own shape."""
+
+    ERROR_SCHEMA = OperationOutcomeSchema
+
+    def handle_http_exception(self, error: HTTPException):
+        data = getattr(error, "data", None) or {}
+        code = _ISSUE_CODE.get(error.code or 500, "exception")
+        issues: list[Issue] = []
+        if "messages" in data:  # webargs validation errors, with field paths
+            issues = messages_to_issues(data["messages"])
+        if not issues:
+            text = data.get("message") or error.description or error.name
+            if error.code == 405:
+                text = f"{request.method} is not allowed on {request.path}."
+            elif error.code == 404:
+                text = f"No such endpoint: {request.path}."
+            issues = [Issue(str(text), code=code)]
+        # werkzeug's 400/415 for a bad body come first: make them name the problem.
+        status = error.code or 500
+        if status == 422:
+            status = 400
+        headers = dict(data.get("headers") or {})
+        if status == 405 and error.valid_methods:
+            headers["Allow"] = ", ".join(error.valid_methods)
+        return outcome_response(operation_outcome(issues), status, headers)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(CdsError)
+    def _cds_error(error: CdsError):
+        log.info("request failed: %s %s -> %s: %s", request.method, request.path,
+                 error.status, error.message)
+        return outcome_response(error.to_operation_outcome(), error.status)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        if isinstance(error, HTTPException):  # routed here only when smorest is not in charge
+            return app.extensions["cds_api"].handle_http_exception(error)
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return outcome_response(
+            operation_outcome([Issue("Internal error; see the service log.", code="exception")]),
+            500,
+        )
+
+
+JSON_MIMETYPES = ("application/json", "application/fhir+json")
+
+
+def require_json_body() -> None:
+    """415 unless the body is declared as JSON (CDS Hooks 2.0 §Use of JSON)."""
+    if request.mimetype not in JSON_MIMETYPES and not request.mimetype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.mimetype or 'missing'}."
+        )

@@ -1,0 +1,77 @@
+"""What a CDS service is: declarative metadata plus one function from a parsed request to cards.
+
+Services live in `hooks/` (one module each) and are listed, in order, in the literal tuple
+`hooks.SERVICES`. Discovery and routing are both generated from that tuple, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cds_service.cards import Card
+    from cds_service.config import Site
+    from cds_service.prefetch import Prefetch
+
+# The hooks Epic supports (CDS Hooks Library STU1; Epic tutorial: "As of Epic version May 2021,
+# Epic primarily supports three standard hooks").
+HOOKS = ("patient-view", "order-select", "order-sign")
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    """A validated invocation, as a service handler sees it."""
+
+    service_id: str
+    hook: str
+    hook_instance: str
+    context: Mapping[str, Any]
+    prefetch: Prefetch
+    site: Site
+    extension: Mapping[str, Any] = field(default_factory=dict)
+    fhir_server: str | None = None
+
+
+Handler = Callable[[HookRequest], "Sequence[Card]"]
+
+
+@dataclass(frozen=True)
+class CdsService:
+    """One CDS service: `id` is its URL segment; it may answer several hooks (rule 15)."""
+
+    id: str
+    hooks: tuple[str, ...]
+    title: str
+    description: str
+    handler: Handler
+    prefetch: Mapping[str, str] = field(default_factory=dict)
+    usage_requirements: str | None = None
+    # Keys the service can do without: when they cannot be obtained they resolve to None
+    # instead of failing the call with 412.
+    optional_prefetch: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        unknown = [h for h in self.hooks if h not in HOOKS]
+        if not self.hooks or unknown:
+            raise ValueError(f"service {self.id!r}: hooks must be a non-empty subset of {HOOKS}")
+        if not self.id or "/" in self.id:
+            raise ValueError(f"service id {self.id!r} must be a non-empty URL segment")
+        if not self.description.strip():
+            raise ValueError(f"service {self.id!r}: description is required (rule 12)")
+        stray = self.optional_prefetch - set(self.prefetch)
+        if stray:
+            raise ValueError(f"service {self.id!r}: optional_prefetch names unknown keys {stray}")
+        object.__setattr__(self, "prefetch", MappingProxyType(dict(self.prefetch)))
+
+
+def index_services(services: Sequence[CdsService]) -> dict[str, CdsService]:
+    """Map id → service, refusing duplicate ids (one id serves several hooks via `hooks`)."""
+    by_id: dict[str, CdsService] = {}
+    for service in services:
+        if service.id in by_id:
+            raise ValueError(f"duplicate service id {service.id!r} in the registry")
+        by_id[service.id] = service
+    return by_id

@@ -1,0 +1,344 @@
+"""Durable storage for feedback (later also the audit log): SQLAlchemy Core, SQLite or PostgreSQL.
+
+One `Store` per process (per gunicorn worker: create it in the app factory, after the fork, so no
+pooled connection is shared between processes).
+
+* SQLite (the embedded default, `sqlite:///var/cds.db`): WAL so readers never block the writer,
+  `synchronous=FULL` so a commit is on disk before we answer 200, and a busy timeout because several
+  worker processes share the file. Write transactions start with `BEGIN IMMEDIATE`, taking the write
+  lock up front, so they queue on the busy timeout instead of failing with SQLITE_BUSY on lock
+  upgrade.
+* PostgreSQL through psycopg 3 (`postgresql+psycopg://`; `postgresql://` and `postgres://` are
+  rewritten). Put the tables in a schema of your choosing with the libpq `options` parameter:
+  `postgresql://user@host/db?options=-csearch_path%3Dcds`.
+
+There are no migrations yet: `create_all` at start-up creates missing tables and never alters
+existing ones. A column change needs a migration tool (Alembic) before it ships.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.types import TypeDecorator
+
+from cds_service.errors import ConfigError
+from cds_service.feedback import FeedbackItem
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+PG_CONNECT_TIMEOUT_S = 5
+# pg_advisory_xact_lock key serialising create_all across worker processes starting together
+# (concurrent CREATE TABLE of the same name fails in PostgreSQL). Arbitrary constant.
+_PG_SCHEMA_LOCK_KEY = 0x0CD5_F00D_BACC
+_REDACTED = "***"
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or is too busy; the message never contains a password."""
+
+
+class UtcDateTime(TypeDecorator):
+    """Timezone-aware datetime stored in UTC; always read back as an aware UTC datetime.
+
+    SQLite has no time zone type: values are stored as naive UTC text (sortable), and UTC is
+    re-attached on read. PostgreSQL uses `timestamptz`.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime; store only timezone-aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JsonText(TypeDecorator):
+    """A JSON value stored as text (same bytes on both backends; no JSONB-only queries)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> str | None:
+        if value is None:
+            return None
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+    def process_result_value(self, value: str | None, dialect: sa.Dialect) -> Any:
+        return None if value is None else json.loads(value)
+
+
+# All tables live in this one MetaData (the audit log will join it here).
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+feedback_table = sa.Table(
+    "feedback",
+    metadata,
+    # INTEGER PRIMARY KEY on SQLite is the rowid alias (autoincrementing); BIGINT would not be.
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("dedupe_key", sa.String(64), nullable=False, unique=True),
+    sa.Column("site", sa.Text, nullable=False),
+    sa.Column("service_id", sa.Text, nullable=False),
+    sa.Column("card", sa.Text, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("outcome_timestamp", UtcDateTime, nullable=False),
+    sa.Column("accepted_suggestions", JsonText, nullable=False),
+    sa.Column("override_code", sa.Text),
+    sa.Column("override_system", sa.Text),
+    sa.Column("override_display", sa.Text),
+    sa.Column("user_comment", sa.Text),
+    sa.Column("override_extension", JsonText),
+    sa.Column("raw", JsonText, nullable=False),
+    sa.Column("warnings", JsonText, nullable=False),
+    sa.Column("received_at", UtcDateTime, nullable=False),
+    sa.Index(None, "site", "service_id", "card"),
+)
+
+_INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+
+def redacted_url(url: str | URL) -> str:
+    """`url` with any password (userinfo or `?password=` query parameter) replaced by ***."""
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        return "<unparseable database URL>"
+    secret_keys = [k for k in parsed.query if "password" in k.lower()]
+    if secret_keys:
+        parsed = parsed.update_query_dict(dict.fromkeys(secret_keys, _REDACTED))
+    rendered = parsed.render_as_string(hide_password=True)
+    return rendered.replace(quote_plus(_REDACTED), _REDACTED) if secret_keys else rendered
+
+
+def _secrets(url: URL) -> set[str]:
+    values = [url.password] if url.password else []
+    for key, value in url.query.items():
+        if "password" in key.lower():
+            values.extend([value] if isinstance(value, str) else value)
+    return {form for v in values if v for form in (str(v), quote(str(v)), quote_plus(str(v)))}
+
+
+def _normalize_url(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError as exc:
+        raise ConfigError("storage URL is not a valid database URL") from exc
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgres", "postgresql"):
+        if driver not in ("", "psycopg"):
+            raise ConfigError(
+                f"storage URL {redacted_url(parsed)}: driver {driver!r} is not supported; "
+                "use postgresql+psycopg:// (psycopg 3)"
+            )
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if driver not in ("", "pysqlite"):
+            raise ConfigError(
+                f"storage URL {redacted_url(parsed)}: only the built-in sqlite3 driver is supported"
+            )
+        if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+            raise ConfigError("in-memory SQLite is not durable; give a file path (sqlite:///path)")
+        return parsed
+    raise ConfigError(
+        f"storage URL {redacted_url(parsed)}: unsupported database {backend!r}; "
+        "use sqlite:///path or postgresql://"
+    )
+
+
+def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    # Take transaction control away from the sqlite3 module (it would BEGIN lazily, DEFERRED);
+    # _sqlite_on_begin emits BEGIN itself. SQLAlchemy recipe "Serializable isolation / Savepoints /
+    # Transactional DDL" in the SQLite dialect docs.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
+        # journal_mode is stored in the file (a no-op once set); synchronous is per connection:
+        # FULL syncs the WAL on every commit, so a 200 means the feedback is on disk.
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    immediate = conn.get_execution_options().get("cds_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Store:
+    """Feedback storage on one SQLAlchemy engine (SQLite file or PostgreSQL)."""
+
+    def __init__(self, url: str) -> None:
+        self._url = _normalize_url(url)
+        self._secrets = _secrets(self._url)
+        self.url = redacted_url(self._url)
+        self.dialect = self._url.get_backend_name()
+        self._engine = self._create_engine()
+        self._schema_lock = threading.Lock()
+        self._schema_ready = False
+        try:
+            self._ensure_schema()
+        except StoreUnavailable as exc:
+            # Start anyway: /readyz reports the outage (ping() retries table creation), and
+            # workers do not crash-loop while the database restarts.
+            log.warning("%s; tables will be created on first successful use", exc)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.dispose()
+
+    def _create_engine(self) -> Engine:
+        # hide_parameters: SQL errors must not carry clinician comments (PHI) into logs.
+        if self.dialect == "sqlite":
+            directory = Path(self._url.database).expanduser().parent
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create directory {directory}: {exc.strerror}") from exc
+            engine = sa.create_engine(self._url, hide_parameters=True)
+            event.listen(engine, "connect", _sqlite_on_connect)
+            event.listen(engine, "begin", _sqlite_on_begin)
+            return engine
+        connect_args: dict[str, Any] = {}
+        if "connect_timeout" not in self._url.query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        if "application_name" not in self._url.query:
+            connect_args["application_name"] = "cds-service"
+        return sa.create_engine(
+            self._url, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True
+        )
+
+    def _scrub(self, text: str) -> str:
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, _REDACTED)
+        return text
+
+    @contextmanager
+    def _unavailable_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+            orig = getattr(exc, "orig", None) or exc
+            detail = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+            raise StoreUnavailable(
+                f"database {self.url} unavailable: {self._scrub(detail)}"
+            ) from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            conn.execution_options(cds_write=True)
+            with conn.begin():
+                yield conn
+
+    def _ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            with self._unavailable_on_error(), self._write() as conn:
+                if self.dialect == "postgresql":
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_SCHEMA_LOCK_KEY)))
+                metadata.create_all(conn)
+            self._schema_ready = True
+
+    def ping(self) -> None:
+        """Round-trip `SELECT 1` (creating tables first if start-up could not); raise
+        StoreUnavailable when the database cannot be used."""
+        self._ensure_schema()
+        with self._unavailable_on_error(), self._engine.connect() as conn:
+            conn.execute(sa.select(1)).scalar_one()
+
+    def add_feedback(self, site: str, service_id: str, items: Sequence[FeedbackItem]) -> int:
+        """Store `items` in one transaction, committed before returning; return how many are new.
+
+        Replays (rule 105: the same feedback may arrive several times) are stored once, within
+        the batch and across calls, by the unique `dedupe_key`.
+        """
+        received_at = datetime.now(UTC)
+        rows: dict[str, dict[str, Any]] = {}
+        for item in items:
+            key = item.dedupe_key(site, service_id)
+            rows.setdefault(
+                key,
+                {
+                    "dedupe_key": key,
+                    "site": site,
+                    "service_id": service_id,
+                    "card": item.card,
+                    "outcome": item.outcome,
+                    "outcome_timestamp": item.outcome_timestamp,
+                    "accepted_suggestions": list(item.accepted_suggestions),
+                    "override_code": item.override_code,
+                    "override_system": item.override_system,
+                    "override_display": item.override_display,
+                    "user_comment": item.user_comment,
+                    "override_extension": item.override_extension,
+                    "raw": item.raw,
+                    "warnings": list(item.warnings),
+                    "received_at": received_at,
+                },
+            )
+        if not rows:
+            return 0
+        self._ensure_schema()
+        stmt = (
+            _INSERT[self.dialect](feedback_table)
+            .on_conflict_do_nothing(index_elements=[feedback_table.c.dedupe_key])
+            .returning(feedback_table.c.id)
+        )
+        # RETURNING yields only the rows actually inserted; rowcount is unreliable for executemany.
+        with self._unavailable_on_error(), self._write() as conn:
+            return len(conn.execute(stmt, list(rows.values())).all())
+
+    def list_feedback(
+        self, site: str | None = None, service_id: str | None = None, card: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Stored feedback, oldest first, as plain dicts with JSON fields decoded."""
+        self._ensure_schema()
+        query = sa.select(feedback_table).order_by(feedback_table.c.id)
+        for column, value in (("site", site), ("service_id", service_id), ("card", card)):
+            if value is not None:
+                query = query.where(feedback_table.c[column] == value)
+        with self._unavailable_on_error(), self._engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    def dispose(self) -> None:
+        """Close all pooled connections."""
+        self._engine.dispose()

@@ -1,0 +1,158 @@
+"""CDS Hooks endpoints: discovery, service invocation, feedback; and health.
+
+Request path, with no extra layers: view → prefetch resolution → service handler → cards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Response, json, request
+from flask_smorest import Blueprint
+
+from cds_service.cards import render_response
+from cds_service.errors import RequestInvalid, ServiceNotFound
+from cds_service.feedback import FeedbackRequestSchema
+from cds_service.http import require_json_body
+from cds_service.prefetch import resolve_prefetch
+from cds_service.registry import HookRequest
+from cds_service.runtime import runtime
+from cds_service.schemas import (
+    CardsResponseSchema,
+    CdsRequestSchema,
+    DiscoverySchema,
+    FeedbackAckSchema,
+)
+
+log = logging.getLogger("cds_service.views")
+
+blp = Blueprint(
+    "cds-hooks", __name__, description="CDS Hooks 2.0: discovery, services and feedback."
+)
+
+
+@blp.before_request
+def _precheck():
+    # Answer the cheap, most specific problems before parsing a (possibly large) body.
+    if request.method != "POST":
+        return
+    require_json_body()
+    service_id = (request.view_args or {}).get("service_id")
+    if service_id is not None:
+        site_service(service_id)
+
+
+def site_service(service_id: str):
+    site = runtime().site_for_request()
+    enabled = site.services.get(service_id)
+    if enabled is None:
+        raise ServiceNotFound(f"No CDS service {service_id!r} is enabled for this site.")
+    return site, enabled
+
+
+@blp.route("/cds-services", methods=["GET"])
+@blp.response(200, DiscoverySchema)
+def discovery():
+    """List this site's CDS services (one entry per service and hook) with its prefetch."""
+    site = runtime().site_for_request()
+    entries = []
+    for site_service_ in site.services.values():
+        service = site_service_.service
+        for hook in service.hooks:
+            entry = {"hook": hook, "id": service.id, "title": service.title,
+                     "description": service.description}
+            if site_service_.prefetch:
+                entry["prefetch"] = dict(site_service_.prefetch)
+            if service.usage_requirements:
+                entry["usageRequirements"] = service.usage_requirements
+            entries.append(entry)
+    return {"services": entries}
+
+
+@blp.route("/cds-services/<service_id>", methods=["POST"])
+@blp.arguments(CdsRequestSchema, location="json", error_status_code=400)
+@blp.response(200, CardsResponseSchema)
+@blp.alt_response(400, description="Invalid request (OperationOutcome)")
+@blp.alt_response(404, description="Service not enabled for this site (OperationOutcome)")
+@blp.alt_response(412, description="Required FHIR data unavailable (OperationOutcome)")
+def invoke(body: dict, service_id: str):
+    """Invoke a CDS service with a hook request; answers cards (possibly none)."""
+    started = time.perf_counter()
+    site, enabled = site_service(service_id)
+    service = enabled.service
+    if body["hook"] not in service.hooks:
+        raise RequestInvalid(
+            f"Service {service_id!r} answers {', '.join(service.hooks)}, not {body['hook']!r}.",
+        )
+    authorization = body.get("fhirAuthorization") or {}
+    prefetch = resolve_prefetch(
+        enabled.prefetch,
+        context=body["context"],
+        prefetch=body["prefetch"],
+        fhir_server=body.get("fhirServer"),
+        access_token=authorization.get("access_token"),
+        settings=site.prefetch_settings,
+        executor=runtime().executor,
+        optional=service.optional_prefetch,
+    )
+    hook_request = HookRequest(
+        service_id=service.id,
+        hook=body["hook"],
+        hook_instance=body["hookInstance"],
+        context=body["context"],
+        prefetch=prefetch,
+        site=site,
+        extension=body["extension"],
+        fhir_server=body.get("fhirServer"),
+    )
+    cards = service.handler(hook_request)
+    rendered = render_response(cards, epic=site.epic_compatibility)
+    log.info(
+        "hook=%s service=%s site=%s hookInstance=%s cards=%d elapsed_ms=%.1f",
+        body["hook"], service.id, site.id, body["hookInstance"], len(rendered["cards"]),
+        (time.perf_counter() - started) * 1000,
+    )
+    return Response(json.dumps(rendered), status=200, mimetype="application/json")
+
+
+@blp.route("/cds-services/<service_id>/feedback", methods=["POST"])
+@blp.arguments(FeedbackRequestSchema, location="json", error_status_code=400)
+@blp.response(200, FeedbackAckSchema)
+@blp.alt_response(400, description="Malformed feedback (OperationOutcome)")
+def feedback(items: list, service_id: str):
+    """Record clinicians' accept/override outcomes; stored durably before answering 200."""
+    site, _ = site_service(service_id)
+    stored = runtime().store.add_feedback(site.id, service_id, items)
+    log.info("feedback service=%s site=%s received=%d stored=%d",
+             service_id, site.id, len(items), stored)
+    return {"received": len(items), "stored": stored}
+
+
+health = Blueprint("health", __name__, description="Liveness and readiness probes.")
+
+
+@health.route("/healthz", methods=["GET"])
+def healthz():
+    """Liveness: the process is up and serving."""
+    return {"status": "ok"}
+
+
+@health.route("/readyz", methods=["GET"])
+def readyz():
+    """Readiness: configuration valid, store reachable, services loaded."""
+    rt = runtime()
+    checks: dict[str, dict] = {
+        "config": {"status": "ok", "sites": sorted(rt.sites)},
+        "services": {"status": "ok" if rt.services else "fail",
+                     "ids": [s.id for s in rt.services.values()]},
+    }
+    try:
+        rt.store.ping()
+        checks["store"] = {"status": "ok", "url": rt.store_url_redacted}
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+        log.warning("readiness: store unreachable: %s", exc)
+        checks["store"] = {"status": "fail", "url": rt.store_url_redacted,
+                           "error": type(exc).__name__}
+    ready = all(c["status"] == "ok" for c in checks.values())
+    return {"status": "ok" if ready else "fail", "checks": checks}, (200 if ready else 503)

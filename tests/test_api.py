@@ -1,0 +1,377 @@
+"""HTTP behaviour of discovery, invocation and errors (rules 1-38, 65-66, 108-112)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+
+import pytest
+
+from cds_service.validator import validate_response
+from tests.conftest import example
+
+PATIENT_VIEW = {
+    "hook": "patient-view",
+    "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+    "context": {"userId": "PractitionerRole/123", "patientId": "1288992"},
+}
+
+
+def post(client, path, body, **kwargs):
+    return client.post(path, data=json.dumps(body), content_type="application/json", **kwargs)
+
+
+def walk(value, path="$"):
+    """Yield (path, value) for every node of a JSON document."""
+    yield path, value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from walk(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from walk(item, f"{path}[{index}]")
+
+
+def assert_outcome(response, status, *fragments):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert body["issue"], body
+    text = json.dumps(body)
+    assert "Traceback" not in text
+    for fragment in fragments:
+        assert fragment in text, (fragment, body)
+    return body
+
+
+# --- discovery -------------------------------------------------------------------------
+
+
+def test_discovery_lists_one_entry_per_service_and_hook(client):
+    response = client.get("/cds-services")
+    assert response.status_code == 200
+    services = response.get_json()["services"]
+    pairs = [(s["id"], s["hook"]) for s in services]
+    assert pairs == [
+        ("echo", "patient-view"), ("echo", "order-select"), ("echo", "order-sign"),
+        ("greeter", "patient-view"), ("broken", "patient-view"),
+    ]
+    greeter = services[3]
+    assert greeter["prefetch"] == {"patient": "Patient/{{context.patientId}}"}
+    assert greeter["usageRequirements"] == "Needs Patient read access."
+    assert greeter["title"] == "Greeter" and greeter["description"]
+    # Rules 2-4: no nulls and no empty objects (echo declares no prefetch: key omitted).
+    assert "prefetch" not in services[0]
+    for path, value in walk(response.get_json()):
+        assert value is not None and value != {} and value != "", path
+
+
+def test_discovery_with_no_services_is_an_empty_list(make_app):
+    client = make_app(SERVICES=()).test_client()
+    assert client.get("/cds-services").get_json() == {"services": []}
+
+
+def test_discovery_of_the_shipped_registry_uses_lintable_templates(make_app):
+    from cds_service.prefetch import lint_template
+    from hooks import SERVICES
+
+    client = make_app(SERVICES=SERVICES).test_client()
+    services = client.get("/cds-services").get_json()["services"]
+    assert {(s["id"], s["hook"]) for s in services} == {
+        ("kidney-risk", "patient-view"),
+        ("nephrotoxic-order-check", "order-select"),
+        ("nephrotoxic-order-check", "order-sign"),
+    }
+    for service in services:
+        for template in service.get("prefetch", {}).values():
+            assert lint_template(template) == [], template
+
+
+# --- invocation: accepted shapes ---------------------------------------------------------
+
+
+def test_patient_view_answers_cards(client):
+    response = post(client, "/cds-services/echo", PATIENT_VIEW)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["cards"][0]["summary"] == "patient-view for Patient/1288992"
+    assert validate_response(body, epic=True) == []
+
+
+def test_no_guidance_is_an_empty_card_list(client):
+    body = copy.deepcopy(PATIENT_VIEW)
+    body["prefetch"] = {"patient": None}  # rule 48: known empty
+    response = post(client, "/cds-services/greeter", body)
+    assert response.status_code == 200
+    assert response.get_json() == {"cards": []}
+
+
+def test_one_id_serves_several_hooks_dispatched_on_the_request_hook(client):
+    context = example("hook-order-sign-context-r4.json")["context"]
+    body = {"hook": "order-sign", "hookInstance": str(uuid.uuid4()), "context": context}
+    response = post(client, "/cds-services/echo", body)
+    assert response.status_code == 200
+    assert response.get_json()["cards"][0]["summary"].startswith("order-sign for")
+
+
+FULL_REQUESTS = [
+    "cdshooks-1.0-request-patient-view.json",
+    "cdshooks-2.0-request-patient-view.json",
+    "epic-request-patient-view.json",
+    "cdshooks-3.0ballot-request-order-sign-prefetch-pagination.json",
+]
+
+
+@pytest.mark.parametrize("name", FULL_REQUESTS)
+def test_every_full_request_example_is_accepted(client, name):
+    response = post(client, "/cds-services/echo", example(name))
+    assert response.status_code == 200, response.get_json()
+    assert validate_response(response.get_json(), epic=True) == []
+
+
+CONTEXT_EXAMPLES = [
+    ("patient-view", "hook-patient-view-context-practitioner-encounter.json"),
+    ("patient-view", "hook-patient-view-context-practitionerrole.json"),
+    ("patient-view", "cdshooks-2.0-fragment-context-patient-view.json"),
+    ("order-select", "hook-order-select-context-r4.json"),
+    ("order-select", "hook-order-select-context-stu3.json"),
+    ("order-select", "hook-order-select-context-dstu2.json"),
+    ("order-sign", "hook-order-sign-context-r4.json"),
+    ("order-sign", "hook-order-sign-context-stu3.json"),
+    ("order-sign", "hook-order-sign-context-dstu2.json"),
+]
+
+
+@pytest.mark.parametrize(("hook", "name"), CONTEXT_EXAMPLES)
+def test_every_hook_library_context_is_accepted(client, hook, name):
+    body = {"hook": hook, "hookInstance": str(uuid.uuid4()), "context": example(name)["context"]}
+    response = post(client, "/cds-services/echo", body)
+    assert response.status_code == 200, response.get_json()
+    assert validate_response(response.get_json(), epic=True) == []
+
+
+def test_epic_draft_orders_with_medication_references_are_accepted(client):
+    context = example("epic-request-fragment-context-draftOrders-medication-references.json")
+    context = context["context"]
+    body = {"hook": "order-sign", "hookInstance": str(uuid.uuid4()), "context": context}
+    response = post(client, "/cds-services/echo", body)
+    assert response.status_code == 200, response.get_json()
+
+
+@pytest.mark.parametrize("with_type", [True, False])
+def test_draft_orders_with_and_without_bundle_type(client, with_type):
+    context = copy.deepcopy(example("hook-order-select-context-r4.json")["context"])
+    if with_type:
+        context["draftOrders"]["type"] = "collection"
+    else:
+        context["draftOrders"].pop("type", None)
+    body = {"hook": "order-select", "hookInstance": str(uuid.uuid4()), "context": context}
+    response = post(client, "/cds-services/echo", body)
+    assert response.status_code == 200
+    card = response.get_json()["cards"][0]
+    assert card["selectionBehavior"] == "any"  # Epic mode
+    assert card["suggestions"][0]["actions"][0]["resourceId"] == context["selections"][0]
+
+
+@pytest.mark.parametrize(
+    "name", ["cdshooks-2.0-request-with-extension.json", "cdshooks-1.0-request-with-extension.json"]
+)
+def test_extension_examples_are_processed_normally(client, name):
+    body = example(name)
+    # As printed, their context lacks patientId: the spec's extension example is a fragment.
+    response = post(client, "/cds-services/echo", body)
+    assert_outcome(response, 400, "context.patientId")
+    body["context"]["patientId"] = "123"
+    assert post(client, "/cds-services/echo", body).status_code == 200
+
+
+def test_epic_bpa_trigger_extension_and_non_object_extension(client):
+    body = copy.deepcopy(PATIENT_VIEW)
+    body["extension"] = {"com.epic.cdshooks.request.bpa-trigger-action": "18"}
+    assert post(client, "/cds-services/echo", body).status_code == 200
+    body["extension"] = "not an object"  # rule 137: ignored
+    assert post(client, "/cds-services/echo", body).status_code == 200
+
+
+def test_user_id_of_each_permitted_type(client):
+    for user in ("Practitioner/abc", "PractitionerRole/e-QokEGUJIzyynNdkCFrs9w3",
+                 "Patient/123", "RelatedPerson/r1"):
+        body = copy.deepcopy(PATIENT_VIEW)
+        body["context"]["userId"] = user
+        assert post(client, "/cds-services/echo", body).status_code == 200, user
+
+
+def test_unknown_prefetch_keys_are_ignored(client):
+    body = copy.deepcopy(PATIENT_VIEW)
+    body["prefetch"] = {"somethingElse": {"resourceType": "Patient", "id": "x"}}
+    assert post(client, "/cds-services/echo", body).status_code == 200
+
+
+# --- invocation: refused shapes ------------------------------------------------------------
+
+
+def _without(path):
+    body = copy.deepcopy(PATIENT_VIEW)
+    *parents, leaf = path.split(".")
+    target = body
+    for part in parents:
+        target = target[part]
+    del target[leaf]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (_without("hook"), "hook"),
+        (_without("hookInstance"), "hookInstance"),
+        (_without("context"), "context"),
+        (_without("context.patientId"), "context.patientId"),
+        (_without("context.userId"), "context.userId"),
+        ({**PATIENT_VIEW, "hook": "encounter-discharge"}, "hook"),
+        ({**PATIENT_VIEW, "hookInstance": "not a uuid; drop table"}, "hookInstance"),
+        ({**PATIENT_VIEW, "context": {**PATIENT_VIEW["context"], "userId": "123"}},
+         "context.userId"),
+        ({**PATIENT_VIEW, "context": "Patient/1"}, "context"),
+        ({**PATIENT_VIEW, "fhirAuthorization": {"access_token": "t", "token_type": "Bearer"}},
+         "fhirServer"),
+        ({**PATIENT_VIEW, "fhirServer": "https://ehr.example.org/fhir",
+          "fhirAuthorization": {"token_type": "Bearer"}}, "fhirAuthorization.access_token"),
+        ({**PATIENT_VIEW, "fhirServer": "https://ehr.example.org/fhir",
+          "fhirAuthorization": {"access_token": "t", "token_type": "MAC"}},
+         "fhirAuthorization.token_type"),
+        ({**PATIENT_VIEW, "fhirServer": "not a url"}, "fhirServer"),
+        ([PATIENT_VIEW], "request body"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_invalid_requests_get_400_naming_the_field(client, body, fragment):
+    assert_outcome(post(client, "/cds-services/echo", body), 400, fragment)
+
+
+@pytest.mark.parametrize(
+    ("hook", "missing", "fragment"),
+    [
+        ("order-select", "selections", "context.selections"),
+        ("order-select", "draftOrders", "Unsigned Order"),
+        ("order-sign", "draftOrders", "context.draftOrders"),
+    ],
+)
+def test_order_hooks_require_their_context(client, hook, missing, fragment):
+    context = copy.deepcopy(example("hook-order-select-context-r4.json")["context"])
+    if hook == "order-sign":
+        del context["selections"]
+    del context[missing]
+    body = {"hook": hook, "hookInstance": str(uuid.uuid4()), "context": context}
+    assert_outcome(post(client, "/cds-services/echo", body), 400, fragment)
+
+
+def test_draft_orders_must_be_a_bundle(client):
+    context = copy.deepcopy(example("hook-order-sign-context-r4.json")["context"])
+    context["draftOrders"] = [{"resourceType": "MedicationRequest"}]
+    body = {"hook": "order-sign", "hookInstance": str(uuid.uuid4()), "context": context}
+    assert_outcome(post(client, "/cds-services/echo", body), 400, "context.draftOrders")
+
+
+def test_wrong_hook_for_the_service_is_400(client):
+    context = example("hook-order-sign-context-r4.json")["context"]
+    body = {"hook": "order-sign", "hookInstance": str(uuid.uuid4()), "context": context}
+    assert_outcome(post(client, "/cds-services/greeter", body), 400, "patient-view")
+
+
+def test_unknown_service_is_404(client):
+    assert_outcome(post(client, "/cds-services/nope", PATIENT_VIEW), 404, "nope")
+    assert_outcome(post(client, "/cds-services/nope/feedback", {"feedback": []}), 404)
+
+
+def test_get_on_a_service_is_405(client):
+    response = client.get("/cds-services/echo")
+    assert_outcome(response, 405, "GET")
+    assert "POST" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_non_json_body_is_415(client, content_type):
+    response = client.post("/cds-services/echo", data=json.dumps(PATIENT_VIEW),
+                           content_type=content_type)
+    assert_outcome(response, 415, "application/json")
+
+
+def test_fhir_json_content_type_is_accepted(client):
+    response = client.post("/cds-services/echo", data=json.dumps(PATIENT_VIEW),
+                           content_type="application/fhir+json; charset=utf-8")
+    assert response.status_code == 200
+
+
+def test_malformed_json_is_400(client):
+    response = client.post("/cds-services/echo", data='{"hook": "patient-view",',
+                           content_type="application/json")
+    assert_outcome(response, 400, "JSON")
+
+
+def test_oversized_body_is_413_with_default_5_mb(client, make_app):
+    big = copy.deepcopy(PATIENT_VIEW)
+    big["prefetch"] = {"padding": {"resourceType": "Basic", "text": "x" * (5 * 1024 * 1024)}}
+    assert_outcome(post(client, "/cds-services/echo", big), 413)
+    small_limit = make_app(MAX_CONTENT_LENGTH=1024).test_client()
+    big["prefetch"]["padding"]["text"] = "x" * 2048
+    assert_outcome(post(small_limit, "/cds-services/echo", big), 413)
+
+
+def test_handler_failure_is_500_outcome_without_internals(client, caplog):
+    response = post(client, "/cds-services/broken", PATIENT_VIEW)
+    body = assert_outcome(response, 500)
+    assert "secret internals" not in json.dumps(body)
+    assert "secret internals" in caplog.text  # but the operator can see it
+
+
+def test_unknown_path_is_404_outcome(client):
+    assert_outcome(client.get("/nowhere"), 404)
+
+
+# --- prefetch paths through the endpoint -----------------------------------------------------
+
+
+def test_missing_prefetch_without_fhir_access_is_412(client):
+    body = assert_outcome(post(client, "/cds-services/greeter", PATIENT_VIEW), 412, "patient")
+    assert body["issue"][0]["code"] in {"incomplete", "not-found", "login", "timeout",
+                                        "exception", "security"}
+
+
+def test_prefetched_patient_is_used(client):
+    body = copy.deepcopy(PATIENT_VIEW)
+    body["prefetch"] = {"patient": {"resourceType": "Patient", "id": "1288992",
+                                    "name": [{"given": ["Ada"]}]}}
+    response = post(client, "/cds-services/greeter", body)
+    assert response.get_json()["cards"][0]["summary"] == "Hello Ada"
+
+
+# --- health and docs -----------------------------------------------------------------------
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    body = ready.get_json()
+    assert body["status"] == "ok"
+    assert body["checks"]["store"]["status"] == "ok"
+    assert body["checks"]["services"]["ids"] == ["echo", "greeter", "broken"]
+
+
+def test_readiness_fails_when_the_store_is_unreachable(make_app):
+    app = make_app(DATABASE_URL="postgresql+psycopg://nobody:s3cret@127.0.0.1:1/none"
+                                "?connect_timeout=1")
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["checks"]["store"]["status"] == "fail"
+    assert "s3cret" not in response.get_data(as_text=True)
+
+
+def test_openapi_document_and_docs_ui(client):
+    spec = client.get("/openapi.json").get_json()
+    assert "/cds-services/{service_id}" in spec["paths"]
+    assert "/cds-services/{service_id}/feedback" in spec["paths"]
+    assert client.get("/docs").status_code == 200

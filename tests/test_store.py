@@ -1,0 +1,297 @@
+"""Feedback storage on SQLite and on the local PostgreSQL (both for real; see storage_fixtures)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from cds_service.errors import ConfigError
+from cds_service.feedback import FeedbackItem, FeedbackRequestSchema
+from cds_service.store import Store, StoreUnavailable, redacted_url
+
+pytest_plugins = ["tests.storage_fixtures"]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cds-hooks-examples"
+EXAMPLE_FILES = [
+    "cdshooks-2.0-feedback-accepted.json",
+    "cdshooks-2.0-feedback-overridden-no-reason.json",
+    "cdshooks-2.0-feedback-overridden-with-reason.json",
+    "epic-feedback-accepted.json",
+    "epic-feedback-overridden-with-reason.json",
+    "epic-feedback-overridden-with-extension.json",
+]
+UNREACHABLE_PG = "postgresql://cds:s3cr3t-Pa55@127.0.0.1:1/test"
+
+
+def example_items() -> list[FeedbackItem]:
+    items = []
+    for name in EXAMPLE_FILES:
+        body = json.loads((EXAMPLES / name).read_text(encoding="utf-8"))
+        items.extend(FeedbackRequestSchema().load(body))
+    return items
+
+
+def make_items(n: int, prefix: str = "card") -> list[FeedbackItem]:
+    base = datetime(2024, 1, 1, tzinfo=UTC)
+    return [
+        FeedbackItem(
+            card=f"{prefix}-{i}",
+            outcome="overridden",
+            outcome_timestamp=base + timedelta(seconds=i),
+            user_comment="ß✓ non-ASCII",
+            raw={"card": f"{prefix}-{i}", "outcome": "overridden", "n": i},
+        )
+        for i in range(n)
+    ]
+
+
+def test_add_and_list(store):
+    items = example_items()
+
+    assert store.add_feedback("site-a", "diabetes", items) == len(items) == 6
+
+    rows = store.list_feedback()
+    assert [r["card"] for r in rows] == [i.card for i in items]
+    epic_ext = rows[5]
+    assert epic_ext["site"] == "site-a"
+    assert epic_ext["service_id"] == "diabetes"
+    assert epic_ext["outcome"] == "overridden"
+    assert epic_ext["outcome_timestamp"] == datetime(2022, 5, 19, 19, 44, 4, tzinfo=UTC)
+    assert epic_ext["outcome_timestamp"].tzinfo is UTC
+    assert (epic_ext["override_code"], epic_ext["override_system"]) == ("45", None)
+    assert epic_ext["override_display"] == "Does not meet criteria"
+    assert epic_ext["user_comment"] == "User Entered Free Text"
+    assert epic_ext["override_extension"] == items[5].override_extension
+    assert epic_ext["raw"] == items[5].raw
+    assert epic_ext["warnings"] == []
+    assert epic_ext["dedupe_key"] == items[5].dedupe_key("site-a", "diabetes")
+    assert abs(datetime.now(UTC) - epic_ext["received_at"]) < timedelta(minutes=1)
+    assert rows[0]["accepted_suggestions"] == ["e56e1945-20b3-4393-8503-a1a20fd73152"]
+    assert rows[2]["override_system"] == "https://example.com/cds-hooks/override-reason-system"
+    assert rows[2]["override_display"] is None
+
+
+def test_list_filters(store):
+    store.add_feedback("site-a", "svc-1", make_items(3, "a"))
+    store.add_feedback("site-b", "svc-1", make_items(2, "b"))
+    store.add_feedback("site-a", "svc-2", make_items(1, "a"))
+
+    assert len(store.list_feedback()) == 6
+    assert len(store.list_feedback(site="site-a")) == 4
+    assert len(store.list_feedback(service_id="svc-1")) == 5
+    assert [r["card"] for r in store.list_feedback(site="site-a", service_id="svc-1")] == [
+        "a-0",
+        "a-1",
+        "a-2",
+    ]
+    [row] = store.list_feedback(site="site-a", service_id="svc-2", card="a-0")
+    assert row["user_comment"] == "ß✓ non-ASCII"
+    assert store.list_feedback(card="nope") == []
+
+
+def test_replay_across_calls_is_stored_once(store):
+    items = example_items()
+    store.add_feedback("site-a", "svc", items)
+
+    assert store.add_feedback("site-a", "svc", items) == 0
+    assert store.add_feedback("site-a", "svc", [*items, *make_items(1)]) == 1
+    assert len(store.list_feedback()) == 7
+
+
+def test_replay_within_a_batch_is_stored_once(store):
+    a, b = make_items(2)
+
+    assert store.add_feedback("site-a", "svc", [a, b, a, a, b]) == 2
+    assert [r["card"] for r in store.list_feedback()] == ["card-0", "card-1"]
+
+
+def test_same_item_for_another_site_or_service_is_distinct(store):
+    items = make_items(1)
+    store.add_feedback("site-a", "svc", items)
+
+    assert store.add_feedback("site-b", "svc", items) == 1
+    assert store.add_feedback("site-a", "svc-2", items) == 1
+
+
+def test_empty_batch(store):
+    assert store.add_feedback("site-a", "svc", []) == 0
+
+
+def test_large_batch(store):
+    assert store.add_feedback("site-a", "svc", make_items(1500)) == 1500
+    assert store.add_feedback("site-a", "svc", make_items(1500)) == 0
+    assert len(store.list_feedback()) == 1500
+
+
+def test_survives_restart(store_url):
+    first = Store(store_url)
+    first.add_feedback("site-a", "svc", example_items())
+    first.dispose()
+
+    with Store(store_url) as second:
+        rows = second.list_feedback()
+        assert len(rows) == 6
+        assert second.add_feedback("site-a", "svc", example_items()) == 0
+
+
+def test_sqlite_creates_directory_and_is_durable(sqlite_store_url):
+    path = Path(sqlite_store_url.removeprefix("sqlite:///"))
+    assert not path.parent.exists()
+
+    with Store(sqlite_store_url) as store:
+        store.add_feedback("site-a", "svc", make_items(1))
+        with store._engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+
+    # Committed to the file: visible to a plain connection that knows nothing of the Store.
+    engine = sa.create_engine(sqlite_store_url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM feedback").scalar() == 1
+    engine.dispose()
+
+
+def test_ping_ok(store):
+    store.ping()
+
+
+def test_ping_unreachable_fails_fast_without_password(caplog):
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="cds_service.store"):
+        store = Store(UNREACHABLE_PG)  # starts anyway; the outage is reported by ping
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            store.ping()
+        with pytest.raises(StoreUnavailable):
+            store.add_feedback("site-a", "svc", make_items(1))
+    finally:
+        store.dispose()
+
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert "127.0.0.1:1" in message
+    assert "***" in message
+    assert "s3cr3t" not in message
+    assert "s3cr3t" not in repr(store)
+    assert caplog.records, "construction should log that the database is unavailable"
+    assert "s3cr3t" not in caplog.text
+
+
+def test_postgres_url_forms_use_psycopg(postgresql_store_url):
+    for scheme in ("postgres://", "postgresql://", "postgresql+psycopg://"):
+        url = scheme + postgresql_store_url.split("://", 1)[1]
+        with Store(url) as store:
+            store.ping()
+            assert store.url.startswith("postgresql+psycopg://")
+            assert store.dialect == "postgresql"
+
+
+def test_postgres_tables_in_the_configured_schema(postgresql_store_url):
+    with Store(postgresql_store_url) as store:
+        store.add_feedback("site-a", "svc", make_items(1))
+        with store._engine.connect() as conn:
+            schema = conn.exec_driver_sql(
+                "SELECT table_schema FROM information_schema.tables WHERE table_name = 'feedback'"
+                " AND table_schema = current_schema()"
+            ).scalar_one()
+    assert schema.startswith("test_store_")
+
+
+def test_postgres_concurrent_startup_creates_tables_once(postgresql_store_url):
+    barrier = threading.Barrier(4)
+    errors: list[Exception] = []
+    stores: list[Store] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            stores.append(Store(postgresql_store_url))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        for s in stores:
+            s.ping()
+    finally:
+        for s in stores:
+            s.dispose()
+
+
+def test_concurrent_sqlite_writers_lose_nothing(sqlite_store_url):
+    stores = [Store(sqlite_store_url), Store(sqlite_store_url)]
+    shared = make_items(5, "shared")  # every writer sends these: stored once
+    barrier = threading.Barrier(4)
+    errors: list[Exception] = []
+    new_counts: list[int] = []
+
+    def write(store: Store, writer: int) -> None:
+        barrier.wait()
+        try:
+            for batch in range(20):
+                items = make_items(5, f"w{writer}-b{batch}") + shared
+                new_counts.append(store.add_feedback("site-a", "svc", items))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(stores[n % 2], n)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        assert sum(new_counts) == 4 * 20 * 5 + 5
+        rows = stores[0].list_feedback()
+        assert len(rows) == 4 * 20 * 5 + 5
+        assert len({r["dedupe_key"] for r in rows}) == len(rows)
+    finally:
+        for s in stores:
+            s.dispose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://u:p@h/db",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "postgresql+psycopg2://u:p@h/db",
+        "not a url",
+    ],
+)
+def test_unsupported_urls_rejected(url):
+    with pytest.raises(ConfigError) as info:
+        Store(url)
+    assert ":p@" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:secret@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgres://u:p%40ss@h/db", "postgres://u:***@h/db"),
+        (
+            "postgresql://u@h/db?password=secret&sslmode=require",
+            "postgresql://u@h/db?password=***&sslmode=require",
+        ),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("sqlite:////var/lib/cds/cds.db", "sqlite:////var/lib/cds/cds.db"),
+        ("::not a url::", "<unparseable database URL>"),
+    ],
+)
+def test_redacted_url(url, expected):
+    assert redacted_url(url) == expected
