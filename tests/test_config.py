@@ -1,0 +1,122 @@
+"""Site configuration: per-site services and prefetch, and start-up errors naming file and key."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from cds_service.errors import ConfigError
+from hooks import SERVICES
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_site_enables_a_subset_and_discovery_shows_its_templates(make_app, tmp_path):
+    site = write(tmp_path / "h.yaml", """\
+        site: general-hospital
+        services:
+          nephrotoxic-order-check:
+            prefetch:
+              egfr: "Observation?patient={{context.patientId}}&code=http://loinc.org|62238-1"
+        """)
+    client = make_app(SERVICES=SERVICES, SITE_CONFIG=str(site)).test_client()
+    services = client.get("/cds-services").get_json()["services"]
+    assert [(s["id"], s["hook"]) for s in services] == [
+        ("nephrotoxic-order-check", "order-select"),
+        ("nephrotoxic-order-check", "order-sign"),
+    ]
+    assert services[0]["prefetch"] == {
+        "egfr": "Observation?patient={{context.patientId}}&code=http://loinc.org|62238-1"
+    }
+    # Not enabled at this site: 404, even though the registry has it.
+    response = client.post("/cds-services/kidney-risk", json={})
+    assert response.status_code == 404
+
+
+def test_disabled_service_is_not_served(make_app, tmp_path):
+    site = write(tmp_path / "h.yaml", """\
+        site: h
+        services:
+          kidney-risk: {enabled: false}
+          nephrotoxic-order-check: {}
+        """)
+    client = make_app(SERVICES=SERVICES, SITE_CONFIG=str(site)).test_client()
+    ids = {s["id"] for s in client.get("/cds-services").get_json()["services"]}
+    assert ids == {"nephrotoxic-order-check"}
+
+
+def test_directory_of_sites_with_default_site(make_app, tmp_path):
+    write(tmp_path / "a.yaml", "site: a\nservices:\n  kidney-risk: {}\n")
+    write(tmp_path / "b.yml", "site: b\nepic_compatibility: false\n")
+    write(tmp_path / "notes.txt", "ignored")
+    app = make_app(SERVICES=SERVICES, SITE_CONFIG=str(tmp_path), DEFAULT_SITE="b")
+    rt = app.extensions["cds"]
+    assert sorted(rt.sites) == ["a", "b"]
+    assert rt.default_site.id == "b" and rt.default_site.epic_compatibility is False
+    assert set(rt.sites["a"].services) == {"kidney-risk"}
+
+
+def test_shipped_demo_site_is_valid(make_app):
+    from tests.conftest import ROOT
+
+    app = make_app(SERVICES=SERVICES, SITE_CONFIG=str(ROOT / "site_config"))
+    assert app.extensions["cds"].default_site.id == "demo-hospital"
+
+
+@pytest.mark.parametrize(
+    ("files", "fragments"),
+    [
+        ({"x.yaml": "site: [1, 2]\n"}, ["x.yaml", "site"]),
+        ({"x.yaml": "epic_compatibility: true\n"}, ["x.yaml", "site", "Missing"]),
+        ({"x.yaml": "site: x\nservices:\n  nope: {}\n"}, ["x.yaml", "services.nope",
+                                                         "no such service"]),
+        ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    prefetch:\n      labs: Patient/1\n"},
+         ["x.yaml", "services.kidney-risk.prefetch.labs", "no such prefetch key"]),
+        ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    prefetch:\n"
+                    "      egfr: \"Observation?patient={{context.patientId}}&_include=x\"\n"},
+         ["x.yaml", "services.kidney-risk.prefetch.egfr", "_include"]),
+        ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    colour: blue\n"},
+         ["x.yaml", "colour"]),
+        ({"x.yaml": "site: x\nprefetch:\n  deadline_seconds: 0\n"},
+         ["x.yaml", "prefetch.deadline_seconds"]),
+        ({"x.yaml": "site: x\n  bad: indentation\n"}, ["x.yaml", "invalid YAML"]),
+        ({"a.yaml": "site: same\n", "b.yaml": "site: same\n"}, ["b.yaml", "already defined",
+                                                                "a.yaml"]),
+        ({"a.yaml": "site: a\n", "b.yaml": "site: b\n"}, ["DEFAULT_SITE", "a, b"]),
+        ({"x.yaml": "- just\n- a list\n"}, ["x.yaml", "mapping"]),
+    ],
+)
+def test_configuration_errors_name_file_and_key(make_app, tmp_path, files, fragments):
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    with pytest.raises(ConfigError) as caught:
+        make_app(SERVICES=SERVICES, SITE_CONFIG=str(tmp_path))
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
+def test_missing_path_and_empty_directory_are_errors(make_app, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        make_app(SITE_CONFIG=str(tmp_path / "absent.yaml"))
+    with pytest.raises(ConfigError, match=r"no \*\.yaml"):
+        make_app(SITE_CONFIG=str(tmp_path))
+
+
+def test_unknown_default_site_is_an_error(make_app):
+    with pytest.raises(ConfigError, match="DEFAULT_SITE"):
+        make_app(DEFAULT_SITE="elsewhere")
+
+
+def test_environment_variables_configure_the_app(make_app, monkeypatch, tmp_path):
+    write(tmp_path / "env.yaml", "site: from-env\n")
+    monkeypatch.setenv("CDS_SITE_CONFIG", str(tmp_path / "env.yaml"))
+    monkeypatch.setenv("CDS_MAX_CONTENT_LENGTH", "2048")
+    app = make_app()
+    assert app.config["MAX_CONTENT_LENGTH"] == 2048
+    assert app.extensions["cds"].default_site.id == "from-env"
+    # An explicit mapping wins over the environment.
+    assert make_app(MAX_CONTENT_LENGTH=4096).config["MAX_CONTENT_LENGTH"] == 4096

@@ -1,0 +1,144 @@
+"""The `cds-service` command as operators run it: a real gunicorn on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cds_service.store import Store
+from tests.conftest import ROOT, example
+
+CLI = str(Path(sys.executable).parent / "cds-service")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request(url, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(  # noqa: S310 - loopback test server
+        url, data=data, method="POST" if data else "GET",
+        headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:  # noqa: S310 - loopback
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+class Server:
+    def __init__(self, tmp_path: Path, *args: str):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}"}
+        self.log = (tmp_path / f"serve-{self.port}.log").open("w")
+        self.process = subprocess.Popen(
+            [CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            env=env, cwd=tmp_path, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited: {self.output()}")
+            try:
+                if request(self.base + "/healthz")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"server did not start: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    servers = []
+
+    def _start(*args):
+        server = Server(tmp_path, *args)
+        servers.append(server)
+        return server
+
+    yield _start
+    for server in servers:
+        if server.process.poll() is None:
+            server.stop()
+
+
+def test_serve_two_workers_end_to_end_and_feedback_survives_restart(serve, tmp_path):
+    site_config = str(ROOT / "site_config")
+    server = serve("--workers", "2", "--site-config", site_config)
+
+    status, discovery = request(server.base + "/cds-services")
+    assert status == 200
+    assert {s["id"] for s in discovery["services"]} == {"kidney-risk", "nephrotoxic-order-check"}
+    status, ready = request(server.base + "/readyz")
+    assert status == 200 and ready["status"] == "ok"
+
+    pv = {"hook": "patient-view", "hookInstance": "0c5a2c1e-7c39-4c1e-9f57-0a0e3c2b9d11",
+          "context": {"userId": "PractitionerRole/123", "patientId": "p1"},
+          "prefetch": {"egfr": {"resourceType": "Bundle", "type": "searchset", "total": 1,
+                                "entry": [{"resource": {
+                                    "resourceType": "Observation", "status": "final",
+                                    "code": {"coding": [{"system": "http://loinc.org",
+                                                         "code": "62238-1"}]},
+                                    "effectiveDateTime": "2026-09-14T08:00:00Z",
+                                    "valueQuantity": {"value": 28, "unit": "mL/min/1.73m2"}}}]}}}
+    status, body = request(server.base + "/cds-services/kidney-risk", pv)
+    assert status == 200, body
+    assert body["cards"][0]["summary"].startswith("eGFR 28 on 2026-09-14")
+
+    status, outcome = request(server.base + "/cds-services/kidney-risk", {"hook": "patient-view"})
+    assert status == 400 and outcome["resourceType"] == "OperationOutcome"
+
+    feedback = example("epic-feedback-overridden-with-extension.json")
+    assert request(server.base + "/cds-services/kidney-risk/feedback", feedback) == (
+        200, {"received": 1, "stored": 1})
+    server.stop()
+
+    # Durable: a new process on the same database sees it, and a replay is stored once.
+    server = serve("--workers", "1", "--site-config", site_config)
+    assert request(server.base + "/cds-services/kidney-risk/feedback", feedback) == (
+        200, {"received": 1, "stored": 0})
+    with Store(f"sqlite:///{tmp_path / 'serve.sqlite3'}") as store:
+        rows = store.list_feedback(site="demo-hospital", service_id="kidney-risk")
+    assert [r["override_code"] for r in rows] == ["45"]
+
+
+def test_bad_site_configuration_stops_start_up_with_a_clear_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("site: x\nservices:\n  kidney-risk:\n    prefetch:\n      nope: Patient/1\n")
+    for command in (["serve", "--port", str(free_port())], ["check-config"]):
+        result = subprocess.run([CLI, *command, "--site-config", str(bad)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result
+        assert "bad.yaml: services.kidney-risk.prefetch.nope" in result.stderr
+
+
+def test_check_config_prints_sites_services_and_templates(tmp_path):
+    result = subprocess.run([CLI, "check-config", "--site-config", str(ROOT / "site_config")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "site demo-hospital" in result.stdout
+    assert "nephrotoxic-order-check: order-select, order-sign" in result.stdout
+    assert "&_count=5" in result.stdout  # the site's override, not the service default
