@@ -14,8 +14,8 @@ Tolerance policy: unknown keys are ignored at every level (`unknown = EXCLUDE`) 
 (rule 2 forbids nulls, but a feedback record is worth more than the objection). Departures from the
 spec that still leave a usable record go to `FeedbackItem.warnings`. Anything that leaves no usable
 record (no card, unknown outcome, no or unparseable timestamp, malformed suggestion or reason
-Coding, wrong JSON types) raises `marshmallow.ValidationError`, keyed by item index, e.g.
-`{"feedback": {0: {"outcome": [...]}}}`.
+Coding, wrong JSON types, a NUL character in a field we read) raises `marshmallow.ValidationError`,
+keyed by item index, e.g. `{"feedback": {0: {"outcome": [...]}}}`.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class FeedbackItem:
             {"site": site, "service_id": service_id, "item": self.raw},
             sort_keys=True,
             separators=(",", ":"),
-            ensure_ascii=False,
+            ensure_ascii=True,  # a lone surrogate in an unread key must not break hashing
         )
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -143,6 +143,46 @@ def _not_blank(value: str) -> None:
         raise ValidationError("Must not be blank.")
 
 
+NUL_MESSAGE = "Must not contain a NUL character (\\u0000)."
+SURROGATE_MESSAGE = "Must be valid Unicode (a lone UTF-16 surrogate such as \\ud800 was sent)."
+
+
+class Text(fields.String):
+    """A string without NUL characters.
+
+    JSON allows "\\u0000" in a string, but PostgreSQL `text` cannot hold it (psycopg raises
+    DataError, which would be a 500), so it is rejected here, naming the field, on every backend.
+    Unknown keys are not checked: they are stored only inside JSON text (`raw`), where the
+    character stays escaped.
+    """
+
+    default_error_messages = {"nul": NUL_MESSAGE, "surrogate": SURROGATE_MESSAGE}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise self.make_error("nul")
+        try:
+            text.encode("utf-8")  # JSON "\ud800" decodes to a str no database can store
+        except UnicodeEncodeError as exc:
+            raise self.make_error("surrogate") from exc
+        return text
+
+
+def _no_nul(value: Any, where: str = "") -> None:
+    """Reject a NUL character in any key or string value of a JSON object (for `extension`)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValidationError(f"{NUL_MESSAGE[:-1]} (in {where or 'value'}).")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_nul(key, f"a key of {where}" if where else "a key")
+            _no_nul(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _no_nul(item, f"{where}[{index}]")
+
+
 class _Lenient(Schema):
     error_messages = {"type": "Must be a JSON object."}
 
@@ -159,27 +199,29 @@ class CodingSchema(_Lenient):
     `system` is not checked as a URI: Epic's own example sends "http: //example.org/..." (sic).
     """
 
-    code = fields.String(required=True, validate=_not_blank)
-    system = fields.String(required=True, validate=_not_blank)
-    display = fields.String(allow_none=True)
+    code = Text(required=True, validate=_not_blank)
+    system = Text(required=True, validate=_not_blank)
+    display = Text(allow_none=True)
 
 
 class OverrideReasonSchema(_Lenient):
     """`overrideReason` (spec) or `overrideReasons` (Epic): Coding, Epic extension, comment."""
 
     reason = fields.Nested(CodingSchema, allow_none=True)
-    userComment = fields.String(allow_none=True)
-    extension = fields.Dict(keys=fields.String(), allow_none=True)
+    userComment = Text(allow_none=True)
+    # Its Epic reason keys become override_code/override_display (text columns); the whole object
+    # is stored as override_extension.
+    extension = fields.Dict(keys=fields.String(), allow_none=True, validate=_no_nul)
 
 
 class AcceptedSuggestionSchema(_Lenient):
-    id = fields.String(required=True, validate=_not_blank)
+    id = Text(required=True, validate=_not_blank)
 
 
 class FeedbackItemSchema(_Lenient):
     """One Feedback object, loaded as a `FeedbackItem`."""
 
-    card = fields.String(required=True, validate=_not_blank)
+    card = Text(required=True, validate=_not_blank)
     outcome = fields.String(required=True, validate=validate.OneOf(OUTCOMES))
     outcomeTimestamp = Rfc3339DateTime(required=True)
     acceptedSuggestions = fields.List(fields.Nested(AcceptedSuggestionSchema), allow_none=True)

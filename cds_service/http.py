@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
 from cds_service.errors import CdsError, Issue, operation_outcome
 from cds_service.schemas import OperationOutcomeSchema, messages_to_issues
+from cds_service.store import StoreUnavailable
 
 log = logging.getLogger("cds_service.http")
 
@@ -72,6 +73,14 @@ def register_error_handlers(app: Flask) -> None:
         log.info("request failed: %s %s -> %s: %s", request.method, request.path,
                  error.status, error.message)
         return outcome_response(error.to_operation_outcome(), error.status)
+
+    @app.errorhandler(StoreUnavailable)
+    def _store_down(error: StoreUnavailable):
+        # 503 + Retry-After tells the EHR to resend the feedback batch later; nothing was stored.
+        log.error("store unavailable on %s %s: %s", request.method, request.path, error)
+        issue = Issue("The feedback store is unavailable; nothing was stored. Retry later.",
+                      code="transient")
+        return outcome_response(operation_outcome([issue]), 503, {"Retry-After": "30"})
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):

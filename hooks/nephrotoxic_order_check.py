@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cds_service.cards import Action, Card, Coding, Source, Suggestion
+from cds_service.cards import RESOURCE_ID, Action, Card, Coding, Source, Suggestion
 from cds_service.registry import CdsService, HookRequest
 from hooks._fhir import EGFR_LOINC, RXNORM, codes, latest_lab, resources_of
 
@@ -34,7 +34,8 @@ NSAIDS = {
 def _medication_concept(order: Mapping, draft_orders: Any) -> Any:
     if order.get("medicationCodeableConcept"):
         return order["medicationCodeableConcept"]
-    reference = (order.get("medicationReference") or {}).get("reference")
+    reference = order.get("medicationReference")
+    reference = reference.get("reference") if isinstance(reference, Mapping) else None
     if not isinstance(reference, str):
         return None
     # Epic (Feb 2024+) puts referenced Medications in the draftOrders Bundle; others contain them.
@@ -81,7 +82,12 @@ def handle(request: HookRequest) -> list[Card]:
         if drug is None:
             continue
         suggestions = ()
-        if isinstance(order.get("id"), str):
+        # Epic's draft-order ids can run to ~190 characters (Epic tutorial, draftOrders example
+        # with medication references), past the FHIR id a delete action may name: such an order
+        # keeps its card but gets no suggestion, rather than failing the whole request.
+        if isinstance(order.get("id"), str) and RESOURCE_ID.match(
+            f"MedicationRequest/{order['id']}"
+        ):
             suggestions = (
                 Suggestion(
                     label=f"Remove the {drug} order",

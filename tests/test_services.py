@@ -1,0 +1,224 @@
+"""The shipped services (`hooks.SERVICES`) end to end: golden scenarios from tests/data, and the
+`egfr` prefetch read from a real local FHIR server when the EHR did not send it."""
+
+# Fixtures imported from tests.fhir_server are "redefined" as test arguments.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from cds_service.validator import validate_response
+from hooks import SERVICES
+from tests.fhir_server import fhir_server, operation_outcome  # noqa: F401 - fixture
+from tests.test_api import assert_outcome, post, walk
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+SCENARIOS = sorted(path.parent for path in DATA.glob("*/*/request.json"))
+# README.md's quickstart posts this one to `make run` (site_config/).
+README_SCENARIO = DATA / "nephrotoxic-order-check" / "nsaid-low-egfr"
+# Keys holding dates that `hooks._fhir.latest_lab` compares with today.
+DATE_KEYS = ("effectiveDateTime", "issued", "authoredOn")
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def without_volatile(body: dict) -> dict:
+    """The response without card and suggestion `uuid`s (fresh on every call)."""
+    body = copy.deepcopy(body)
+    for card in body.get("cards", []):
+        card.pop("uuid", None)
+        for suggestion in card.get("suggestions", []):
+            suggestion.pop("uuid", None)
+    return body
+
+
+def uuids(body: dict) -> list[str]:
+    found = []
+    for card in body["cards"]:
+        found.append(card.get("uuid"))
+        found.extend(s.get("uuid") for s in card.get("suggestions", []))
+    return found
+
+
+def scenario_id(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
+@pytest.fixture
+def shipped_client(make_app):
+    return make_app(SERVICES=SERVICES).test_client()
+
+
+def assert_matches_golden(response, expected: dict) -> dict:
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert validate_response(body, epic=True) == []
+    ids = uuids(body)
+    assert all(isinstance(i, str) and i for i in ids), ids
+    assert len(set(ids)) == len(ids), ids
+    actual = without_volatile(body)
+    assert actual == expected, "actual response (uuids dropped):\n" + json.dumps(
+        actual, indent=2, ensure_ascii=False
+    )
+    return body
+
+
+# --- golden scenarios ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=scenario_id)
+def test_scenario(shipped_client, scenario):
+    response = post(shipped_client, f"/cds-services/{scenario.parent.name}",
+                    load(scenario / "request.json"))
+    assert_matches_golden(response, load(scenario / "expected.json"))
+
+
+def test_scenarios_are_complete_and_cover_every_service_and_hook():
+    by_id = {service.id: service for service in SERVICES}
+    hooks_seen: dict[str, set[str]] = {service_id: set() for service_id in by_id}
+    for service_dir in DATA.iterdir():
+        if service_dir.is_dir():
+            assert service_dir.name in by_id, f"{service_dir}: no such service"
+            for scenario in service_dir.iterdir():
+                assert sorted(p.name for p in scenario.iterdir()) == [
+                    "expected.json", "request.json"
+                ], scenario
+    for scenario in SCENARIOS:
+        hook = load(scenario / "request.json")["hook"]
+        assert hook in by_id[scenario.parent.name].hooks, scenario
+        hooks_seen[scenario.parent.name].add(hook)
+    assert hooks_seen == {service_id: set(s.hooks) for service_id, s in by_id.items()}
+    assert README_SCENARIO in SCENARIOS
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=scenario_id)
+def test_scenario_dates_are_not_in_the_future(scenario):
+    # latest_lab drops results dated after today, so a future date would silently change what
+    # the scenario tests once the calendar passes it (or never).
+    for path, value in walk(load(scenario / "request.json")):
+        if path.rsplit(".", 1)[-1] in DATE_KEYS:
+            assert date.fromisoformat(value[:10]) <= date.today(), (path, value)
+
+
+def test_readme_scenario_on_the_demo_site(make_app):
+    client = make_app(SERVICES=SERVICES, SITE_CONFIG=str(ROOT / "site_config")).test_client()
+    response = post(client, "/cds-services/nephrotoxic-order-check",
+                    load(README_SCENARIO / "request.json"))
+    assert_matches_golden(response, load(README_SCENARIO / "expected.json"))
+
+
+# --- the egfr prefetch read from a real local FHIR server ----------------------------------
+
+# Distinctive, so a leak into a response is found by a substring search.
+TOKEN = "tok-" + secrets.token_urlsafe(24)
+EGFR_QUERY = {
+    "code": ["http://loinc.org|33914-3,http://loinc.org|62238-1,"
+             "http://loinc.org|98979-8,http://loinc.org|48642-3"],
+    "_sort": ["-date"],
+    "_count": ["10"],
+}
+FETCH_SCENARIOS = [
+    DATA / "kidney-risk" / "egfr-28-g4-warning",
+    DATA / "nephrotoxic-order-check" / "order-select-ibuprofen-egfr-38",
+]
+
+
+def loopback_client(make_app, tmp_path, *extra_prefetch_settings: str):
+    path = tmp_path / "site.yaml"
+    lines = ["site: t", "prefetch:", "  allow_http_loopback: true"]
+    lines += [f"  {setting}" for setting in extra_prefetch_settings]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return make_app(SERVICES=SERVICES, SITE_CONFIG=str(path)).test_client()
+
+
+def without_prefetch(scenario: Path, server, token: str | None = TOKEN) -> tuple[dict, dict]:
+    """The scenario's request with `prefetch` removed and pointed at `server`, and the egfr
+    searchset it had prefetched."""
+    body = load(scenario / "request.json")
+    bundle = body.pop("prefetch")["egfr"]
+    body["fhirServer"] = server.url
+    if token is None:
+        body.pop("fhirAuthorization")
+    else:
+        body["fhirAuthorization"]["access_token"] = token
+    return body, bundle
+
+
+@pytest.mark.parametrize("scenario", FETCH_SCENARIOS, ids=scenario_id)
+def test_missing_egfr_is_fetched_with_the_bearer_token(make_app, tmp_path, fhir_server,
+                                                       scenario):
+    client = loopback_client(make_app, tmp_path)
+    body, bundle = without_prefetch(scenario, fhir_server)
+    fhir_server.add("Observation", json=bundle)
+
+    response = post(client, f"/cds-services/{scenario.parent.name}", body)
+
+    assert_matches_golden(response, load(scenario / "expected.json"))
+    [request] = fhir_server.requests
+    assert request.method == "GET"
+    assert request.path == "Observation"
+    assert request.query == {"patient": [body["context"]["patientId"]], **EGFR_QUERY}
+    assert request.headers["authorization"] == f"Bearer {TOKEN}"
+    assert fhir_server.methods == {"GET"}
+
+
+def test_fhir_server_401_is_412_naming_the_key(make_app, tmp_path, fhir_server):
+    client = loopback_client(make_app, tmp_path)
+    body, _ = without_prefetch(FETCH_SCENARIOS[0], fhir_server)
+    fhir_server.add("Observation", status=401,
+                    json=operation_outcome("error", "login", "invalid access token"))
+
+    response = post(client, "/cds-services/kidney-risk", body)
+
+    outcome = assert_outcome(response, 412, "prefetch.egfr", "401")
+    assert TOKEN not in json.dumps(outcome)
+    assert [r.method for r in fhir_server.requests] == ["GET"]
+
+
+def test_missing_egfr_without_a_token_is_412(make_app, tmp_path, fhir_server):
+    client = loopback_client(make_app, tmp_path)
+    body, _ = without_prefetch(FETCH_SCENARIOS[1], fhir_server, token=None)
+
+    response = post(client, "/cds-services/nephrotoxic-order-check", body)
+
+    assert_outcome(response, 412, "prefetch.egfr", "fhirAuthorization")
+    assert fhir_server.requests == []
+
+
+def test_fhir_server_slower_than_the_site_deadline_is_412(make_app, tmp_path, fhir_server):
+    client = loopback_client(make_app, tmp_path, "deadline_seconds: 0.3")
+    body, bundle = without_prefetch(FETCH_SCENARIOS[0], fhir_server)
+    fhir_server.add("Observation", json=bundle, delay=5)
+
+    started = time.monotonic()
+    response = post(client, "/cds-services/kidney-risk", body)
+    elapsed = time.monotonic() - started
+
+    assert_outcome(response, 412, "prefetch.egfr")
+    assert elapsed < 2, elapsed
+
+
+def test_rate_limit_with_retry_after_0_is_retried(make_app, tmp_path, fhir_server):
+    client = loopback_client(make_app, tmp_path)
+    scenario = FETCH_SCENARIOS[0]
+    body, bundle = without_prefetch(scenario, fhir_server)
+    fhir_server.add("Observation", json=bundle)
+    fhir_server.add("Observation", status=429, headers={"Retry-After": "0"}, times=1,
+                    json=operation_outcome("error", "throttled", "too many requests"))
+
+    response = post(client, "/cds-services/kidney-risk", body)
+
+    assert_matches_golden(response, load(scenario / "expected.json"))
+    assert [r.method for r in fhir_server.requests] == ["GET", "GET"]
+    assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in fhir_server.requests)
