@@ -28,7 +28,9 @@ ACTION_TYPES = frozenset({"create", "update", "delete"})
 # "One-sentence, <140-character summary": at most 139 characters.
 SUMMARY_MAX = 139
 ELLIPSIS = "…"
-RESOURCE_ID = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
+# FHIR ids are at most 64 characters, but Epic's draft-order ids run to ~194 (Epic tutorial,
+# draftOrders with medication references) and a delete suggestion must name them verbatim.
+RESOURCE_ID = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,256}$")
 # Epic: source.topic.code is "alphanumeric only, max 100 characters"; overrides are remembered
 # against it, so it must be a static identifier per card topic.
 EPIC_TOPIC_CODE = re.compile(r"^[A-Za-z0-9]{1,100}$")

@@ -23,8 +23,9 @@ from marshmallow import (
 from cds_service.errors import Issue
 from cds_service.registry import HOOKS
 
-# FHIR R4 id: https://hl7.org/fhir/R4/datatypes.html#id
-FHIR_ID = r"[A-Za-z0-9\-.]{1,64}"
+# FHIR R4 id charset (https://hl7.org/fhir/R4/datatypes.html#id). Its 64-character limit is not
+# enforced: Epic's draft-order ids run to ~194 characters (Epic tutorial, draftOrders example).
+FHIR_ID = r"[A-Za-z0-9\-.]{1,256}"
 # Hook library: userId is "[ResourceType]/[id]" of Practitioner, PractitionerRole, Patient or
 # RelatedPerson (rule 26). Epic sends PractitionerRole/<id>, or Practitioner/<id> for users
 # without a provider record.
@@ -100,7 +101,7 @@ class OrderSignContextSchema(_BaseContextSchema):
 class OrderSelectContextSchema(OrderSignContextSchema):
     # Rule 31: an array of "Type/id" references into draftOrders.
     selections = fields.List(
-        fields.String(validate=validate.Regexp(r"^[A-Za-z]+/\S{1,64}$",
+        fields.String(validate=validate.Regexp(rf"^[A-Za-z]+/{FHIR_ID}$",
                                                error="must be ResourceType/id.")),
         required=True,
         validate=validate.Length(min=1),

@@ -18,7 +18,9 @@ INDICATORS = ("info", "warning", "critical")
 SELECTION_BEHAVIORS = ("at-most-one", "any")
 LINK_TYPES = ("absolute", "smart")
 ACTION_TYPES = ("create", "update", "delete")
-RESOURCE_ID = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
+# FHIR ids are at most 64 characters, but Epic's draft-order ids run to ~194 (Epic tutorial,
+# draftOrders with medication references) and a delete suggestion must name them verbatim.
+RESOURCE_ID = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,256}$")
 EPIC_TOPIC_CODE = re.compile(r"^[A-Za-z0-9]{1,100}$")
 EPIC_DETAIL_CONTENT_TYPE = "com.epic.cdshooks.card.detail.content-type"
 EPIC_DETAIL_CONTENT_TYPES = (

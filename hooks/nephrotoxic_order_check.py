@@ -82,16 +82,16 @@ def handle(request: HookRequest) -> list[Card]:
         if drug is None:
             continue
         suggestions = ()
-        # Epic's draft-order ids can run to ~190 characters (Epic tutorial, draftOrders example
-        # with medication references), past the FHIR id a delete action may name: such an order
-        # keeps its card but gets no suggestion, rather than failing the whole request.
+        # Epic's draft-order ids run far past FHIR's 64 characters (~190 in the Epic tutorial's
+        # draftOrders example). An id a delete action cannot name keeps its card without the
+        # suggestion instead of failing the whole request (Action.delete raises ValueError).
         if isinstance(order.get("id"), str) and RESOURCE_ID.match(
             f"MedicationRequest/{order['id']}"
         ):
             suggestions = (
                 Suggestion(
                     label=f"Remove the {drug} order",
-                    actions=(Action.delete(f"Remove the draft {drug} order.",
+                    actions=(Action.delete(f"Remove the {drug} order.",
                                            f"MedicationRequest/{order['id']}"),),
                     is_recommended=True,
                 ),
@@ -102,7 +102,7 @@ def handle(request: HookRequest) -> list[Card]:
                         "avoid NSAIDs in CKD",
                 indicator="critical" if egfr.value < 30 else "warning",
                 detail=(
-                    f"The draft order for **{drug}** is an NSAID. Latest eGFR is "
+                    f"The order for **{drug}** is an NSAID. Latest eGFR is "
                     f"**{egfr.value:g} mL/min/1.73 m²** ({when}). KDIGO 2024 advises avoiding "
                     "NSAIDs in CKD; consider acetaminophen for pain."
                 ),

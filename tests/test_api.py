@@ -375,3 +375,15 @@ def test_openapi_document_and_docs_ui(client):
     assert "/cds-services/{service_id}" in spec["paths"]
     assert "/cds-services/{service_id}/feedback" in spec["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_order_select_with_epic_length_draft_order_ids(client):
+    context = copy.deepcopy(example(
+        "epic-request-fragment-context-draftOrders-medication-references.json")["context"])
+    draft_id = context["draftOrders"]["entry"][0]["resource"]["id"]
+    context["selections"] = [f"MedicationRequest/{draft_id}"]
+    body = {"hook": "order-select", "hookInstance": str(uuid.uuid4()), "context": context}
+    response = post(client, "/cds-services/echo", body)
+    assert response.status_code == 200, response.get_json()
+    action = response.get_json()["cards"][0]["suggestions"][0]["actions"][0]
+    assert action["resourceId"] == f"MedicationRequest/{draft_id}"

@@ -19,6 +19,7 @@ from cds_service.cards import (
 )
 from cds_service.errors import ServiceFault
 from cds_service.validator import validate_response
+from tests.conftest import EXAMPLES
 
 SOURCE = Source("Renal dosing service")
 MED_REQUEST = {
@@ -67,7 +68,7 @@ def card(**overrides) -> Card:
         (lambda: Action("create", "d", MED_REQUEST, "MedicationRequest/1"), "not resource_id"),
         (lambda: Action.delete("d", "ServiceRequest"), "resource_id"),
         (lambda: Action.delete("d", "ServiceRequest/has space"), "resource_id"),
-        (lambda: Action.delete("d", "ServiceRequest/" + "a" * 65), "resource_id"),
+        (lambda: Action.delete("d", "ServiceRequest/" + "a" * 257), "resource_id"),
         (
             lambda: Action("delete", "d", resource={"resourceType": "X"}, resource_id="X/1"),
             "never resource",
@@ -351,3 +352,12 @@ def test_rendered_responses_pass_the_validator(cards, epic):
     system_actions = [Action.update("Annotate", {"resourceType": "ServiceRequest", "id": "o1"})]
     body = json.loads(json.dumps(render_response(cards, system_actions, epic=epic)))
     assert validate_response(body, epic=epic) == []
+
+
+def test_delete_accepts_epic_draft_order_ids_longer_than_fhir_ids():
+    context = json.loads((EXAMPLES / "epic-request-fragment-context-draftOrders-medication-"
+                          "references.json").read_text())["context"]
+    draft_id = context["draftOrders"]["entry"][0]["resource"]["id"]
+    assert len(draft_id) > 64  # Epic's ids exceed FHIR's 64-character limit
+    action = Action.delete("Remove the draft order", f"MedicationRequest/{draft_id}")
+    assert action.to_dict()["resourceId"] == f"MedicationRequest/{draft_id}"
