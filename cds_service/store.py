@@ -1,4 +1,4 @@
-"""Durable storage for feedback (later also the audit log): SQLAlchemy Core, SQLite or PostgreSQL.
+"""Durable storage for feedback and the PHI-access audit log: SQLAlchemy Core, SQLite or PostgreSQL.
 
 One `Store` per process (per gunicorn worker: create it in the app factory, after the fork, so no
 pooled connection is shared between processes).
@@ -11,6 +11,10 @@ pooled connection is shared between processes).
 * PostgreSQL through psycopg 3 (`postgresql+psycopg://`; `postgresql://` and `postgres://` are
   rewritten). Put the tables in a schema of your choosing with the libpq `options` parameter:
   `postgresql://user@host/db?options=-csearch_path%3Dcds`.
+
+The audit log (`cds_service.audit`) is append-only: the store inserts, reads and purges by age,
+and has no update. A deployment can enforce that in PostgreSQL by granting the service role only
+INSERT, SELECT and DELETE on `audit_log`.
 
 There are no migrations yet: `create_all` at start-up creates missing tables and never alters
 existing ones. A column change needs a migration tool (Alembic) before it ships.
@@ -35,6 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
+from cds_service.audit import AuditRecord
 from cds_service.errors import ConfigError
 from cds_service.feedback import FeedbackItem
 
@@ -91,7 +96,7 @@ class JsonText(TypeDecorator):
         return None if value is None else json.loads(value)
 
 
-# All tables live in this one MetaData (the audit log will join it here).
+# All tables live in this one MetaData.
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -122,6 +127,56 @@ feedback_table = sa.Table(
     sa.Column("received_at", UtcDateTime, nullable=False),
     sa.Index(None, "site", "service_id", "card"),
 )
+
+audit_log_table = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("time", UtcDateTime, nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("site", sa.Text),
+    sa.Column("iss", sa.Text),
+    sa.Column("sub", sa.Text),
+    sa.Column("user_id", sa.Text),
+    sa.Column("patient_id", sa.Text),
+    sa.Column("encounter_id", sa.Text),
+    sa.Column("hook", sa.Text),
+    sa.Column("hook_instance", sa.Text),
+    sa.Column("service_id", sa.Text),
+    sa.Column("prefetch_keys_used", JsonText, nullable=False),
+    sa.Column("fhir_urls_fetched", JsonText, nullable=False),
+    sa.Column("card_uuids", JsonText, nullable=False),
+    sa.Column("suggestion_uuids", JsonText, nullable=False),
+    sa.Column("feedback_cards", JsonText, nullable=False),
+    sa.Column("outcome", sa.Text),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("detail", sa.Text),
+    # Accounting of disclosures: "every access to this patient's data in a period".
+    sa.Index(None, "patient_id", "time"),
+)
+_AUDIT_TUPLE_COLUMNS = (
+    "prefetch_keys_used",
+    "fhir_urls_fetched",
+    "card_uuids",
+    "suggestion_uuids",
+    "feedback_cards",
+)
+_AUDIT_FILTER_COLUMNS = (
+    "kind",
+    "site",
+    "iss",
+    "sub",
+    "user_id",
+    "patient_id",
+    "encounter_id",
+    "hook",
+    "hook_instance",
+    "service_id",
+    "status",
+)
+# Rows deleted per purge transaction: short write transactions, so request workers appending
+# audit records never wait long on the SQLite write lock (busy timeout above).
+AUDIT_PURGE_BATCH = 5_000
 
 _INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
@@ -196,7 +251,7 @@ def _sqlite_on_begin(conn: Connection) -> None:
 
 
 class Store:
-    """Feedback storage on one SQLAlchemy engine (SQLite file or PostgreSQL)."""
+    """Feedback and audit-log storage on one SQLAlchemy engine (SQLite file or PostgreSQL)."""
 
     def __init__(self, url: str) -> None:
         self._url = _normalize_url(url)
@@ -338,6 +393,75 @@ class Store:
                 query = query.where(feedback_table.c[column] == value)
         with self._unavailable_on_error(), self._engine.connect() as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
+
+    def add_audit(self, record: AuditRecord) -> int:
+        """Append `record`, committed before returning; return its id."""
+        row = {name: getattr(record, name) for name in audit_log_table.c.keys() if name != "id"}
+        for name in _AUDIT_TUPLE_COLUMNS:
+            row[name] = list(row[name])
+        self._ensure_schema()
+        stmt = sa.insert(audit_log_table).returning(audit_log_table.c.id)
+        with self._unavailable_on_error(), self._write() as conn:
+            return conn.execute(stmt, row).scalar_one()
+
+    def list_audit(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+        **filters: str | int,
+    ) -> list[dict[str, Any]]:
+        """Audit rows in time order (then id), as dicts of the `AuditRecord` fields plus `id`.
+
+        `since` is inclusive, `until` exclusive; `filters` match columns exactly, e.g.
+        `list_audit(patient_id="p1", kind="invoke", since=start)`. Tuple fields come back as tuples.
+        """
+        unknown = sorted(set(filters) - set(_AUDIT_FILTER_COLUMNS))
+        if unknown:
+            raise TypeError(f"list_audit: unknown filter(s) {', '.join(unknown)}")
+        table = audit_log_table
+        query = sa.select(table).order_by(table.c.time, table.c.id).limit(limit)
+        for column, value in filters.items():
+            query = query.where(table.c[column] == value)
+        if since is not None:
+            query = query.where(table.c.time >= since)
+        if until is not None:
+            query = query.where(table.c.time < until)
+        self._ensure_schema()
+        with self._unavailable_on_error(), self._engine.connect() as conn:
+            rows = [dict(row) for row in conn.execute(query).mappings()]
+        for row in rows:
+            for name in _AUDIT_TUPLE_COLUMNS:
+                row[name] = tuple(row[name])
+        return rows
+
+    def purge_audit(self, older_than: datetime) -> int:
+        """Delete audit rows with `time` before `older_than` (the retention cutoff); return count.
+
+        Deletes in batches of AUDIT_PURGE_BATCH rows, one committed transaction each.
+        """
+        if older_than.utcoffset() is None:
+            raise ValueError("purge_audit: older_than must be a timezone-aware datetime")
+        table = audit_log_table
+        batch = (
+            sa.select(table.c.id)
+            .where(table.c.time < older_than)
+            .order_by(table.c.id)
+            .limit(AUDIT_PURGE_BATCH)
+            .scalar_subquery()
+        )
+        stmt = sa.delete(table).where(table.c.id.in_(batch))
+        self._ensure_schema()
+        total = 0
+        while True:
+            with self._unavailable_on_error(), self._write() as conn:
+                deleted = conn.execute(stmt).rowcount
+            total += deleted
+            if deleted < AUDIT_PURGE_BATCH:
+                break
+        log.info("purged %d audit record(s) older than %s", total, older_than.isoformat())
+        return total
 
     def dispose(self) -> None:
         """Close all pooled connections."""

@@ -1,0 +1,401 @@
+"""PHI-access audit log: AuditRecord guards, strip_url_secrets, and the store on SQLite and the
+local PostgreSQL (both for real; see storage_fixtures)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from cds_service import store as store_module
+from cds_service.audit import (
+    MAX_ITEMS,
+    MAX_TEXT,
+    AuditRecord,
+    prefetch_key_sources,
+    strip_url_secrets,
+)
+from cds_service.store import Store, StoreUnavailable
+
+pytest_plugins = ["tests.storage_fixtures"]
+
+JWT = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.c2lnbmF0dXJl"
+OPAQUE = "Nxfve4q3H9TKs5F5vf6kRYAZqzK7j9LHvrg1Bw7fU_07_FdV9aRzLCI1GxOn20LuO2Ahl5RkRnz-p8u1MeYWqA"
+UNREACHABLE_PG = "postgresql://cds:s3cr3t-Pa55@127.0.0.1:1/test"
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+TEXT_FIELDS = [
+    "site",
+    "iss",
+    "sub",
+    "user_id",
+    "patient_id",
+    "encounter_id",
+    "hook",
+    "hook_instance",
+    "service_id",
+    "outcome",
+    "detail",
+]
+TUPLE_FIELDS = ["fhir_urls_fetched", "card_uuids", "suggestion_uuids", "feedback_cards"]
+
+
+def invoke(**overrides) -> AuditRecord:
+    fields = {
+        "kind": "invoke",
+        "time": NOW,
+        "site": "site-a",
+        "iss": "https://fhir.example.org/api/FHIR/R4",
+        "sub": "d6f7c2a4-client",
+        "user_id": "PractitionerRole/ABC123",
+        "patient_id": "erXuFYUfucBZaryVksYEcMg3",
+        "encounter_id": "eoK8nLRcEypNjtns4dgnF3Q3",
+        "hook": "patient-view",
+        "hook_instance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        "service_id": "diabetes",
+        "prefetch_keys_used": ("patient:prefetch", "egfr:fetched"),
+        "fhir_urls_fetched": ("Observation?patient=erXuFYUfucBZaryVksYEcMg3&_sort=-date",),
+        "card_uuids": (
+            "0f3f0a1e-0f4c-4b8e-9b35-8c5d6f0e2a11",
+            "a8c5d6f0-0f4c-4b8e-9b35-8c5d6f0e2a12",
+        ),
+        "suggestion_uuids": ("e56e1945-20b3-4393-8503-a1a20fd73152",),
+        "outcome": "200 cards=2",
+        "status": 200,
+        "detail": "suppressed: same card shown 2h ago",
+    }
+    return AuditRecord(**{**fields, **overrides})
+
+
+def feedback(**overrides) -> AuditRecord:
+    fields = {
+        "kind": "feedback",
+        "time": NOW,
+        "site": "site-a",
+        "service_id": "diabetes",
+        "feedback_cards": ("123456", "0f3f0a1e-0f4c-4b8e-9b35-8c5d6f0e2a11"),
+        "outcome": "200",
+        "status": 200,
+    }
+    return AuditRecord(**{**fields, **overrides})
+
+
+def as_row(record: AuditRecord, id_: int) -> dict:
+    return {"id": id_, **dataclasses.asdict(record)}
+
+
+# --- AuditRecord -------------------------------------------------------------------------------
+
+
+def test_record_normalizes_time_and_sequences():
+    record = invoke(
+        time=datetime(2025, 3, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))),
+        card_uuids=["c1", "c2"],
+    )
+    assert record.time == NOW
+    assert record.time.tzinfo is UTC
+    assert record.card_uuids == ("c1", "c2")
+
+
+def test_record_minimal():
+    record = AuditRecord(kind="invoke", time=NOW, status=401, outcome="401")
+    assert record.patient_id is None
+    assert record.fhir_urls_fetched == ()
+
+
+def test_record_strips_url_secrets():
+    record = invoke(
+        iss="https://user:pw@fhir.example.org/R4?access_token=" + OPAQUE,
+        fhir_urls_fetched=[
+            f"Observation?patient=p1&access_token={OPAQUE}&code=http://loinc.org|33914-3",
+            f"Patient/p1?token={JWT}",
+        ],
+    )
+    assert record.iss == "https://fhir.example.org/R4"
+    assert record.fhir_urls_fetched == (
+        "Observation?patient=p1&code=http://loinc.org|33914-3",
+        "Patient/p1",
+    )
+
+
+@pytest.mark.parametrize("field", TEXT_FIELDS)
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (JWT, "JWT"),
+        (f"Bearer {JWT}", "JWT"),
+        ("eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIn0.", "JWT"),  # alg none: empty signature
+        (OPAQUE, "credential"),
+        ("retry with access_token=abc", "credential"),
+        ('{"resourceType": "Patient", "id": "p1"}', "resource"),
+        ("x" * (MAX_TEXT + 1), "longer than"),
+        ("a\x00b", "NUL"),
+        ({"resourceType": "Patient", "id": "p1"}, "expected a string"),
+        ([{"resourceType": "Observation"}], "expected a string"),
+        (["p1"], "expected a string"),
+        (b"p1", "expected a string"),
+        (42, "expected a string"),
+    ],
+    ids=lambda v: type(v).__name__ if not isinstance(v, str) else v[:16],
+)
+def test_text_field_guards(field, value, message):
+    with pytest.raises(ValueError, match=message) as info:
+        invoke(**{field: value})
+    assert field in str(info.value)
+    if isinstance(value, str):
+        assert value not in str(info.value), "the rejected value must not be echoed"
+
+
+@pytest.mark.parametrize("field", [*TUPLE_FIELDS, "prefetch_keys_used"])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (("ok:ok", JWT), "JWT"),
+        (("ok:ok", OPAQUE), "credential"),
+        (("ok:ok", {"resourceType": "Patient"}), "expected a string"),
+        (("ok:ok", ("nested:x",)), "expected a string"),
+        ({"resourceType": "Bundle", "entry": []}, "expected a tuple"),
+        ("ok:ok", "expected a tuple"),
+        (("ok:ok",) * (MAX_ITEMS + 1), "more than"),
+    ],
+    ids=["jwt", "opaque", "dict-item", "nested", "dict", "str", "too-many"],
+)
+def test_tuple_field_guards(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        invoke(**{field: value})
+
+
+def test_token_in_a_non_credential_parameter_is_still_rejected():
+    with pytest.raises(ValueError, match="JWT"):
+        invoke(fhir_urls_fetched=(f"Patient?_id=p1&state={JWT}",))
+
+
+@pytest.mark.parametrize("value", ["egfr", "egfr:", ":fetched", "a:b:c", "egfr fetched"])
+def test_prefetch_keys_used_shape(value):
+    with pytest.raises(ValueError, match="key:source"):
+        invoke(prefetch_keys_used=(value,))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kind": "read"}, "kind"),
+        ({"time": datetime(2025, 3, 1, 12, 0)}, "timezone-aware"),
+        ({"time": "2025-03-01T12:00:00Z"}, "timezone-aware"),
+        ({"status": "200"}, "status"),
+        ({"status": True}, "status"),
+        ({"status": 99}, "status"),
+        ({"status": 600}, "status"),
+    ],
+)
+def test_required_field_guards(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        invoke(**overrides)
+
+
+def test_record_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        invoke().patient_id = "other"  # type: ignore[misc]
+
+
+def test_prefetch_key_sources():
+    assert prefetch_key_sources({"patient": "prefetch", "egfr": "fetched"}) == (
+        "egfr:fetched",
+        "patient:prefetch",
+    )
+    assert invoke(prefetch_keys_used=prefetch_key_sources({"a1c": "null"})).prefetch_keys_used == (
+        "a1c:null",
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("Patient/p1", "Patient/p1"),
+        ("Observation?patient=p1&_sort=-date", "Observation?patient=p1&_sort=-date"),
+        ("Observation?patient=p1&access_token=abc", "Observation?patient=p1"),
+        ("Observation?access_token=abc&patient=p1", "Observation?patient=p1"),
+        ("Patient/p1?token=abc", "Patient/p1"),
+        ("Patient/p1?id_token=a&refresh_token=b&client_secret=c&password=d", "Patient/p1"),
+        ("Patient/p1?ACCESS-TOKEN=a&Client.Secret=b&access%5Ftoken=c", "Patient/p1"),
+        ("Observation?code=http://loinc.org|62238-1&state=xyz",
+         "Observation?code=http://loinc.org|62238-1&state=xyz"),  # FHIR code kept
+        (
+            "Patient/p1?client_assertion=a&api_key=b&key=c&sig=d&X-Amz-Security-Token=e",
+            "Patient/p1",
+        ),
+        ("Patient/p1?pwd=a&passwd=b&sessionid=c&jwt=d", "Patient/p1"),
+        # Kept parameters are left as given, not re-encoded.
+        (
+            "Observation?patient=p1&category=laboratory&_count=10&token=x&date=ge2024-01-01",
+            "Observation?patient=p1&category=laboratory&_count=10&date=ge2024-01-01",
+        ),
+        (
+            "Observation?subject=Patient%2Fp1&author=Practitioner/9",
+            "Observation?subject=Patient%2Fp1&author=Practitioner/9",
+        ),
+        ("Patient/p1?&&access_token=a&", "Patient/p1"),
+        ("Patient/p1?access_token", "Patient/p1"),  # no value
+        ("Patient/p1?x=1;token=b", "Patient/p1?x=1"),  # ";" separator (old CGI style)
+        ("Patient/p1#access_token=abc", "Patient/p1"),  # implicit-grant fragment
+        (
+            "https://user:pw@fhir.example.org:8443/R4/Patient/p1",
+            "https://fhir.example.org:8443/R4/Patient/p1",
+        ),
+        (
+            "https://fhir.example.org/R4/Patient?_id=p1",
+            "https://fhir.example.org/R4/Patient?_id=p1",
+        ),
+        ("", ""),
+    ],
+)
+def test_strip_url_secrets(url, expected):
+    assert strip_url_secrets(url) == expected
+
+
+# --- Store -------------------------------------------------------------------------------------
+
+
+def test_add_and_list_round_trip_every_field(store):
+    records = [invoke(), feedback(time=NOW + timedelta(seconds=1))]
+
+    ids = [store.add_audit(r) for r in records]
+
+    rows = store.list_audit()
+    assert rows == [as_row(r, i) for r, i in zip(records, ids, strict=True)]
+    assert set(rows[0]) == {"id", *(f.name for f in dataclasses.fields(AuditRecord))}
+    assert rows[0]["time"].tzinfo is UTC
+    assert ids[0] < ids[1]
+    # Every optional field empty round-trips too.
+    empty = AuditRecord(kind="invoke", time=NOW, status=401)
+    empty_id = store.add_audit(empty)
+    assert store.list_audit(status=401) == [as_row(empty, empty_id)]
+
+
+def test_list_filters(store):
+    p1 = [invoke(time=NOW + timedelta(minutes=m)) for m in (0, 10, 20)]
+    p2 = invoke(patient_id="p2", site="site-b", time=NOW + timedelta(minutes=5))
+    fb = feedback(time=NOW + timedelta(minutes=15))
+    denied = AuditRecord(kind="invoke", time=NOW + timedelta(minutes=30), status=401, outcome="401")
+    for r in [*p1, p2, fb, denied]:
+        store.add_audit(r)
+
+    def times(rows):
+        return [r["time"] for r in rows]
+
+    assert times(store.list_audit()) == sorted(r.time for r in [*p1, p2, fb, denied])
+    assert times(store.list_audit(patient_id=p1[0].patient_id)) == [r.time for r in p1]
+    assert times(store.list_audit(kind="feedback")) == [fb.time]
+    assert times(store.list_audit(site="site-b")) == [p2.time]
+    assert times(store.list_audit(status=401)) == [denied.time]
+    assert len(store.list_audit(service_id="diabetes", kind="invoke")) == 4
+    assert times(
+        store.list_audit(
+            patient_id=p1[0].patient_id, since=NOW + timedelta(minutes=10), until=p1[2].time
+        )
+    ) == [p1[1].time]
+    assert times(store.list_audit(limit=2)) == [p1[0].time, p2.time]
+    assert store.list_audit(user_id="PractitionerRole/nobody") == []
+    with pytest.raises(TypeError, match="patient"):
+        store.list_audit(patient="p1")
+
+
+def test_purge_removes_only_old_rows(store):
+    cutoff = NOW - timedelta(days=365)
+    old = [invoke(time=cutoff - timedelta(days=d)) for d in (400, 1)]
+    old.append(invoke(time=cutoff - timedelta(microseconds=1)))
+    kept = [invoke(time=cutoff), invoke(time=NOW), feedback(time=NOW)]
+    for r in [*old, *kept]:
+        store.add_audit(r)
+
+    assert store.purge_audit(cutoff) == 3
+    assert [r["time"] for r in store.list_audit()] == [r.time for r in kept]
+    assert store.purge_audit(cutoff) == 0
+    # The cutoff is a point in time whatever its zone.
+    assert store.purge_audit(NOW.astimezone(timezone(timedelta(hours=-5)))) == 1
+    assert [r["time"] for r in store.list_audit()] == [NOW, NOW]
+
+
+def test_purge_in_batches(store, monkeypatch):
+    monkeypatch.setattr(store_module, "AUDIT_PURGE_BATCH", 3)
+    for minute in range(10):
+        store.add_audit(invoke(time=NOW - timedelta(days=30, minutes=minute)))
+    store.add_audit(invoke())
+
+    assert store.purge_audit(NOW - timedelta(days=1)) == 10
+    assert len(store.list_audit()) == 1
+
+
+def test_purge_rejects_naive_cutoff(store):
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.purge_audit(datetime(2025, 1, 1))
+
+
+def test_store_has_no_way_to_update_audit_rows():
+    assert [name for name in dir(Store) if "audit" in name] == [
+        "add_audit",
+        "list_audit",
+        "purge_audit",
+    ]
+
+
+def test_no_token_reaches_the_database(store):
+    store.add_audit(
+        invoke(
+            iss=f"https://u:{OPAQUE}@fhir.example.org/R4",
+            fhir_urls_fetched=(
+                f"Observation?patient=p1&access_token={OPAQUE}",
+                f"MedicationRequest?patient=p1&client_secret=shh&token={JWT}",
+            ),
+        )
+    )
+
+    with store._engine.connect() as conn:
+        raw = conn.execute(sa.select(store_module.audit_log_table)).mappings().all()
+    dumped = json.dumps([dict(r) for r in raw], default=str)
+    assert "p1" in dumped
+    for secret in (OPAQUE, JWT, "shh", "access_token", "client_secret"):
+        assert secret not in dumped
+    [row] = store.list_audit()
+    assert row["fhir_urls_fetched"] == ("Observation?patient=p1", "MedicationRequest?patient=p1")
+
+
+def test_survives_restart(store_url):
+    first = Store(store_url)
+    first.add_audit(invoke())
+    first.add_audit(feedback())
+    first.dispose()
+
+    with Store(store_url) as second:
+        assert [r["kind"] for r in second.list_audit()] == ["invoke", "feedback"]
+        assert second.list_audit()[0] == as_row(invoke(), second.list_audit()[0]["id"])
+
+
+def test_audit_and_feedback_share_the_database(sqlite_store_url):
+    with Store(sqlite_store_url) as store:
+        store.add_audit(feedback())
+
+    # Committed to the file: visible to a plain connection that knows nothing of the Store.
+    engine = sa.create_engine(sqlite_store_url)
+    with engine.connect() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+        assert {"feedback", "audit_log"} <= tables
+        assert conn.exec_driver_sql("SELECT count(*) FROM audit_log").scalar() == 1
+    engine.dispose()
+
+
+def test_unavailable_database_raises_store_unavailable():
+    store = Store(UNREACHABLE_PG)
+    try:
+        for call in (
+            lambda: store.add_audit(invoke()),
+            lambda: store.list_audit(),
+            lambda: store.purge_audit(NOW),
+        ):
+            with pytest.raises(StoreUnavailable) as info:
+                call()
+            assert "s3cr3t" not in str(info.value)
+    finally:
+        store.dispose()
