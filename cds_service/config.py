@@ -10,15 +10,18 @@ documented in `site_config/README.md`. Nothing here is read inside a request.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import jwt
 import yaml
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
+from cds_service.devkeys import ensure_dev_keypair
 from cds_service.errors import ConfigError
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
@@ -36,7 +39,22 @@ DEFAULTS: dict[str, Any] = {
     # Threads per worker process for parallel FHIR fallback reads.
     "FHIR_MAX_WORKERS": 16,
     "LOG_LEVEL": "INFO",
+    # Every endpoint requires a verified JWT unless this is explicitly false (tests, a trusted
+    # proxy doing it for us); the service logs a warning at every start when it is off.
+    "AUTH_REQUIRED": True,
+    # jti replay cache shared by all workers: a SQLite file (one machine) or redis://… (hosts).
+    "REPLAY_CACHE_URL": "sqlite:///var/jti-replay.sqlite3",
+    # Clock skew allowed on exp/iat/nbf. Epic sends nbf = iat - 300 and exp = iat + 900.
+    "JWT_LEEWAY_SECONDS": 30,
+    # Audit records older than this are removed by `cds-service audit purge`.
+    "AUDIT_RETENTION_DAYS": 2190,
 }
+
+# CDS Hooks 2.0 §JWT Signing Algorithm: asymmetric only; `none` and HMAC are never accepted.
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
+                         "PS256", "PS384", "PS512")
+# Epic signs with RS384 by default; the spec recommends ES384 and RS384.
+DEFAULT_ALGORITHMS = ("RS384", "ES384")
 
 BUILTIN_SITE_ID = "default"
 
@@ -50,6 +68,16 @@ class SiteService:
 
 
 @dataclass(frozen=True)
+class IssuerSpec:
+    """A JWT issuer this site trusts: its `iss`, allow-listed `jku` URLs and/or a JWK Set."""
+
+    iss: str
+    jku: tuple[str, ...] = ()
+    jwks: Mapping[str, Any] | None = None
+    jwks_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Site:
     """One hospital's configuration; `raw` keeps the parsed YAML for keys later features read."""
 
@@ -58,6 +86,11 @@ class Site:
     services: Mapping[str, SiteService]
     epic_compatibility: bool = True
     prefetch_settings: PrefetchSettings = field(default_factory=PrefetchSettings)
+    issuers: tuple[IssuerSpec, ...] = ()
+    audiences: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    allow_http_loopback_jku: bool = False
+    cors_origins: tuple[str, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -80,6 +113,36 @@ class _ServiceEntrySchema(Schema):
     prefetch = fields.Dict(keys=fields.String(), values=fields.String())
 
 
+class _IssuerSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    iss = fields.String(required=True, validate=validate.Length(min=1))
+    jku = fields.List(fields.Url(schemes={"https", "http"}, require_tld=False))
+    jwks_file = fields.String(validate=validate.Length(min=1))
+    # Demo only: generate a development key pair at `jwks_file` on first run (kept out of git).
+    dev_keypair = fields.Boolean(load_default=False)
+
+
+class _JwtSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    algorithms = fields.List(fields.String(validate=validate.OneOf(ASYMMETRIC_ALGORITHMS)),
+                             validate=validate.Length(min=1))
+    # Tests only: a JWK Set served over plain http from a loopback address.
+    allow_http_loopback_jku = fields.Boolean()
+
+
+class _CorsSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    # Exact origins of browser-based clients (e.g. the CDS Hooks sandbox); never "*".
+    origins = fields.List(fields.String(validate=validate.Regexp(
+        r"^https?://[^/\s*]+$", error="must be an origin like https://sandbox.cds-hooks.org")))
+
+
 class _SiteSchema(Schema):
     class Meta:
         # Keys owned by later features (issuers, audiences, mappings, thresholds…) are kept in
@@ -94,6 +157,10 @@ class _SiteSchema(Schema):
     services = fields.Dict(
         keys=fields.String(), values=fields.Nested(_ServiceEntrySchema, allow_none=True)
     )
+    issuers = fields.List(fields.Nested(_IssuerSchema))
+    audiences = fields.List(fields.Url(schemes={"https", "http"}, require_tld=False))
+    jwt = fields.Nested(_JwtSchema, load_default=dict)
+    cors = fields.Nested(_CorsSchema, load_default=dict)
 
 
 def _flatten(messages: Any, prefix: str = "") -> list[str]:
@@ -149,6 +216,9 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
                 )
         services[service_id] = SiteService(service, MappingProxyType(templates))
 
+    issuers = tuple(
+        _issuer(entry, index, source) for index, entry in enumerate(parsed.get("issuers") or [])
+    )
     p = parsed["prefetch"]
     settings = PrefetchSettings(
         deadline_s=p.get("deadline_seconds", PrefetchSettings.deadline_s),
@@ -161,8 +231,54 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         services=MappingProxyType(services),
         epic_compatibility=parsed["epic_compatibility"],
         prefetch_settings=settings,
+        issuers=issuers,
+        audiences=tuple(parsed.get("audiences") or ()),
+        algorithms=tuple(parsed["jwt"].get("algorithms") or DEFAULT_ALGORITHMS),
+        allow_http_loopback_jku=parsed["jwt"].get("allow_http_loopback_jku", False),
+        cors_origins=tuple(parsed["cors"].get("origins") or ()),
         raw=MappingProxyType(data),
     )
+
+
+def _issuer(entry: Mapping[str, Any], index: int, source: str) -> IssuerSpec:
+    where = f"{source}: issuers[{index}]"
+    if not entry.get("jku") and not entry.get("jwks_file"):
+        raise ConfigError(f"{where}: give `jku` (allow-listed JWK Set URLs) or `jwks_file`")
+    jwks = None
+    jwks_file = entry.get("jwks_file")
+    if jwks_file:
+        path = Path(jwks_file)
+        if not path.is_absolute() and not source.startswith("<"):
+            path = Path(source).parent / path  # relative to the site file
+        if entry.get("dev_keypair"):
+            ensure_dev_keypair(path)
+        jwks = _read_jwks(path, f"{where}.jwks_file")
+        jwks_file = str(path)
+    return IssuerSpec(iss=entry["iss"], jku=tuple(entry.get("jku") or ()), jwks=jwks,
+                      jwks_file=jwks_file)
+
+
+def _read_jwks(path: Path, where: str) -> Mapping[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {path} is not JSON: {exc}") from exc
+    keys = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise ConfigError(f"{where}: {path} is not a JWK Set (no `keys` list)")
+    for n, key in enumerate(keys):
+        if not isinstance(key, dict) or not key.get("kid"):
+            raise ConfigError(f"{where}: {path}: keys[{n}] has no `kid`")
+        if key.get("kty") == "oct" or "d" in key:
+            # A trust store holds public keys only; a symmetric or private key here is a leak.
+            raise ConfigError(f"{where}: {path}: keys[{n}] is a secret or private key")
+        try:
+            jwt.PyJWK(key)
+        except jwt.PyJWTError as exc:
+            raise ConfigError(f"{where}: {path}: keys[{n}] is not a usable JWK: {exc}") from exc
+    return MappingProxyType(data)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -191,12 +307,21 @@ def load_sites(path: str | Path | None, registry: Mapping[str, CdsService]) -> d
         raise ConfigError(f"{root}: site configuration path does not exist")
 
     sites: dict[str, Site] = {}
+    issuers: dict[str, str] = {}
     for file in files:
         site = _site_from_mapping(_read_yaml(file), str(file), registry)
         if site.id in sites:
             raise ConfigError(
                 f"{file}: site: {site.id!r} is already defined in {sites[site.id].source}"
             )
+        for issuer in site.issuers:
+            # The verified `iss` selects the site (tenancy), so it must name exactly one.
+            if issuer.iss in issuers:
+                raise ConfigError(
+                    f"{file}: issuers: iss {issuer.iss!r} is already trusted by site "
+                    f"{issuers[issuer.iss]!r}"
+                )
+            issuers[issuer.iss] = site.id
         sites[site.id] = site
     return sites
 

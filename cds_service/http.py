@@ -12,7 +12,9 @@ import flask_smorest
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
+from cds_service.auth import AuthError
 from cds_service.errors import CdsError, Issue, operation_outcome
+from cds_service.replay import ReplayCacheError
 from cds_service.schemas import OperationOutcomeSchema, messages_to_issues
 from cds_service.store import StoreUnavailable
 
@@ -74,6 +76,20 @@ def register_error_handlers(app: Flask) -> None:
                  error.status, error.message)
         return outcome_response(error.to_operation_outcome(), error.status)
 
+    @app.errorhandler(AuthError)
+    def _unauthorized(error: AuthError):
+        # Best practice (rule 110): the same bare 401 for every reason; the reason is logged by
+        # the verifier (never the token).
+        return outcome_response(UNAUTHORIZED, 401, {"WWW-Authenticate": "Bearer"})
+
+    @app.errorhandler(ReplayCacheError)
+    def _replay_cache_down(error: ReplayCacheError):
+        # Without the replay cache a token cannot be checked for reuse: refuse, retryably.
+        log.error("jti replay cache unavailable on %s %s: %s", request.method, request.path,
+                  error)
+        issue = Issue("Authentication is temporarily unavailable. Retry later.", code="transient")
+        return outcome_response(operation_outcome([issue]), 503, {"Retry-After": "5"})
+
     @app.errorhandler(StoreUnavailable)
     def _store_down(error: StoreUnavailable):
         # 503 + Retry-After tells the EHR to resend the feedback batch later; nothing was stored.
@@ -92,6 +108,8 @@ def register_error_handlers(app: Flask) -> None:
             500,
         )
 
+
+UNAUTHORIZED = operation_outcome([Issue("Authentication required.", code="login")])
 
 JSON_MIMETYPES = ("application/json", "application/fhir+json")
 

@@ -7,17 +7,23 @@ threads do not survive one.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from flask import Flask, current_app
+from flask import Flask, Request, current_app
 
+from cds_service.auth import AuthSettings, TokenVerifier, TrustedIssuer, VerifiedCaller
 from cds_service.config import Site
+from cds_service.errors import ConfigError
 from cds_service.registry import CdsService
+from cds_service.replay import replay_cache_from_url
 from cds_service.store import Store, redacted_url
+
+log = logging.getLogger("cds_service.runtime")
 
 
 @dataclass
@@ -27,18 +33,18 @@ class CdsRuntime:
     default_site: Site
     store: Store
     store_url_redacted: str
+    verifier: TokenVerifier | None = None  # None only when AUTH_REQUIRED is explicitly false
     fhir_max_workers: int = 16
     _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
     _executor_pid: int | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def site_for_request(self) -> Site:
-        """The site whose configuration applies to the current request.
-
-        Until callers are authenticated there is one answering site (`DEFAULT_SITE`); with JWT
-        verification the verified `iss` will select it.
-        """
-        return self.default_site
+    def authenticate(self, request: Request) -> tuple[Site, VerifiedCaller | None]:
+        """The caller's site, selected by the verified `iss` (tenancy); raises AuthError."""
+        if self.verifier is None:
+            return self.default_site, None
+        caller = self.verifier.verify(request.headers.get("Authorization"), request.base_url)
+        return self.sites[caller.site_id], caller
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -59,10 +65,36 @@ class CdsRuntime:
         self.store.dispose()
 
 
+def build_verifier(app: Flask, sites: Mapping[str, Site]) -> TokenVerifier | None:
+    if not app.config["AUTH_REQUIRED"]:
+        log.warning("AUTH_REQUIRED is false: CDS endpoints accept unauthenticated callers. "
+                    "Never run like this where Epic or any network can reach the service.")
+        return None
+    issuers = []
+    allow_http = False
+    for site in sites.values():
+        allow_http = allow_http or site.allow_http_loopback_jku
+        for spec in site.issuers:
+            issuers.append(TrustedIssuer(iss=spec.iss, site_id=site.id, jku=spec.jku,
+                                         jwks=spec.jwks, audiences=site.audiences,
+                                         algorithms=site.algorithms))
+    if not issuers:
+        log.warning("no site trusts any issuer: every CDS call will be refused with 401")
+    settings = AuthSettings(leeway_s=int(app.config["JWT_LEEWAY_SECONDS"]),
+                            allow_http_loopback_jku=allow_http)
+    replay = replay_cache_from_url(app.config["REPLAY_CACHE_URL"], "var/jti-replay.sqlite3")
+    try:
+        return TokenVerifier(issuers, replay, settings)
+    except ValueError as exc:
+        raise ConfigError(f"issuers: {exc}") from exc
+
+
 def build_runtime(app: Flask, services: Mapping[str, CdsService], sites: Mapping[str, Site],
                   default_site: Site) -> CdsRuntime:
     url = app.config["DATABASE_URL"]
+    verifier = build_verifier(app, sites)
     rt = CdsRuntime(
+        verifier=verifier,
         services=services,
         sites=sites,
         default_site=default_site,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Response, json, request
+from flask import Response, g, json, request
 from flask_smorest import Blueprint
 
 from cds_service.cards import render_response
@@ -33,8 +33,12 @@ blp = Blueprint(
 
 
 @blp.before_request
-def _precheck():
-    # Answer the cheap, most specific problems before parsing a (possibly large) body.
+def _authenticate_and_precheck():
+    if request.method == "OPTIONS":  # CORS preflight carries no credentials
+        return
+    # Authenticate first: an unauthenticated caller learns nothing, not even which ids exist.
+    g.site, g.caller = runtime().authenticate(request)
+    # Then the cheap, most specific problems, before parsing a (possibly large) body.
     if request.method != "POST":
         return
     require_json_body()
@@ -44,7 +48,7 @@ def _precheck():
 
 
 def site_service(service_id: str):
-    site = runtime().site_for_request()
+    site = g.site
     enabled = site.services.get(service_id)
     if enabled is None:
         raise ServiceNotFound(f"No CDS service {service_id!r} is enabled for this site.")
@@ -55,7 +59,7 @@ def site_service(service_id: str):
 @blp.response(200, DiscoverySchema)
 def discovery():
     """List this site's CDS services (one entry per service and hook) with its prefetch."""
-    site = runtime().site_for_request()
+    site = g.site
     entries = []
     for site_service_ in site.services.values():
         service = site_service_.service

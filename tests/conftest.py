@@ -1,11 +1,22 @@
-"""Shared fixtures: app and client from the factory, example payloads, databases."""
+"""Shared fixtures: app and client from the factory, signed tokens, example payloads.
+
+Every test client signs each request with a fresh RS384 JWT (Epic's shape: kid, typ, jti,
+nbf = iat - 300, exp = iat + 900), from a key pair generated once per session; no private key
+is ever committed.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import time
+import uuid
 from pathlib import Path
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from flask.testing import FlaskClient
 
 from cds_service import create_app
 from tests.services import TEST_SERVICES
@@ -14,20 +25,94 @@ ROOT = Path(__file__).resolve().parents[1]
 # ../shared/reference beside the project root (DEVELOPERS.md).
 EXAMPLES = ROOT.parent / "shared" / "reference" / "cds-hooks-examples"
 
+TEST_ISS = "https://ehr.test/api/FHIR/R4"
+TEST_KID = "d3bmo5HzW61TUgikHZH+A8Tx4UOXz2iOs4KvVU4eLY0="  # Epic-style: standard base64
+_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
 
 def example(name: str) -> dict:
     return json.loads((EXAMPLES / name).read_text(encoding="utf-8"))
 
 
+def make_jwt(aud: str, *, key=_KEY, kid: str = TEST_KID, alg: str = "RS384",
+             headers: dict | None = None, **claims) -> str:
+    now = int(time.time())
+    payload = {"iss": TEST_ISS, "sub": "test-client", "aud": aud, "iat": now, "nbf": now - 300,
+               "exp": now + 900, "jti": str(uuid.uuid4()), **claims}
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, key, algorithm=alg, headers={"kid": kid, "typ": "JWT",
+                                                            **(headers or {})})
+
+
+class SigningClient(FlaskClient):
+    """A test client that signs every request the way Epic does, unless told otherwise.
+
+    `app.config["TEST_SIGNER"] = (private_key, kid, iss)` signs as another issuer.
+    """
+
+    def open(self, *args, **kwargs):
+        headers = dict(kwargs.pop("headers", None) or {})
+        if "Authorization" not in headers:
+            path = args[0] if args and isinstance(args[0], str) else kwargs.get("path", "/")
+            key, kid, iss = self.application.config.get("TEST_SIGNER", (_KEY, TEST_KID, TEST_ISS))
+            token = make_jwt("http://localhost" + path, key=key, kid=kid, iss=iss)
+            headers["Authorization"] = f"Bearer {token}"
+        return super().open(*args, headers=headers, **kwargs)
+
+
+DEMO_ISS = "https://demo-ehr.example.org/api/FHIR/R4"
+DEMO_JWKS = ROOT / "var" / "dev-keys" / "demo-hospital.jwks.json"
+
+
+def demo_signer():
+    """Sign as the bundled demo site's issuer, with its generated development key."""
+    from cds_service.devkeys import ensure_dev_keypair, load_signing_key
+
+    ensure_dev_keypair(DEMO_JWKS)
+    key, kid = load_signing_key(DEMO_JWKS)
+    return key, kid, DEMO_ISS
+
+
+@pytest.fixture(scope="session")
+def test_jwks_file(tmp_path_factory) -> Path:
+    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(_KEY.public_key()))
+    public.update(kid=TEST_KID, alg="RS384", use="sig")
+    path = tmp_path_factory.mktemp("trust") / "test.jwks.json"
+    path.write_text(json.dumps({"keys": [public]}), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
-def make_app(tmp_path):
+def site_file(tmp_path, test_jwks_file):
+    """Write a site YAML that trusts the test issuer; `extra` is appended verbatim."""
+
+    def _write(extra: str = "", name: str = "site.yaml", site: str = "test-site") -> str:
+        path = tmp_path / name
+        path.write_text(
+            f"site: {site}\nissuers:\n  - iss: {TEST_ISS}\n    jwks_file: {test_jwks_file}\n"
+            + extra,
+            encoding="utf-8",
+        )
+        return str(path)
+
+    return _write
+
+
+@pytest.fixture
+def make_app(tmp_path, site_file):
     apps = []
 
     def _make(**config):
+        """`SITE_YAML="..."` appends site keys to the trusted test site."""
         config.setdefault("DATABASE_URL", f"sqlite:///{tmp_path / 'cds.sqlite3'}")
+        config.setdefault("REPLAY_CACHE_URL", f"sqlite:///{tmp_path / 'replay.sqlite3'}")
         config.setdefault("SERVICES", TEST_SERVICES)
+        extra = config.pop("SITE_YAML", "")
+        if "SITE_CONFIG" not in config and "CDS_SITE_CONFIG" not in os.environ:
+            config["SITE_CONFIG"] = site_file(extra, name=f"test-site-{len(apps)}.yaml")
         app = create_app(config)
         app.config["TESTING"] = True
+        app.test_client_class = SigningClient
         apps.append(app)
         return app
 

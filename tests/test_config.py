@@ -15,15 +15,14 @@ def write(path, text):
     return path
 
 
-def test_site_enables_a_subset_and_discovery_shows_its_templates(make_app, tmp_path):
-    site = write(tmp_path / "h.yaml", """\
-        site: general-hospital
+def test_site_enables_a_subset_and_discovery_shows_its_templates(make_app, site_file):
+    site = site_file(textwrap.dedent("""\
         services:
           nephrotoxic-order-check:
             prefetch:
               egfr: "Observation?patient={{context.patientId}}&code=http://loinc.org|62238-1"
-        """)
-    client = make_app(SERVICES=SERVICES, SITE_CONFIG=str(site)).test_client()
+        """))
+    client = make_app(SERVICES=SERVICES, SITE_CONFIG=site).test_client()
     services = client.get("/cds-services").get_json()["services"]
     assert [(s["id"], s["hook"]) for s in services] == [
         ("nephrotoxic-order-check", "order-select"),
@@ -37,14 +36,13 @@ def test_site_enables_a_subset_and_discovery_shows_its_templates(make_app, tmp_p
     assert response.status_code == 404
 
 
-def test_disabled_service_is_not_served(make_app, tmp_path):
-    site = write(tmp_path / "h.yaml", """\
-        site: h
+def test_disabled_service_is_not_served(make_app, site_file):
+    site = site_file(textwrap.dedent("""\
         services:
           kidney-risk: {enabled: false}
           nephrotoxic-order-check: {}
-        """)
-    client = make_app(SERVICES=SERVICES, SITE_CONFIG=str(site)).test_client()
+        """))
+    client = make_app(SERVICES=SERVICES, SITE_CONFIG=site).test_client()
     ids = {s["id"] for s in client.get("/cds-services").get_json()["services"]}
     assert ids == {"nephrotoxic-order-check"}
 

@@ -18,14 +18,14 @@ from cds_service.feedback import (
     EPIC_REASON_DISPLAY,
     EPIC_REASON_TITLE,
 )
-from tests.conftest import example
+from tests.conftest import example, make_jwt
 from tests.test_api import assert_outcome, post
 
 pytest_plugins = ["tests.storage_fixtures"]
 
 SERVICE = "echo"
 URL = f"/cds-services/{SERVICE}/feedback"
-SITE = "default"
+SITE = "test-site"
 
 # Every column of the feedback table: nothing else is stored per item.
 COLUMNS = {
@@ -340,8 +340,9 @@ def test_feedback_survives_a_restart(database_url, make_app):
 
 def test_only_the_feedback_item_is_stored(app, client):
     feedback_item = example("epic-feedback-overridden-with-extension.json")["feedback"][0]
+    token = make_jwt("http://localhost" + URL)
     secrets = {
-        "Authorization": "Bearer header-token-5f1d",
+        "Authorization": f"Bearer {token}",
         "Cookie": "session=cookie-value-77aa",
         "X-Request-Id": "request-id-9c0e",
         "Epic-Client-ID": "epic-client-id-31b2",
@@ -357,7 +358,7 @@ def test_only_the_feedback_item_is_stored(app, client):
     [row] = rows(app)
     assert row["raw"] == feedback_item
     dumped = json.dumps(row, default=str)
-    for value in [*secrets.values(), "header-token", "body-token-c3d4", "top-level-extension"]:
+    for value in [*secrets.values(), token, "body-token-c3d4", "top-level-extension"]:
         assert value not in dumped
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cds_service.store import Store
-from tests.conftest import ROOT, example
+from tests.conftest import ROOT, demo_signer, example, make_jwt
 
 CLI = str(Path(sys.executable).parent / "cds-service")
 
@@ -27,11 +27,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def request(url, body=None):
+def token_for(url: str) -> str:
+    key, kid, iss = demo_signer()
+    return make_jwt(url, key=key, kid=kid, iss=iss)
+
+
+def request(url, body=None, token=None):
+    """GET or POST `url`, signed as the demo site's EHR with a fresh token unless given one."""
     data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if "/cds-services" in url:
+        headers["Authorization"] = f"Bearer {token or token_for(url)}"
     req = urllib.request.Request(  # noqa: S310 - loopback test server
-        url, data=data, method="POST" if data else "GET",
-        headers={"Content-Type": "application/json"})
+        url, data=data, method="POST" if data else "GET", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as response:  # noqa: S310 - loopback
             return response.status, json.loads(response.read())
@@ -40,10 +48,11 @@ def request(url, body=None):
 
 
 class Server:
-    def __init__(self, tmp_path: Path, *args: str):
+    def __init__(self, tmp_path: Path, *args: str, env: dict | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}"}
+        env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}",
+               **(env or {})}
         self.log = (tmp_path / f"serve-{self.port}.log").open("w")
         self.process = subprocess.Popen(
             [CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
@@ -74,8 +83,8 @@ class Server:
 def serve(tmp_path):
     servers = []
 
-    def _start(*args):
-        server = Server(tmp_path, *args)
+    def _start(*args, env=None):
+        server = Server(tmp_path, *args, env=env)
         servers.append(server)
         return server
 
@@ -142,3 +151,39 @@ def test_check_config_prints_sites_services_and_templates(tmp_path):
     assert "site demo-hospital" in result.stdout
     assert "nephrotoxic-order-check: order-select, order-sign" in result.stdout
     assert "&_count=5" in result.stdout  # the site's override, not the service default
+
+
+@pytest.mark.parametrize("replay_cache", ["sqlite", "redis"])
+def test_replayed_token_is_refused_across_workers(serve, tmp_path, replay_cache):
+    url = {"sqlite": f"sqlite:///{tmp_path / 'replay.sqlite3'}",
+           "redis": "redis://127.0.0.1:6379/0"}[replay_cache]
+    server = serve("--workers", "2", "--threads", "1", "--site-config",
+                   str(ROOT / "site_config"), env={"CDS_REPLAY_CACHE_URL": url})
+    discovery = server.base + "/cds-services"
+    # Two workers, one thread each, and a request in flight on one: the replay lands on the
+    # other worker at least some of the time; every replay must be refused either way.
+    pids = set()
+    for _ in range(6):
+        token = token_for(discovery)
+        status, _ = request(discovery, token=token)
+        assert status == 200
+        status, body = request(discovery, token=token)
+        assert status == 401 and body["issue"][0]["diagnostics"] == "Authentication required."
+        pids.update(worker_pids(server))
+    assert len(pids) == 2
+
+
+def worker_pids(server) -> set[int]:
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    return {int(pid) for pid in children.read_text().split()}
+
+
+def test_unsigned_and_foreign_requests_get_the_same_bare_401(serve):
+    server = serve("--workers", "1", "--site-config", str(ROOT / "site_config"))
+    discovery = server.base + "/cds-services"
+    bodies = set()
+    for token in ("not-a-jwt", make_jwt(discovery), token_for(server.base + "/elsewhere")):
+        status, body = request(discovery, token=token)
+        assert status == 401
+        bodies.add(json.dumps(body))
+    assert len(bodies) == 1

@@ -17,6 +17,7 @@ import pytest
 
 from cds_service.validator import validate_response
 from hooks import SERVICES
+from tests.conftest import demo_signer
 from tests.fhir_server import fhir_server, operation_outcome  # noqa: F401 - fixture
 from tests.test_api import assert_outcome, post, walk
 
@@ -112,7 +113,9 @@ def test_scenario_dates_are_not_in_the_future(scenario):
 
 
 def test_readme_scenario_on_the_demo_site(make_app):
-    client = make_app(SERVICES=SERVICES, SITE_CONFIG=str(ROOT / "site_config")).test_client()
+    app = make_app(SERVICES=SERVICES, SITE_CONFIG=str(ROOT / "site_config"))
+    app.config["TEST_SIGNER"] = demo_signer()
+    client = app.test_client()
     response = post(client, "/cds-services/nephrotoxic-order-check",
                     load(README_SCENARIO / "request.json"))
     assert_matches_golden(response, load(README_SCENARIO / "expected.json"))
@@ -135,11 +138,9 @@ FETCH_SCENARIOS = [
 
 
 def loopback_client(make_app, tmp_path, *extra_prefetch_settings: str):
-    path = tmp_path / "site.yaml"
-    lines = ["site: t", "prefetch:", "  allow_http_loopback: true"]
+    lines = ["prefetch:", "  allow_http_loopback: true"]
     lines += [f"  {setting}" for setting in extra_prefetch_settings]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return make_app(SERVICES=SERVICES, SITE_CONFIG=str(path)).test_client()
+    return make_app(SERVICES=SERVICES, SITE_YAML="\n".join(lines) + "\n").test_client()
 
 
 def without_prefetch(scenario: Path, server, token: str | None = TOKEN) -> tuple[dict, dict]:

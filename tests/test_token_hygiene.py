@@ -12,16 +12,10 @@ from tests.test_api import post
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.c2lnbmF0dXJl"
 
 
-def site_file(tmp_path, extra=""):
-    path = tmp_path / "loopback.yaml"
-    path.write_text("site: loopback\nprefetch:\n  allow_http_loopback: true\n" + extra)
-    return str(path)
-
-
 def test_token_never_in_logs_bodies_or_store(make_app, tmp_path, caplog, fhir_server):  # noqa: F811
     fhir_server.add("Patient/p1", json={"resourceType": "Patient", "id": "p1",
                                         "name": [{"given": ["Ada"]}]})
-    app = make_app(SITE_CONFIG=site_file(tmp_path))
+    app = make_app(SITE_YAML="prefetch:\n  allow_http_loopback: true\n")
     client = app.test_client()
     caplog.set_level(logging.DEBUG)
     body = {

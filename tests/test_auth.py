@@ -1,0 +1,791 @@
+"""JWT verification (rules 113-133, Epic §3.3) with real signed tokens and a real JWK Set server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+
+import pytest
+
+from cds_service.auth import (
+    AuthError,
+    AuthSettings,
+    JwksCache,
+    TokenVerifier,
+    TrustedIssuer,
+    VerifiedCaller,
+)
+from cds_service.replay import MemoryReplayCache
+from tests.conftest import example
+from tests.jwt_helpers import (
+    AUD,
+    ISS,
+    JwksServer,
+    TestKey,
+    b64url,
+    ec_key,
+    jwks,
+    jwks_server,  # noqa: F401 - fixture
+    make_jwt,
+    recording_session,
+    rsa_key,
+    signature_segment,
+)
+
+LOOPBACK = AuthSettings(allow_http_loopback_jku=True)
+EPIC_KID = "d3bmo5HzW61TUgikHZH+A8Tx4UOXz2iOs4KvVU4eLY0="  # epic-jwt-header.json
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(scope="module")
+def rs() -> TestKey:
+    return rsa_key()
+
+
+@pytest.fixture(scope="module")
+def es() -> TestKey:
+    return ec_key()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_cache(clock):
+    caches: list[JwksCache] = []
+
+    def _make(settings: AuthSettings = LOOPBACK, session=None) -> JwksCache:
+        caches.append(JwksCache(settings, session, clock=clock))
+        return caches[-1]
+
+    yield _make
+    for cache in caches:
+        cache.close()
+
+
+@pytest.fixture
+def make_verifier(jwks_server, make_cache):  # noqa: F811
+    def _make(
+        *,
+        jku: tuple[str, ...] | None = None,
+        jwks_set=None,
+        algorithms=("RS384", "ES384"),
+        audiences=(),
+        settings=LOOPBACK,
+        replay=None,
+        iss=ISS,
+    ) -> TokenVerifier:
+        if jku is None:
+            jku = () if jwks_set is not None else (jwks_server.url,)
+        issuer = TrustedIssuer(iss=iss, site_id="hospital-a", jku=jku, jwks=jwks_set,
+                               audiences=audiences, algorithms=algorithms)
+        return TokenVerifier([issuer], replay or MemoryReplayCache(), settings,
+                             make_cache(settings))
+
+    return _make
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+def refused(verifier: TokenVerifier, token_or_header: str | None, endpoint: str = AUD) -> str:
+    header = token_or_header
+    if header is not None and header.count(".") == 2 and " " not in header:
+        header = bearer(header)
+    with pytest.raises(AuthError) as info:
+        verifier.verify(header, endpoint)
+    return info.value.reason
+
+
+# -- accepted -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_name", ["rs", "es"])
+def test_valid_token_via_jku(request, key_name, jwks_server, make_verifier):  # noqa: F811
+    key = request.getfixturevalue(key_name)
+    jwks_server.publish(request.getfixturevalue("rs"), request.getfixturevalue("es"))
+    verifier = make_verifier()
+    jti = str(uuid.uuid4())
+    token = make_jwt(key, headers={"jku": jwks_server.url}, jti=jti)
+
+    caller = verifier.verify(bearer(token), AUD)
+
+    assert caller == VerifiedCaller(iss=ISS, site_id="hospital-a", sub=None, jti=jti,
+                                    kid=key.kid, alg=key.alg, claims=caller.claims)
+    assert caller.claims["aud"] == AUD
+    assert jwks_server.requests == [JwksServer.DEFAULT_PATH]
+
+
+@pytest.mark.parametrize("key_name", ["rs", "es"])
+def test_valid_token_via_out_of_band_jwks(request, key_name, jwks_server,  # noqa: F811
+                                          make_verifier):
+    key = request.getfixturevalue(key_name)
+    verifier = make_verifier(jwks_set=jwks(request.getfixturevalue("rs"),
+                                           request.getfixturevalue("es")))
+
+    caller = verifier.verify(bearer(make_jwt(key)), AUD)
+
+    assert (caller.alg, caller.kid) == (key.alg, key.kid)
+    assert jwks_server.count == 0
+
+
+def test_epic_timing_nbf_300_s_before_iat_and_15_minute_lifetime(rs, make_verifier):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    now = int(time.time())
+    token = make_jwt(rs, iat=now, nbf=now - 300, exp=now + 900, sub="12345678-ce08-4ac7")
+
+    caller = verifier.verify(bearer(token), AUD)
+
+    assert caller.sub == "12345678-ce08-4ac7"
+    assert caller.claims["nbf"] == now - 300
+
+
+def test_epic_header_and_payload_shape(jwks_server, make_verifier):  # noqa: F811
+    """epic-jwt-header.json / epic-jwt-payload.json, with {{Base URL}} pointed at loopback and
+    the times moved to now: RS384, a jku on the EHR, a standard-base64 kid, sub and nbf, no
+    tenant, and an aud the hospital typed in."""
+    epic_header = example("epic-jwt-header.json")
+    epic_payload = example("epic-jwt-payload.json")
+    base_url = f"http://127.0.0.1:{jwks_server.port}"
+    key = rsa_key(kid=epic_header["kid"])
+    header = {name: value.replace("{{Base URL}}", base_url)
+              for name, value in epic_header.items()}
+    assert list(header) == ["alg", "jku", "kid", "typ"] and header["kid"] == EPIC_KID
+    jwks_server.publish(key, path=header["jku"].removeprefix(base_url))
+    now = int(time.time())
+    shift = now - epic_payload["iat"]
+    claims = {**epic_payload, "iss": epic_payload["iss"].replace("{{Base URL}}", base_url),
+              "iat": now, "nbf": epic_payload["nbf"] + shift, "exp": epic_payload["exp"] + shift}
+    verifier = make_verifier(iss=claims["iss"], jku=(header["jku"],),
+                             audiences=(epic_payload["aud"],))
+
+    caller = verifier.verify(bearer(make_jwt(key, headers=header, **claims)),
+                             "https://cds.example.org/cds-services/kidney-risk")
+
+    assert (caller.kid, caller.alg, caller.sub) == (EPIC_KID, "RS384", epic_payload["sub"])
+    assert caller.iss == claims["iss"]
+
+
+def test_kid_is_compared_as_an_exact_string(jwks_server, make_verifier):  # noqa: F811
+    key = rsa_key(kid=EPIC_KID)
+    jwks_server.publish(key)
+    verifier = make_verifier()
+    assert verifier.verify(bearer(make_jwt(key, headers={"jku": jwks_server.url})), AUD)
+    # The base64url spelling of the same bytes is another kid.
+    urlsafe = EPIC_KID.replace("+", "-").rstrip("=")
+    assert refused(verifier, make_jwt(key.with_kid(urlsafe),
+                                      headers={"jku": jwks_server.url})) == "kid"
+
+
+def test_rsa_jwk_without_alg_verifies_rs384(jwks_server, make_verifier):  # noqa: F811
+    key = rsa_key()
+    published = {k: v for k, v in key.public_jwk.items() if k != "alg"}
+    jwks_server.publish(published)
+    caller = make_verifier().verify(bearer(make_jwt(key, headers={"jku": jwks_server.url})), AUD)
+    assert caller.alg == "RS384"
+
+
+def test_issuer_with_jku_and_jwks_uses_the_jku_when_the_token_names_one(jwks_server,  # noqa: F811
+                                                                        make_verifier):
+    out_of_band, published = rsa_key(), rsa_key()
+    jwks_server.publish(published)
+    verifier = make_verifier(jku=(jwks_server.url,), jwks_set=jwks(out_of_band))
+
+    assert verifier.verify(bearer(make_jwt(published, headers={"jku": jwks_server.url})), AUD)
+    assert verifier.verify(bearer(make_jwt(out_of_band)), AUD)
+    # A kid that is only in the out-of-band set is not looked up when the token names a jku.
+    assert refused(verifier, make_jwt(out_of_band, headers={"jku": jwks_server.url})) == "kid"
+
+
+def test_extra_claims_never_cause_rejection(rs, make_verifier):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    token = make_jwt(rs, sub=12345, tenant="2ddd6c3a-8e9a-44c6-a305-52111ad302a2",
+                     nbf=int(time.time()) - 300, fhirUser="Practitioner/1")
+    caller = verifier.verify(bearer(token), AUD)
+    assert caller.sub is None
+    assert caller.claims["tenant"] == "2ddd6c3a-8e9a-44c6-a305-52111ad302a2"
+
+
+@pytest.mark.parametrize("header", ["Bearer {}", "bearer {}", "BEARER {}", "  Bearer   {}  "])
+def test_bearer_scheme_is_case_insensitive(rs, make_verifier, header):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    assert verifier.verify(header.format(make_jwt(rs)), AUD).kid == rs.kid
+
+
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "Jwt"])
+def test_typ_jwt_in_any_case(rs, make_verifier, typ):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    assert verifier.verify(bearer(make_jwt(rs, headers={"typ": typ})), AUD)
+
+
+# -- algorithms -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", ""])
+def test_alg_none_refused_before_any_key_lookup(rs, jwks_server, make_verifier, alg):  # noqa: F811
+    jwks_server.publish(rs)
+    token = make_jwt(None, headers={"alg": alg, "kid": rs.kid, "jku": jwks_server.url})
+    assert refused(make_verifier(), token) == "alg"
+    assert jwks_server.count == 0
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+def test_hmac_keyed_with_the_rsa_public_key_is_refused(rs, jwks_server, make_verifier,  # noqa: F811
+                                                       alg):
+    """The classic confusion: the verifier's own public key PEM used as an HMAC secret."""
+    jwks_server.publish(rs)
+    token = make_jwt(rs.public_pem, headers={"alg": alg, "kid": rs.kid, "jku": jwks_server.url})
+    assert refused(make_verifier(), token) == "alg"
+    assert jwks_server.count == 0
+    # Same with the out-of-band key set (no jku header).
+    token = make_jwt(rs.public_pem, headers={"alg": alg, "kid": rs.kid})
+    assert refused(make_verifier(jwks_set=jwks(rs)), token) == "alg"
+
+
+def test_alg_none_is_refused_before_the_issuer_is_even_looked_up(make_verifier):
+    token = make_jwt(None, headers={"kid": "k"}, iss="https://unknown.example.org")
+    assert refused(make_verifier(), token) == "alg"
+
+
+def test_alg_missing_is_refused(rs, make_verifier):
+    assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, headers={"alg": None})) == "alg"
+
+
+def test_rs256_refused_unless_allow_listed(make_verifier):
+    key = rsa_key(alg="RS256")
+    token = make_jwt(key)
+    assert refused(make_verifier(jwks_set=jwks(key)), token) == "alg"
+    caller = make_verifier(jwks_set=jwks(key), algorithms=("RS256",)).verify(bearer(token), AUD)
+    assert caller.alg == "RS256"
+
+
+def test_alg_must_match_the_keys_type_curve_and_declared_alg(rs, es, make_verifier):
+    verifier = make_verifier(jwks_set=jwks(rs, es),
+                             algorithms=("RS256", "RS384", "ES256", "ES384", "PS384"))
+    # RS384-signed token naming the EC key's kid.
+    assert refused(verifier, make_jwt(rs, headers={"kid": es.kid})) == "key"
+    # ES256 with a P-384 key.
+    assert refused(verifier, make_jwt(ec_key(kid=es.kid, alg="ES256"))) == "key"
+    # RS256 / PS384 with a key published as RS384.
+    assert refused(verifier, make_jwt(rs, headers={"alg": "RS256"})) == "key"
+    assert refused(verifier, make_jwt(rs, headers={"alg": "PS384"})) == "key"
+
+
+def test_short_rsa_keys_are_refused():
+    weak = rsa_key(bits=1024)
+    verifier = TokenVerifier([TrustedIssuer(ISS, "a", jwks=jwks(weak))], MemoryReplayCache())
+    with pytest.raises(AuthError) as info:
+        verifier.verify(bearer(make_jwt(weak)), AUD)
+    assert info.value.reason == "key"
+
+
+# -- the spec's own example token -----------------------------------------------------------
+
+
+def spec_verifier():
+    """Trusts the CDS Hooks 2.0 example issuer; its jku is answered by an in-process transport
+    serving the spec's JWK Set (no network)."""
+    header = example("cdshooks-2.0-jwt-header.json")
+    payload = example("cdshooks-2.0-jwt-payload.json")
+    session, adapter = recording_session({header["jku"]: example("cdshooks-2.0-jwks-public.json")})
+    issuer = TrustedIssuer(iss=payload["iss"], site_id="spec", jku=(header["jku"],))
+    verifier = TokenVerifier([issuer], MemoryReplayCache(), AuthSettings(),
+                             JwksCache(AuthSettings(), session))
+    token = example("cdshooks-2.0-jwt-compact-authorization-header.json")["authorization_header"]
+    return verifier, adapter, token, payload["aud"]
+
+
+def test_spec_example_token_verifies_then_fails_as_expired():
+    verifier, adapter, authorization, aud = spec_verifier()
+    assert refused(verifier, authorization, aud) == "exp"
+    assert adapter.sent == [example("cdshooks-2.0-jwt-header.json")["jku"]]
+
+
+def test_spec_example_token_with_a_tampered_signature_or_payload_fails_signature():
+    verifier, _, authorization, aud = spec_verifier()
+    head, payload, signature = authorization.removeprefix("Bearer ").split(".")
+    flipped = ("A" if signature[10] != "A" else "B").join((signature[:10], signature[11:]))
+    assert refused(verifier, f"{head}.{payload}.{flipped}", aud) == "signature"
+    claims = example("cdshooks-2.0-jwt-payload.json") | {"exp": int(time.time()) + 300}
+    forged = b64url(json.dumps(claims).encode())
+    assert refused(verifier, f"{head}.{forged}.{signature}", aud) == "signature"
+
+
+# -- claims ---------------------------------------------------------------------------------
+
+
+def test_expired_token(rs, make_verifier):
+    now = int(time.time())
+    token = make_jwt(rs, iat=now - 900, exp=now - 60)
+    assert refused(make_verifier(jwks_set=jwks(rs)), token) == "exp"
+
+
+def test_exp_within_leeway_is_accepted(rs, make_verifier):
+    now = int(time.time())
+    assert make_verifier(jwks_set=jwks(rs)).verify(
+        bearer(make_jwt(rs, iat=now - 300, exp=now - 10)), AUD)
+
+
+def test_iat_in_the_future(rs, make_verifier):
+    now = int(time.time())
+    verifier = make_verifier(jwks_set=jwks(rs))
+    assert refused(verifier, make_jwt(rs, iat=now + 600, exp=now + 900)) == "iat"
+    assert verifier.verify(bearer(make_jwt(rs, iat=now + 10, exp=now + 300)), AUD)  # clock skew
+
+
+def test_nbf_ahead(rs, make_verifier):
+    now = int(time.time())
+    assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, nbf=now + 120)) == "nbf"
+
+
+def test_lifetime_beyond_one_hour(rs, make_verifier):
+    now = int(time.time())
+    verifier = make_verifier(jwks_set=jwks(rs))
+    assert refused(verifier, make_jwt(rs, iat=now, exp=now + 3601)) == "lifetime"
+    assert verifier.verify(bearer(make_jwt(rs, iat=now, exp=now + 3600)), AUD)
+
+
+@pytest.mark.parametrize("claim", ["aud", "exp", "iat", "jti"])
+def test_required_claims(rs, make_verifier, claim):
+    assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, **{claim: None})) == claim
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"exp": "9999999999"}, "exp"),
+        ({"exp": True}, "exp"),
+        ({"iat": "0"}, "iat"),
+        ({"nbf": "soon"}, "nbf"),
+        ({"jti": ""}, "jti"),
+        ({"jti": 42}, "jti"),
+        ({"jti": "x" * 600}, "jti"),
+    ],
+)
+def test_claims_of_the_wrong_type(rs, make_verifier, claims, reason):
+    assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, **claims)) == reason
+
+
+@pytest.mark.parametrize(
+    ("aud", "ok"),
+    [
+        (AUD, True),
+        (AUD + "/", True),
+        ([AUD], True),
+        (["https://other.example.org/", AUD], True),
+        ("https://cds.example.org/cds-services/other-service", False),
+        (["https://cds.example.org/cds-services/other-service"], False),
+        ("https://cds.example.org/cds-services", False),
+        ([], False),
+        (42, False),
+        ([AUD, 42], False),
+    ],
+)
+def test_aud_names_this_endpoint(rs, make_verifier, aud, ok):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    token = make_jwt(rs, aud=aud)
+    if ok:
+        assert verifier.verify(bearer(token), AUD)
+    else:
+        assert refused(verifier, token) == "aud"
+
+
+def test_endpoint_url_with_a_trailing_slash_matches(rs, make_verifier):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    assert verifier.verify(bearer(make_jwt(rs, aud=AUD)), AUD + "/")
+
+
+def test_configured_audience_is_accepted(rs, make_verifier):
+    typed_in = "https://example.com/savecdshooksrequest"
+    verifier = make_verifier(jwks_set=jwks(rs), audiences=(typed_in + "/",))
+    assert verifier.verify(bearer(make_jwt(rs, aud=typed_in)), AUD)
+    assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, aud=typed_in)) == "aud"
+
+
+def test_unknown_issuer(rs, jwks_server, make_verifier):  # noqa: F811
+    jwks_server.publish(rs)
+    verifier = make_verifier()
+    for iss in ("https://evil.example.org/api/FHIR/R4", ISS + "/", None, ["x"]):
+        assert refused(verifier, make_jwt(rs, iss=iss, headers={"jku": jwks_server.url})) == "iss"
+    assert jwks_server.count == 0
+
+
+# -- headers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("authorization", "reason"),
+    [
+        (None, "missing"),
+        ("", "missing"),
+        ("   ", "missing"),
+        ("Basic dXNlcjpwYXNz", "scheme"),
+        ("Bearer", "malformed"),
+        ("Bearer not-a-jwt", "malformed"),
+        ("Bearer a.b.c", "malformed"),
+        ("Bearer a.b c.d", "malformed"),
+    ],
+)
+def test_authorization_header_shape(rs, make_verifier, authorization, reason):
+    assert refused(make_verifier(jwks_set=jwks(rs)), authorization) == reason
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({"kid": None}, "kid"),
+        ({"kid": ""}, "kid"),
+        ({"kid": 7}, "malformed"),  # PyJWT refuses a non-string kid while parsing the header
+        ({"typ": None}, "typ"),
+        ({"typ": "JOSE"}, "typ"),
+        ({"typ": "at+jwt"}, "typ"),
+        ({"crit": ["exp"], "exp": 1}, "malformed"),
+    ],
+)
+def test_jose_header_rules(rs, make_verifier, headers, reason):
+    assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, headers=headers)) == reason
+
+
+def test_embedded_jwk_header_is_never_used(rs, make_verifier):
+    attacker = rsa_key()
+    token = make_jwt(attacker, headers={"jwk": attacker.public_jwk})
+    assert refused(make_verifier(jwks_set=jwks(rs)), token) == "kid"
+    # Even reusing a trusted kid, the signature is checked against the trusted key.
+    token = make_jwt(attacker.with_kid(rs.kid), headers={"jwk": attacker.public_jwk})
+    assert refused(make_verifier(jwks_set=jwks(rs)), token) == "signature"
+
+
+# -- jku allow-list -------------------------------------------------------------------------
+
+
+def test_jku_not_allow_listed_is_never_fetched(rs, jwks_server, make_verifier):  # noqa: F811
+    jwks_server.publish(rs)
+    jwks_server.publish(rs, path="/attacker/jwks")
+    verifier = make_verifier()
+    for jku in (jwks_server.url_for("/attacker/jwks"), jwks_server.url + "/",
+                jwks_server.url.replace("127.0.0.1", "localhost"), ["x"]):
+        assert refused(verifier, make_jwt(rs, headers={"jku": jku})) == "jku"
+    assert jwks_server.count == 0
+
+
+def test_http_jku_is_refused_without_any_request(rs, make_cache):
+    session, adapter = recording_session()
+    settings = AuthSettings()  # no loopback exception
+    cache = make_cache(settings, session)
+    issuer = TrustedIssuer(ISS, "a", jku=("https://ehr.example.org/jwks",), jwks=jwks(rs))
+    verifier = TokenVerifier([issuer], MemoryReplayCache(), settings, cache)
+    token = make_jwt(rs, headers={"jku": "http://ehr.example.org/jwks"})
+    assert refused(verifier, token) == "jku"
+    # The cache refuses it on its own too, should a caller skip the allow-list.
+    for url in ("http://ehr.example.org/jwks", "http://127.0.0.1:9/jwks", "ftp://ehr.example.org/k",
+                "https://user:pw@ehr.example.org/jwks", "https:///jwks"):
+        with pytest.raises(AuthError) as info:
+            cache.key(url, rs.kid)
+        assert info.value.reason == "jku"
+    assert adapter.sent == []
+
+
+def test_issuer_with_only_jku_refuses_a_token_without_jku(rs, jwks_server,  # noqa: F811
+                                                          make_verifier):
+    jwks_server.publish(rs)
+    assert refused(make_verifier(), make_jwt(rs)) == "jku"
+    assert jwks_server.count == 0
+
+
+# -- JWK Set cache --------------------------------------------------------------------------
+
+
+def test_unknown_kid_refetches_once_then_is_rate_limited(rs, jwks_server, make_verifier,  # noqa: F811
+                                                         clock):
+    jwks_server.publish(rs)
+    verifier = make_verifier()
+    jku = {"jku": jwks_server.url}
+    assert verifier.verify(bearer(make_jwt(rs, headers=jku)), AUD)
+    assert jwks_server.count == 1
+
+    clock.advance(61)
+    assert refused(verifier, make_jwt(rsa_key(), headers=jku)) == "kid"
+    assert jwks_server.count == 2  # exactly one refetch
+
+    clock.advance(30)  # within the minimum interval
+    assert refused(verifier, make_jwt(rsa_key(), headers=jku)) == "kid"
+    assert jwks_server.count == 2
+    assert verifier.verify(bearer(make_jwt(rs, headers=jku)), AUD)  # known kids still served
+    assert jwks_server.count == 2
+
+
+def test_key_rotation(rs, jwks_server, make_verifier, clock):  # noqa: F811
+    jwks_server.publish(rs)
+    verifier = make_verifier()
+    jku = {"jku": jwks_server.url}
+    assert verifier.verify(bearer(make_jwt(rs, headers=jku)), AUD)
+
+    new = rsa_key()
+    jwks_server.publish(new)  # the EHR rotates: only the new key is published
+    clock.advance(61)
+    assert verifier.verify(bearer(make_jwt(new, headers=jku)), AUD).kid == new.kid
+    assert jwks_server.count == 2
+    assert refused(verifier, make_jwt(rs, headers=jku)) == "kid"  # the old key is gone
+    assert jwks_server.count == 2
+
+
+def test_ttl_expiry_refetches_and_stale_keys_survive_a_failing_endpoint(rs, jwks_server,  # noqa: F811
+                                                                        make_verifier, clock):
+    jwks_server.publish(rs)
+    verifier = make_verifier()
+    jku = {"jku": jwks_server.url}
+    assert verifier.verify(bearer(make_jwt(rs, headers=jku)), AUD)
+    clock.advance(3601)
+    assert verifier.verify(bearer(make_jwt(rs, headers=jku)), AUD)
+    assert jwks_server.count == 2
+
+    jwks_server.answer(JwksServer.DEFAULT_PATH, status=503)
+    clock.advance(3601)
+    assert verifier.verify(bearer(make_jwt(rs, headers=jku)), AUD)  # stale, endpoint down
+    assert jwks_server.count == 3
+    clock.advance(3601)
+    assert refused(verifier, make_jwt(rs, headers=jku)) == "jku-fetch"
+    assert jwks_server.count == 4
+
+
+def test_concurrent_cold_lookups_fetch_once(rs, jwks_server, make_cache):  # noqa: F811
+    jwks_server.answer(JwksServer.DEFAULT_PATH, body=json.dumps(jwks(rs)).encode(), delay=0.2)
+    cache = make_cache()
+    results: list[object] = []
+
+    def lookup():
+        results.append(cache.key(jwks_server.url, rs.kid, "RS384").key_id)
+
+    threads = [threading.Thread(target=lookup) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert results == [rs.kid] * 16
+    assert jwks_server.count == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": 500, "body": b"{}"},
+        {"status": 404, "body": b""},
+        {"status": 200, "body": b"<html>not json</html>"},
+        {"status": 200, "body": b'{"keys": "nope"}'},
+        {"status": 200, "body": b'{"keys": [' + b'{"kty": "RSA"},' * 20000 + b"{}]}"},
+        {"status": 302, "headers": {"Location": "/elsewhere"}},
+        {"status": 200, "body": b'{"keys": []}', "delay": 1.0},
+    ],
+    ids=["500", "404", "not-json", "not-a-jwk-set", "too-large", "redirect", "timeout"],
+)
+def test_jwks_fetch_failures(rs, jwks_server, make_cache, answer):  # noqa: F811
+    jwks_server.answer(JwksServer.DEFAULT_PATH, **answer)
+    jwks_server.publish(rs, path="/elsewhere")
+    settings = AuthSettings(allow_http_loopback_jku=True, jwks_timeout_s=0.3)
+    cache = make_cache(settings)
+    started = time.monotonic()
+    with pytest.raises(AuthError) as info:
+        cache.key(jwks_server.url, rs.kid, "RS384")
+    assert info.value.reason == "jku-fetch"
+    assert time.monotonic() - started < 0.9
+    assert jwks_server.requests == [JwksServer.DEFAULT_PATH]  # redirects are not followed
+
+
+@pytest.mark.parametrize(
+    "member",
+    [{"d": "AQAB"}, {"kty": "oct", "k": "c2VjcmV0"}, {"use": "enc"}, {"alg": "HS256"}],
+    ids=["private", "symmetric", "encryption-key", "hmac-alg"],
+)
+def test_fetched_keys_that_cannot_verify_are_skipped(rs, jwks_server, make_cache,  # noqa: F811
+                                                      member):
+    jwks_server.publish(rs.public_jwk | member, rsa_key())
+    cache = make_cache()
+    with pytest.raises(AuthError) as info:
+        cache.key(jwks_server.url, rs.kid, "RS384")
+    assert info.value.reason == "kid"
+
+
+def test_duplicate_kids_in_a_fetched_set_are_not_used(rs, jwks_server, make_cache):  # noqa: F811
+    jwks_server.publish(rs, rsa_key(kid=rs.kid))
+    with pytest.raises(AuthError) as info:
+        make_cache().key(jwks_server.url, rs.kid, "RS384")
+    assert info.value.reason == "kid"
+
+
+# -- replay ---------------------------------------------------------------------------------
+
+
+def test_replayed_token_is_refused(rs, make_verifier):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    token = make_jwt(rs)
+    assert verifier.verify(bearer(token), AUD)
+    assert refused(verifier, token) == "replay"
+
+
+def test_a_forged_token_cannot_burn_a_jti(rs, make_verifier):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    jti = str(uuid.uuid4())
+    forged = make_jwt(rsa_key().with_kid(rs.kid), jti=jti)
+    assert refused(verifier, forged) == "signature"
+    assert refused(verifier, make_jwt(rs, jti=jti, aud="https://other.example.org/")) == "aud"
+    assert verifier.verify(bearer(make_jwt(rs, jti=jti)), AUD).jti == jti
+
+
+def test_same_jti_from_another_issuer_is_not_a_replay(rs):
+    replay = MemoryReplayCache()
+    issuers = [TrustedIssuer("https://a.example.org", "a", jwks=jwks(rs)),
+               TrustedIssuer("https://b.example.org", "b", jwks=jwks(rs))]
+    verifier = TokenVerifier(issuers, replay)
+    jti = str(uuid.uuid4())
+    assert verifier.verify(bearer(make_jwt(rs, iss="https://a.example.org", jti=jti)), AUD)
+    caller = verifier.verify(bearer(make_jwt(rs, iss="https://b.example.org", jti=jti)), AUD)
+    assert caller.site_id == "b"
+
+
+def test_replay_entry_lives_until_exp_plus_leeway(rs):
+    calls = []
+
+    class Recorder:
+        def first_use(self, iss, jti, expires_at):
+            calls.append((iss, jti, expires_at))
+            return True
+
+    verifier = TokenVerifier([TrustedIssuer(ISS, "a", jwks=jwks(rs))], Recorder(),
+                             AuthSettings(leeway_s=45))
+    exp = int(time.time()) + 900
+    verifier.verify(bearer(make_jwt(rs, jti="j-1", exp=exp)), AUD)
+    assert calls == [(ISS, "j-1", exp + 45)]
+
+
+# -- logging --------------------------------------------------------------------------------
+
+
+def _rejections(rs: TestKey, server: JwksServer) -> dict[str, tuple[str, str]]:
+    now = int(time.time())
+    jku = {"jku": server.url}
+    return {
+        "alg-none": (make_jwt(None, headers={"kid": rs.kid, **jku}), "alg"),
+        "hs256-public-key": (make_jwt(rs.public_pem, headers={"kid": rs.kid, **jku}), "alg"),
+        "expired": (make_jwt(rs, headers=jku, iat=now - 900, exp=now - 300), "exp"),
+        "iat-future": (make_jwt(rs, headers=jku, iat=now + 600, exp=now + 900), "iat"),
+        "nbf-ahead": (make_jwt(rs, headers=jku, nbf=now + 600), "nbf"),
+        "wrong-aud": (make_jwt(rs, headers=jku, aud="https://x.example.org/"), "aud"),
+        "unknown-iss": (make_jwt(rs, headers=jku, iss="https://evil.example.org"), "iss"),
+        "jku-not-listed": (make_jwt(rs, headers={"jku": server.url_for("/x")}), "jku"),
+        "unknown-kid": (make_jwt(rsa_key(), headers=jku), "kid"),
+        "bad-signature": (make_jwt(rsa_key().with_kid(rs.kid), headers=jku), "signature"),
+        "typ": (make_jwt(rs, headers={"typ": "JOSE", **jku}), "typ"),
+        "no-jti": (make_jwt(rs, headers=jku, jti=None), "jti"),
+        "lifetime": (make_jwt(rs, headers=jku, exp=now + 7200), "lifetime"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "alg-none", "hs256-public-key", "expired", "iat-future", "nbf-ahead", "wrong-aud",
+    "unknown-iss", "jku-not-listed", "unknown-kid", "bad-signature", "typ", "no-jti", "lifetime",
+    "replay",
+])
+def test_token_never_logged(rs, jwks_server, make_verifier, caplog, case):  # noqa: F811
+    jwks_server.publish(rs)
+    verifier = make_verifier()
+    if case == "replay":
+        token, reason = make_jwt(rs, headers={"jku": jwks_server.url}), "replay"
+        verifier.verify(bearer(token), AUD)
+    else:
+        token, reason = _rejections(rs, jwks_server)[case]
+    caplog.set_level(logging.DEBUG)
+
+    assert refused(verifier, token) == reason
+
+    warnings = [r for r in caplog.records if r.name == "cds_service.auth"
+                and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"reason={reason}" in warnings[0].getMessage()
+    head, payload, signature = token.split(".")
+    for secret in (token, head, payload, signature):
+        if secret:
+            assert secret not in caplog.text
+    assert signature_segment(token) == signature
+
+
+def test_log_fields_are_single_line_and_bounded(rs, make_verifier, caplog):
+    caplog.set_level(logging.WARNING)
+    token = make_jwt(rs, iss="https://evil.example.org\nFAKE reason=ok", jti="j" * 400)
+    assert refused(make_verifier(jwks_set=jwks(rs)), token) == "iss"
+    message = caplog.records[-1].getMessage()
+    assert "\n" not in message and "j" * 200 not in message
+
+
+# -- construction ---------------------------------------------------------------------------
+
+
+def _rsa_private_jwk(key: TestKey) -> dict:
+    from jwt.algorithms import RSAAlgorithm
+
+    return json.loads(RSAAlgorithm.to_jwk(key.private)) | {"kid": key.kid}
+
+
+@pytest.mark.parametrize(
+    ("issuers", "message"),
+    [
+        (lambda k: [TrustedIssuer(ISS, "a", jwks=jwks(k)), TrustedIssuer(ISS, "b", jwks=jwks(k))],
+         "configured twice"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks=jwks(k), algorithms=("HS256",))], "HS256"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks=jwks(k), algorithms=("RS384", "none"))],
+         "'none'"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks=jwks(k), algorithms=("EdDSA",))], "EdDSA"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks=jwks(k), algorithms=())], "no algorithms"),
+        (lambda k: [TrustedIssuer(ISS, "a", jku=("http://ehr.example.org/jwks",))], "not https"),
+        (lambda k: [TrustedIssuer(ISS, "a", jku=("http://127.0.0.1:8080/jwks",))], "not https"),
+        (lambda k: [TrustedIssuer(ISS, "a", jku=("https://u:p@ehr.example.org/jwks",))],
+         "credentials"),
+        (lambda k: [TrustedIssuer(ISS, "a")], "jku URLs or an out-of-band"),
+        (lambda k: [TrustedIssuer("", "a", jwks=jwks(k))], "empty"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks={"keys": [{"kty": "oct", "k": "c2VjcmV0",
+                                                            "kid": "s"}]})], "secret or private"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks={"keys": [_rsa_private_jwk(k)]})],
+         "secret or private"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks={"keys": [k.public_jwk, k.public_jwk]})],
+         "repeats kid"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks={"keys": [{"kty": "RSA", "kid": "x",
+                                                            "n": "!!", "e": "AQAB"}]})],
+         "not a usable"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks={"keys": [{"kty": "RSA", "n": "AQAB"}]})],
+         "no kid"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks={"kid": "x"})], "not a JWK Set"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks={"keys": []})], "no signature verification"),
+        (lambda k: [TrustedIssuer(ISS, "a", jwks=jwks(k), audiences=("",))], "audiences"),
+    ],
+    ids=["duplicate-iss", "hs256", "none", "eddsa", "no-algs", "http-jku", "http-loopback-jku",
+         "jku-credentials", "no-keys", "empty-iss", "oct-key", "private-key", "duplicate-kid",
+         "bad-key", "no-kid", "not-jwks", "empty-jwks", "empty-audience"],
+)
+def test_constructor_refuses_unsafe_configuration(rs, issuers, message):
+    with pytest.raises(ValueError, match=message):
+        TokenVerifier(issuers(rs), MemoryReplayCache())
+
+
+def test_http_loopback_jku_only_when_allowed():
+    issuer = TrustedIssuer(ISS, "a", jku=("http://127.0.0.1:8080/jwks", "http://[::1]/jwks",
+                                          "http://localhost:1/jwks"))
+    assert TokenVerifier([issuer], MemoryReplayCache(), LOOPBACK).issuers == (issuer,)
+    with pytest.raises(ValueError, match="not https"):
+        TokenVerifier([issuer], MemoryReplayCache(), AuthSettings())
+    with pytest.raises(ValueError, match="not https"):
+        TokenVerifier([TrustedIssuer(ISS, "a", jku=("http://10.0.0.1/jwks",))],
+                      MemoryReplayCache(), LOOPBACK)
