@@ -2,11 +2,13 @@
 
     cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH]
     cds-service check-config [--site-config PATH]
+    cds-service invoke SERVICE --bundle FILE [--url URL] [--hook HOOK] [--select Type/id]...
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -64,6 +66,32 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _invoke(args: argparse.Namespace) -> int:
+    from cds_service.config import choose_default_site, load_sites
+    from cds_service.invoke import InvokeError, build_request, format_cards, load_bundle, send
+    from cds_service.registry import index_services
+    from hooks import SERVICES
+
+    try:
+        sites = load_sites(os.environ.get("CDS_SITE_CONFIG"), index_services(SERVICES))
+        site = choose_default_site(sites, args.site or os.environ.get("CDS_DEFAULT_SITE"))
+        body = build_request(site, args.service, load_bundle(args.bundle), hook=args.hook,
+                             selections=args.select)
+        response = send(args.url, site, args.service, body)
+    except (ConfigError, InvokeError) as exc:
+        print(f"invoke: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {"text": response.text}
+    if args.json or response.status_code != 200:
+        print(json.dumps(answer, indent=2))  # noqa: T201
+    else:
+        print(format_cards(answer))  # noqa: T201
+    return 0 if response.status_code == 200 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cds-service", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate the site configuration and print it")
     site_config_option(check)
     check.set_defaults(func=_check_config)
+
+    invoke = sub.add_parser("invoke", help="send a signed hook request built from a FHIR Bundle")
+    invoke.add_argument("service", help="service id, e.g. kidney-risk")
+    invoke.add_argument("--bundle", required=True, help="FHIR Bundle (JSON) with the patient")
+    invoke.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    invoke.add_argument("--hook", help="hook to fire (default: the service's first hook)")
+    invoke.add_argument("--select", action="append", default=[], metavar="TYPE/ID",
+                        help="order-select selections (default: every draft order)")
+    invoke.add_argument("--site", help="site whose development key signs (default: the only one)")
+    invoke.add_argument("--json", action="store_true", help="print the response JSON")
+    site_config_option(invoke)
+    invoke.set_defaults(func=_invoke)
     return parser
 
 

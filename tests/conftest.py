@@ -47,12 +47,15 @@ def make_jwt(aud: str, *, key=_KEY, kid: str = TEST_KID, alg: str = "RS384",
 class SigningClient(FlaskClient):
     """A test client that signs every request the way Epic does, unless told otherwise.
 
-    `app.config["TEST_SIGNER"] = (private_key, kid, iss)` signs as another issuer.
+    `app.config["TEST_SIGNER"] = (private_key, kid, iss)` signs as another issuer;
+    `headers={"Authorization": None}` sends no Authorization header.
     """
 
     def open(self, *args, **kwargs):
         headers = dict(kwargs.pop("headers", None) or {})
-        if "Authorization" not in headers:
+        if "Authorization" in headers and headers["Authorization"] is None:
+            del headers["Authorization"]  # send no Authorization header at all
+        elif "Authorization" not in headers:
             path = args[0] if args and isinstance(args[0], str) else kwargs.get("path", "/")
             key, kid, iss = self.application.config.get("TEST_SIGNER", (_KEY, TEST_KID, TEST_ISS))
             token = make_jwt("http://localhost" + path, key=key, kid=kid, iss=iss)
