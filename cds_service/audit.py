@@ -41,9 +41,7 @@ _OPAQUE_TOKEN = re.compile(r"[A-Za-z0-9_~+=-]{65,}")
 _CREDENTIAL_PAIR = re.compile(r"(?i)(?:token|secret|password|passwd)=[^&\s]")
 _RESOURCE_JSON = re.compile(r'"resourceType"\s*:')
 
-# Query parameter names (lower-cased, without "_", "-", ".") that carry credentials. `code` is the
-# OAuth 2.0 authorization code (RFC 6749 4.1.2); note it also drops the FHIR `code` search
-# parameter, so an audited "Observation?patient=1&code=..." URL keeps only the patient.
+# Query parameter names (lower-cased, without "_", "-", ".") that carry credentials.
 _SECRET_NAME_PARTS = (
     "token",  # access_token, id_token, refresh_token, x-amz-security-token
     "secret",  # client_secret

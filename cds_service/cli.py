@@ -3,6 +3,7 @@
     cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH]
     cds-service check-config [--site-config PATH]
     cds-service invoke SERVICE --bundle FILE [--url URL] [--hook HOOK] [--select Type/id]...
+    cds-service audit purge [--older-than-days N]
 """
 
 from __future__ import annotations
@@ -92,6 +93,24 @@ def _invoke(args: argparse.Namespace) -> int:
     return 0 if response.status_code == 200 else 1
 
 
+def _audit_purge(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from cds_service.config import DEFAULTS
+    from cds_service.store import Store
+
+    app_config = dict(DEFAULTS)
+    for key in ("DATABASE_URL", "AUDIT_RETENTION_DAYS"):
+        if f"CDS_{key}" in os.environ:
+            app_config[key] = os.environ[f"CDS_{key}"]
+    days = args.older_than_days or int(app_config["AUDIT_RETENTION_DAYS"])
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+    with Store(app_config["DATABASE_URL"]) as store:
+        removed = store.purge_audit(cutoff)
+    print(f"removed {removed} audit records older than {cutoff:%Y-%m-%d} ({days} days)")  # noqa: T201
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cds-service", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--json", action="store_true", help="print the response JSON")
     site_config_option(invoke)
     invoke.set_defaults(func=_invoke)
+
+    audit = sub.add_parser("audit", help="audit log maintenance")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    purge = audit_sub.add_parser("purge", help="delete audit records past the retention period")
+    purge.add_argument("--older-than-days", type=int,
+                       help="retention in days (default: $CDS_AUDIT_RETENTION_DAYS or 2190)")
+    purge.set_defaults(func=_audit_purge)
     return parser
 
 

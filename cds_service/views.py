@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 
 from flask import Response, g, json, request
 from flask_smorest import Blueprint
 
+from cds_service.audit import AuditRecord, prefetch_key_sources
 from cds_service.cards import render_response
 from cds_service.errors import RequestInvalid, ServiceNotFound
 from cds_service.feedback import FeedbackRequestSchema
@@ -36,8 +38,12 @@ blp = Blueprint(
 def _authenticate_and_precheck():
     if request.method == "OPTIONS":  # CORS preflight carries no credentials
         return
+    g.audit = {"service_id": (request.view_args or {}).get("service_id")}
     # Authenticate first: an unauthenticated caller learns nothing, not even which ids exist.
     g.site, g.caller = runtime().authenticate(request)
+    g.audit.update(site=g.site.id)
+    if g.caller is not None:
+        g.audit.update(iss=g.caller.iss, sub=g.caller.sub)
     # Then the cheap, most specific problems, before parsing a (possibly large) body.
     if request.method != "POST":
         return
@@ -89,6 +95,10 @@ def invoke(body: dict, service_id: str):
         raise RequestInvalid(
             f"Service {service_id!r} answers {', '.join(service.hooks)}, not {body['hook']!r}.",
         )
+    context = body["context"]
+    g.audit.update(hook=body["hook"], hook_instance=body["hookInstance"],
+                   user_id=context.get("userId"), patient_id=context.get("patientId"),
+                   encounter_id=context.get("encounterId"))
     authorization = body.get("fhirAuthorization") or {}
     prefetch = resolve_prefetch(
         enabled.prefetch,
@@ -110,8 +120,16 @@ def invoke(body: dict, service_id: str):
         extension=body["extension"],
         fhir_server=body.get("fhirServer"),
     )
+    g.audit.update(prefetch_keys_used=prefetch_key_sources(prefetch.sources),
+                   fhir_urls_fetched=tuple(prefetch.fetched))
     cards = service.handler(hook_request)
     rendered = render_response(cards, epic=site.epic_compatibility)
+    g.audit.update(
+        card_uuids=tuple(c["uuid"] for c in rendered["cards"] if "uuid" in c),
+        suggestion_uuids=tuple(s["uuid"] for c in rendered["cards"]
+                               for s in c.get("suggestions", ()) if "uuid" in s),
+        outcome=f"cards={len(rendered['cards'])}",
+    )
     log.info(
         "hook=%s service=%s site=%s hookInstance=%s cards=%d elapsed_ms=%.1f",
         body["hook"], service.id, site.id, body["hookInstance"], len(rendered["cards"]),
@@ -127,10 +145,29 @@ def invoke(body: dict, service_id: str):
 def feedback(items: list, service_id: str):
     """Record clinicians' accept/override outcomes; stored durably before answering 200."""
     site, _ = site_service(service_id)
+    g.audit.update(feedback_cards=tuple(item.card for item in items))
     stored = runtime().store.add_feedback(site.id, service_id, items)
+    g.audit.update(outcome=f"received={len(items)} stored={stored}")
     log.info("feedback service=%s site=%s received=%d stored=%d",
              service_id, site.id, len(items), stored)
     return {"received": len(items), "stored": stored}
+
+
+@blp.after_request
+def _audit(response):
+    """One append-only audit record per invocation and feedback call, whatever its outcome."""
+    fields = getattr(g, "audit", None)
+    if fields is None or request.method != "POST":
+        return response
+    kind = "feedback" if request.path.endswith("/feedback") else "invoke"
+    fields.setdefault("outcome", str(response.status_code))
+    try:
+        record = AuditRecord(kind=kind, time=datetime.now(UTC), status=response.status_code,
+                             **{k: v for k, v in fields.items() if v is not None})
+        runtime().store.add_audit(record)
+    except Exception:  # noqa: BLE001 - the clinician's answer must not wait on the audit log
+        log.exception("audit record not written for %s %s", request.method, request.path)
+    return response
 
 
 health = Blueprint("health", __name__, description="Liveness and readiness probes.")

@@ -1,0 +1,107 @@
+"""Every invocation and feedback call leaves one audit record, with no token or resource content.
+
+Runs on SQLite and on a fresh schema of the local PostgreSQL (`store_url`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+
+import pytest
+
+from tests.conftest import make_jwt
+from tests.fhir_server import fhir_server  # noqa: F401 - fixture
+from tests.test_api import PATIENT_VIEW, post
+
+pytest_plugins = ["tests.storage_fixtures"]
+
+TOKEN = "opaque-ehr-access-token-a1b2c3"
+
+
+@pytest.fixture
+def audited(make_app, store_url):
+    return make_app(DATABASE_URL=store_url, SITE_YAML="prefetch:\n  allow_http_loopback: true\n")
+
+
+def records(app, **filters):
+    return app.extensions["cds"].store.list_audit(**filters)
+
+
+def test_invocation_with_fallback_fetch_is_audited(audited, fhir_server):  # noqa: F811
+    fhir_server.add("Patient/p-77", json={"resourceType": "Patient", "id": "p-77",
+                                          "name": [{"given": ["Secret-Name-Zed"]}]})
+    body = copy.deepcopy(PATIENT_VIEW)
+    body.update(fhirServer=fhir_server.url,
+                fhirAuthorization={"access_token": TOKEN, "token_type": "Bearer"})
+    body["context"].update(patientId="p-77", encounterId="enc-9")
+    response = post(audited.test_client(), "/cds-services/greeter", body)
+    assert response.status_code == 200
+    card = response.get_json()["cards"][0]
+
+    [record] = records(audited)
+    assert record["kind"] == "invoke" and record["status"] == 200
+    assert (record["site"], record["service_id"], record["hook"]) == (
+        "test-site", "greeter", "patient-view")
+    assert (record["user_id"], record["patient_id"], record["encounter_id"]) == (
+        "PractitionerRole/123", "p-77", "enc-9")
+    assert record["hook_instance"] == body["hookInstance"]
+    assert record["iss"] == "https://ehr.test/api/FHIR/R4" and record["sub"] == "test-client"
+    assert record["prefetch_keys_used"] == ("patient:fetched",)
+    assert record["fhir_urls_fetched"] == ("Patient/p-77",)
+    assert record["card_uuids"] == (card["uuid"],)
+    dumped = json.dumps(record, default=str)
+    for secret in (TOKEN, "Secret-Name-Zed", "eyJ"):
+        assert secret not in dumped
+
+
+def test_refusals_and_failures_are_audited_too(audited):
+    client = audited.test_client()
+    post(client, "/cds-services/greeter", PATIENT_VIEW)  # 412: nothing prefetched, no token
+    post(client, "/cds-services/echo", {"hook": "patient-view"})  # 400
+    post(client, "/cds-services/echo", PATIENT_VIEW, headers={"Authorization": None})  # 401
+    statuses = [(r["service_id"], r["status"]) for r in records(audited)]
+    assert statuses == [("greeter", 412), ("echo", 400), ("echo", 401)]
+    assert records(audited, status=412)[0]["patient_id"] == "1288992"
+
+
+def test_feedback_is_audited_with_its_cards(audited):
+    client = audited.test_client()
+    token = make_jwt("http://localhost/cds-services/echo/feedback")
+    feedback = {"feedback": [{"card": str(uuid.uuid4()), "outcome": "overridden",
+                              "outcomeTimestamp": "2026-11-01T10:00:00Z"} for _ in range(2)]}
+    response = post(client, "/cds-services/echo/feedback", feedback,
+                    headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    [record] = records(audited, kind="feedback")
+    assert record["feedback_cards"] == tuple(item["card"] for item in feedback["feedback"])
+    assert record["outcome"] == "received=2 stored=2"
+    assert token not in json.dumps(record, default=str)
+
+
+def test_discovery_reads_no_phi_and_is_not_audited(audited):
+    assert audited.test_client().get("/cds-services").status_code == 200
+    assert records(audited) == []
+
+
+def test_purge_command_removes_records_past_retention(store_url, tmp_path):
+    import subprocess
+    from datetime import UTC, datetime, timedelta
+
+    from cds_service.audit import AuditRecord
+    from cds_service.store import Store
+    from tests.test_serve import CLI
+
+    now = datetime.now(UTC)
+    with Store(store_url) as store:
+        for age in (400, 10):
+            store.add_audit(AuditRecord(kind="invoke", time=now - timedelta(days=age),
+                                        status=200, patient_id=f"p-{age}"))
+    result = subprocess.run([CLI, "audit", "purge", "--older-than-days", "365"], cwd=tmp_path,
+                            env={"CDS_DATABASE_URL": store_url, "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "removed 1 audit records" in result.stdout
+    with Store(store_url) as store:
+        assert [r["patient_id"] for r in store.list_audit()] == ["p-10"]
