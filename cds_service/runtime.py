@@ -39,6 +39,11 @@ class CdsRuntime:
     _executor_pid: int | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @property
+    def cors_origins(self) -> frozenset[str]:
+        """Origins any site allows: a preflight carries no token, so no site is known yet."""
+        return frozenset(o for site in self.sites.values() for o in site.cors_origins)
+
     def authenticate(self, request: Request) -> tuple[Site, VerifiedCaller | None]:
         """The caller's site, selected by the verified `iss` (tenancy); raises AuthError."""
         if self.verifier is None:

@@ -154,6 +154,27 @@ def feedback(items: list, service_id: str):
 
 
 @blp.after_request
+def _cors(response):
+    """CORS for browser-based clients (e.g. the CDS Hooks sandbox); off unless a site lists
+    origins. Exact origins only, never `*`, never credentials: callers send a bearer JWT, not
+    cookies (OWASP HTML5 Security Cheat Sheet, CORS; CDS Hooks 2.0 §CORS, rule 135)."""
+    origin = request.headers.get("Origin")
+    if not origin:
+        return response
+    site = getattr(g, "site", None)
+    allowed = site.cors_origins if site is not None else runtime().cors_origins
+    if origin not in allowed:
+        return response
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.vary.add("Origin")
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+@blp.after_request
 def _audit(response):
     """One append-only audit record per invocation and feedback call, whatever its outcome."""
     fields = getattr(g, "audit", None)
