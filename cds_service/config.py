@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import yaml
@@ -23,6 +24,7 @@ from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validat
 
 from cds_service.devkeys import ensure_dev_keypair
 from cds_service.errors import ConfigError
+from cds_service.fhir import is_loopback_host
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
 
@@ -216,8 +218,10 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
                 )
         services[service_id] = SiteService(service, MappingProxyType(templates))
 
+    allow_http_jku = parsed["jwt"].get("allow_http_loopback_jku", False)
     issuers = tuple(
-        _issuer(entry, index, source) for index, entry in enumerate(parsed.get("issuers") or [])
+        _issuer(entry, index, source, allow_http_jku)
+        for index, entry in enumerate(parsed.get("issuers") or [])
     )
     p = parsed["prefetch"]
     settings = PrefetchSettings(
@@ -240,10 +244,16 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
     )
 
 
-def _issuer(entry: Mapping[str, Any], index: int, source: str) -> IssuerSpec:
+def _issuer(entry: Mapping[str, Any], index: int, source: str,
+            allow_http_jku: bool) -> IssuerSpec:
     where = f"{source}: issuers[{index}]"
     if not entry.get("jku") and not entry.get("jwks_file"):
         raise ConfigError(f"{where}: give `jku` (allow-listed JWK Set URLs) or `jwks_file`")
+    for n, url in enumerate(entry.get("jku") or ()):
+        parts = urlsplit(url)
+        if parts.scheme != "https" and not (allow_http_jku and is_loopback_host(parts.hostname)):
+            # Keys fetched over plain http could be swapped in transit (CDS Hooks 2.0 §Security).
+            raise ConfigError(f"{where}.jku[{n}]: {url!r} must be https")
     jwks = None
     jwks_file = entry.get("jwks_file")
     if jwks_file:

@@ -118,3 +118,56 @@ def test_environment_variables_configure_the_app(make_app, monkeypatch, tmp_path
     assert app.extensions["cds"].default_site.id == "from-env"
     # An explicit mapping wins over the environment.
     assert make_app(MAX_CONTENT_LENGTH=4096).config["MAX_CONTENT_LENGTH"] == 4096
+
+
+PRIVATE_JWK = {"kty": "EC", "crv": "P-384", "kid": "k1", "d": "secret-part",
+               "x": "AKHkEqcnF2hJ8n3dhMcDQFWx7BBEuZhr9ysp8iJ8eyJnn6hLXnzeYtBkpMJ7RrCT",
+               "y": "VmRnJmMBUJMDcvJ0Wd8krfIQxx0IdmMGHkQkqvQaQ6k2GrBBrIN0-RG-dNFv-HBU"}
+
+
+@pytest.mark.parametrize(
+    ("issuer_yaml", "jwks", "fragments"),
+    [
+        ("  - iss: https://a.example/fhir\n    jwks_file: missing.json\n", None,
+         ["x.yaml", "issuers[0].jwks_file", "cannot read"]),
+        ("  - iss: https://a.example/fhir\n    jwks_file: keys.json\n", "not json",
+         ["x.yaml", "issuers[0].jwks_file", "not JSON"]),
+        ("  - iss: https://a.example/fhir\n    jwks_file: keys.json\n", {"keys": []},
+         ["issuers[0].jwks_file", "not a JWK Set"]),
+        ("  - iss: https://a.example/fhir\n    jwks_file: keys.json\n",
+         {"keys": [PRIVATE_JWK]}, ["issuers[0].jwks_file", "secret or private key"]),
+        ("  - iss: https://a.example/fhir\n    jwks_file: keys.json\n",
+         {"keys": [{"kty": "oct", "kid": "h", "k": "c2VjcmV0"}]},
+         ["issuers[0].jwks_file", "secret or private key"]),
+        ("  - iss: https://a.example/fhir\n", None,
+         ["x.yaml", "issuers[0]", "jku", "jwks_file"]),
+        ("  - iss: https://a.example/fhir\n    jku: [not-a-url]\n", None,
+         ["x.yaml", "issuers.0.jku"]),
+    ],
+)
+def test_trust_configuration_errors_name_file_and_key(make_app, tmp_path, issuer_yaml, jwks,
+                                                      fragments):
+    if jwks is not None:
+        (tmp_path / "keys.json").write_text(jwks if isinstance(jwks, str) else
+                                            __import__("json").dumps(jwks))
+    write(tmp_path / "x.yaml", "site: x\nissuers:\n" + issuer_yaml)
+    with pytest.raises(ConfigError) as caught:
+        make_app(SERVICES=SERVICES, SITE_CONFIG=str(tmp_path / "x.yaml"))
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
+def test_an_issuer_may_select_only_one_site(make_app, tmp_path, test_jwks_file):
+    for name in ("a", "b"):
+        write(tmp_path / f"{name}.yaml", f"site: {name}\nissuers:\n"
+              f"  - iss: https://shared.example/fhir\n    jwks_file: {test_jwks_file}\n")
+    with pytest.raises(ConfigError, match="already trusted by site 'a'") as caught:
+        make_app(SERVICES=SERVICES, SITE_CONFIG=str(tmp_path), DEFAULT_SITE="a")
+    assert "b.yaml: issuers" in str(caught.value)
+
+
+def test_non_https_jku_stops_start_up(make_app, tmp_path):
+    write(tmp_path / "x.yaml", "site: x\nissuers:\n  - iss: https://a.example/fhir\n"
+          "    jku: [http://keys.example.org/jwks]\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml: issuers\[0\]\.jku\[0\]: .* must be https"):
+        make_app(SERVICES=SERVICES, SITE_CONFIG=str(tmp_path / "x.yaml"))
