@@ -187,3 +187,28 @@ def test_unsigned_and_foreign_requests_get_the_same_bare_401(serve):
         assert status == 401
         bodies.add(json.dumps(body))
     assert len(bodies) == 1
+
+
+@pytest.mark.parametrize("replay_cache", ["sqlite", "redis"])
+def test_replay_is_refused_by_another_process(serve, tmp_path, replay_cache):
+    """Deterministic twin of the test above: two servers (so certainly two processes) share the
+    replay cache; a token used on one is refused by the other."""
+    from tests.conftest import DEMO_JWKS
+
+    demo_signer()  # make sure the development key pair exists
+    audience = "https://cds.example.org/cds-services"
+    site = tmp_path / "shared-site.yaml"
+    site.write_text(
+        "site: shared\nissuers:\n  - iss: https://demo-ehr.example.org/api/FHIR/R4\n"
+        f"    jwks_file: {DEMO_JWKS}\naudiences: [{audience}]\n", encoding="utf-8")
+    url = {"sqlite": f"sqlite:///{tmp_path / 'replay.sqlite3'}",
+           "redis": "redis://127.0.0.1:6379/0"}[replay_cache]
+    first = serve("--workers", "1", "--site-config", str(site), env={"CDS_REPLAY_CACHE_URL": url})
+    second = serve("--workers", "1", "--site-config", str(site), env={"CDS_REPLAY_CACHE_URL": url})
+
+    key, kid, iss = demo_signer()
+    token = make_jwt(audience, key=key, kid=kid, iss=iss)
+    assert request(first.base + "/cds-services", token=token)[0] == 200
+    assert request(second.base + "/cds-services", token=token)[0] == 401
+    fresh = make_jwt(audience, key=key, kid=kid, iss=iss)
+    assert request(second.base + "/cds-services", token=fresh)[0] == 200
