@@ -61,7 +61,7 @@ _SECRET_NAME_PARTS = (
 # (audit-worthy); the OAuth authorization code never appears in a FHIR read URL.
 _SECRET_NAMES = frozenset({"key", "sig", "auth", "pass", "otp"})
 
-_TEXT_FIELDS = (
+TEXT_FIELDS = (
     "site",
     "iss",
     "sub",
@@ -74,7 +74,7 @@ _TEXT_FIELDS = (
     "outcome",
     "detail",
 )
-_TUPLE_FIELDS = (
+TUPLE_FIELDS = (
     "prefetch_keys_used",
     "fhir_urls_fetched",
     "card_uuids",
@@ -162,7 +162,7 @@ class AuditRecord:
         object.__setattr__(self, "time", self.time.astimezone(UTC))
         if type(self.status) is not int or not 100 <= self.status <= 599:
             raise ValueError("AuditRecord.status: must be an HTTP status code (int)")
-        for name in _TEXT_FIELDS:
+        for name in TEXT_FIELDS:
             value = getattr(self, name)
             if value is None:
                 continue
@@ -170,7 +170,7 @@ class AuditRecord:
                 value = strip_url_secrets(value)
                 object.__setattr__(self, name, value)
             _check_text(name, value)
-        for name in _TUPLE_FIELDS:
+        for name in TUPLE_FIELDS:
             object.__setattr__(self, name, self._checked_items(name, getattr(self, name)))
 
     @staticmethod

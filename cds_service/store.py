@@ -39,7 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
-from cds_service.audit import AuditRecord
+from cds_service.audit import TEXT_FIELDS, TUPLE_FIELDS, AuditRecord
 from cds_service.errors import ConfigError
 from cds_service.feedback import FeedbackItem
 
@@ -154,25 +154,9 @@ audit_log_table = sa.Table(
     # Accounting of disclosures: "every access to this patient's data in a period".
     sa.Index(None, "patient_id", "time"),
 )
-_AUDIT_TUPLE_COLUMNS = (
-    "prefetch_keys_used",
-    "fhir_urls_fetched",
-    "card_uuids",
-    "suggestion_uuids",
-    "feedback_cards",
-)
+# Identifier columns `list_audit` filters on: the record's text fields, less free text.
 _AUDIT_FILTER_COLUMNS = (
-    "kind",
-    "site",
-    "iss",
-    "sub",
-    "user_id",
-    "patient_id",
-    "encounter_id",
-    "hook",
-    "hook_instance",
-    "service_id",
-    "status",
+    "kind", *(name for name in TEXT_FIELDS if name not in ("outcome", "detail")), "status",
 )
 # Rows deleted per purge transaction: short write transactions, so request workers appending
 # audit records never wait long on the SQLite write lock (busy timeout above).
@@ -397,7 +381,7 @@ class Store:
     def add_audit(self, record: AuditRecord) -> int:
         """Append `record`, committed before returning; return its id."""
         row = {name: getattr(record, name) for name in audit_log_table.c.keys() if name != "id"}
-        for name in _AUDIT_TUPLE_COLUMNS:
+        for name in TUPLE_FIELDS:
             row[name] = list(row[name])
         self._ensure_schema()
         stmt = sa.insert(audit_log_table).returning(audit_log_table.c.id)
@@ -432,7 +416,7 @@ class Store:
         with self._unavailable_on_error(), self._engine.connect() as conn:
             rows = [dict(row) for row in conn.execute(query).mappings()]
         for row in rows:
-            for name in _AUDIT_TUPLE_COLUMNS:
+            for name in TUPLE_FIELDS:
                 row[name] = tuple(row[name])
         return rows
 

@@ -58,7 +58,8 @@ def scenario_id(path: Path) -> str:
 
 @pytest.fixture
 def shipped_client(make_app):
-    return make_app(SERVICES=SERVICES).test_client()
+    return make_app(SERVICES=SERVICES,
+                    SITE_YAML="prefetch:\n  allow_http_loopback: true\n").test_client()
 
 
 def assert_matches_golden(response, expected: dict) -> dict:
@@ -79,10 +80,14 @@ def assert_matches_golden(response, expected: dict) -> dict:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=scenario_id)
-def test_scenario(shipped_client, scenario):
-    response = post(shipped_client, f"/cds-services/{scenario.parent.name}",
-                    load(scenario / "request.json"))
+def test_scenario(shipped_client, scenario, fhir_server):  # noqa: F811
+    request = load(scenario / "request.json")
+    # Each scenario carries Epic's fhirServer and token; its prefetch is complete, so the
+    # local stand-in for Epic's FHIR server must see no request at all.
+    request["fhirServer"] = fhir_server.url
+    response = post(shipped_client, f"/cds-services/{scenario.parent.name}", request)
     assert_matches_golden(response, load(scenario / "expected.json"))
+    assert fhir_server.requests == []
 
 
 def test_scenarios_are_complete_and_cover_every_service_and_hook():
