@@ -27,6 +27,7 @@ from cds_service.errors import ConfigError
 from cds_service.fhir import is_loopback_host
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
+from cds_service.schemas import messages_to_issues
 
 DEFAULTS: dict[str, Any] = {
     # Path to one site YAML file or a directory of them; None = one built-in site ("default")
@@ -165,27 +166,14 @@ class _SiteSchema(Schema):
     cors = fields.Nested(_CorsSchema, load_default=dict)
 
 
-def _flatten(messages: Any, prefix: str = "") -> list[str]:
-    if isinstance(messages, dict):
-        out: list[str] = []
-        for key, value in messages.items():
-            if key == "value" and isinstance(value, dict):  # marshmallow's Dict value errors
-                out += _flatten(value, prefix)
-            else:
-                out += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
-        return out
-    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
-        return [f"{prefix or '<root>'}: {' '.join(messages)}"]
-    return [f"{prefix or '<root>'}: {messages}"]
-
-
 def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService]) -> Site:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     try:
         parsed = _SiteSchema().load(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(_flatten(exc.messages))) from exc
+        problems = (issue.diagnostics for issue in messages_to_issues(exc.messages))
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from exc
 
     entries = parsed.get("services")
     if entries is None:  # not listed: every registered service, declared templates

@@ -142,7 +142,7 @@ PRIVATE_JWK = {"kty": "EC", "crv": "P-384", "kid": "k1", "d": "secret-part",
         ("  - iss: https://a.example/fhir\n", None,
          ["x.yaml", "issuers[0]", "jku", "jwks_file"]),
         ("  - iss: https://a.example/fhir\n    jku: [not-a-url]\n", None,
-         ["x.yaml", "issuers.0.jku"]),
+         ["x.yaml", "issuers[0].jku[0]", "Not a valid URL"]),
     ],
 )
 def test_trust_configuration_errors_name_file_and_key(make_app, tmp_path, issuer_yaml, jwks,
