@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test lint models clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,15 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Rebuild the shipped models from the synthetic cohort (models/README.md).
+COHORT := var/cohort
+models: $(STAMP)
+	$(BIN)/cds-service models generate-cohort --out $(COHORT) --patients 4000 --seed 20261121
+	for id in kfre-4var ckd-progression-lr; do \
+	  $(BIN)/cds-service models train --ndjson $(COHORT) --labels $(COHORT)/labels.csv \
+	    --spec models/specs/$$id.yaml --out models/$$id || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

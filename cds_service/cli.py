@@ -4,6 +4,11 @@
     cds-service check-config [--site-config PATH]
     cds-service invoke SERVICE --bundle FILE [--url URL] [--hook HOOK] [--select Type/id]...
     cds-service audit purge [--older-than-days N]
+    cds-service models generate-cohort --out DIR [--patients N] [--seed S]
+    cds-service models train --ndjson DIR --labels CSV --spec YAML --out models/ID
+    cds-service models evaluate models/ID --ndjson DIR --labels CSV
+    cds-service models validate models/ID [models/ID ...]
+    cds-service models explain models/ID --bundle FILE [--now ISO]
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from cds_service.errors import ConfigError
 
@@ -111,6 +117,87 @@ def _audit_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_generate_cohort(args: argparse.Namespace) -> int:
+    from cds_service.models.cohort import generate_cohort, write_cohort
+
+    cohort = generate_cohort(n_patients=args.patients, seed=args.seed)
+    paths = write_cohort(cohort, Path(args.out))
+    labels = cohort.labels
+    print(f"wrote {len(labels)} synthetic patients (seed {args.seed}, "  # noqa: T201
+          f"{sum(y for _, y in labels)} events) to {args.out}:")
+    for name, path in paths.items():
+        print(f"  {name}: {path}")  # noqa: T201
+    return 0
+
+
+def _models_train(args: argparse.Namespace) -> int:
+    from cds_service.models.manifest import load_spec
+    from cds_service.models.training import train
+
+    result = train(load_spec(Path(args.spec)), Path(args.ndjson), Path(args.labels),
+                   Path(args.out))
+    m = result.model
+    print(f"trained {m.id} {m.version} (sha256 {m.sha256})")  # noqa: T201
+    print(json.dumps({"held_out": result.metrics}, indent=2))  # noqa: T201
+    for path in result.files:
+        print(f"  wrote {path}")  # noqa: T201
+    return 0
+
+
+def _models_evaluate(args: argparse.Namespace) -> int:
+    from cds_service.models.registry import load_model
+    from cds_service.models.training import evaluate
+
+    report = evaluate(load_model(Path(args.model)), Path(args.ndjson), Path(args.labels))
+    print(json.dumps(report, indent=2))  # noqa: T201
+    return 0
+
+
+def _models_validate(args: argparse.Namespace) -> int:
+    from cds_service.models.registry import load_model
+
+    for directory in args.models:
+        model = load_model(Path(directory))
+        names = ", ".join(model.manifest.feature_names)
+        print(f"ok {model.id} {model.version} sha256 {model.sha256} features [{names}]")  # noqa: T201
+    return 0
+
+
+def _models_explain(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from cds_service.invoke import InvokeError, load_bundle
+    from cds_service.models.errors import ModelError
+    from cds_service.models.registry import load_model
+
+    model = load_model(Path(args.model))
+    try:
+        bundle = load_bundle(args.bundle)
+    except InvokeError as exc:
+        raise ModelError(str(exc)) from exc
+    now = datetime.fromisoformat(args.now) if args.now else datetime.now(UTC)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    prediction = model.predict([bundle], now=now)
+    print(json.dumps(prediction.to_dict(), indent=2))  # noqa: T201
+    return 0
+
+
+def _models_command(func):
+    """Model errors are the user's input: print them plainly, exit 2, no traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        from cds_service.models.errors import ModelError
+
+        try:
+            return func(args)
+        except ModelError as exc:
+            print(f"models: {exc}", file=sys.stderr)  # noqa: T201
+            return 2
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cds-service", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +238,35 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--older-than-days", type=int,
                        help="retention in days (default: $CDS_AUDIT_RETENTION_DAYS or 2190)")
     purge.set_defaults(func=_audit_purge)
+
+    models = sub.add_parser("models", help="train, evaluate, validate and explain models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    gen = models_sub.add_parser("generate-cohort",
+                                help="write the synthetic cohort as Bulk Data NDJSON + labels")
+    gen.add_argument("--out", required=True, help="output directory")
+    gen.add_argument("--patients", type=int, default=4000)
+    gen.add_argument("--seed", type=int, default=20261121)
+    gen.set_defaults(func=_models_command(_models_generate_cohort))
+    tr = models_sub.add_parser("train", help="train, evaluate and export a model directory")
+    tr.add_argument("--ndjson", required=True, help="directory of *.ndjson (Bulk Data export)")
+    tr.add_argument("--labels", required=True, help="CSV: patient_id,index_date,label")
+    tr.add_argument("--spec", required=True, help="training spec (manifest without results)")
+    tr.add_argument("--out", required=True, help="model directory to write, e.g. models/my-id")
+    tr.set_defaults(func=_models_command(_models_train))
+    ev = models_sub.add_parser("evaluate", help="metrics of a model on a labelled cohort")
+    ev.add_argument("model", help="model directory")
+    ev.add_argument("--ndjson", required=True)
+    ev.add_argument("--labels", required=True)
+    ev.set_defaults(func=_models_command(_models_evaluate))
+    va = models_sub.add_parser("validate", help="check manifest, artifact, sha256 and a smoke "
+                               "prediction, as a worker does at start-up")
+    va.add_argument("models", nargs="+", help="model directories")
+    va.set_defaults(func=_models_command(_models_validate))
+    ex = models_sub.add_parser("explain", help="one patient's score and contributions")
+    ex.add_argument("model", help="model directory")
+    ex.add_argument("--bundle", required=True, help="FHIR Bundle (JSON) with the patient")
+    ex.add_argument("--now", help="as-of time, ISO 8601 (default: now)")
+    ex.set_defaults(func=_models_command(_models_explain))
     return parser
 
 

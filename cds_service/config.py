@@ -20,11 +20,21 @@ from urllib.parse import urlsplit
 
 import jwt
 import yaml
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
+from marshmallow import (
+    EXCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates_schema,
+)
 
 from cds_service.devkeys import ensure_dev_keypair
 from cds_service.errors import ConfigError
+from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
 from cds_service.fhir import is_loopback_host
+from cds_service.models.manifest import INDICATORS, MODEL_ID
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
 from cds_service.schemas import messages_to_issues
@@ -51,6 +61,10 @@ DEFAULTS: dict[str, Any] = {
     "JWT_LEEWAY_SECONDS": 30,
     # Audit records older than this are removed by `cds-service audit purge`.
     "AUDIT_RETENTION_DAYS": 2190,
+    # Directory of model directories (`<id>/manifest.yaml` + artifact); None = the `models/`
+    # directory shipped beside the package. Only the models a site names are loaded, once per
+    # worker.
+    "MODELS_DIR": None,
 }
 
 # CDS Hooks 2.0 §JWT Signing Algorithm: asymmetric only; `none` and HMAC are never accepted.
@@ -60,6 +74,7 @@ ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
 DEFAULT_ALGORITHMS = ("RS384", "ES384")
 
 BUILTIN_SITE_ID = "default"
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,11 @@ class SiteService:
 
     service: CdsService
     prefetch: Mapping[str, str]
+    # The model that scores for this service at this site (default: the service's own), a shadow
+    # model scored and recorded but never shown, and the site's own score → indicator cut-offs.
+    model: str | None = None
+    shadow_model: str | None = None
+    thresholds: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,8 @@ class Site:
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     allow_http_loopback_jku: bool = False
     cors_origins: tuple[str, ...] = ()
+    # Local (system, code) → standard codes, applied by the feature engine (`code_mappings`).
+    code_map: CodeMap = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -114,6 +136,19 @@ class _ServiceEntrySchema(Schema):
 
     enabled = fields.Boolean(load_default=True)
     prefetch = fields.Dict(keys=fields.String(), values=fields.String())
+    model = fields.String(validate=validate.Regexp(MODEL_ID))
+    shadow_model = fields.String(allow_none=True, validate=validate.Regexp(MODEL_ID))
+    thresholds = fields.Dict(keys=fields.String(validate=validate.OneOf(INDICATORS)),
+                             values=fields.Float(validate=validate.Range(0, 1)))
+
+    @validates_schema
+    def _thresholds_rise(self, data, **kwargs):
+        thresholds = data.get("thresholds")
+        if thresholds is not None:
+            ordered = [thresholds[i] for i in INDICATORS if i in thresholds]
+            if not ordered or ordered != sorted(set(ordered)):
+                raise ValidationError("scores must rise strictly from info to warning to "
+                                      "critical", "thresholds")
 
 
 class _IssuerSchema(Schema):
@@ -204,13 +239,32 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
                     f"{source}: services.{service_id}.prefetch.{key}: {template!r}: "
                     + "; ".join(problems)
                 )
-        services[service_id] = SiteService(service, MappingProxyType(templates))
+        model = entry.get("model", service.model)
+        if model is None and (entry.get("shadow_model") or entry.get("thresholds")):
+            raise ConfigError(f"{source}: services.{service_id}: shadow_model and thresholds "
+                              "need a model, and this service uses none")
+        if "model" in entry and service.model is None:
+            raise ConfigError(f"{source}: services.{service_id}.model: this service uses no "
+                              "model")
+        if entry.get("shadow_model") and entry.get("shadow_model") == model:
+            raise ConfigError(f"{source}: services.{service_id}.shadow_model: the shadow must "
+                              "differ from the active model")
+        thresholds = entry.get("thresholds")
+        services[service_id] = SiteService(
+            service, MappingProxyType(templates), model=model,
+            shadow_model=entry.get("shadow_model"),
+            thresholds=MappingProxyType({i: thresholds[i] for i in INDICATORS if i in thresholds})
+            if thresholds else None)
 
     allow_http_jku = parsed["jwt"].get("allow_http_loopback_jku", False)
     issuers = tuple(
         _issuer(entry, index, source, allow_http_jku)
         for index, entry in enumerate(parsed.get("issuers") or [])
     )
+    try:
+        code_map = parse_code_map(data.get("code_mappings") or [])
+    except FeatureSpecError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
     p = parsed["prefetch"]
     settings = PrefetchSettings(
         deadline_s=p.get("deadline_seconds", PrefetchSettings.deadline_s),
@@ -228,6 +282,7 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         algorithms=tuple(parsed["jwt"].get("algorithms") or DEFAULT_ALGORITHMS),
         allow_http_loopback_jku=parsed["jwt"].get("allow_http_loopback_jku", False),
         cors_origins=tuple(parsed["cors"].get("origins") or ()),
+        code_map=code_map,
         raw=MappingProxyType(data),
     )
 

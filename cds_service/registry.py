@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cds_service.cards import Card
     from cds_service.config import Site
+    from cds_service.models.binding import ModelBinding
     from cds_service.prefetch import Prefetch
 
 # The hooks Epic supports (CDS Hooks Library STU1; Epic tutorial: "As of Epic version May 2021,
@@ -33,6 +34,8 @@ class HookRequest:
     site: Site
     extension: Mapping[str, Any] = field(default_factory=dict)
     fhir_server: str | None = None
+    # The site's model for this service (None when the service uses none).
+    model: ModelBinding | None = None
 
 
 Handler = Callable[[HookRequest], "Sequence[Card]"]
@@ -52,6 +55,9 @@ class CdsService:
     # Keys the service can do without: when they cannot be obtained they resolve to None
     # instead of failing the call with 412.
     optional_prefetch: frozenset[str] = frozenset()
+    # Id of the model (a directory under models/) this service scores with unless a site names
+    # another; None for services without a model.
+    model: str | None = None
 
     def __post_init__(self):
         unknown = [h for h in self.hooks if h not in HOOKS]

@@ -10,15 +10,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 
 from flask import Flask, Request, current_app
 
 from cds_service.auth import AuthSettings, TokenVerifier, TrustedIssuer, VerifiedCaller
-from cds_service.config import Site
+from cds_service.config import SHIPPED_MODELS_DIR, Site, SiteService
 from cds_service.errors import ConfigError
+from cds_service.models.binding import ModelBinding
+from cds_service.models.errors import ModelError
+from cds_service.models.registry import ModelRegistry
 from cds_service.registry import CdsService
 from cds_service.replay import replay_cache_from_url
 from cds_service.store import Store, redacted_url
@@ -34,6 +39,9 @@ class CdsRuntime:
     store: Store
     store_url_redacted: str
     verifier: TokenVerifier | None = None  # None only when AUTH_REQUIRED is explicitly false
+    models: ModelRegistry = field(default_factory=ModelRegistry)
+    # "Now" for models (ages, look-back windows). Tests pass CLOCK to freeze it.
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     fhir_max_workers: int = 16
     _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
     _executor_pid: int | None = field(default=None, repr=False)
@@ -50,6 +58,14 @@ class CdsRuntime:
             return self.default_site, None
         caller = self.verifier.verify(request.headers.get("Authorization"), request.base_url)
         return self.sites[caller.site_id], caller
+
+    def model_binding(self, site: Site, enabled: SiteService) -> ModelBinding | None:
+        """A fresh per-request binding of the site's active (and shadow) model for a service."""
+        if enabled.model is None:
+            return None
+        shadow = self.models.get(enabled.shadow_model) if enabled.shadow_model else None
+        return ModelBinding(self.models.get(enabled.model), shadow, enabled.thresholds,
+                            site.code_map, clock=self.clock)
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -94,12 +110,31 @@ def build_verifier(app: Flask, sites: Mapping[str, Site]) -> TokenVerifier | Non
         raise ConfigError(f"issuers: {exc}") from exc
 
 
+def build_models(models_dir: str | Path, sites: Mapping[str, Site]) -> ModelRegistry:
+    """Load every model any site names, once; a bad one stops start-up naming site and key."""
+    wanted: dict[str, str] = {}
+    for site in sites.values():
+        for service_id, enabled in site.services.items():
+            for key, model_id in (("model", enabled.model), ("shadow_model", enabled.shadow_model)):
+                if model_id:
+                    wanted.setdefault(model_id, f"{site.source}: services.{service_id}.{key}")
+    loaded = {}
+    for model_id, where in wanted.items():
+        try:
+            loaded[model_id] = ModelRegistry.load(models_dir, [model_id]).get(model_id)
+        except ModelError as exc:
+            raise ModelError(f"{where}: {exc}") from exc
+    return ModelRegistry(loaded)
+
+
 def build_runtime(app: Flask, services: Mapping[str, CdsService], sites: Mapping[str, Site],
                   default_site: Site) -> CdsRuntime:
     url = app.config["DATABASE_URL"]
+    models = build_models(app.config["MODELS_DIR"] or SHIPPED_MODELS_DIR, sites)
     verifier = build_verifier(app, sites)
     rt = CdsRuntime(
         verifier=verifier,
+        models=models,
         services=services,
         sites=sites,
         default_site=default_site,
@@ -107,6 +142,8 @@ def build_runtime(app: Flask, services: Mapping[str, CdsService], sites: Mapping
         store_url_redacted=redacted_url(url),
         fhir_max_workers=int(app.config["FHIR_MAX_WORKERS"]),
     )
+    if app.config.get("CLOCK") is not None:
+        rt.clock = app.config["CLOCK"]
     app.extensions["cds"] = rt
     return rt
 

@@ -154,6 +154,32 @@ audit_log_table = sa.Table(
     # Accounting of disclosures: "every access to this patient's data in a period".
     sa.Index(None, "patient_id", "time"),
 )
+# Every model score, active and shadow, keyed by hookInstance (join to audit_log for the patient).
+# Shadow rows are how a candidate model is compared with the live one before it is switched on.
+# Feature values are not stored here (they are clinical data); names of missing and imputed
+# inputs and the contribution ranking are.
+predictions_table = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("time", UtcDateTime, nullable=False, index=True),
+    sa.Column("site", sa.Text, nullable=False),
+    sa.Column("service_id", sa.Text, nullable=False),
+    sa.Column("hook_instance", sa.Text, nullable=False, index=True),
+    sa.Column("role", sa.String(8), nullable=False),
+    sa.Column("model_id", sa.Text, nullable=False),
+    sa.Column("model_version", sa.Text, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("output", sa.Text, nullable=False),
+    sa.Column("score", sa.Float),
+    sa.Column("indicator", sa.String(16)),
+    sa.Column("unavailable", sa.Text),
+    sa.Column("missing", JsonText, nullable=False),
+    sa.Column("imputed", JsonText, nullable=False),
+    sa.Column("contributions", JsonText, nullable=False),
+    sa.Index(None, "model_id", "model_version", "time"),
+)
+
 # Identifier columns `list_audit` filters on: the record's text fields, less free text.
 _AUDIT_FILTER_COLUMNS = (
     "kind", *(name for name in TEXT_FIELDS if name not in ("outcome", "detail")), "status",
@@ -387,6 +413,26 @@ class Store:
         stmt = sa.insert(audit_log_table).returning(audit_log_table.c.id)
         with self._unavailable_on_error(), self._write() as conn:
             return conn.execute(stmt, row).scalar_one()
+
+    def add_predictions(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Append prediction records (see `predictions_table`) in one committed transaction."""
+        if not rows:
+            return 0
+        self._ensure_schema()
+        with self._unavailable_on_error(), self._write() as conn:
+            conn.execute(sa.insert(predictions_table), list(rows))
+        return len(rows)
+
+    def list_predictions(self, *, hook_instance: str | None = None,
+                         role: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(predictions_table).order_by(predictions_table.c.id)
+        if hook_instance is not None:
+            query = query.where(predictions_table.c.hook_instance == hook_instance)
+        if role is not None:
+            query = query.where(predictions_table.c.role == role)
+        self._ensure_schema()
+        with self._unavailable_on_error(), self._engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
 
     def list_audit(
         self,

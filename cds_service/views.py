@@ -119,7 +119,9 @@ def invoke(body: dict, service_id: str):
         site=site,
         extension=body["extension"],
         fhir_server=body.get("fhirServer"),
+        model=runtime().model_binding(site, enabled),
     )
+    g.model_binding = hook_request.model
     g.audit.update(prefetch_keys_used=prefetch_key_sources(prefetch.sources),
                    fhir_urls_fetched=tuple(prefetch.fetched))
     cards = service.handler(hook_request)
@@ -188,7 +190,26 @@ def _audit(response):
         runtime().store.add_audit(record)
     except Exception:  # noqa: BLE001 - the clinician's answer must not wait on the audit log
         log.exception("audit record not written for %s %s", request.method, request.path)
+    binding = getattr(g, "model_binding", None)
+    if binding is not None and binding.recorded:
+        try:
+            runtime().store.add_predictions(_prediction_rows(fields, binding.recorded))
+        except Exception:  # noqa: BLE001 - as above
+            log.exception("predictions not recorded for %s", request.path)
     return response
+
+
+def _prediction_rows(fields: dict, recorded) -> list[dict]:
+    now = datetime.now(UTC)
+    return [{
+        "time": now, "site": fields["site"], "service_id": fields["service_id"],
+        "hook_instance": fields["hook_instance"], "role": role,
+        "model_id": p.model_id, "model_version": p.model_version, "sha256": p.sha256,
+        "output": p.output, "score": p.score, "indicator": p.indicator,
+        "unavailable": p.unavailable, "missing": list(p.missing), "imputed": list(p.imputed),
+        "contributions": [{"name": c.name, "contribution": round(c.contribution, 6)}
+                          for c in p.contributions],
+    } for role, p in recorded]
 
 
 health = Blueprint("health", __name__, description="Liveness and readiness probes.")
@@ -209,6 +230,7 @@ def readyz():
         "services": {"status": "ok" if rt.services else "fail",
                      "ids": [s.id for s in rt.services.values()]},
     }
+    checks["models"] = {"status": "ok", "loaded": rt.models.describe()}
     try:
         rt.store.ping()
         checks["store"] = {"status": "ok", "url": rt.store_url_redacted}

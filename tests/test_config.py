@@ -72,8 +72,8 @@ def test_shipped_demo_site_is_valid(make_app):
         ({"x.yaml": "epic_compatibility: true\n"}, ["x.yaml", "site", "Missing"]),
         ({"x.yaml": "site: x\nservices:\n  nope: {}\n"}, ["x.yaml", "services.nope",
                                                          "no such service"]),
-        ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    prefetch:\n      labs: Patient/1\n"},
-         ["x.yaml", "services.kidney-risk.prefetch.labs", "no such prefetch key"]),
+        ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    prefetch:\n      xray: Patient/1\n"},
+         ["x.yaml", "services.kidney-risk.prefetch.xray", "no such prefetch key"]),
         ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    prefetch:\n"
                     "      egfr: \"Observation?patient={{context.patientId}}&_include=x\"\n"},
          ["x.yaml", "services.kidney-risk.prefetch.egfr", "_include"]),

@@ -10,7 +10,7 @@ import copy
 import json
 import secrets
 import time
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -56,9 +56,13 @@ def scenario_id(path: Path) -> str:
     return f"{path.parent.name}/{path.name}"
 
 
+# Models see ages and look-back windows as of this instant, so golden cards do not age.
+FROZEN_NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+
 @pytest.fixture
 def shipped_client(make_app):
-    return make_app(SERVICES=SERVICES,
+    return make_app(SERVICES=SERVICES, CLOCK=lambda: FROZEN_NOW,
                     SITE_YAML="prefetch:\n  allow_http_loopback: true\n").test_client()
 
 
@@ -145,14 +149,15 @@ FETCH_SCENARIOS = [
 def loopback_client(make_app, tmp_path, *extra_prefetch_settings: str):
     lines = ["prefetch:", "  allow_http_loopback: true"]
     lines += [f"  {setting}" for setting in extra_prefetch_settings]
-    return make_app(SERVICES=SERVICES, SITE_YAML="\n".join(lines) + "\n").test_client()
+    return make_app(SERVICES=SERVICES, CLOCK=lambda: FROZEN_NOW,
+                    SITE_YAML="\n".join(lines) + "\n").test_client()
 
 
 def without_prefetch(scenario: Path, server, token: str | None = TOKEN) -> tuple[dict, dict]:
-    """The scenario's request with `prefetch` removed and pointed at `server`, and the egfr
-    searchset it had prefetched."""
+    """The scenario's request without its `egfr` prefetch (other keys stay prefetched) and
+    pointed at `server`, and the egfr searchset it had prefetched."""
     body = load(scenario / "request.json")
-    bundle = body.pop("prefetch")["egfr"]
+    bundle = body["prefetch"].pop("egfr")
     body["fhirServer"] = server.url
     if token is None:
         body.pop("fhirAuthorization")

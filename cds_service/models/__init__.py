@@ -1,0 +1,1 @@
+"""Risk models: manifests, safe artifacts, estimators, training and the per-worker registry."""

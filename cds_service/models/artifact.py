@@ -1,0 +1,96 @@
+"""Model artifacts: skops files only, checked against the manifest's sha256 before loading.
+
+Pickle (and joblib, which is pickle) executes code on load, so a model file from anywhere but our
+own pipeline could run anything in every worker. skops stores an estimator as data and refuses, at
+load, any type it has not been told to trust; we trust scikit-learn's defaults (skops' own list)
+plus the few types named in `TRUSTED_TYPES`, and never the types a file declares about itself.
+https://skops.readthedocs.io/en/stable/persistence.html
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import skops.io as sio
+
+from cds_service.models.errors import ModelError
+
+# Beyond skops' defaults: our estimators, and scikit-learn's tree predictor (plain arrays) so a
+# gradient-boosting model can be shipped. Adding a type here is a security review.
+TRUSTED_TYPES = frozenset({
+    "cds_service.models.estimators.KidneyFailureRiskEquation",
+    "cds_service.models.estimators.LogColumns",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+})
+
+# Formats that run code when loaded. Refused by name and by content.
+UNSAFE_SUFFIXES = frozenset({".pkl", ".pickle", ".joblib", ".sav", ".dill", ".pt", ".pth"})
+SKOPS_SUFFIX = ".skops"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # Pickle protocol 2+ starts with PROTO (0x80) and the protocol number; joblib's compressed
+    # files start with a zlib/gzip/xz header around a pickle.
+    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head[:2] in (
+        b"\x78\x9c", b"\x78\x01", b"\x78\xda", b"\x1f\x8b") or head[:6] == b"\xfd7zXZ\x00"
+
+
+def check_safe_format(path: Path) -> None:
+    """Refuse anything that is not a skops archive, naming why."""
+    if path.suffix.lower() in UNSAFE_SUFFIXES:
+        raise ModelError(f"{path.name}: {path.suffix} files are pickle-based and can run code "
+                         f"when loaded; export the model with skops ({SKOPS_SUFFIX}) instead")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if _looks_like_pickle(head):
+        raise ModelError(f"{path.name}: content is a pickle/joblib stream, which can run code "
+                         "when loaded; export the model with skops instead")
+    if path.suffix.lower() != SKOPS_SUFFIX or not zipfile.is_zipfile(path):
+        raise ModelError(f"{path.name}: not a skops archive ({SKOPS_SUFFIX} zip with schema.json)")
+    with zipfile.ZipFile(path) as archive:
+        if "schema.json" not in archive.namelist():
+            raise ModelError(f"{path.name}: not a skops archive (no schema.json)")
+
+
+def save(estimator: Any, path: Path) -> str:
+    """Write `estimator` as a skops file and return its sha256."""
+    if path.suffix != SKOPS_SUFFIX:
+        raise ModelError(f"{path.name}: model artifacts are written as {SKOPS_SUFFIX} files")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sio.dump(estimator, path)
+    return sha256_file(path)
+
+
+def load(path: Path, expected_sha256: str) -> Any:
+    """Load a skops artifact after checking its format, its sha256 and the types it contains."""
+    if not path.is_file():
+        raise ModelError(f"{path}: artifact file not found")
+    check_safe_format(path)
+    actual = sha256_file(path)
+    if actual != expected_sha256.lower():
+        raise ModelError(f"{path.name}: sha256 {actual} does not match the manifest "
+                         f"({expected_sha256}); the file changed after export")
+    data = path.read_bytes()
+    try:
+        needed = set(sio.get_untrusted_types(data=data))
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a usable skops file"
+        raise ModelError(f"{path.name}: unreadable skops archive: {exc}") from exc
+    refused = sorted(needed - TRUSTED_TYPES)
+    if refused:
+        raise ModelError(f"{path.name}: contains types that are not trusted: {', '.join(refused)}"
+                         " (see TRUSTED_TYPES in cds_service/models/artifact.py)")
+    try:
+        return sio.loads(data, trusted=sorted(needed))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{path.name}: skops could not load the artifact: {exc}") from exc

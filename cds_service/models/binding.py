@@ -1,0 +1,47 @@
+"""A site's model for one service during one request: active prediction plus shadow scoring.
+
+The shadow model sees the same resources and is recorded (score, version, hookInstance) with the
+active one, but its result never reaches a card, and any failure in it is logged and swallowed:
+trying a candidate model must not be able to break the service clinicians see.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cds_service.features import CodeMap, flatten
+from cds_service.models.registry import LoadedModel, Prediction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelBinding:
+    active: LoadedModel
+    shadow: LoadedModel | None = None
+    thresholds: Mapping[str, float] | None = None
+    code_map: CodeMap = field(default_factory=dict)
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    # (role, prediction) in the order made; the view records them after the response is built.
+    recorded: list[tuple[str, Prediction]] = field(default_factory=list)
+
+    def predict(self, resources: Iterable[Any], *, now: datetime | None = None) -> Prediction:
+        """Score the active model (and the shadow, silently) on the patient's FHIR resources."""
+        now = now or self.clock()
+        # Prefetch values are resources, Bundles, or lists of search results: accept them all.
+        resources = list(flatten(r for value in resources for r in (
+            value if isinstance(value, list | tuple) else (value,))))
+        prediction = self.active.predict(resources, now=now, code_map=self.code_map,
+                                         thresholds=self.thresholds)
+        self.recorded.append(("active", prediction))
+        if self.shadow is not None:
+            try:
+                self.recorded.append(("shadow", self.shadow.predict(
+                    resources, now=now, code_map=self.code_map)))
+            except Exception:  # noqa: BLE001 - a shadow model never affects the answer
+                log.exception("shadow model %s %s failed", self.shadow.id, self.shadow.version)
+        return prediction

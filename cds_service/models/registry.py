@@ -1,0 +1,228 @@
+"""Loaded models: one `ModelRegistry` per worker, built at start-up, read-only afterwards.
+
+Loading checks, in order, and refuses the model with a message naming the file when any fails:
+the manifest schema and feature contract; the runtime's library versions against the ones the
+artifact was exported with (scikit-learn does not promise that a fitted estimator survives a
+version change: https://scikit-learn.org/stable/model_persistence.html); the artifact's format and
+sha256; the estimator's input width; and a smoke prediction on the reference patient.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cds_service.features import CodeMap, FeatureVector, extract
+from cds_service.models import artifact
+from cds_service.models.errors import ModelError
+from cds_service.models.explain import Contribution, additive_terms, explain
+from cds_service.models.manifest import INDICATORS, Manifest, load_manifest
+
+log = logging.getLogger(__name__)
+
+# Distribution name → how much of the version must match between export and runtime.
+# scikit-learn: same minor (estimator internals change between minors); numpy: same major
+# (array pickling changed at 2.0); skops: same minor (its format is versioned per protocol).
+RUNTIME_LIBRARIES = {"scikit-learn": 2, "numpy": 1, "skops": 2}
+
+
+def runtime_versions() -> dict[str, str]:
+    return {name: metadata.version(name) for name in RUNTIME_LIBRARIES}
+
+
+def check_requirements(manifest: Manifest, versions: Mapping[str, str] | None = None) -> None:
+    versions = versions or runtime_versions()
+    problems = []
+    for name, parts in RUNTIME_LIBRARIES.items():
+        wanted = manifest.requirements.get(name)
+        if wanted is None:
+            problems.append(f"requirements.{name} is missing")
+        elif wanted.split(".")[:parts] != versions[name].split(".")[:parts]:
+            problems.append(f"built with {name} {wanted}, this runtime has {versions[name]} "
+                            f"(the first {parts} version part(s) must match)")
+    if problems:
+        raise ModelError(f"{manifest.source}: model {manifest.id} {manifest.version} does not "
+                         f"match this runtime: {'; '.join(problems)}. Retrain or re-export it "
+                         "with `cds-service models train`.")
+
+
+def indicator_for(score: float, thresholds: Mapping[str, float]) -> str | None:
+    """The most severe indicator whose threshold the score reaches; None below all of them."""
+    chosen = None
+    for indicator in INDICATORS:
+        if indicator in thresholds and score >= thresholds[indicator]:
+            chosen = indicator
+    return chosen
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One model's answer for one patient, with everything a card or an audit needs."""
+
+    model_id: str
+    model_version: str
+    sha256: str
+    output: str
+    score: float | None
+    indicator: str | None
+    features: FeatureVector
+    contributions: tuple[Contribution, ...] = ()
+    secondary: Mapping[str, float] = field(default_factory=dict)
+    unavailable: str | None = None  # why there is no score (missing required inputs)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return self.features.missing
+
+    @property
+    def imputed(self) -> tuple[str, ...]:
+        return self.features.imputed
+
+    def top(self, n: int = 3) -> tuple[Contribution, ...]:
+        return self.contributions[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": {"id": self.model_id, "version": self.model_version, "sha256": self.sha256},
+            "output": self.output,
+            "score": self.score,
+            "indicator": self.indicator,
+            "secondary": dict(self.secondary),
+            "unavailable": self.unavailable,
+            "missing": list(self.missing),
+            "imputed": list(self.imputed),
+            "contributions": [c.to_dict() for c in self.contributions],
+            "features": self.features.to_dict(),
+        }
+
+
+class LoadedModel:
+    """A manifest and its estimator, checked against each other and against this runtime."""
+
+    def __init__(self, manifest: Manifest, estimator: Any, sha256: str):
+        self.manifest = manifest
+        self.estimator = estimator
+        self.sha256 = sha256
+        self.reference: Mapping[str, float] = dict(manifest.explanation.get("reference") or {})
+        self.method: str = manifest.explanation.get("method", "occlusion")
+        self._check_contract()
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def _check_contract(self) -> None:
+        m = self.manifest
+        names = m.feature_names
+        width = getattr(self.estimator, "n_features_in_", None)
+        if width != len(names):
+            raise ModelError(f"{m.source}: the artifact takes {width} inputs but the manifest "
+                             f"lists {len(names)} features {list(names)}")
+        fitted_names = getattr(self.estimator, "feature_names_in_", None)
+        if fitted_names is not None and tuple(fitted_names) != names:
+            raise ModelError(f"{m.source}: features {list(names)} differ from the artifact's "
+                             f"{list(fitted_names)} (order matters)")
+        unfitted = [f.name for f in m.features if f.missing.strategy == "impute"
+                    and f.missing.value is None]
+        if unfitted:
+            raise ModelError(f"{m.source}: imputation values not fitted for {unfitted}")
+        if m.secondary_outputs and not hasattr(self.estimator, "risk"):
+            raise ModelError(f"{m.source}: secondary_outputs need an estimator with risk(X, "
+                             "horizon_years)")
+        if self.method == "additive" and additive_terms(self.estimator) is None:
+            raise ModelError(f"{m.source}: explanation.method additive needs a linear model")
+        smoke = np.array([[self.reference.get(f.name, f.missing.value or 1.0)
+                           for f in m.features]], dtype=float)
+        try:
+            score = float(self.estimator.predict_proba(smoke)[0, 1])
+        except Exception as exc:  # noqa: BLE001 - any failure here means an unusable model
+            raise ModelError(f"{m.source}: smoke prediction failed: {exc}") from exc
+        if not 0.0 <= score <= 1.0:
+            raise ModelError(f"{m.source}: smoke prediction {score} is not a probability")
+
+    def score_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Primary output for many complete rows (training, evaluation)."""
+        return self.estimator.predict_proba(np.asarray(rows, dtype=float))[:, 1]
+
+    def predict_vector(self, vector: FeatureVector,
+                       thresholds: Mapping[str, float] | None = None) -> Prediction:
+        m = self.manifest
+        base = dict(model_id=m.id, model_version=m.version, sha256=self.sha256,
+                    output=m.output.name, features=vector)
+        if vector.missing_required:
+            return Prediction(**base, score=None, indicator=None,
+                              unavailable="missing " + ", ".join(vector.missing_required))
+        x = np.array([vector.row()], dtype=float)
+        score = float(self.estimator.predict_proba(x)[0, 1])
+        if not math.isfinite(score):
+            return Prediction(**base, score=None, indicator=None,
+                              unavailable="the model returned no finite score")
+        secondary = {o.name: float(self.estimator.risk(x, horizon_years=o.horizon_years)[0])
+                     for o in m.secondary_outputs}
+        contributions = explain(self.estimator, self.method, x, m.feature_names,
+                                self.reference, score)
+        return Prediction(**base, score=score,
+                          indicator=indicator_for(score, thresholds or m.thresholds),
+                          contributions=tuple(contributions), secondary=secondary)
+
+    def predict(self, resources: Iterable[Any], *, now: datetime,
+                code_map: CodeMap | None = None,
+                thresholds: Mapping[str, float] | None = None) -> Prediction:
+        """Features from FHIR resources (the same engine training used), then the score."""
+        vector = extract(self.manifest.features, resources, now=now, code_map=code_map)
+        return self.predict_vector(vector, thresholds)
+
+    def describe(self) -> dict[str, str]:
+        return {"id": self.id, "version": self.version, "sha256": self.sha256}
+
+
+def load_model(directory: Path, *, versions: Mapping[str, str] | None = None) -> LoadedModel:
+    manifest = load_manifest(directory)
+    check_requirements(manifest, versions)
+    path = directory / manifest.artifact_file
+    estimator = artifact.load(path, manifest.artifact_sha256)
+    return LoadedModel(manifest, estimator, manifest.artifact_sha256)
+
+
+class ModelRegistry:
+    """The models a worker serves, by id."""
+
+    def __init__(self, models: Mapping[str, LoadedModel] | None = None):
+        self._models = dict(models or {})
+
+    @classmethod
+    def load(cls, models_dir: str | Path, ids: Iterable[str]) -> ModelRegistry:
+        root = Path(models_dir)
+        models = {}
+        for model_id in sorted(set(ids)):
+            directory = root / model_id
+            if not (directory / "manifest.yaml").is_file():
+                available = sorted(p.parent.name for p in root.glob("*/manifest.yaml"))
+                raise ModelError(f"model {model_id!r} not found in {root} (no "
+                                 f"{model_id}/manifest.yaml; available: "
+                                 f"{', '.join(available) or 'none'})")
+            models[model_id] = load_model(directory)
+            log.info("model %s %s loaded (sha256 %s)", model_id, models[model_id].version,
+                     models[model_id].sha256[:12])
+        return cls(models)
+
+    def get(self, model_id: str) -> LoadedModel:
+        return self._models[model_id]
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._models
+
+    def describe(self) -> list[dict[str, str]]:
+        return [m.describe() for _, m in sorted(self._models.items())]
