@@ -34,15 +34,16 @@ def _pipeline():
 
 def test_round_trip_gives_identical_predictions(tmp_path):
     model, x = _pipeline()
-    sha = artifact.save(model, tmp_path / "model.skops")
-    loaded = artifact.load(tmp_path / "model.skops", sha)
+    sha = artifact.save(model, tmp_path / "model.skops", ["a", "b", "c"])
+    loaded, names = artifact.load(tmp_path / "model.skops", sha)
     assert np.array_equal(loaded.predict_proba(x), model.predict_proba(x))
+    assert names == ("a", "b", "c")
 
 
 def test_our_kfre_estimator_loads_as_a_trusted_type(tmp_path):
     kfre = KidneyFailureRiskEquation(horizon_years=2).fit(np.ones((1, 4)))
-    sha = artifact.save(kfre, tmp_path / "kfre.skops")
-    loaded = artifact.load(tmp_path / "kfre.skops", sha)
+    sha = artifact.save(kfre, tmp_path / "kfre.skops", ["age", "male", "egfr", "uacr"])
+    loaded, _ = artifact.load(tmp_path / "kfre.skops", sha)
     assert loaded.horizon_years == 2
     assert loaded.risk([[60, 1, 25, 300]]) == pytest.approx(kfre.risk([[60, 1, 25, 300]]))
 
@@ -76,7 +77,7 @@ def test_a_zip_that_is_not_skops_is_refused(tmp_path):
 
 def test_sha256_mismatch_is_refused_before_loading(tmp_path):
     model, _ = _pipeline()
-    sha = artifact.save(model, tmp_path / "model.skops")
+    sha = artifact.save(model, tmp_path / "model.skops", ["a", "b", "c"])
     with open(tmp_path / "model.skops", "ab") as fh:
         fh.write(b"tampered")
     with pytest.raises(ModelError, match="does not match the manifest"):
@@ -90,6 +91,13 @@ def test_untrusted_types_are_refused_and_named(tmp_path):
         artifact.load(path, artifact.sha256_file(path))
 
 
+def test_a_bare_estimator_without_its_feature_names_is_refused(tmp_path):
+    path = tmp_path / "model.skops"
+    sio.dump(KidneyFailureRiskEquation().fit(np.ones((1, 4))), path)
+    with pytest.raises(ModelError, match="not a cds-model/1 artifact"):
+        artifact.load(path, artifact.sha256_file(path))
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ModelError, match="not found"):
         artifact.load(tmp_path / "absent.skops", "0" * 64)
@@ -97,4 +105,4 @@ def test_missing_file_is_named(tmp_path):
 
 def test_save_refuses_other_formats(tmp_path):
     with pytest.raises(ModelError, match=".skops"):
-        artifact.save(LogisticRegression(), tmp_path / "model.joblib")
+        artifact.save(LogisticRegression(), tmp_path / "model.joblib", [])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,25 @@ def check_safe_format(path: Path) -> None:
             raise ModelError(f"{path.name}: not a skops archive (no schema.json)")
 
 
-def save(estimator: Any, path: Path) -> str:
-    """Write `estimator` as a skops file and return its sha256."""
+# The artifact holds the estimator and the ordered feature names it was fitted on, so a manifest
+# whose features were reordered or renamed after export is refused instead of silently feeding
+# the model the wrong columns.
+ARTIFACT_FORMAT = "cds-model/1"
+
+
+def save(estimator: Any, path: Path, feature_names: Sequence[str]) -> str:
+    """Write `estimator` and its input names as a skops file and return its sha256."""
     if path.suffix != SKOPS_SUFFIX:
         raise ModelError(f"{path.name}: model artifacts are written as {SKOPS_SUFFIX} files")
     path.parent.mkdir(parents=True, exist_ok=True)
-    sio.dump(estimator, path)
+    sio.dump({"format": ARTIFACT_FORMAT, "features": list(feature_names),
+              "estimator": estimator}, path)
     return sha256_file(path)
 
 
-def load(path: Path, expected_sha256: str) -> Any:
-    """Load a skops artifact after checking its format, its sha256 and the types it contains."""
+def load(path: Path, expected_sha256: str) -> tuple[Any, tuple[str, ...]]:
+    """(estimator, feature names) from a skops artifact, after checking its format, sha256 and
+    the types it contains."""
     if not path.is_file():
         raise ModelError(f"{path}: artifact file not found")
     check_safe_format(path)
@@ -91,6 +100,10 @@ def load(path: Path, expected_sha256: str) -> Any:
         raise ModelError(f"{path.name}: contains types that are not trusted: {', '.join(refused)}"
                          " (see TRUSTED_TYPES in cds_service/models/artifact.py)")
     try:
-        return sio.loads(data, trusted=sorted(needed))
+        content = sio.loads(data, trusted=sorted(needed))
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{path.name}: skops could not load the artifact: {exc}") from exc
+    if not isinstance(content, dict) or content.get("format") != ARTIFACT_FORMAT:
+        raise ModelError(f"{path.name}: not a {ARTIFACT_FORMAT} artifact (export it with "
+                         "`cds-service models train`)")
+    return content["estimator"], tuple(content["features"])

@@ -107,10 +107,12 @@ class Prediction:
 class LoadedModel:
     """A manifest and its estimator, checked against each other and against this runtime."""
 
-    def __init__(self, manifest: Manifest, estimator: Any, sha256: str):
+    def __init__(self, manifest: Manifest, estimator: Any, sha256: str,
+                 fitted_features: tuple[str, ...]):
         self.manifest = manifest
         self.estimator = estimator
         self.sha256 = sha256
+        self.fitted_features = fitted_features
         self.reference: Mapping[str, float] = dict(manifest.explanation.get("reference") or {})
         self.method: str = manifest.explanation.get("method", "occlusion")
         self._check_contract()
@@ -130,10 +132,10 @@ class LoadedModel:
         if width != len(names):
             raise ModelError(f"{m.source}: the artifact takes {width} inputs but the manifest "
                              f"lists {len(names)} features {list(names)}")
-        fitted_names = getattr(self.estimator, "feature_names_in_", None)
-        if fitted_names is not None and tuple(fitted_names) != names:
-            raise ModelError(f"{m.source}: features {list(names)} differ from the artifact's "
-                             f"{list(fitted_names)} (order matters)")
+        if self.fitted_features != names:
+            raise ModelError(f"{m.source}: features {list(names)} differ from the ones the "
+                             f"artifact was fitted on {list(self.fitted_features)} (order "
+                             "matters)")
         unfitted = [f.name for f in m.features if f.missing.strategy == "impute"
                     and f.missing.value is None]
         if unfitted:
@@ -192,8 +194,8 @@ def load_model(directory: Path, *, versions: Mapping[str, str] | None = None) ->
     manifest = load_manifest(directory)
     check_requirements(manifest, versions)
     path = directory / manifest.artifact_file
-    estimator = artifact.load(path, manifest.artifact_sha256)
-    return LoadedModel(manifest, estimator, manifest.artifact_sha256)
+    estimator, fitted_features = artifact.load(path, manifest.artifact_sha256)
+    return LoadedModel(manifest, estimator, manifest.artifact_sha256, fitted_features)
 
 
 class ModelRegistry:

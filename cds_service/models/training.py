@@ -287,8 +287,8 @@ def train(spec: Manifest, ndjson_dir: Path, labels_csv: Path, out_dir: Path, *,
     metrics = evaluate_scores(data.labels[test_idx], p_test)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    sha256 = artifact.save(estimator, out_dir / ARTIFACT_FILE)
-    reloaded = artifact.load(out_dir / ARTIFACT_FILE, sha256)
+    sha256 = artifact.save(estimator, out_dir / ARTIFACT_FILE, spec.feature_names)
+    reloaded, _ = artifact.load(out_dir / ARTIFACT_FILE, sha256)
     if not np.array_equal(reloaded.predict_proba(x[test_idx])[:, 1], p_test):
         raise ModelError("the exported artifact does not reproduce the trained model's "
                          "predictions")
