@@ -12,6 +12,7 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CDS_SITE_CONFIG=/app/site_config \
+    CDS_MODELS_DIR=/app/models \
     CDS_DATABASE_URL=sqlite:////app/var/cds-service.sqlite3
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin cds
 COPY --from=build /install /usr/local

@@ -295,3 +295,29 @@ def test_unsupported_urls_rejected(url):
 )
 def test_redacted_url(url, expected):
     assert redacted_url(url) == expected
+
+
+def _prediction_row(hook_instance: str, role: str, model_id: str, score: float | None) -> dict:
+    return {"time": datetime.now(UTC), "site": "s", "service_id": "kidney-risk",
+            "hook_instance": hook_instance, "role": role, "model_id": model_id,
+            "model_version": "1.0.0", "sha256": "a" * 64, "output": "risk_5y", "score": score,
+            "indicator": "warning" if score else None,
+            "unavailable": None if score else "missing uacr",
+            "missing": [] if score else ["uacr"], "imputed": ["sbp"],
+            "contributions": [{"name": "egfr", "contribution": 0.9}]}
+
+
+def test_predictions_active_and_shadow_round_trip(store):
+    assert store.add_predictions([
+        _prediction_row("h1", "active", "kfre-4var", 0.2355),
+        _prediction_row("h1", "shadow", "ckd-progression-lr", None),
+        _prediction_row("h2", "active", "kfre-4var", 0.5),
+    ]) == 3
+    rows = store.list_predictions(hook_instance="h1")
+    assert [(r["role"], r["model_id"], r["score"]) for r in rows] == [
+        ("active", "kfre-4var", 0.2355), ("shadow", "ckd-progression-lr", None)]
+    assert rows[1]["missing"] == ["uacr"] and rows[1]["unavailable"] == "missing uacr"
+    assert rows[0]["contributions"] == [{"name": "egfr", "contribution": 0.9}]
+    assert rows[0]["time"].tzinfo is not None
+    assert [r["hook_instance"] for r in store.list_predictions(role="active")] == ["h1", "h2"]
+    assert store.add_predictions([]) == 0
