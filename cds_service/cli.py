@@ -25,8 +25,26 @@ from cds_service.errors import ConfigError
 
 def _serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
 
     from cds_service import create_app
+
+    class ValidatingArbiter(Arbiter):
+        """SIGHUP (`kill -HUP`, how a model swap is deployed) validates before reloading.
+
+        gunicorn stops the old workers as soon as new ones are spawned, and if the new ones
+        cannot boot the master exits: a typo in the site YAML or a missing model would take the
+        whole service down. Refuse the reload instead; the running workers keep serving.
+        """
+
+        def reload(self):
+            try:
+                create_app().extensions["cds"].close()
+            except ConfigError as exc:
+                self.log.error("configuration error: %s (reload refused; the current workers "
+                               "keep serving)", exc)
+                return
+            super().reload()
 
     # Validate once in the master so a bad configuration stops start-up with a clear message,
     # instead of every worker failing to boot.
@@ -50,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
         def load(self):
             return create_app()
 
-    Application().run()
+    ValidatingArbiter(Application()).run()
     return 0
 
 
