@@ -24,6 +24,7 @@ from cds_service.features import CodeMap, FeatureVector, extract
 from cds_service.models import artifact
 from cds_service.models.errors import ModelError
 from cds_service.models.explain import Contribution, additive_terms, explain
+from cds_service.models.fast import compile_estimator, verified
 from cds_service.models.manifest import INDICATORS, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,14 @@ class LoadedModel:
         self.reference: Mapping[str, float] = dict(manifest.explanation.get("reference") or {})
         self.method: str = manifest.explanation.get("method", "occlusion")
         self._check_contract()
+        self.fast = verified(compile_estimator(estimator), estimator, self._check_rows())
+
+    def _check_rows(self) -> np.ndarray:
+        """The reference patient and deterministic perturbations of it, for equivalence."""
+        base = np.array([self.reference.get(f.name, f.missing.value or 1.0)
+                         for f in self.manifest.features], dtype=float)
+        rng = np.random.default_rng(0)
+        return np.vstack([base, *(base * rng.uniform(0.5, 1.5, base.size) for _ in range(8))])
 
     @property
     def id(self) -> str:
@@ -166,18 +175,41 @@ class LoadedModel:
         if vector.missing_required:
             return Prediction(**base, score=None, indicator=None,
                               unavailable="missing " + ", ".join(vector.missing_required))
-        x = np.array([vector.row()], dtype=float)
-        score = float(self.estimator.predict_proba(x)[0, 1])
+        row = vector.row()
+        if self.fast is not None:
+            score, secondary, contributions = self._fast_predict(row)
+        else:
+            x = np.array([row], dtype=float)
+            score = float(self.estimator.predict_proba(x)[0, 1])
+            secondary = {o.name: float(self.estimator.risk(x, horizon_years=o.horizon_years)[0])
+                         for o in m.secondary_outputs}
+            contributions = None
         if not math.isfinite(score):
             return Prediction(**base, score=None, indicator=None,
                               unavailable="the model returned no finite score")
-        secondary = {o.name: float(self.estimator.risk(x, horizon_years=o.horizon_years)[0])
-                     for o in m.secondary_outputs}
-        contributions = explain(self.estimator, self.method, x, m.feature_names,
-                                self.reference, score)
+        if contributions is None:
+            contributions = explain(self.estimator, self.method, np.array([row], dtype=float),
+                                    m.feature_names, self.reference, score)
         return Prediction(**base, score=score,
                           indicator=indicator_for(score, thresholds or m.thresholds),
                           contributions=tuple(contributions), secondary=secondary)
+
+    def _fast_predict(self, row: list[float]) -> tuple[float, dict[str, float],
+                                                        list[Contribution] | None]:
+        fast = self.fast
+        score = fast.score(row)
+        secondary = {o.name: fast.score(row, o.horizon_years)
+                     for o in self.manifest.secondary_outputs}
+        if self.method != "additive":
+            return score, secondary, None
+        terms = fast.terms(row)
+        if self.reference:
+            ref = fast.terms([self.reference[n] for n in self.manifest.feature_names])
+            terms = [t - r for t, r in zip(terms, ref, strict=True)]
+        contributions = [Contribution(name, value, term) for name, value, term in
+                         zip(self.manifest.feature_names, row, terms, strict=True)]
+        contributions.sort(key=lambda c: (-abs(c.contribution), c.name))
+        return score, secondary, contributions
 
     def predict(self, resources: Iterable[Any], *, now: datetime,
                 code_map: CodeMap | None = None,
