@@ -19,6 +19,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 
 from cds_service.features import FeatureSpec, FeatureSpecError, parse_features
 from cds_service.models.errors import ModelError
+from cds_service.schemas import messages_to_issues
 
 MANIFEST_FILE = "manifest.yaml"
 # Card indicators in rising severity (CDS Hooks 2.0 §Card Attributes).
@@ -138,19 +139,6 @@ class Manifest:
         return tuple(f.name for f in self.features)
 
 
-def _flatten(messages: Any, prefix: str = "") -> list[str]:
-    if isinstance(messages, Mapping):
-        out = []
-        for key, value in messages.items():
-            path = f"{prefix}.{key}" if prefix and not isinstance(key, int) else (
-                f"{prefix}[{key}]" if isinstance(key, int) else str(key))
-            out.extend(_flatten(value, path))
-        return out
-    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
-        return [f"{prefix}: {'; '.join(messages)}"]
-    return [f"{prefix}: {messages}"]
-
-
 def parse_manifest(data: Any, source: str, *, spec: bool = False) -> Manifest:
     """Validate a manifest (or, with `spec=True`, a training spec); ModelError names the key."""
     if not isinstance(data, Mapping):
@@ -158,7 +146,8 @@ def parse_manifest(data: Any, source: str, *, spec: bool = False) -> Manifest:
     try:
         loaded = _SpecSchema().load(data)
     except ValidationError as exc:
-        raise ModelError(f"{source}: " + "; ".join(_flatten(exc.messages))) from exc
+        problems = (issue.diagnostics for issue in messages_to_issues(exc.messages))
+        raise ModelError(f"{source}: " + "; ".join(problems)) from exc
     if not spec:
         missing = [key for key in ("artifact", "explanation", "requirements") if key not in loaded]
         if missing:
