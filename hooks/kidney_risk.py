@@ -12,26 +12,14 @@ from cds_service.cards import Card, Coding, Link, Source
 from cds_service.models.registry import Prediction
 from cds_service.registry import CdsService, HookRequest
 from hooks._fhir import EGFR_LOINC, latest_lab
+from hooks._kidney import g_category
 
 KDIGO_URL = "https://kdigo.org/guidelines/ckd-evaluation-and-management/"
 TOPIC_SYSTEM = "https://cds.example.org/topics"
 
-# KDIGO GFR categories (mL/min/1.73 m²): lower bound → (category, description, indicator).
-G_CATEGORIES = (
-    (90, "G1", "normal or high", None),
-    (60, "G2", "mildly decreased", None),
-    (45, "G3a", "mildly to moderately decreased", "info"),
-    (30, "G3b", "moderately to severely decreased", "warning"),
-    (15, "G4", "severely decreased", "warning"),
-    (0, "G5", "kidney failure", "critical"),
-)
-
-
-def g_category(egfr: float) -> tuple[str, str, str | None]:
-    for lower, category, text, indicator in G_CATEGORIES:
-        if egfr >= lower:
-            return category, text, indicator
-    return G_CATEGORIES[-1][1:]
+# Card indicator per KDIGO G category; G1/G2 raise no card (no CKD by eGFR alone).
+G_INDICATOR = {"G1": None, "G2": None, "G3a": "info", "G3b": "warning", "G4": "warning",
+               "G5": "critical"}
 
 
 _SEVERITY = (None, "info", "warning", "critical")
@@ -66,7 +54,8 @@ def handle(request: HookRequest) -> list[Card]:
     egfr = latest_lab(request.prefetch["egfr"] or (), EGFR_LOINC)
     if egfr is None:
         return []
-    category, text, indicator = g_category(egfr.value)
+    category, text = g_category(egfr.value)
+    indicator = G_INDICATOR[category]
     if indicator is None:
         return []
     when = egfr.when.isoformat() if egfr.when else "an unknown date"
