@@ -20,24 +20,16 @@ from urllib.parse import urlsplit
 
 import jwt
 import yaml
-from marshmallow import (
-    EXCLUDE,
-    RAISE,
-    Schema,
-    ValidationError,
-    fields,
-    validate,
-    validates_schema,
-)
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from cds_service.devkeys import ensure_dev_keypair
 from cds_service.errors import ConfigError
 from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
 from cds_service.fhir import is_loopback_host
-from cds_service.models.manifest import INDICATORS, MODEL_ID
+from cds_service.models.manifest import INDICATORS, MODEL_ID, thresholds_field
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
-from cds_service.schemas import messages_to_issues
+from cds_service.schemas import describe_errors
 
 DEFAULTS: dict[str, Any] = {
     # Path to one site YAML file or a directory of them; None = one built-in site ("default")
@@ -138,17 +130,7 @@ class _ServiceEntrySchema(Schema):
     prefetch = fields.Dict(keys=fields.String(), values=fields.String())
     model = fields.String(validate=validate.Regexp(MODEL_ID))
     shadow_model = fields.String(allow_none=True, validate=validate.Regexp(MODEL_ID))
-    thresholds = fields.Dict(keys=fields.String(validate=validate.OneOf(INDICATORS)),
-                             values=fields.Float(validate=validate.Range(0, 1)))
-
-    @validates_schema
-    def _thresholds_rise(self, data, **kwargs):
-        thresholds = data.get("thresholds")
-        if thresholds is not None:
-            ordered = [thresholds[i] for i in INDICATORS if i in thresholds]
-            if not ordered or ordered != sorted(set(ordered)):
-                raise ValidationError("scores must rise strictly from info to warning to "
-                                      "critical", "thresholds")
+    thresholds = thresholds_field()
 
 
 class _IssuerSchema(Schema):
@@ -207,8 +189,7 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
     try:
         parsed = _SiteSchema().load(data)
     except ValidationError as exc:
-        problems = (issue.diagnostics for issue in messages_to_issues(exc.messages))
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from exc
+        raise ConfigError(f"{source}: {describe_errors(exc)}") from exc
 
     entries = parsed.get("services")
     if entries is None:  # not listed: every registered service, declared templates

@@ -709,9 +709,10 @@ def _compiled(specs: tuple[FeatureSpec, ...]) -> _Compiled:
 
 
 def flatten(resources: Iterable[Any]) -> Iterator[Mapping]:
-    """Resources in order; Bundles are expanded (entry[].resource, recursively), while
-    OperationOutcomes, non-mappings, mappings without a resourceType and entries without a
-    resource are skipped. A single resource or Bundle may be passed instead of an iterable."""
+    """Resources in order; Bundles (entry[].resource) and lists (prefetch values resolved to
+    search results) are expanded, recursively, while OperationOutcomes, non-mappings, mappings
+    without a resourceType and entries without a resource are skipped. A single resource or
+    Bundle may be passed instead of an iterable."""
     if isinstance(resources, _MAPPING):
         resources = (resources,)
     elif resources is None or isinstance(resources, str | bytes | bytearray):
@@ -723,6 +724,9 @@ def flatten(resources: Iterable[Any]) -> Iterator[Mapping]:
 
 def _flatten(items: Iterable[Any], depth: int) -> Iterator[Mapping]:
     for item in items:
+        if isinstance(item, list | tuple) and depth < _MAX_BUNDLE_DEPTH:
+            yield from _flatten(item, depth + 1)
+            continue
         if not isinstance(item, _MAPPING):
             continue
         rtype = item.get("resourceType")

@@ -23,7 +23,7 @@ from cds_service.config import SHIPPED_MODELS_DIR, Site, SiteService
 from cds_service.errors import ConfigError
 from cds_service.models.binding import ModelBinding
 from cds_service.models.errors import ModelError
-from cds_service.models.registry import ModelRegistry
+from cds_service.models.registry import ModelRegistry, load_model_by_id
 from cds_service.registry import CdsService
 from cds_service.replay import replay_cache_from_url
 from cds_service.store import Store, redacted_url
@@ -121,7 +121,7 @@ def build_models(models_dir: str | Path, sites: Mapping[str, Site]) -> ModelRegi
     loaded = {}
     for model_id, where in wanted.items():
         try:
-            loaded[model_id] = ModelRegistry.load(models_dir, [model_id]).get(model_id)
+            loaded[model_id] = load_model_by_id(models_dir, model_id)
         except ModelError as exc:
             raise ModelError(f"{where}: {exc}") from exc
     return ModelRegistry(loaded)

@@ -162,6 +162,11 @@ class CdsRequestSchema(Schema):
         return data
 
 
+def describe_errors(error: ValidationError) -> str:
+    """A schema error as one line naming each bad key, for configuration-file messages."""
+    return "; ".join(issue.diagnostics for issue in messages_to_issues(error.messages))
+
+
 def messages_to_issues(messages: Any, prefix: str = "") -> list[Issue]:
     """Flatten marshmallow/webargs error messages into OperationOutcome issues with paths."""
     if isinstance(messages, dict):

@@ -1181,6 +1181,9 @@ def test_flatten():
     assert list(flatten([nested, c, 7, None, {"no": "type"}])) == [a, b, c]
     assert list(flatten(nested)) == [a, b]
     assert list(flatten(None)) == [] and list(flatten("Bundle")) == []
+    # Prefetch values: a resource, a searchset, or a list of search results; None for "no data".
+    assert list(flatten([{"resourceType": "Patient", "id": "p"}, [a, (b,)], None, nested])) == [
+        {"resourceType": "Patient", "id": "p"}, a, b, a, b]
     deep = a
     for _ in range(40):
         deep = {"resourceType": "Bundle", "entry": [{"resource": deep}]}

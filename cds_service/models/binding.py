@@ -32,9 +32,7 @@ class ModelBinding:
     def predict(self, resources: Iterable[Any], *, now: datetime | None = None) -> Prediction:
         """Score the active model (and the shadow, silently) on the patient's FHIR resources."""
         now = now or self.clock()
-        # Prefetch values are resources, Bundles, or lists of search results: accept them all.
-        resources = list(flatten(r for value in resources for r in (
-            value if isinstance(value, list | tuple) else (value,))))
+        resources = list(flatten(resources))  # once, for the active and the shadow model
         prediction = self.active.predict(resources, now=now, code_map=self.code_map,
                                          thresholds=self.thresholds)
         self.recorded.append(("active", prediction))

@@ -15,17 +15,32 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from cds_service.features import FeatureSpec, FeatureSpecError, parse_features
 from cds_service.models.errors import ModelError
-from cds_service.schemas import messages_to_issues
+from cds_service.schemas import describe_errors
 
 MANIFEST_FILE = "manifest.yaml"
 # Card indicators in rising severity (CDS Hooks 2.0 §Card Attributes).
 INDICATORS = ("info", "warning", "critical")
 ESTIMATORS = ("kfre-4var", "logistic_regression", "gradient_boosting")
 MODEL_ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+def _rising(thresholds: Mapping[str, float]) -> None:
+    ordered = [thresholds[i] for i in INDICATORS if i in thresholds]
+    if not ordered:
+        raise ValidationError("at least one of info/warning/critical")
+    if ordered != sorted(set(ordered)):
+        raise ValidationError("scores must rise strictly from info to warning to critical")
+
+
+def thresholds_field(**kwargs: Any) -> fields.Dict:
+    """Score from which a card is info/warning/critical (manifests, and sites overriding them)."""
+    return fields.Dict(keys=fields.String(validate=validate.OneOf(INDICATORS)),
+                       values=fields.Float(validate=validate.Range(0, 1)), validate=_rising,
+                       **kwargs)
 
 
 class _Output(Schema):
@@ -76,8 +91,7 @@ class _SpecSchema(Schema):
     population = fields.String(required=True, validate=validate.Length(min=1))
     output = fields.Nested(_Output, required=True)
     secondary_outputs = fields.List(fields.Nested(_Output), load_default=list)
-    thresholds = fields.Dict(keys=fields.String(validate=validate.OneOf(INDICATORS)),
-                             values=fields.Float(validate=validate.Range(0, 1)), required=True)
+    thresholds = thresholds_field(required=True)
     features = fields.Raw(required=True)
     training = fields.Nested(_Training, required=True)
     citations = fields.List(fields.String(), load_default=list)
@@ -89,19 +103,6 @@ class _SpecSchema(Schema):
     training_data = fields.Dict(keys=fields.String())
     requirements = fields.Dict(keys=fields.String(), values=fields.String())
     created = fields.String()
-
-    @validates_schema
-    def _thresholds_rise(self, data, **kwargs):
-        thresholds = data.get("thresholds") or {}
-        if not thresholds:
-            raise ValidationError("at least one of info/warning/critical", "thresholds")
-        ordered = [thresholds[i] for i in INDICATORS if i in thresholds]
-        if ordered != sorted(set(ordered)):
-            raise ValidationError("scores must rise strictly from info to warning to critical",
-                                  "thresholds")
-
-
-_MANIFEST_ONLY = ("artifact", "explanation", "metrics", "training_data", "requirements", "created")
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,7 @@ def parse_manifest(data: Any, source: str, *, spec: bool = False) -> Manifest:
     try:
         loaded = _SpecSchema().load(data)
     except ValidationError as exc:
-        problems = (issue.diagnostics for issue in messages_to_issues(exc.messages))
-        raise ModelError(f"{source}: " + "; ".join(problems)) from exc
+        raise ModelError(f"{source}: {describe_errors(exc)}") from exc
     if not spec:
         missing = [key for key in ("artifact", "explanation", "requirements") if key not in loaded]
         if missing:

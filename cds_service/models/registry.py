@@ -230,27 +230,24 @@ def load_model(directory: Path, *, versions: Mapping[str, str] | None = None) ->
     return LoadedModel(manifest, estimator, manifest.artifact_sha256, fitted_features)
 
 
+def load_model_by_id(models_dir: str | Path, model_id: str) -> LoadedModel:
+    """`models_dir/model_id`, checked; ModelError names the model and what is available."""
+    root = Path(models_dir)
+    directory = root / model_id
+    if not (directory / "manifest.yaml").is_file():
+        available = sorted(p.parent.name for p in root.glob("*/manifest.yaml"))
+        raise ModelError(f"model {model_id!r} not found in {root} (no {model_id}/manifest.yaml;"
+                         f" available: {', '.join(available) or 'none'})")
+    model = load_model(directory)
+    log.info("model %s %s loaded (sha256 %s)", model_id, model.version, model.sha256[:12])
+    return model
+
+
 class ModelRegistry:
     """The models a worker serves, by id."""
 
     def __init__(self, models: Mapping[str, LoadedModel] | None = None):
         self._models = dict(models or {})
-
-    @classmethod
-    def load(cls, models_dir: str | Path, ids: Iterable[str]) -> ModelRegistry:
-        root = Path(models_dir)
-        models = {}
-        for model_id in sorted(set(ids)):
-            directory = root / model_id
-            if not (directory / "manifest.yaml").is_file():
-                available = sorted(p.parent.name for p in root.glob("*/manifest.yaml"))
-                raise ModelError(f"model {model_id!r} not found in {root} (no "
-                                 f"{model_id}/manifest.yaml; available: "
-                                 f"{', '.join(available) or 'none'})")
-            models[model_id] = load_model(directory)
-            log.info("model %s %s loaded (sha256 %s)", model_id, models[model_id].version,
-                     models[model_id].sha256[:12])
-        return cls(models)
 
     def get(self, model_id: str) -> LoadedModel:
         return self._models[model_id]

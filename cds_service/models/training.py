@@ -94,6 +94,8 @@ class Dataset:
     observed: np.ndarray
     labels: np.ndarray
     excluded: dict[str, int]
+    resources: dict[str, list[dict]]  # by patient id, as read
+    index_dates: dict[str, date]
 
 
 def build_dataset(features: Sequence[FeatureSpec], ndjson_dir: Path,
@@ -121,7 +123,8 @@ def build_dataset(features: Sequence[FeatureSpec], ndjson_dir: Path,
     if not ids:
         raise ModelError("no labelled patient has the required features; check the labels' "
                          "patient ids against the NDJSON and the spec's codes")
-    return Dataset(ids, np.array(rows, dtype=float), np.array(ys, dtype=int), excluded)
+    return Dataset(ids, np.array(rows, dtype=float), np.array(ys, dtype=int), excluded,
+                   by_patient, {pid: index_date for pid, (index_date, _) in labels.items()})
 
 
 def fit_imputation(features: Sequence[FeatureSpec], observed: np.ndarray) -> tuple[FeatureSpec,
@@ -326,20 +329,17 @@ def train(spec: Manifest, ndjson_dir: Path, labels_csv: Path, out_dir: Path, *,
     files = write_plots(data.labels[test_idx], p_test, out_dir, spec.id)
     loaded = load_model(out_dir)
     (out_dir / "model_card.md").write_text(model_card(loaded.manifest), encoding="utf-8")
-    _check_parity(loaded, features, ndjson_dir, labels_csv, data, x)
+    _check_parity(loaded, data, x)
     return TrainResult(loaded, metrics, out_dir, [out_dir / "manifest.yaml",
                                                   out_dir / ARTIFACT_FILE,
                                                   out_dir / "model_card.md", *files])
 
 
-def _check_parity(model: LoadedModel, features: Sequence[FeatureSpec], ndjson_dir: Path,
-                  labels_csv: Path, data: Dataset, x: np.ndarray) -> None:
-    """The served model, fed the online path's feature vectors, scores as in training."""
-    labels = read_labels(labels_csv)
-    by_patient = group_by_patient(read_ndjson_dir(ndjson_dir))
+def _check_parity(model: LoadedModel, data: Dataset, x: np.ndarray) -> None:
+    """The served model's features (with its fitted imputation) are the training rows."""
     for row, patient_id in list(enumerate(data.patient_ids))[:200]:
-        vector = extract(model.manifest.features, by_patient[patient_id],
-                         now=as_of(labels[patient_id][0]))
+        vector = extract(model.manifest.features, data.resources[patient_id],
+                         now=as_of(data.index_dates[patient_id]))
         if not np.allclose(vector.row(), x[row], equal_nan=True):
             raise ModelError(f"train/serve parity broken for patient {patient_id}: online "
                              f"features {vector.row()} vs training {x[row].tolist()}")
