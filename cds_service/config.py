@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -29,7 +30,7 @@ from cds_service.fhir import is_loopback_host
 from cds_service.models.manifest import INDICATORS, MODEL_ID, thresholds_field
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
-from cds_service.schemas import describe_errors
+from cds_service.schemas import describe_errors, messages_to_issues
 
 DEFAULTS: dict[str, Any] = {
     # Path to one site YAML file or a directory of them; None = one built-in site ("default")
@@ -80,6 +81,27 @@ class SiteService:
     model: str | None = None
     shadow_model: str | None = None
     thresholds: Mapping[str, float] | None = None
+    # `services.<id>.settings` as loaded by the service's settings schema (defaults filled in).
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Orderable:
+    """What a suggestion orders at this site. Epic pends an order from a preference-list item
+    (system `urn:com.epic.cdshooks.action.code.system.preference-list-item`), so the code is the
+    hospital's, never ours (Epic CDS Hooks tutorial, "Creating unsigned orders")."""
+
+    system: str
+    code: str
+    display: str
+
+    def concept(self) -> dict[str, Any]:
+        return {"coding": [{"system": self.system, "code": self.code, "display": self.display}],
+                "text": self.display}
+
+
+# Same user, same patient, same card topic: an override within this window silences the card.
+DEFAULT_OVERRIDE_WINDOW = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -108,6 +130,10 @@ class Site:
     cors_origins: tuple[str, ...] = ()
     # Local (system, code) → standard codes, applied by the feature engine (`code_mappings`).
     code_map: CodeMap = field(default_factory=dict)
+    # Named orderables suggestions may create (`orderables`), e.g. "nephrology-referral".
+    orderables: Mapping[str, Orderable] = field(default_factory=dict)
+    # `alert_fatigue.override_window_hours`; zero turns suppression off.
+    override_window: timedelta = DEFAULT_OVERRIDE_WINDOW
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -131,6 +157,24 @@ class _ServiceEntrySchema(Schema):
     model = fields.String(validate=validate.Regexp(MODEL_ID))
     shadow_model = fields.String(allow_none=True, validate=validate.Regexp(MODEL_ID))
     thresholds = thresholds_field()
+    # Validated by the service's own `settings_schema`.
+    settings = fields.Dict(keys=fields.String())
+
+
+class _OrderableSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    system = fields.String(required=True, validate=validate.Length(min=1))
+    code = fields.String(required=True, validate=validate.Length(min=1))
+    display = fields.String(required=True, validate=validate.Length(min=1))
+
+
+class _AlertFatigueSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    override_window_hours = fields.Float(validate=validate.Range(min=0, max=24 * 365))
 
 
 class _IssuerSchema(Schema):
@@ -181,6 +225,25 @@ class _SiteSchema(Schema):
     audiences = fields.List(fields.Url(schemes={"https", "http"}, require_tld=False))
     jwt = fields.Nested(_JwtSchema, load_default=dict)
     cors = fields.Nested(_CorsSchema, load_default=dict)
+    orderables = fields.Dict(
+        keys=fields.String(validate=validate.Regexp(
+            r"^[a-z0-9][a-z0-9-]{0,63}$", error="orderable names are lower-case-with-dashes")),
+        values=fields.Nested(_OrderableSchema))
+    alert_fatigue = fields.Nested(_AlertFatigueSchema, load_default=dict)
+
+
+def _service_settings(service: CdsService, raw: Mapping[str, Any] | None, source: str
+                      ) -> Mapping[str, Any]:
+    where = f"services.{service.id}.settings"
+    if service.settings_schema is None:
+        if raw:
+            raise ConfigError(f"{source}: {where}: this service has no settings")
+        return MappingProxyType({})
+    try:
+        return MappingProxyType(service.settings_schema().load(dict(raw or {})))
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(
+            issue.diagnostics for issue in messages_to_issues(exc.messages, where))) from exc
 
 
 def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService]) -> Site:
@@ -235,7 +298,8 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
             service, MappingProxyType(templates), model=model,
             shadow_model=entry.get("shadow_model"),
             thresholds=MappingProxyType({i: thresholds[i] for i in INDICATORS if i in thresholds})
-            if thresholds else None)
+            if thresholds else None,
+            settings=_service_settings(service, entry.get("settings"), source))
 
     allow_http_jku = parsed["jwt"].get("allow_http_loopback_jku", False)
     issuers = tuple(
@@ -264,6 +328,10 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         allow_http_loopback_jku=parsed["jwt"].get("allow_http_loopback_jku", False),
         cors_origins=tuple(parsed["cors"].get("origins") or ()),
         code_map=code_map,
+        orderables=MappingProxyType({name: Orderable(**spec) for name, spec in
+                                     (parsed.get("orderables") or {}).items()}),
+        override_window=timedelta(hours=parsed["alert_fatigue"].get(
+            "override_window_hours", DEFAULT_OVERRIDE_WINDOW.total_seconds() / 3600)),
         raw=MappingProxyType(data),
     )
 

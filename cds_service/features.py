@@ -324,6 +324,32 @@ def _coding_key(system: Any, code: Any) -> tuple[str, str] | None:
     return _coding(system, code)
 
 
+def concept_codes(concept: Any, code_map: Mapping | None = None,
+                  identifiers: Any = None) -> set[tuple[str, str]]:
+    """Normalised (system, code) pairs of a CodeableConcept, plus what the site's code map
+    translates them to. `identifiers` (FHIR Identifier list, e.g. a Medication's Epic ERX id)
+    are looked up in the code map as (system, value) too; unmapped identifiers are not codes
+    and are left out. Malformed parts are skipped, never raised on."""
+    out: set[tuple[str, str]] = set()
+    pairs: list[tuple[Any, Any, bool]] = []
+    if isinstance(concept, _MAPPING) and isinstance(concept.get("coding"), list):
+        pairs += [(c.get("system"), c.get("code"), True) for c in concept["coding"]
+                  if isinstance(c, _MAPPING)]
+    if isinstance(identifiers, list):
+        pairs += [(i.get("system"), i.get("value"), False) for i in identifiers
+                  if isinstance(i, _MAPPING)]
+    for system, code, is_code in pairs:
+        key = _coding_key(system, code)
+        if key is None:
+            continue
+        if is_code:
+            out.add(key)
+        for target in (code_map or {}).get(key) or ():
+            if isinstance(target, tuple) and len(target) == 2:
+                out.add(target)
+    return out
+
+
 _UNIT_TABLE = str.maketrans({"µ": "u", "μ": "u", "²": "2", "{": None, "}": None, "_": None})
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,10 @@ class HookRequest:
     fhir_server: str | None = None
     # The site's model for this service (None when the service uses none).
     model: ModelBinding | None = None
+    # This site's `services.<id>.settings`, loaded by the service's `settings_schema`.
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    # "Now" for look-back windows and ages (the runtime clock; tests freeze it).
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 Handler = Callable[[HookRequest], "Sequence[Card]"]
@@ -58,6 +63,9 @@ class CdsService:
     # Id of the model (a directory under models/) this service scores with unless a site names
     # another; None for services without a model.
     model: str | None = None
+    # marshmallow Schema class validating `services.<id>.settings` in site config (defaults
+    # filled in); None for a service without site settings.
+    settings_schema: type | None = None
 
     def __post_init__(self):
         unknown = [h for h in self.hooks if h not in HOOKS]

@@ -14,7 +14,8 @@ pooled connection is shared between processes).
 
 The audit log (`cds_service.audit`) is append-only: the store inserts, reads and purges by age,
 and has no update. A deployment can enforce that in PostgreSQL by granting the service role only
-INSERT, SELECT and DELETE on `audit_log`.
+INSERT, SELECT and DELETE on `audit_log`. `issued_cards` (the cards we issued, for alert-fatigue
+suppression) is kept for the same retention and needs the same three privileges.
 
 There are no migrations yet: `create_all` at start-up creates missing tables and never alters
 existing ones. A column change needs a migration tool (Alembic) before it ships.
@@ -25,8 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from sqlalchemy.types import TypeDecorator
 
 from cds_service.audit import TEXT_FIELDS, TUPLE_FIELDS, AuditRecord
 from cds_service.errors import ConfigError
-from cds_service.feedback import FeedbackItem
+from cds_service.feedback import OVERRIDDEN, FeedbackItem
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +181,33 @@ predictions_table = sa.Table(
     sa.Column("contributions", JsonText, nullable=False),
     sa.Index(None, "model_id", "model_version", "time"),
 )
+# One row per card we issued. Feedback names only the card uuid (not the user, patient or topic
+# it was about), so alert-fatigue suppression ("this user overrode this topic for this patient
+# recently") joins feedback.card to card_uuid here. Purged with the audit log (same retention).
+issued_cards_table = sa.Table(
+    "issued_cards",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("time", UtcDateTime, nullable=False, index=True),  # retention purge
+    sa.Column("site", sa.Text, nullable=False),
+    sa.Column("service_id", sa.Text, nullable=False),
+    sa.Column("hook_instance", sa.Text),
+    sa.Column("card_uuid", sa.Text, nullable=False, index=True),
+    sa.Column("user_id", sa.Text),
+    sa.Column("patient_id", sa.Text),
+    sa.Column("topic_system", sa.Text),
+    sa.Column("topic_code", sa.Text),
+    sa.Column("indicator", sa.String(16)),
+    sa.Index(None, "site", "patient_id", "user_id", "topic_code"),
+)
 
 # Identifier columns `list_audit` filters on: the record's text fields, less free text.
 _AUDIT_FILTER_COLUMNS = (
     "kind", *(name for name in TEXT_FIELDS if name not in ("outcome", "detail")), "status",
 )
-# Rows deleted per purge transaction: short write transactions, so request workers appending
-# audit records never wait long on the SQLite write lock (busy timeout above).
+# Rows deleted per purge transaction (audit_log and issued_cards): short write transactions, so
+# request workers appending audit records never wait long on the SQLite write lock (busy timeout
+# above).
 AUDIT_PURGE_BATCH = 5_000
 
 _INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
@@ -258,6 +280,16 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
 def _sqlite_on_begin(conn: Connection) -> None:
     immediate = conn.get_execution_options().get("cds_write", False)
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+@dataclass(frozen=True)
+class Override:
+    """The latest override of an issued card on one topic (see `Store.recent_overrides`)."""
+
+    topic_code: str
+    time: datetime  # the feedback's outcome timestamp, aware UTC
+    indicator: str | None  # the overridden card's indicator, as issued
+    card_uuid: str
 
 
 class Store:
@@ -434,6 +466,71 @@ class Store:
         with self._unavailable_on_error(), self._engine.connect() as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
 
+    def add_issued_cards(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Record issued cards (keys: `issued_cards_table` columns but `id`) in one committed
+        transaction; return how many."""
+        if not rows:
+            return 0
+        self._ensure_schema()
+        with self._unavailable_on_error(), self._write() as conn:
+            conn.execute(sa.insert(issued_cards_table), list(rows))
+        return len(rows)
+
+    def recent_overrides(
+        self,
+        *,
+        site: str,
+        service_id: str,
+        user_id: str,
+        patient_id: str,
+        topics: Collection[str],
+        since: datetime,
+    ) -> dict[str, Override]:
+        """The latest override per topic code in `topics` of a card issued by this site and
+        service to this user for this patient, with an outcome timestamp at or after `since`.
+
+        Feedback is matched to issued cards by card uuid, site and service; feedback for a card
+        never recorded by `add_issued_cards` is ignored. Topics with no such override are absent.
+        """
+        if since.utcoffset() is None:
+            raise ValueError("recent_overrides: since must be a timezone-aware datetime")
+        if not topics:
+            return {}
+        fb, issued = feedback_table, issued_cards_table
+        query = (
+            sa.select(
+                issued.c.topic_code, fb.c.outcome_timestamp, issued.c.indicator, issued.c.card_uuid
+            )
+            .select_from(
+                issued.join(
+                    fb,
+                    sa.and_(
+                        fb.c.card == issued.c.card_uuid,
+                        fb.c.site == issued.c.site,
+                        fb.c.service_id == issued.c.service_id,
+                    ),
+                )
+            )
+            .where(
+                issued.c.site == site,
+                issued.c.service_id == service_id,
+                issued.c.user_id == user_id,
+                issued.c.patient_id == patient_id,
+                issued.c.topic_code.in_(sorted(set(topics))),
+                fb.c.outcome == OVERRIDDEN,
+                fb.c.outcome_timestamp >= since,
+            )
+            # Newest first; ids break ties so the answer is deterministic.
+            .order_by(fb.c.outcome_timestamp.desc(), fb.c.id.desc(), issued.c.id.desc())
+        )
+        self._ensure_schema()
+        with self._unavailable_on_error(), self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        latest: dict[str, Override] = {}
+        for topic_code, time, indicator, card_uuid in rows:
+            latest.setdefault(topic_code, Override(topic_code, time, indicator, card_uuid))
+        return latest
+
     def list_audit(
         self,
         *,
@@ -469,11 +566,21 @@ class Store:
     def purge_audit(self, older_than: datetime) -> int:
         """Delete audit rows with `time` before `older_than` (the retention cutoff); return count.
 
+        Issued-card records (`issued_cards`) older than the same cutoff are deleted too; they are
+        logged but not counted in the return value, which stays the number of audit rows.
         Deletes in batches of AUDIT_PURGE_BATCH rows, one committed transaction each.
         """
         if older_than.utcoffset() is None:
             raise ValueError("purge_audit: older_than must be a timezone-aware datetime")
-        table = audit_log_table
+        self._ensure_schema()
+        total = self._purge_older(audit_log_table, older_than)
+        log.info("purged %d audit record(s) older than %s", total, older_than.isoformat())
+        cards = self._purge_older(issued_cards_table, older_than)
+        log.info("purged %d issued card record(s) older than %s", cards, older_than.isoformat())
+        return total
+
+    def _purge_older(self, table: sa.Table, older_than: datetime) -> int:
+        """Delete rows of `table` with `time` before `older_than` in committed batches; count."""
         batch = (
             sa.select(table.c.id)
             .where(table.c.time < older_than)
@@ -482,7 +589,6 @@ class Store:
             .scalar_subquery()
         )
         stmt = sa.delete(table).where(table.c.id.in_(batch))
-        self._ensure_schema()
         total = 0
         while True:
             with self._unavailable_on_error(), self._write() as conn:
@@ -490,7 +596,6 @@ class Store:
             total += deleted
             if deleted < AUDIT_PURGE_BATCH:
                 break
-        log.info("purged %d audit record(s) older than %s", total, older_than.isoformat())
         return total
 
     def dispose(self) -> None:

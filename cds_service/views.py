@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from flask import Response, g, json, request
 from flask_smorest import Blueprint
 
-from cds_service.audit import AuditRecord, prefetch_key_sources
+from cds_service import suppression
+from cds_service.audit import MAX_TEXT, AuditRecord, prefetch_key_sources
 from cds_service.cards import render_response
 from cds_service.errors import RequestInvalid, ServiceNotFound
 from cds_service.feedback import FeedbackRequestSchema
@@ -120,17 +121,29 @@ def invoke(body: dict, service_id: str):
         extension=body["extension"],
         fhir_server=body.get("fhirServer"),
         model=runtime().model_binding(site, enabled),
+        settings=enabled.settings,
+        now=runtime().clock(),
     )
     g.model_binding = hook_request.model
     g.audit.update(prefetch_keys_used=prefetch_key_sources(prefetch.sources),
                    fhir_urls_fetched=tuple(prefetch.fetched))
     cards = service.handler(hook_request)
-    rendered = render_response(cards, epic=site.epic_compatibility)
+    decision = suppression.apply(cards, store=runtime().store, site=site, service_id=service.id,
+                                 user_id=context.get("userId"),
+                                 patient_id=context.get("patientId"), now=hook_request.now)
+    rendered = render_response(decision.kept, epic=site.epic_compatibility)
+    g.issued_cards = [
+        {"card_uuid": card.uuid, "indicator": card.indicator,
+         "topic_system": card.source.topic.system if card.source.topic else None,
+         "topic_code": card.source.topic.code if card.source.topic else None}
+        for card in decision.kept]
     g.audit.update(
         card_uuids=tuple(c["uuid"] for c in rendered["cards"] if "uuid" in c),
         suggestion_uuids=tuple(s["uuid"] for c in rendered["cards"]
                                for s in c.get("suggestions", ()) if "uuid" in s),
-        outcome=f"cards={len(rendered['cards'])}",
+        outcome=f"cards={len(rendered['cards'])}"
+                + (f" suppressed={decision.suppressed}" if decision.suppressed else ""),
+        detail="; ".join(decision.notes)[:MAX_TEXT] or None,
     )
     log.info(
         "hook=%s service=%s site=%s hookInstance=%s cards=%d elapsed_ms=%.1f",
@@ -190,6 +203,16 @@ def _audit(response):
         runtime().store.add_audit(record)
     except Exception:  # noqa: BLE001 - the clinician's answer must not wait on the audit log
         log.exception("audit record not written for %s %s", request.method, request.path)
+    issued = getattr(g, "issued_cards", None)
+    if issued and response.status_code == 200:
+        now = datetime.now(UTC)
+        try:
+            runtime().store.add_issued_cards([{
+                **card, "time": now, "site": fields["site"], "service_id": fields["service_id"],
+                "hook_instance": fields.get("hook_instance"), "user_id": fields.get("user_id"),
+                "patient_id": fields.get("patient_id")} for card in issued])
+        except Exception:  # noqa: BLE001 - as above; the card's override then is not remembered
+            log.exception("issued cards not recorded for %s", request.path)
     binding = getattr(g, "model_binding", None)
     if binding is not None and binding.recorded:
         try:

@@ -1,9 +1,20 @@
-"""Kidney function arithmetic shared by the services: CKD-EPI 2021 eGFR and KDIGO categories.
+"""Kidney function shared by the services: CKD-EPI 2021 eGFR, KDIGO categories, and what a
+chart says about kidney function (`assess`). Sources: docs/clinical.md.
 
 Pure functions; inputs outside the equations' domain give None, never an exception.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cds_service.features import LOINC, CodeMap, FeatureValue, extract, parse_features
 
 # CKD-EPI 2021 creatinine equation, without race (Inker LA, et al. N Engl J Med.
 # 2021;385:1737-1749. doi:10.1056/NEJMoa2102953):
@@ -49,3 +60,121 @@ def g_category(egfr: float) -> tuple[str, str]:
 def a_category(uacr_mg_g: float) -> tuple[str, str]:
     category = "A3" if uacr_mg_g > 300 else "A2" if uacr_mg_g >= 30 else "A1"
     return category, A_CATEGORIES[category]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a chart says about kidney function (both services read it the same way)
+
+INPUTS_FILE = Path(__file__).parent / "data" / "kidney_inputs.yaml"
+INPUTS = parse_features(yaml.safe_load(INPUTS_FILE.read_text(encoding="utf-8"))["features"],
+                        str(INPUTS_FILE))
+# LOINC 98979-8: eGFR by CKD-EPI 2021 (creatinine, without race). Given to the model when we
+# calculated the eGFR ourselves, exactly as if the laboratory had reported it.
+CALCULATED_EGFR_LOINC = "98979-8"
+
+
+@dataclass(frozen=True)
+class KidneyStatus:
+    egfr: float | None = None            # rounded to a whole number, as laboratories report it
+    egfr_date: str | None = None
+    calculated_from: FeatureValue | None = None   # the creatinine, when we computed the eGFR
+    uacr: FeatureValue | None = None
+    uacr_last_12_months: int = 0
+    notes: tuple[str, ...] = ()            # why an eGFR could not be calculated, etc.
+    extra_resources: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def g(self) -> tuple[str, str] | None:
+        return g_category(self.egfr) if self.egfr is not None else None
+
+    @property
+    def a(self) -> tuple[str, str] | None:
+        return a_category(self.uacr.value) if self.uacr is not None else None
+
+    @property
+    def has_data(self) -> bool:
+        return self.egfr is not None or self.uacr is not None
+
+    def creatinine_text(self) -> str:
+        """"creatinine 2.10 mg/dL (converted from µmol/L)" for a calculated eGFR."""
+        c = self.calculated_from
+        notes = f" ({'; '.join(c.notes)})" if c.notes else ""
+        return f"creatinine {c.value:.2f} mg/dL{notes}"
+
+    def egfr_text(self) -> str:
+        """"eGFR 28", or "calculated eGFR 27" when we computed it from creatinine."""
+        return ("calculated " if self.calculated_from else "") + f"eGFR {self.egfr:g}"
+
+
+def assess(resources: Iterable[Any], *, now: datetime,
+           code_map: CodeMap | None = None) -> KidneyStatus:
+    """Latest eGFR (or CKD-EPI 2021 from the latest creatinine), urine ACR and its recency."""
+    vector = extract(INPUTS, resources, now=now, code_map=code_map)
+    uacr = vector["uacr"] if vector["uacr"].status == "observed" else None
+    status = {"uacr": uacr, "uacr_last_12_months": int(vector["uacr_12m"].value or 0)}
+    egfr = vector["egfr"]
+    if egfr.status == "observed":
+        return KidneyStatus(egfr=float(round(egfr.value)), egfr_date=egfr.date, **status)
+    creatinine = vector["creatinine"]
+    if creatinine.status != "observed":
+        return KidneyStatus(**status)
+    age, male = vector["age"], vector["male"]
+    if age.status != "observed" or male.status != "observed":
+        return KidneyStatus(notes=("an eGFR could not be calculated from creatinine "
+                                   f"{creatinine.value:.2f} mg/dL ({creatinine.date}): "
+                                   + ("age" if age.status != "observed" else "sex")
+                                   + " not recorded",), **status)
+    value = ckd_epi_2021(creatinine.value, age.value, female=not male.value)
+    if value is None:
+        return KidneyStatus(notes=("CKD-EPI 2021 is for adults; no eGFR calculated",), **status)
+    value = float(round(value))
+    derived = {
+        "resourceType": "Observation", "id": "cds-calculated-egfr", "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": CALCULATED_EGFR_LOINC}]},
+        "valueQuantity": {"value": value, "unit": "mL/min/{1.73_m2}"},
+        "effectiveDateTime": creatinine.date,
+    }
+    return KidneyStatus(egfr=value, egfr_date=creatinine.date, calculated_from=creatinine,
+                        extra_resources=(derived,), **status)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model risk as clinicians read it
+
+HORIZONS = {"risk_5y": "5-year", "risk_2y": "2-year"}
+# Model feature names as a card names them, with their units.
+_FACTOR_LABELS = {
+    "egfr": ("eGFR", ""), "uacr": ("urine ACR", " mg/g"), "age": ("age", ""),
+    "egfr_slope": ("eGFR slope", "/year"), "sbp_mean": ("mean systolic BP", " mmHg"),
+    "hba1c": ("HbA1c", "%"), "diabetes": ("diabetes", ""), "hypertension": ("hypertension", ""),
+}
+
+
+def factor_label(name: str) -> str:
+    return _FACTOR_LABELS.get(name, (name, ""))[0]
+
+
+def factor_text(name: str, value: float | None) -> str:
+    if name == "male" and value is not None:
+        return "male sex" if value else "female sex"
+    label, unit = _FACTOR_LABELS.get(name, (name, ""))
+    if value is None:
+        return label
+    if name in ("diabetes", "hypertension"):
+        return label if value else f"no {label}"
+    return f"{label} {number(value)}{unit}"
+
+
+def number(value: float) -> str:
+    """Figures as a lab report shows them: 420, 28, 2.1, -3.4."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def risk_text(prediction: Any) -> str:
+    """"5-year kidney failure risk 24%" for a scored prediction."""
+    horizon = HORIZONS.get(prediction.output, prediction.output)
+    return f"{horizon} kidney failure risk {prediction.score:.0%}"
+
+
+def severity(indicator: str | None) -> int:
+    return (None, "info", "warning", "critical").index(indicator)

@@ -1,115 +1,282 @@
-"""kidney-risk (patient-view): flag reduced kidney function when a chart opens.
+"""kidney-risk (patient-view): kidney failure risk and KDIGO stage when a chart opens.
 
-The latest eGFR and its KDIGO G category decide whether there is a card: quiet (no card) when
-there is no eGFR or it is ≥ 60, i.e. no CKD by eGFR alone. The site's model (kfre-4var unless the
-site names another) adds the kidney failure risk, its main factors and the inputs it lacked.
-KDIGO 2024 CKD guideline: https://kdigo.org/guidelines/ckd-evaluation-and-management/
+Quiet unless there is something to act on (docs/clinical.md, "kidney-risk"):
+- no eGFR (reported, or CKD-EPI 2021 from creatinine) and no urine ACR: no card;
+- the site's model (kfre-4var unless the site names another) scored: a card when the risk reaches
+  the lowest threshold (manifest, or the site's `thresholds`) or a KDIGO 2024 referral criterion
+  holds (eGFR < 30, urine ACR ≥ 300 mg/g); otherwise none;
+- the model could not score (e.g. no urine ACR): the KDIGO G category decides (G3a and worse).
+Suggestions (one action each, Epic): a draft nephrology referral when a referral criterion
+holds, a draft urine ACR when none was resulted in 12 months; both only when the site names the
+orderable (`orderables`), since Epic pends orders from its own preference-list codes.
 """
 
 from __future__ import annotations
 
-from cds_service.cards import Card, Coding, Link, Source
+import json
+
+from marshmallow import RAISE, Schema, fields, validate
+
+from cds_service.cards import Action, Card, Coding, Link, Source, Suggestion
 from cds_service.models.registry import Prediction
 from cds_service.registry import CdsService, HookRequest
-from hooks._fhir import EGFR_LOINC, latest_lab
-from hooks._kidney import g_category
+from hooks._kidney import (
+    HORIZONS,
+    KidneyStatus,
+    assess,
+    factor_label,
+    factor_text,
+    number,
+    risk_text,
+    severity,
+)
+from hooks._medications import (
+    ACTIVE,
+    applicable_rule,
+    medication_match,
+    medication_requests,
+)
 
 KDIGO_URL = "https://kdigo.org/guidelines/ckd-evaluation-and-management/"
 TOPIC_SYSTEM = "https://cds.example.org/topics"
+TOPIC = Coding(code="kidneyfunction", system=TOPIC_SYSTEM, display="Reduced kidney function")
+REFERRAL_ORDERABLE = "nephrology-referral"
+UACR_ORDERABLE = "urine-acr"
 
-# Card indicator per KDIGO G category; G1/G2 raise no card (no CKD by eGFR alone).
+# Without a model score: card indicator per KDIGO G category (G1/G2: no CKD by eGFR alone).
 G_INDICATOR = {"G1": None, "G2": None, "G3a": "info", "G3b": "warning", "G4": "warning",
                "G5": "critical"}
 
+OVERRIDE_REASONS = (
+    Coding(code="nephrologyfollowing", system=TOPIC_SYSTEM,
+           display="Already followed by nephrology"),
+    Coding(code="goalsofcare", system=TOPIC_SYSTEM,
+           display="Not consistent with goals of care"),
+    Coding(code="patientdeclined", system=TOPIC_SYSTEM, display="Patient declined"),
+    Coding(code="datanotcurrent", system=TOPIC_SYSTEM, display="Result not current or acute"),
+)
 
-_SEVERITY = (None, "info", "warning", "critical")
+
+class _Referral(Schema):
+    class Meta:
+        unknown = RAISE
+
+    # KDIGO 2024 rec. 5.1: refer at eGFR < 30, urine ACR ≥ 300 mg/g, or a 5-year kidney failure
+    # risk above 5% (3-5% consider). docs/clinical.md.
+    risk = fields.Float(load_default=0.05, validate=validate.Range(min=0, max=1))
+    egfr_below = fields.Float(load_default=30, validate=validate.Range(min=1, max=200))
+    uacr_at_least = fields.Float(load_default=300, validate=validate.Range(min=1))
 
 
-def _factor(name: str, value: float | None) -> str:
-    if name == "male" and value is not None:
-        return "male sex" if value else "female sex"
-    return name if value is None else f"{name} {value:g}"
+class _SmartLink(Schema):
+    class Meta:
+        unknown = RAISE
+
+    label = fields.String(required=True, validate=validate.Length(min=1, max=80))
+    # Epic shows only SMART links the health system registered, so this is that launch URL.
+    url = fields.Url(required=True, schemes={"https"})
 
 
-def _risk_text(prediction: Prediction) -> tuple[str, str]:
-    """(summary suffix, detail paragraph) for a model score; empty when there is none."""
+class Settings(Schema):
+    class Meta:
+        unknown = RAISE
+
+    referral = fields.Nested(_Referral, load_default=lambda: _Referral().load({}))
+    smart_link = fields.Nested(_SmartLink)
+
+
+def _referral_reasons(status: KidneyStatus, prediction: Prediction | None,
+                      settings: dict) -> list[str]:
+    reasons = []
+    if prediction is not None and prediction.score is not None \
+            and prediction.score >= settings["risk"]:
+        reasons.append(f"{risk_text(prediction)} (≥ {settings['risk']:.0%})")
+    if status.egfr is not None and status.egfr < settings["egfr_below"]:
+        reasons.append(f"eGFR {status.egfr:g} (< {settings['egfr_below']:g})")
+    if status.uacr is not None and status.uacr.value >= settings["uacr_at_least"]:
+        reasons.append(f"urine ACR {number(status.uacr.value)} mg/g "
+                       f"(≥ {settings['uacr_at_least']:g})")
+    return reasons
+
+
+def _indicator(status: KidneyStatus, prediction: Prediction | None,
+               referral: list[str]) -> str | None:
+    if prediction is not None and prediction.score is not None:
+        candidates = [prediction.indicator, "warning" if referral else None]
+    else:
+        candidates = [G_INDICATOR[status.g[0]] if status.g else None,
+                      "warning" if referral else None]
+    if status.g and status.g[0] == "G5":
+        candidates.append("critical")
+    return max(candidates, key=severity)
+
+
+def _values_table(status: KidneyStatus) -> str:
+    rows = []
+    if status.egfr is not None:
+        g, g_text = status.g
+        if status.calculated_from is not None:
+            what = (f"{status.egfr:g} mL/min/1.73 m², calculated (CKD-EPI 2021) from "
+                    f"{status.creatinine_text()}")
+        else:
+            what = f"{status.egfr:g} mL/min/1.73 m²"
+        rows.append(f"| eGFR | {what} | KDIGO {g} ({g_text}) | {status.egfr_date} |")
+    if status.uacr is not None:
+        a, a_text = status.a
+        rows.append(f"| Urine ACR | {number(status.uacr.value)} mg/g | KDIGO {a} ({a_text}) | "
+                    f"{status.uacr.date} |")
+    return "| Result | Value | Category | Date |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
+def _model_text(prediction: Prediction) -> str:
+    model = f"model {prediction.model_id} {prediction.model_version}"
     if prediction.score is None:
-        return "", (f"Kidney failure risk not computed ({prediction.model_id} "
-                    f"{prediction.model_version}): {prediction.unavailable}.")
-    horizon = {"risk_5y": "5-year", "risk_2y": "2-year"}
-    main = f"{horizon.get(prediction.output, prediction.output)} kidney failure risk " \
-           f"{prediction.score:.0%}"
-    others = "".join(f", {horizon.get(name, name)} {value:.0%}"
+        missing = ", ".join(factor_label(n) for n in prediction.features.missing_required)
+        return f"Kidney failure risk not computed ({model}): no {missing} on record."
+    others = "".join(f", {HORIZONS.get(name, name)} {value:.0%}"
                      for name, value in prediction.secondary.items())
-    factors = "; ".join(f"{_factor(c.name, c.value)} {c.direction} risk"
+    factors = "; ".join(f"{factor_text(c.name, c.value)} {c.direction} risk"
                         for c in prediction.top(3))
-    detail = (f"**{main[0].upper()}{main[1:]}**{others} (model {prediction.model_id} "
-              f"{prediction.model_version}). Main factors: {factors}.")
+    text = f"**{risk_text(prediction)}**{others} ({model}). Main factors: {factors}."
     if prediction.imputed:
-        detail += f" Imputed (not measured): {', '.join(prediction.imputed)}."
-    return main, detail
+        text += f" Not measured, typical value used: {', '.join(prediction.imputed)}."
+    return text
+
+
+def _medications_to_review(request: HookRequest, status: KidneyStatus,
+                           prediction: Prediction | None) -> list[str]:
+    """Active medications a value-set rule flags at this eGFR and risk (docs/clinical.md)."""
+    medications = request.prefetch.get("medications")
+    risk = prediction.indicator if prediction is not None else None
+    found: list[str] = []
+    for order in medication_requests(medications, ACTIVE):
+        match = medication_match(order, [medications], request.site.code_map)
+        rule = match and applicable_rule(match.medication_class, egfr=status.egfr,
+                                         risk_indicator=risk, already_taking=True)
+        if rule and (text := f"{match.ingredient} ({rule.summary})") not in found:
+            found.append(text)
+    return found
+
+
+def _service_request(request: HookRequest, orderable_name: str, reason: str) -> dict | None:
+    orderable = request.site.orderables.get(orderable_name)
+    if orderable is None:
+        return None
+    resource = {"resourceType": "ServiceRequest", "status": "draft", "intent": "order",
+                "code": orderable.concept(), "reasonCode": [{"text": reason}]}
+    patient_id = request.context.get("patientId")
+    if isinstance(patient_id, str) and patient_id:
+        resource["subject"] = {"reference": f"Patient/{patient_id}"}
+    return resource
 
 
 def handle(request: HookRequest) -> list[Card]:
-    egfr = latest_lab(request.prefetch["egfr"] or (), EGFR_LOINC)
-    if egfr is None:
+    resources = [v for v in request.prefetch.values() if v is not None]
+    status = assess(resources, now=request.now, code_map=request.site.code_map)
+    if not status.has_data:
         return []
-    category, text = g_category(egfr.value)
-    indicator = G_INDICATOR[category]
+    prediction = None
+    if request.model is not None and status.egfr is not None:
+        prediction = request.model.predict([*resources, *status.extra_resources],
+                                           now=request.now)
+    referral = _referral_reasons(status, prediction, request.settings["referral"])
+    indicator = _indicator(status, prediction, referral)
     if indicator is None:
         return []
-    when = egfr.when.isoformat() if egfr.when else "an unknown date"
-    detail = (
-        f"Latest eGFR **{egfr.value:g} mL/min/1.73 m²** ({when}): KDIGO category **{category}** "
-        f"({text}).\n\nKDIGO 2024 recommends referral to nephrology when eGFR is below 30."
-    )
-    summary = f"eGFR {egfr.value:g} on {when}: CKD category {category} ({text})"
-    if request.model is not None:
-        prediction = request.model.predict(
-            v for v in request.prefetch.values() if v is not None)
-        if prediction.score is not None:
-            suffix, risk_detail = _risk_text(prediction)
-            summary = f"{suffix} (eGFR {egfr.value:g}, {category})"
-            detail += "\n\n" + risk_detail
-            indicator = max(indicator, prediction.indicator, key=_SEVERITY.index)
-    return [
-        Card(
-            summary=summary,
-            indicator=indicator,
-            detail=detail,
-            source=Source(
-                label="KDIGO 2024 CKD guideline",
-                url=KDIGO_URL,
-                topic=Coding(code="kidneyfunction", system=TOPIC_SYSTEM,
-                             display="Reduced kidney function"),
-            ),
-            links=(Link(label="KDIGO 2024 CKD guideline", url=KDIGO_URL),),
-        )
-    ]
 
+    stage = "".join(c[0] for c in (status.g, status.a) if c)
+    figures = [status.egfr_text()] if status.egfr is not None else []
+    if status.uacr is not None:
+        figures.append(f"UACR {number(status.uacr.value)} mg/g")
+    if prediction is not None and prediction.score is not None:
+        summary = f"{risk_text(prediction)} ({', '.join(figures)})"
+    else:
+        category = status.g or status.a
+        summary = (f"CKD {stage} ({category[1]}): {', '.join(figures)} on "
+                   f"{status.egfr_date or status.uacr.date}")
+
+    detail = [_values_table(status)]
+    if prediction is not None:
+        detail.append(_model_text(prediction))
+    detail += [f"No eGFR: {note}." for note in status.notes]
+    if referral:
+        detail.append("KDIGO 2024 recommends referral to nephrology: " + "; ".join(referral)
+                      + ".")
+    no_recent_uacr = status.egfr is not None and status.uacr_last_12_months == 0
+    if no_recent_uacr:
+        detail.append("No urine ACR in the last 12 months: KDIGO 2024 recommends testing "
+                      "albuminuria at least yearly in CKD.")
+    to_review = _medications_to_review(request, status, prediction)
+    if to_review:
+        detail.append("Active medications to review: " + "; ".join(to_review) + ".")
+
+    suggestions = []
+    if referral and (resource := _service_request(
+            request, REFERRAL_ORDERABLE, f"CKD {stage}: " + "; ".join(referral))):
+        suggestions.append(Suggestion(
+            label="Refer to nephrology", is_recommended=True,
+            actions=(Action.create("Draft a nephrology referral for you to review and sign.",
+                                   resource),)))
+    if no_recent_uacr and (resource := _service_request(
+            request, UACR_ORDERABLE, f"CKD {stage}: no urine ACR in 12 months")):
+        suggestions.append(Suggestion(
+            label="Order urine albumin/creatinine ratio", is_recommended=True,
+            actions=(Action.create("Draft a urine albumin/creatinine ratio order for you to "
+                                   "review and sign.", resource),)))
+
+    links = [Link(label="KDIGO 2024 CKD guideline", url=KDIGO_URL)]
+    smart = request.settings.get("smart_link")
+    if smart:
+        # appContext reaches the app as an opaque string (JSON pre-serialised, rule 93): the
+        # hookInstance lets the app find this prediction in our store; no PHI in it.
+        links.append(Link(label=smart["label"], url=smart["url"], type="smart",
+                          app_context=json.dumps({"service": request.service_id,
+                                                  "hookInstance": request.hook_instance})))
+    return [Card(
+        summary=summary,
+        indicator=indicator,
+        detail="\n\n".join(detail),
+        source=Source(label="KDIGO 2024 CKD guideline", url=KDIGO_URL, topic=TOPIC),
+        suggestions=tuple(suggestions),
+        links=tuple(links),
+        override_reasons=OVERRIDE_REASONS,
+    )]
+
+
+# Observation searches list every LOINC code that means the concept (docs/clinical.md).
+EGFR_CODES = ("http://loinc.org|33914-3,http://loinc.org|62238-1,http://loinc.org|98979-8,"
+              "http://loinc.org|48642-3")
+CREATININE_CODES = ("http://loinc.org|2160-0,http://loinc.org|38483-4,"
+                    "http://loinc.org|14682-9,http://loinc.org|77140-2")
+UACR_CODES = "http://loinc.org|9318-7,http://loinc.org|14959-1,http://loinc.org|32294-1"
 
 SERVICE = CdsService(
     id="kidney-risk",
     hooks=("patient-view",),
-    title="Kidney function",
-    description="Flags reduced kidney function (eGFR below 60) with its KDIGO GFR category.",
+    title="Kidney failure risk",
+    description="Kidney failure risk (KFRE) with KDIGO CKD stage when a chart opens; suggests "
+                "nephrology referral and urine ACR testing when due. Quiet otherwise.",
     handler=handle,
     model="kfre-4var",
+    settings_schema=Settings,
     prefetch={
-        "egfr": "Observation?patient={{context.patientId}}"
-                "&code=http://loinc.org|33914-3,http://loinc.org|62238-1,"
-                "http://loinc.org|98979-8,http://loinc.org|48642-3&_sort=-date&_count=10",
+        "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES
+                + "&_sort=-date&_count=10",
+        "creatinine": "Observation?patient={{context.patientId}}&code=" + CREATININE_CODES
+                      + "&_sort=-date&_count=10",
         "patient": "Patient/{{context.patientId}}",
-        # Urine ACR (3 LOINC codes for one concept) and HbA1c (NGSP % and IFCC mmol/mol).
-        "labs": "Observation?patient={{context.patientId}}"
-                "&code=http://loinc.org|9318-7,http://loinc.org|14959-1,http://loinc.org|32294-1,"
-                "http://loinc.org|4548-4,http://loinc.org|17856-6,http://loinc.org|59261-8"
-                "&_sort=-date&_count=20",
+        "uacr": "Observation?patient={{context.patientId}}&code=" + UACR_CODES
+                + "&_sort=-date&_count=10",
+        # HbA1c as NGSP % and IFCC mmol/mol (the progression model reads it).
+        "hba1c": "Observation?patient={{context.patientId}}&code=http://loinc.org|4548-4,"
+                 "http://loinc.org|17856-6,http://loinc.org|59261-8&_sort=-date&_count=10",
         "bp": "Observation?patient={{context.patientId}}"
               "&code=http://loinc.org|85354-9,http://loinc.org|8480-6&_sort=-date&_count=10",
         "conditions": "Condition?patient={{context.patientId}}&clinical-status=active",
+        "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
     },
-    # The eGFR decides whether there is a card; the model's inputs improve it when Epic sends
-    # them, and their absence is said on the card instead of failing the call.
-    optional_prefetch=frozenset({"patient", "labs", "bp", "conditions"}),
+    # The eGFR search decides whether there is a card; everything else improves it when Epic
+    # sends it, and its absence is said on the card instead of failing the call.
+    optional_prefetch=frozenset({"creatinine", "uacr", "patient", "hba1c", "bp", "conditions",
+                                 "medications"}),
 )

@@ -1,139 +1,170 @@
-"""nephrotoxic-order-check (order-select and order-sign): NSAID orders with reduced eGFR.
+"""nephrotoxic-order-check (order-select, order-sign): kidney-unsafe medication orders.
 
-order-select evaluates only the new `selections`; order-sign evaluates every draft order (hook
-library STU1). The card suggests removing the draft order; the clinician decides inside Epic.
-KDIGO 2024 CKD guideline, practice point 3.11.2 ("avoid prolonged NSAID use in CKD"):
-https://kdigo.org/guidelines/ckd-evaluation-and-management/
+Which orders: order-select evaluates only the new `selections`; order-sign evaluates every draft
+order (hook library STU1); the other draft orders are context. Which medications: the value sets
+in hooks/data/medications.yaml (NSAIDs, metformin), by RxNorm ingredient, site code mapping or
+name. When the patient's eGFR (reported, or CKD-EPI 2021 from creatinine) or the site model's
+kidney failure risk meets a rule, one card per order names the drug, the eGFR with its date and
+the risk, and suggests removing the draft order and, where the value set names one, drafting a
+safer alternative. The clinician picks inside Epic; nothing is written by us.
+Sources: docs/clinical.md, "nephrotoxic-order-check".
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from cds_service.cards import RESOURCE_ID, Action, Card, Coding, Source, Suggestion
 from cds_service.registry import CdsService, HookRequest
-from hooks._fhir import EGFR_LOINC, RXNORM, codes, latest_lab, resources_of
+from hooks._kidney import KidneyStatus, assess, risk_text
+from hooks._medications import (
+    ACTIVE,
+    TOPIC_SYSTEM,
+    Match,
+    applicable_rule,
+    medication_match,
+    medication_requests,
+)
+from hooks.kidney_risk import CREATININE_CODES, EGFR_CODES, UACR_CODES
 
-KDIGO_URL = "https://kdigo.org/guidelines/ckd-evaluation-and-management/"
-TOPIC_SYSTEM = "https://cds.example.org/topics"
-EGFR_THRESHOLD = 60
+# Epic's RxNorm system for creates (Epic CDS Hooks tutorial, "Creating unsigned orders").
+EPIC_RXNORM = "urn:oid:2.16.840.1.113883.6.88"
+# A draft order in one of these states is no longer being ordered (R4 medicationrequest-status).
+_NOT_ORDERED = frozenset({"cancelled", "entered-in-error", "stopped", "completed", "revoked"})
 
-# NSAIDs by RxNorm ingredient RxCUI (https://mor.nlm.nih.gov/RxNav/).
-NSAIDS = {
-    "5640": "ibuprofen",
-    "7258": "naproxen",
-    "35827": "ketorolac",
-    "3355": "diclofenac",
-    "140587": "celecoxib",
-    "5781": "indomethacin",
-    "41493": "meloxicam",
-}
-
-
-def _medication_concept(order: Mapping, draft_orders: Any) -> Any:
-    if order.get("medicationCodeableConcept"):
-        return order["medicationCodeableConcept"]
-    reference = order.get("medicationReference")
-    reference = reference.get("reference") if isinstance(reference, Mapping) else None
-    if not isinstance(reference, str):
-        return None
-    # Epic (Feb 2024+) puts referenced Medications in the draftOrders Bundle; others contain them.
-    candidates = resources_of(draft_orders, "Medication") + [
-        r for r in order.get("contained") or () if isinstance(r, Mapping)
-    ]
-    wanted = reference.lstrip("#").rsplit("/", 1)[-1]
-    for medication in candidates:
-        if medication.get("id") == wanted:
-            return medication.get("code")
-    return None
-
-
-def nsaid_name(order: Mapping, draft_orders: Any) -> str | None:
-    concept = _medication_concept(order, draft_orders)
-    for system, code in codes(concept):
-        if system == RXNORM and code in NSAIDS:
-            return NSAIDS[code]
-    # Product-level RxCUIs and local codes do not match ingredients; fall back to names.
-    texts = [concept.get("text", "")] if isinstance(concept, Mapping) else []
-    if isinstance(concept, Mapping):
-        texts += [c.get("display", "") for c in concept.get("coding") or ()
-                  if isinstance(c, Mapping)]
-    lowered = " ".join(t for t in texts if isinstance(t, str)).lower()
-    return next((name for name in NSAIDS.values() if name in lowered), None)
+OVERRIDE_REASONS = (
+    Coding(code="benefitoutweighsrisk", system=TOPIC_SYSTEM, display="Benefit outweighs risk"),
+    Coding(code="shortcourse", system=TOPIC_SYSTEM, display="Short course, will monitor"),
+    Coding(code="dialysis", system=TOPIC_SYSTEM, display="Patient on dialysis"),
+    Coding(code="datanotcurrent", system=TOPIC_SYSTEM, display="eGFR not current"),
+)
 
 
 def orders_to_check(request: HookRequest) -> list[Mapping]:
-    orders = resources_of(request.context["draftOrders"], "MedicationRequest")
+    orders = [o for o in medication_requests(request.context.get("draftOrders"))
+              if o.get("status") not in _NOT_ORDERED]
     if request.hook == "order-select":
-        selected = set(request.context["selections"])
+        # A selection naming no draft order (Epic sends both; a mismatch is its bug, not ours)
+        # matches nothing and raises nothing.
+        selected = {s for s in request.context.get("selections") or () if isinstance(s, str)}
         orders = [o for o in orders if f"MedicationRequest/{o.get('id')}" in selected]
     return orders
 
 
+def _already_taking(request: HookRequest, match: Match) -> bool:
+    """Whether an active (not draft) order of the same class is on the chart."""
+    medications = request.prefetch.get("medications")
+    for order in medication_requests(medications, ACTIVE):
+        found = medication_match(order, [medications], request.site.code_map)
+        if found is not None and found.medication_class is match.medication_class:
+            return True
+    return False
+
+
+def _alternative(request: HookRequest, match: Match) -> Suggestion | None:
+    if match.medication_class.alternative is None:
+        return None
+    name, rxcui = match.medication_class.alternative
+    orderable = request.site.orderables.get(name)
+    concept = orderable.concept() if orderable is not None else {
+        "coding": [{"system": EPIC_RXNORM, "code": rxcui, "display": name}], "text": name}
+    resource = {"resourceType": "MedicationRequest", "status": "draft", "intent": "order",
+                "medicationCodeableConcept": concept}
+    patient_id = request.context.get("patientId")
+    if isinstance(patient_id, str) and patient_id:
+        resource["subject"] = {"reference": f"Patient/{patient_id}"}
+    return Suggestion(label=f"Order {name} instead",
+                      actions=(Action.create(f"Draft an order for {name} for you to review "
+                                             "and sign.", resource),))
+
+
+def _remove(order: Mapping, drug: str) -> Suggestion | None:
+    # Epic's draft-order ids run far past FHIR's 64 characters (~190 in the Epic tutorial's
+    # draftOrders example); an id a delete action cannot name keeps the card, not the action.
+    reference = f"MedicationRequest/{order.get('id')}"
+    if not isinstance(order.get("id"), str) or not RESOURCE_ID.match(reference):
+        return None
+    return Suggestion(label=f"Remove the {drug} order", is_recommended=True,
+                      actions=(Action.delete(f"Remove the {drug} order.", reference),))
+
+
+def _card(request: HookRequest, order: Mapping, match: Match, rule, status: KidneyStatus,
+          prediction) -> Card:
+    drug = match.ingredient
+    med_class = match.medication_class
+    facts = []
+    if status.egfr is not None:
+        facts.append(f"{status.egfr_text()} on {status.egfr_date}")
+    scored = prediction is not None and prediction.score is not None
+    if scored:
+        facts.append(risk_text(prediction))
+    summary = f"{drug.capitalize()} ordered with {', '.join(facts)}: {rule.summary}"
+
+    lines = [f"**{drug.capitalize()}** ({med_class.label}, matched by {match.matched_by})."]
+    if status.egfr is not None:
+        how = ""
+        if status.calculated_from is not None:
+            how = f", calculated with CKD-EPI 2021 from {status.creatinine_text()}"
+        lines.append(f"Latest eGFR **{status.egfr:g} mL/min/1.73 m²** ({status.egfr_date}), "
+                     f"KDIGO {status.g[0]}{how}.")
+    if scored:
+        lines.append(f"{risk_text(prediction).capitalize()} (model {prediction.model_id} "
+                     f"{prediction.model_version}).")
+    lines.append(rule.advice)
+    suggestions = [s for s in (_remove(order, drug), _alternative(request, match)) if s]
+    return Card(
+        summary=summary,
+        indicator=rule.indicator,
+        detail=" ".join(lines),
+        source=Source(label=med_class.source_label, url=med_class.source_url,
+                      topic=med_class.topic),
+        suggestions=tuple(suggestions),
+        override_reasons=OVERRIDE_REASONS,
+    )
+
+
 def handle(request: HookRequest) -> list[Card]:
-    egfr = latest_lab(request.prefetch["egfr"] or (), EGFR_LOINC)
-    if egfr is None or egfr.value >= EGFR_THRESHOLD:
-        return []
-    when = egfr.when.isoformat() if egfr.when else "an unknown date"
+    draft_orders = request.context.get("draftOrders")
+    bundles = [draft_orders, *(v for v in request.prefetch.values() if v is not None)]
+    matches = [(order, match) for order in orders_to_check(request)
+               if (match := medication_match(order, bundles, request.site.code_map))]
+    if not matches:
+        return []  # the common case: nothing kidney-relevant was ordered; no chart reading
+    resources = [v for v in request.prefetch.values() if v is not None]
+    status = assess(resources, now=request.now, code_map=request.site.code_map)
+    prediction = None
+    if request.model is not None and status.egfr is not None:
+        prediction = request.model.predict([*resources, *status.extra_resources],
+                                           now=request.now)
+    risk_indicator = prediction.indicator if prediction is not None else None
     cards = []
-    for order in orders_to_check(request):
-        drug = nsaid_name(order, request.context["draftOrders"])
-        if drug is None:
-            continue
-        suggestions = ()
-        # Epic's draft-order ids run far past FHIR's 64 characters (~190 in the Epic tutorial's
-        # draftOrders example). An id a delete action cannot name keeps its card without the
-        # suggestion instead of failing the whole request (Action.delete raises ValueError).
-        if isinstance(order.get("id"), str) and RESOURCE_ID.match(
-            f"MedicationRequest/{order['id']}"
-        ):
-            suggestions = (
-                Suggestion(
-                    label=f"Remove the {drug} order",
-                    actions=(Action.delete(f"Remove the {drug} order.",
-                                           f"MedicationRequest/{order['id']}"),),
-                    is_recommended=True,
-                ),
-            )
-        cards.append(
-            Card(
-                summary=f"{drug.capitalize()} ordered with eGFR {egfr.value:g} ({when}): "
-                        "avoid NSAIDs in CKD",
-                indicator="critical" if egfr.value < 30 else "warning",
-                detail=(
-                    f"The order for **{drug}** is an NSAID. Latest eGFR is "
-                    f"**{egfr.value:g} mL/min/1.73 m²** ({when}). KDIGO 2024 advises avoiding "
-                    "NSAIDs in CKD; consider acetaminophen for pain."
-                ),
-                source=Source(
-                    label="KDIGO 2024 CKD guideline",
-                    url=KDIGO_URL,
-                    topic=Coding(code="nsaidckd", system=TOPIC_SYSTEM,
-                                 display="NSAID with reduced kidney function"),
-                ),
-                suggestions=suggestions,
-                override_reasons=(
-                    Coding(code="benefit-outweighs-risk", system=TOPIC_SYSTEM,
-                           display="Benefit outweighs risk"),
-                    Coding(code="short-course", system=TOPIC_SYSTEM,
-                           display="Short course, will monitor"),
-                ),
-            )
-        )
+    for order, match in matches:
+        rule = applicable_rule(match.medication_class, egfr=status.egfr,
+                               risk_indicator=risk_indicator,
+                               already_taking=_already_taking(request, match))
+        if rule is not None:
+            cards.append(_card(request, order, match, rule, status, prediction))
     return cards
 
 
 SERVICE = CdsService(
     id="nephrotoxic-order-check",
     hooks=("order-select", "order-sign"),
-    title="NSAID order with reduced kidney function",
-    description="Warns when an NSAID is ordered for a patient whose latest eGFR is below 60, "
-                "and suggests removing the draft order.",
+    title="Kidney-unsafe medication order",
+    description="Warns when an NSAID or metformin is ordered for a patient whose eGFR or "
+                "kidney failure risk makes it unsafe; suggests removing the draft order or a "
+                "safer alternative.",
     handler=handle,
+    model="kfre-4var",
     prefetch={
-        "egfr": "Observation?patient={{context.patientId}}"
-                "&code=http://loinc.org|33914-3,http://loinc.org|62238-1,"
-                "http://loinc.org|98979-8,http://loinc.org|48642-3&_sort=-date&_count=10",
+        "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES
+                + "&_sort=-date&_count=10",
+        "creatinine": "Observation?patient={{context.patientId}}&code=" + CREATININE_CODES
+                      + "&_sort=-date&_count=10",
+        "uacr": "Observation?patient={{context.patientId}}&code=" + UACR_CODES
+                + "&_sort=-date&_count=10",
+        "patient": "Patient/{{context.patientId}}",
+        "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
     },
+    optional_prefetch=frozenset({"creatinine", "uacr", "patient", "medications"}),
 )

@@ -28,8 +28,11 @@ def test_site_enables_a_subset_and_discovery_shows_its_templates(make_app, site_
         ("nephrotoxic-order-check", "order-select"),
         ("nephrotoxic-order-check", "order-sign"),
     ]
+    from hooks.nephrotoxic_order_check import SERVICE
+
     assert services[0]["prefetch"] == {
-        "egfr": "Observation?patient={{context.patientId}}&code=http://loinc.org|62238-1"
+        **SERVICE.prefetch,
+        "egfr": "Observation?patient={{context.patientId}}&code=http://loinc.org|62238-1",
     }
     # Not enabled at this site: 404, even though the registry has it.
     response = client.post("/cds-services/kidney-risk", json={})
@@ -86,6 +89,23 @@ def test_shipped_demo_site_is_valid(make_app):
                                                                 "a.yaml"]),
         ({"a.yaml": "site: a\n", "b.yaml": "site: b\n"}, ["DEFAULT_SITE", "a, b"]),
         ({"x.yaml": "- just\n- a list\n"}, ["x.yaml", "mapping"]),
+        ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    settings:\n      referral:\n"
+                    "        risk: 5\n"},
+         ["x.yaml", "services.kidney-risk.settings.referral.risk"]),
+        ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    settings:\n      smart_link:\n"
+                    "        label: App\n        url: http://apps.example.org/launch\n"},
+         ["x.yaml", "services.kidney-risk.settings.smart_link.url"]),
+        ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    settings:\n      colour: 1\n"},
+         ["x.yaml", "services.kidney-risk.settings.colour"]),
+        ({"x.yaml": "site: x\nservices:\n  nephrotoxic-order-check:\n    settings:\n"
+                    "      a: 1\n"},
+         ["x.yaml", "services.nephrotoxic-order-check.settings", "no settings"]),
+        ({"x.yaml": "site: x\norderables:\n  nephrology-referral:\n    code: '1'\n"},
+         ["x.yaml", "orderables.nephrology-referral.system", "Missing"]),
+        ({"x.yaml": "site: x\norderables:\n  Bad Name:\n    system: s\n    code: c\n"
+                    "    display: d\n"}, ["x.yaml", "orderables", "lower-case-with-dashes"]),
+        ({"x.yaml": "site: x\nalert_fatigue:\n  override_window_hours: -1\n"},
+         ["x.yaml", "alert_fatigue.override_window_hours"]),
     ],
 )
 def test_configuration_errors_name_file_and_key(make_app, tmp_path, files, fragments):
@@ -171,3 +191,28 @@ def test_non_https_jku_stops_start_up(make_app, tmp_path):
           "    jku: [http://keys.example.org/jwks]\n")
     with pytest.raises(ConfigError, match=r"x\.yaml: issuers\[0\]\.jku\[0\]: .* must be https"):
         make_app(SERVICES=SERVICES, SITE_CONFIG=str(tmp_path / "x.yaml"))
+
+
+def test_service_settings_orderables_and_window_are_loaded_with_defaults(make_app, site_file):
+    from datetime import timedelta
+
+    app = make_app(SERVICES=SERVICES, SITE_CONFIG=site_file(textwrap.dedent("""\
+        orderables:
+          urine-acr: {system: urn:x, code: "52104", display: UACR}
+        alert_fatigue: {override_window_hours: 6}
+        services:
+          kidney-risk:
+            settings:
+              referral: {egfr_below: 25}
+          nephrotoxic-order-check: {}
+        """)))
+    site = app.extensions["cds"].default_site
+    assert site.override_window == timedelta(hours=6)
+    assert site.orderables["urine-acr"].concept() == {
+        "coding": [{"system": "urn:x", "code": "52104", "display": "UACR"}], "text": "UACR"}
+    assert site.services["kidney-risk"].settings == {
+        "referral": {"risk": 0.05, "egfr_below": 25, "uacr_at_least": 300}}
+    assert site.services["nephrotoxic-order-check"].settings == {}
+    defaults = make_app(SERVICES=SERVICES).extensions["cds"].default_site
+    assert defaults.override_window == timedelta(hours=24)
+    assert defaults.services["kidney-risk"].settings["referral"]["risk"] == 0.05

@@ -32,7 +32,9 @@ def test_patient_view_request_prefetches_from_the_bundle(demo_site):
                                "patientId": "demo-ckd-1", "encounterId": "demo-enc-1"}
     egfr = body["prefetch"]["egfr"]
     assert egfr["type"] == "searchset"
-    assert {e["resource"]["id"] for e in egfr["entry"]} == {"egfr-2026-09", "egfr-2025-11"}
+    # Every Observation of the patient: the services select by code themselves.
+    assert {e["resource"]["id"] for e in egfr["entry"]} == {"egfr-2026-09", "egfr-2025-11",
+                                                            "uacr-2026-09"}
 
 
 def test_order_select_request_drafts_and_selections(demo_site):
@@ -72,7 +74,9 @@ def test_invoke_against_the_running_demo(serve, tmp_path):  # noqa: F811
               str(ROOT / "site_config")]
     result = subprocess.run([CLI, "invoke", "kidney-risk", *common], **env_args)
     assert result.returncode == 0, result.stderr
-    assert "[warning] eGFR 27 on 2026-09-14: CKD category G4" in result.stdout
+    assert "[warning] 5-year kidney failure risk 24% (eGFR 27, UACR 380 mg/g)" in result.stdout
+    assert "metformin (contraindicated below eGFR 30)" in result.stdout
+    assert "suggestion: Refer to nephrology (create ServiceRequest)" in result.stdout
 
     result = subprocess.run([CLI, "invoke", "nephrotoxic-order-check", "--hook", "order-select",
                              "--json", *common], **env_args)

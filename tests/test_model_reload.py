@@ -112,6 +112,14 @@ def wait_for(condition, timeout: float, what: str, output) -> None:
         time.sleep(0.05)
 
 
+def wait_for_workers(server: Server, workers: int) -> None:
+    """Until every worker has built its app: /healthz answers as soon as the first one has, and
+    a worker still booting when the test edits the site file would read the edited one."""
+    wait_for(lambda: len(worker_pids(server)) == workers
+             and server.output().count("loaded (sha256") >= workers + 1,  # + the master's check
+             30, f"{workers} workers to load the app", server.output)
+
+
 def loaded_models(server: Server) -> dict[str, str]:
     status, ready = request(server.base + "/readyz")
     assert status == 200, f"{ready}\n{server.output()}"
@@ -140,6 +148,7 @@ def test_sighup_swaps_the_active_model_under_load_without_a_failed_call(tmp_path
 
 def run_swap(server: Server, site: Path, tmp_path: Path) -> None:
     output = server.output
+    wait_for_workers(server, 2)
     old_shas = loaded_models(server)
     assert set(old_shas) == {OLD}, output()
     old_workers = worker_pids(server)
@@ -221,6 +230,7 @@ def test_sighup_with_a_broken_site_is_refused_and_the_service_keeps_serving(tmp_
     write_site(site, model=OLD)
     server = Server(tmp_path, "--workers", "2", env={"CDS_SITE_CONFIG": str(site)})
     try:
+        wait_for_workers(server, 2)
         before = worker_pids(server)
         write_site(site, model="no-such-model")
         os.kill(server.process.pid, signal.SIGHUP)

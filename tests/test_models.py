@@ -240,7 +240,7 @@ def test_site_thresholds_override_the_manifest(make_app):
 
 def test_local_codes_reach_the_model_through_the_site_code_mappings(make_app):
     body = patient_request()
-    uacr = body["prefetch"]["labs"]["entry"][0]["resource"]
+    uacr = body["prefetch"]["uacr"]["entry"][0]["resource"]
     uacr["code"]["coding"] = [c for c in uacr["code"]["coding"] if c["system"] != "http://loinc.org"]
     plain = model_app(make_app)
     response = post(plain.test_client(), "/cds-services/kidney-risk", dict(
@@ -261,15 +261,12 @@ def test_local_codes_reach_the_model_through_the_site_code_mappings(make_app):
          ["services.kidney-risk.model", "no-such-model", "not found", "kfre-4var"]),
         ("services:\n  kidney-risk:\n    shadow_model: kfre-4var\n",
          ["services.kidney-risk.shadow_model", "differ"]),
-        ("services:\n  nephrotoxic-order-check:\n    model: kfre-4var\n",
-         ["services.nephrotoxic-order-check.model", "uses no model"]),
         ("services:\n  kidney-risk:\n    thresholds: {info: 0.5, warning: 0.1}\n",
          ["services.kidney-risk.thresholds", "rise"]),
         ("code_mappings:\n  - {from: 'no-bar', to: 'http://loinc.org|1-8'}\n",
          ["code_mappings[0].from"]),
     ],
-    ids=["unknown-model", "shadow-is-active", "service-without-model", "thresholds",
-         "code-map"],
+    ids=["unknown-model", "shadow-is-active", "thresholds", "code-map"],
 )
 def test_model_configuration_errors_stop_start_up_naming_file_and_key(make_app, extra,
                                                                       fragments):
@@ -279,6 +276,12 @@ def test_model_configuration_errors_stop_start_up_naming_file_and_key(make_app, 
     assert ".yaml" in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_a_model_for_a_service_without_one_stops_start_up(make_app):
+    # tests/services.py: `echo` scores with no model.
+    with pytest.raises(ConfigError, match=r"services\.echo\.model: this service uses no model"):
+        make_app(SITE_YAML="services:\n  echo:\n    model: kfre-4var\n")
 
 
 def test_train_serve_parity_on_the_shipped_model(lr, tmp_path):

@@ -83,7 +83,8 @@ def test_the_guide_runs_end_to_end_and_the_result_serves(loop, capsys, make_app)
     explained = json.loads(out)
     assert 0 < explained["score"] < 1
     assert explained["model"]["id"] == "ckd-progression-lr"
-    assert "uacr" in explained["imputed"]  # the example bundle has no urine ACR
+    assert "uacr" not in explained["imputed"]  # the example bundle has a urine ACR
+    assert "sbp" in explained["imputed"]  # and no blood pressure
     assert {c["name"] for c in explained["contributions"]} == set(manifest_names(manifest))
 
     code, out, err = run(capsys, outputs["evaluate"][0])
@@ -123,9 +124,9 @@ def test_gradient_boosting_trains_and_explains_by_occlusion(tmp_path, capsys, lo
     model = load_model(out_dir)
     assert model.manifest.explanation["method"] == "occlusion"
     first = model.predict([patient_request()["prefetch"][k] for k in (
-        "patient", "egfr", "labs", "bp", "conditions")], now=NOW)
+        "patient", "egfr", "uacr", "hba1c", "bp", "conditions")], now=NOW)
     again = model.predict([patient_request()["prefetch"][k] for k in (
-        "patient", "egfr", "labs", "bp", "conditions")], now=NOW)
+        "patient", "egfr", "uacr", "hba1c", "bp", "conditions")], now=NOW)
     assert first.contributions == again.contributions  # deterministic
     assert {c.name for c in first.contributions} == set(model.manifest.feature_names)
 

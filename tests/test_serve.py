@@ -115,7 +115,7 @@ def test_serve_two_workers_end_to_end_and_feedback_survives_restart(serve, tmp_p
                                     "valueQuantity": {"value": 28, "unit": "mL/min/1.73m2"}}}]}}}
     status, body = request(server.base + "/cds-services/kidney-risk", pv)
     assert status == 200, body
-    assert body["cards"][0]["summary"].startswith("eGFR 28 on 2026-09-14")
+    assert body["cards"][0]["summary"] == "CKD G4 (severely decreased): eGFR 28 on 2026-09-14"
 
     status, outcome = request(server.base + "/cds-services/kidney-risk", {"hook": "patient-view"})
     assert status == 400 and outcome["resourceType"] == "OperationOutcome"

@@ -26,7 +26,8 @@ DATA = Path(__file__).parent / "data"
 SCENARIOS = sorted(path.parent for path in DATA.glob("*/*/request.json"))
 # README.md's quickstart posts this one to `make run` (site_config/).
 README_SCENARIO = DATA / "nephrotoxic-order-check" / "nsaid-low-egfr"
-# Keys holding dates that `hooks._fhir.latest_lab` compares with today.
+# Keys holding dates the services compare with the request time (results dated after it are
+# ignored as data errors).
 DATE_KEYS = ("effectiveDateTime", "issued", "authoredOn")
 
 
@@ -60,10 +61,14 @@ def scenario_id(path: Path) -> str:
 FROZEN_NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
+# The golden site: orderables, local code mappings and a SMART link (tests/data/site.yaml).
+GOLDEN_SITE = (DATA / "site.yaml").read_text(encoding="utf-8")
+
+
 @pytest.fixture
 def shipped_client(make_app):
     return make_app(SERVICES=SERVICES, CLOCK=lambda: FROZEN_NOW,
-                    SITE_YAML="prefetch:\n  allow_http_loopback: true\n").test_client()
+                    SITE_YAML=GOLDEN_SITE).test_client()
 
 
 def assert_matches_golden(response, expected: dict) -> dict:
@@ -114,8 +119,8 @@ def test_scenarios_are_complete_and_cover_every_service_and_hook():
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=scenario_id)
 def test_scenario_dates_are_not_in_the_future(scenario):
-    # latest_lab drops results dated after today, so a future date would silently change what
-    # the scenario tests once the calendar passes it (or never).
+    # Results dated after the request time are dropped, so a future date would silently change
+    # what the scenario tests once the calendar passes it (or never).
     for path, value in walk(load(scenario / "request.json")):
         if path.rsplit(".", 1)[-1] in DATE_KEYS:
             assert date.fromisoformat(value[:10]) <= date.today(), (path, value)
@@ -147,10 +152,11 @@ FETCH_SCENARIOS = [
 
 
 def loopback_client(make_app, tmp_path, *extra_prefetch_settings: str):
-    lines = ["prefetch:", "  allow_http_loopback: true"]
-    lines += [f"  {setting}" for setting in extra_prefetch_settings]
+    head = "prefetch:\n  allow_http_loopback: true\n"
+    assert GOLDEN_SITE.count(head) == 1
+    settings = "".join(f"  {setting}\n" for setting in extra_prefetch_settings)
     return make_app(SERVICES=SERVICES, CLOCK=lambda: FROZEN_NOW,
-                    SITE_YAML="\n".join(lines) + "\n").test_client()
+                    SITE_YAML=GOLDEN_SITE.replace(head, head + settings)).test_client()
 
 
 def without_prefetch(scenario: Path, server, token: str | None = TOKEN) -> tuple[dict, dict]:

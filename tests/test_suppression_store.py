@@ -1,0 +1,310 @@
+"""Storage for alert-fatigue suppression: issued cards joined to override feedback.
+
+Runs on SQLite and on the local PostgreSQL (both for real; see storage_fixtures).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from cds_service import store as store_module
+from cds_service.audit import AuditRecord
+from cds_service.feedback import FeedbackItem
+from cds_service.store import Override, Store, StoreUnavailable, issued_cards_table
+
+pytest_plugins = ["tests.storage_fixtures"]
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+SINCE = NOW - timedelta(days=1)
+UNREACHABLE_PG = "postgresql://cds:s3cr3t-Pa55@127.0.0.1:1/test"
+
+
+def issued(card_uuid: str, **overrides) -> dict:
+    row = {
+        "time": NOW - timedelta(hours=2),
+        "site": "site-a",
+        "service_id": "svc",
+        "hook_instance": f"hook-{card_uuid}",
+        "card_uuid": card_uuid,
+        "user_id": "Practitioner/u1",
+        "patient_id": "Patient/p1",
+        "topic_system": "https://example.org/topics",
+        "topic_code": "T1",
+        "indicator": "warning",
+    }
+    row.update(overrides)
+    return row
+
+
+def item(card: str, at: datetime, outcome: str = "overridden") -> FeedbackItem:
+    # The raw item differs per (card, outcome, time), so add_feedback never dedupes two of them.
+    stamp = at.isoformat()
+    return FeedbackItem(
+        card=card,
+        outcome=outcome,
+        outcome_timestamp=at,
+        accepted_suggestions=("s-1",) if outcome == "accepted" else (),
+        raw={"card": card, "outcome": outcome, "outcomeTimestamp": stamp},
+    )
+
+
+def overrides(store: Store, **kwargs) -> dict[str, Override]:
+    query = {
+        "site": "site-a",
+        "service_id": "svc",
+        "user_id": "Practitioner/u1",
+        "patient_id": "Patient/p1",
+        "topics": {"T1"},
+        "since": SINCE,
+    }
+    query.update(kwargs)
+    return store.recent_overrides(**query)
+
+
+def issued_card_uuids(store: Store) -> list[str]:
+    table = issued_cards_table
+    with store._engine.connect() as conn:
+        return list(conn.execute(sa.select(table.c.card_uuid).order_by(table.c.id)).scalars())
+
+
+def test_add_issued_cards_round_trip(store):
+    rows = [issued("c1"), issued("c2", user_id=None, topic_code=None, indicator=None)]
+
+    assert store.add_issued_cards(rows) == 2
+
+    with store._engine.connect() as conn:
+        stored = [dict(r) for r in conn.execute(sa.select(issued_cards_table)).mappings()]
+    assert [{k: v for k, v in r.items() if k != "id"} for r in stored] == rows
+    assert stored[0]["time"].tzinfo is UTC
+    assert store.add_issued_cards([]) == 0
+    assert issued_card_uuids(store) == ["c1", "c2"]
+
+
+def test_override_is_found(store):
+    store.add_issued_cards([issued("c1", indicator="critical")])
+    at = NOW - timedelta(minutes=5)
+    store.add_feedback("site-a", "svc", [item("c1", at)])
+
+    found = overrides(store)
+
+    assert found == {"T1": Override(topic_code="T1", time=at, indicator="critical", card_uuid="c1")}
+    assert found["T1"].time.tzinfo is UTC
+
+
+def test_accepted_feedback_is_not_an_override(store):
+    store.add_issued_cards([issued("c1"), issued("c2", indicator="info")])
+    store.add_feedback(
+        "site-a",
+        "svc",
+        [item("c1", NOW - timedelta(hours=1)), item("c2", NOW, outcome="accepted")],
+    )
+
+    # The later, accepted card is not the answer; the earlier override is.
+    assert overrides(store) == {
+        "T1": Override("T1", NOW - timedelta(hours=1), "warning", "c1")
+    }
+
+
+def test_only_accepted_feedback_finds_nothing(store):
+    store.add_issued_cards([issued("c1")])
+    store.add_feedback("site-a", "svc", [item("c1", NOW, outcome="accepted")])
+
+    assert overrides(store) == {}
+
+
+def test_since_is_inclusive_and_older_overrides_are_ignored(store):
+    store.add_issued_cards([issued("old"), issued("edge", topic_code="T2")])
+    store.add_feedback(
+        "site-a",
+        "svc",
+        [item("old", SINCE - timedelta(microseconds=1)), item("edge", SINCE)],
+    )
+
+    assert overrides(store, topics=["T1", "T2"]) == {"T2": Override("T2", SINCE, "warning", "edge")}
+    assert set(overrides(store, topics=["T1", "T2"], since=SINCE - timedelta(seconds=1))) == {
+        "T1",
+        "T2",
+    }
+    # `since` is a point in time whatever its zone.
+    eastern = (SINCE + timedelta(microseconds=1)).astimezone(timezone(timedelta(hours=-5)))
+    assert overrides(store, topics=["T1", "T2"], since=eastern) == {}
+
+
+@pytest.mark.parametrize(
+    ("issued_as", "asked_as"),
+    [
+        ({"user_id": "Practitioner/u2"}, {"user_id": "Practitioner/u2"}),
+        ({"patient_id": "Patient/p2"}, {"patient_id": "Patient/p2"}),
+        ({"topic_code": "T2"}, {"topics": ["T2"]}),
+    ],
+    ids=["another-user", "another-patient", "another-topic"],
+)
+def test_override_about_another_user_patient_or_topic_is_not_matched(store, issued_as, asked_as):
+    store.add_issued_cards([issued("c1", **issued_as)])
+    store.add_feedback("site-a", "svc", [item("c1", NOW)])
+
+    assert overrides(store) == {}
+    # The same override is found when asked about its own user / patient / topic.
+    assert [o.card_uuid for o in overrides(store, **asked_as).values()] == ["c1"]
+
+
+@pytest.mark.parametrize(
+    "elsewhere",
+    [{"site": "site-b"}, {"service_id": "svc-2"}],
+    ids=["another-site", "another-service"],
+)
+def test_override_at_another_site_or_service_is_not_matched(store, elsewhere):
+    where = {"site": "site-a", "service_id": "svc", **elsewhere}
+    store.add_issued_cards([issued("c1", **where)])
+    store.add_feedback(where["site"], where["service_id"], [item("c1", NOW)])
+
+    assert overrides(store) == {}
+    assert [o.card_uuid for o in overrides(store, **where).values()] == ["c1"]
+
+
+@pytest.mark.parametrize(
+    ("site", "service_id"), [("site-b", "svc"), ("site-a", "svc-2")], ids=["site", "service"]
+)
+def test_feedback_joins_the_card_of_its_own_site_and_service(store, site, service_id):
+    # Card ids need not be globally unique (Epic sends "123456"): feedback from another site or
+    # service about a card with the same id is not an override of ours.
+    store.add_issued_cards([issued("123456")])
+    store.add_feedback(site, service_id, [item("123456", NOW)])
+
+    assert overrides(store) == {}
+    store.add_feedback("site-a", "svc", [item("123456", NOW - timedelta(hours=1))])
+    assert overrides(store) == {"T1": Override("T1", NOW - timedelta(hours=1), "warning", "123456")}
+
+
+def test_feedback_for_a_card_never_issued_is_ignored(store):
+    store.add_issued_cards([issued("c1")])
+    store.add_feedback("site-a", "svc", [item("ghost", NOW)])
+
+    assert overrides(store) == {}
+    store.add_feedback("site-a", "svc", [item("c1", NOW - timedelta(hours=3))])
+    assert [o.card_uuid for o in overrides(store).values()] == ["c1"]
+
+
+def test_latest_override_per_topic_for_several_topics_in_one_query(store):
+    store.add_issued_cards(
+        [
+            issued("t1-a", indicator="info"),
+            issued("t1-b", indicator="critical"),
+            issued("t1-c", indicator="warning"),
+            issued("t2-a", topic_code="T2", indicator="warning"),
+            issued("t2-b", topic_code="T2", indicator="info"),
+            issued("t3-a", topic_code="T3"),
+        ]
+    )
+    # Inserted out of time order; t1-a is overridden twice (the later one counts).
+    store.add_feedback(
+        "site-a",
+        "svc",
+        [
+            item("t1-b", NOW - timedelta(hours=3)),
+            item("t1-a", NOW - timedelta(minutes=10)),
+            item("t1-c", NOW - timedelta(hours=1)),
+            item("t1-a", NOW - timedelta(hours=5)),
+            item("t2-b", NOW - timedelta(hours=2)),
+            item("t2-a", NOW - timedelta(hours=4)),
+            item("t3-a", NOW, outcome="accepted"),
+        ],
+    )
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        if "issued_cards" in statement:
+            statements.append(statement)
+
+    sa.event.listen(store._engine, "before_cursor_execute", count)
+    try:
+        found = overrides(store, topics=("T1", "T2", "T3", "T4"))
+    finally:
+        sa.event.remove(store._engine, "before_cursor_execute", count)
+
+    assert found == {
+        "T1": Override("T1", NOW - timedelta(minutes=10), "info", "t1-a"),
+        "T2": Override("T2", NOW - timedelta(hours=2), "info", "t2-b"),
+    }
+    assert len(statements) == 1
+    assert overrides(store, topics=["T2"]) == {"T2": found["T2"]}
+
+
+def test_empty_topics_finds_nothing(store):
+    store.add_issued_cards([issued("c1")])
+    store.add_feedback("site-a", "svc", [item("c1", NOW)])
+
+    assert overrides(store, topics=[]) == {}
+    assert overrides(store, topics=set()) == {}
+    assert set(overrides(store)) == {"T1"}
+
+
+def test_empty_inputs_never_touch_the_database():
+    store = Store(UNREACHABLE_PG)
+    try:
+        assert store.add_issued_cards([]) == 0
+        assert overrides(store, topics=()) == {}
+        for call in (
+            lambda: store.add_issued_cards([issued("c1")]),
+            lambda: overrides(store),
+        ):
+            with pytest.raises(StoreUnavailable) as info:
+                call()
+            assert "s3cr3t" not in str(info.value)
+    finally:
+        store.dispose()
+
+
+def test_naive_since_is_rejected(store):
+    with pytest.raises(ValueError, match="timezone-aware"):
+        overrides(store, since=datetime(2025, 6, 1))
+
+
+def audit_at(time: datetime) -> AuditRecord:
+    return AuditRecord(kind="invoke", time=time, status=200)
+
+
+def test_purge_removes_old_issued_cards(store):
+    cutoff = NOW - timedelta(days=365)
+    store.add_issued_cards(
+        [
+            issued("ancient", time=cutoff - timedelta(days=400)),
+            issued("just-old", time=cutoff - timedelta(microseconds=1)),
+            issued("at-cutoff", time=cutoff),
+            issued("new", time=NOW),
+        ]
+    )
+    store.add_audit(audit_at(cutoff - timedelta(days=1)))
+    store.add_audit(audit_at(NOW))
+
+    # The return value still counts audit rows only.
+    assert store.purge_audit(cutoff) == 1
+    assert issued_card_uuids(store) == ["at-cutoff", "new"]
+    assert len(store.list_audit()) == 1
+    assert store.purge_audit(cutoff) == 0
+    assert issued_card_uuids(store) == ["at-cutoff", "new"]
+
+
+def test_purge_removes_old_issued_cards_in_batches(store, monkeypatch):
+    monkeypatch.setattr(store_module, "AUDIT_PURGE_BATCH", 3)
+    store.add_issued_cards(
+        [issued(f"old-{i}", time=NOW - timedelta(days=30, minutes=i)) for i in range(10)]
+    )
+    store.add_issued_cards([issued("new", time=NOW)])
+    batches: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("DELETE FROM ISSUED_CARDS"):
+            batches.append(statement)
+
+    sa.event.listen(store._engine, "before_cursor_execute", count)
+    try:
+        assert store.purge_audit(NOW - timedelta(days=1)) == 0
+    finally:
+        sa.event.remove(store._engine, "before_cursor_execute", count)
+
+    assert issued_card_uuids(store) == ["new"]
+    assert len(batches) == 4  # 3 + 3 + 3 + 1
