@@ -239,3 +239,31 @@ def test_rate_limit_with_retry_after_0_is_retried(make_app, tmp_path, fhir_serve
     assert_matches_golden(response, load(scenario / "expected.json"))
     assert [r.method for r in fhir_server.requests] == ["GET", "GET"]
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in fhir_server.requests)
+
+
+@pytest.mark.parametrize("scenario", [
+    DATA / "kidney-risk" / "creatinine-umol-l-calculated-egfr",
+    DATA / "nephrotoxic-order-check" / "nsaid-creatinine-umol-l-string",
+], ids=scenario_id)
+def test_without_any_prefetch_every_key_is_read_from_the_fhir_server(make_app, tmp_path,
+                                                                     fhir_server, scenario):
+    # Epic sends no prefetch when the OPA record has none configured: every search the service
+    # declares is then made with the bearer token, and the answer is the same card.
+    from cds_service.prefetch import render_template
+
+    client = loopback_client(make_app, tmp_path)
+    body = load(scenario / "request.json")
+    prefetched = body.pop("prefetch")
+    body["fhirServer"] = fhir_server.url
+    body["fhirAuthorization"]["access_token"] = TOKEN
+    service = next(s for s in SERVICES if s.id == scenario.parent.name)
+    for key, template in service.prefetch.items():
+        path, _, query = render_template(template, body["context"]).partition("?")
+        fhir_server.add(path, query=query or None, json=prefetched[key])
+
+    response = post(client, f"/cds-services/{service.id}", body)
+
+    assert_matches_golden(response, load(scenario / "expected.json"))
+    assert len(fhir_server.requests) == len(service.prefetch)
+    assert fhir_server.methods == {"GET"}
+    assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in fhir_server.requests)

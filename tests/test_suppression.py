@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 
+from cds_service.validator import validate_response
 from hooks import SERVICES
 from tests.test_api import post
 from tests.test_services import DATA, FROZEN_NOW, GOLDEN_SITE, assert_matches_golden, load
@@ -54,6 +55,7 @@ def invoke(client, scenario, **context) -> dict:
     response = post(client, f"/cds-services/{scenario.parent.name}",
                     request_of(scenario, **context))
     assert response.status_code == 200, response.get_json()
+    assert validate_response(response.get_json(), epic=True) == []
     return response.get_json()
 
 
