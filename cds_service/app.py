@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Flask
 
+from cds_service import logs
 from cds_service.config import DEFAULTS, choose_default_site, load_sites
 from cds_service.http import Api, register_error_handlers
 from cds_service.registry import index_services
@@ -47,6 +48,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     sites = load_sites(app.config["SITE_CONFIG"], services)
     default_site = choose_default_site(sites, app.config["DEFAULT_SITE"])
 
+    logs.init_app(app)  # first: the request id is set before anything logs
     api = Api(app)
     app.extensions["cds_api"] = api
     register_error_handlers(app)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,9 @@ def _serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
 
-    from cds_service import create_app
+    from cds_service import create_app, logs
+
+    logs.configure(fmt=args.log_format)
 
     class ValidatingArbiter(Arbiter):
         """SIGHUP (`kill -HUP`, how a model swap is deployed) validates before reloading.
@@ -64,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("graceful_timeout", 30)
             self.cfg.set("accesslog", "-" if args.access_log else None)
             self.cfg.set("proc_name", "cds-service")
+            self.cfg.set("logconfig_dict", logs.gunicorn_logconfig(args.log_format))
 
         def load(self):
             return create_app()
@@ -230,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=2)
     serve.add_argument("--threads", type=int, default=4,
                        help="threads per worker (a slow FHIR fallback does not block others)")
-    serve.add_argument("--access-log", action="store_true", help="gunicorn access log on stdout")
+    serve.add_argument("--access-log", action="store_true", help="gunicorn access log")
+    serve.add_argument("--log-format", choices=("json", "text"),
+                       default=os.environ.get("CDS_LOG_FORMAT", "json"),
+                       help="one JSON object per line (default; CDS_LOG_FORMAT) or plain text")
     site_config_option(serve)
     serve.set_defaults(func=_serve)
 
@@ -293,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "site_config", None):
         # Workers build their own app from the environment, so pass the path that way.
         os.environ["CDS_SITE_CONFIG"] = args.site_config
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.func is not _serve:  # serve configures logging for gunicorn too
+        from cds_service import logs
+
+        logs.configure(fmt="text")
     return args.func(args)
 
 

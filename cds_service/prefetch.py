@@ -35,6 +35,7 @@ logged nor put in a message.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import logging
 import math
 import re
@@ -580,7 +581,10 @@ def _run_jobs(
         )
         return
 
-    futures = {executor.submit(_run_job, client, job, settings.max_pages): job for job in jobs}
+    # Each read runs in a copy of the caller's context, so its log lines carry the request's
+    # correlation fields (cds_service.logs) like the rest of the request.
+    futures = {executor.submit(contextvars.copy_context().run, _run_job, client, job,
+                               settings.max_pages): job for job in jobs}
     if settings.session is None:
         _close_when_done(session, list(futures))
     outcomes: dict[str, _Outcome] = {}

@@ -125,6 +125,17 @@ def test_serve_two_workers_end_to_end_and_feedback_survives_restart(serve, tmp_p
         200, {"received": 1, "stored": 1})
     server.stop()
 
+    # Logs: one JSON object per line, gunicorn's own lines included; the invocation's line is
+    # correlated with its site, service and hookInstance, and names no patient.
+    output = Path(server.log.name).read_text(encoding="utf-8")
+    records = [json.loads(line) for line in output.splitlines() if line.strip()]
+    assert any(r["logger"] == "gunicorn.error" for r in records)
+    [invoked] = [r for r in records if r["logger"] == "cds_service.views"
+                 and r["message"].startswith("hook=")]
+    assert invoked["site"] == "demo-hospital" and invoked["service"] == "kidney-risk"
+    assert invoked["hook_instance"] == pv["hookInstance"] and len(invoked["request_id"]) == 32
+    assert '"p1"' not in output
+
     # Durable: a new process on the same database sees it, and a replay is stored once.
     server = serve("--workers", "1", "--site-config", site_config)
     assert request(server.base + "/cds-services/kidney-risk/feedback", feedback) == (
