@@ -16,11 +16,14 @@ import re
 import uuid as uuid_lib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from cds_service.errors import ServiceFault
 
 INDICATORS = frozenset({"info", "warning", "critical"})
+# Least to most urgent; None is "no card".
+_SEVERITY = (None, "info", "warning", "critical")
 SELECTION_BEHAVIORS = frozenset({"at-most-one", "any"})
 LINK_TYPES = frozenset({"absolute", "smart"})
 ACTION_TYPES = frozenset({"create", "update", "delete"})
@@ -37,6 +40,19 @@ EPIC_TOPIC_CODE = re.compile(r"^[A-Za-z0-9]{1,100}$")
 # Epic renders detail as GitHub Flavored Markdown unless this card extension says otherwise.
 EPIC_DETAIL_CONTENT_TYPE = "com.epic.cdshooks.card.detail.content-type"
 HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(\s[^<>]*)?/?>")
+
+
+def severity(indicator: str | None) -> int:
+    """Rank of an indicator (None < info < warning < critical), for comparing cards."""
+    return _SEVERITY.index(indicator)
+
+
+def draft_order(resource_type: str, patient_id: object, **fields: Any) -> dict:
+    """A draft order for a `create` suggestion; the clinician signs it in the EHR, or not."""
+    resource = {"resourceType": resource_type, "status": "draft", "intent": "order", **fields}
+    if isinstance(patient_id, str) and patient_id:
+        resource["subject"] = {"reference": f"Patient/{patient_id}"}
+    return resource
 
 
 def _new_uuid() -> str:

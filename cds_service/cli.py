@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("graceful_timeout", 30)
             self.cfg.set("accesslog", "-" if args.access_log else None)
             self.cfg.set("proc_name", "cds-service")
-            self.cfg.set("logconfig_dict", logs.gunicorn_logconfig(args.log_format))
+            self.cfg.set("logconfig_dict", logs.logconfig(args.log_format))
 
         def load(self):
             return create_app()

@@ -30,7 +30,7 @@ from cds_service.fhir import is_loopback_host
 from cds_service.models.manifest import INDICATORS, MODEL_ID, thresholds_field
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
-from cds_service.schemas import describe_errors, messages_to_issues
+from cds_service.schemas import describe_errors
 
 DEFAULTS: dict[str, Any] = {
     # Path to one site YAML file or a directory of them; None = one built-in site ("default")
@@ -242,8 +242,7 @@ def _service_settings(service: CdsService, raw: Mapping[str, Any] | None, source
     try:
         return MappingProxyType(service.settings_schema().load(dict(raw or {})))
     except ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(
-            issue.diagnostics for issue in messages_to_issues(exc.messages, where))) from exc
+        raise ConfigError(f"{source}: {describe_errors(exc, where)}") from exc
 
 
 def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService]) -> Site:

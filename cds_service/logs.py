@@ -10,8 +10,8 @@ urllib3 is held at WARNING: its DEBUG lines print full FHIR URLs, and those carr
 from __future__ import annotations
 
 import logging
+import logging.config
 import re
-import sys
 import uuid
 
 from flask import Flask, g, has_request_context, request
@@ -45,18 +45,10 @@ def json_formatter() -> logging.Formatter:
                          rename_fields={"levelname": "level", "name": "logger"})
 
 
-def configure(level: str | int = "INFO", fmt: str = "json") -> None:
-    """Root logging for the process (the CLI and gunicorn workers): one stderr handler."""
-    if fmt not in FORMATS:
-        raise ValueError(f"LOG_FORMAT must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(json_formatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s %(message)s"))
-    handler.addFilter(RequestContext())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+def configure(level: str = "INFO", fmt: str = "json") -> None:
+    """Process logging (the CLI, gunicorn's master before it starts): the same configuration
+    gunicorn then applies, so every line of a run has one format."""
+    logging.config.dictConfig(logconfig(fmt, level))
 
 
 def init_app(app: Flask) -> None:
@@ -74,12 +66,13 @@ def init_app(app: Flask) -> None:
             response.headers[REQUEST_ID_HEADER] = request_id
         return response
 
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # also when hosted by another server
 
 
-def gunicorn_logconfig(fmt: str = "json", level: str = "INFO") -> dict:
-    """gunicorn `logconfig_dict`: its own lines (boot, reload, access log) in the same format as
-    ours, on one stderr handler, with the request context filter."""
+def logconfig(fmt: str = "json", level: str = "INFO") -> dict:
+    """`logging.config.dictConfig` form, also gunicorn's `logconfig_dict`: our lines and
+    gunicorn's own (boot, reload, access log) in one format on one stderr handler, with the
+    request context filter."""
     if fmt not in FORMATS:
         raise ValueError(f"LOG_FORMAT must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler = ["console"]

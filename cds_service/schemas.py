@@ -162,9 +162,10 @@ class CdsRequestSchema(Schema):
         return data
 
 
-def describe_errors(error: ValidationError) -> str:
-    """A schema error as one line naming each bad key, for configuration-file messages."""
-    return "; ".join(issue.diagnostics for issue in messages_to_issues(error.messages))
+def describe_errors(error: ValidationError, prefix: str = "") -> str:
+    """A schema error as one line naming each bad key (under `prefix`, for a nested section),
+    for configuration-file messages."""
+    return "; ".join(issue.diagnostics for issue in messages_to_issues(error.messages, prefix))
 
 
 def messages_to_issues(messages: Any, prefix: str = "") -> list[Issue]:

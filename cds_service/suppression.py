@@ -16,21 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from cds_service.cards import Card
+from cds_service.cards import Card, severity
 from cds_service.config import Site
 
 log = logging.getLogger(__name__)
-SEVERITY = (None, "info", "warning", "critical")
 
 
 @dataclass(frozen=True)
 class Decision:
     kept: tuple[Card, ...]
     notes: tuple[str, ...] = ()   # one per card withheld or shown again, for the audit log
-
-    @property
-    def suppressed(self) -> int:
-        return sum(note.startswith("suppressed") for note in self.notes)
+    suppressed: int = 0
 
 
 def apply(cards: Sequence[Card], *, store, site: Site, service_id: str, user_id: object,
@@ -47,7 +43,7 @@ def apply(cards: Sequence[Card], *, store, site: Site, service_id: str, user_id:
     except Exception:  # noqa: BLE001 - never withhold guidance because the store is down
         log.exception("override lookup failed; cards shown unsuppressed")
         return Decision(tuple(cards), ("suppression skipped: feedback store unavailable",))
-    kept, notes = [], []
+    kept, notes, suppressed = [], [], 0
     hours = f"{window.total_seconds() / 3600:g}h"
     for card in cards:
         override = overrides.get(card.source.topic.code) if card.source.topic else None
@@ -55,11 +51,12 @@ def apply(cards: Sequence[Card], *, store, site: Site, service_id: str, user_id:
             kept.append(card)
             continue
         when = override.time.strftime("%Y-%m-%dT%H:%M:%SZ")
-        if SEVERITY.index(card.indicator) > SEVERITY.index(override.indicator):
+        if severity(card.indicator) > severity(override.indicator):
             kept.append(card)
             notes.append(f"shown again {card.source.topic.code}: {card.indicator} after "
                          f"{override.indicator} overridden at {when}")
         else:
+            suppressed += 1
             notes.append(f"suppressed {card.source.topic.code}: same user overrode card "
                          f"{override.card_uuid} at {when} (window {hours})")
-    return Decision(tuple(kept), tuple(notes))
+    return Decision(tuple(kept), tuple(notes), suppressed)

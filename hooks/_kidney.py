@@ -138,6 +138,16 @@ def assess(resources: Iterable[Any], *, now: datetime,
                         extra_resources=(derived,), **status)
 
 
+def assess_request(request: Any) -> tuple[KidneyStatus, Any]:
+    """(kidney status, the site model's prediction or None) for a hook request; the model sees
+    the calculated eGFR when there is one, and is not run without any eGFR."""
+    resources = [v for v in request.prefetch.values() if v is not None]
+    status = assess(resources, now=request.now, code_map=request.site.code_map)
+    if request.model is None or status.egfr is None:
+        return status, None
+    return status, request.model.predict([*resources, *status.extra_resources], now=request.now)
+
+
 # ---------------------------------------------------------------------------------------------
 # Model risk as clinicians read it
 
@@ -174,7 +184,3 @@ def risk_text(prediction: Any) -> str:
     """"5-year kidney failure risk 24%" for a scored prediction."""
     horizon = HORIZONS.get(prediction.output, prediction.output)
     return f"{horizon} kidney failure risk {prediction.score:.0%}"
-
-
-def severity(indicator: str | None) -> int:
-    return (None, "info", "warning", "critical").index(indicator)

@@ -24,13 +24,12 @@ from typing import Any
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from cds_service.cards import Coding
+from cds_service.cards import Coding, severity
 from cds_service.features import RXNORM, CodeMap, concept_codes, flatten
 from cds_service.schemas import describe_errors
 
 DATA_FILE = Path(__file__).parent / "data" / "medications.yaml"
 TOPIC_SYSTEM = "https://cds.example.org/topics"
-SEVERITY = (None, "info", "warning", "critical")
 # MedicationRequest statuses of a medication the patient is on (R4 medicationrequest-status).
 ACTIVE = frozenset({"active", "on-hold"})
 
@@ -42,7 +41,7 @@ class _Strict(Schema):
 
 class _RuleSchema(_Strict):
     egfr_below = fields.Float(validate=validate.Range(min=1, max=200))
-    risk_at_least = fields.String(validate=validate.OneOf(SEVERITY[1:]))
+    risk_at_least = fields.String(validate=validate.OneOf(("info", "warning", "critical")))
     new_start_only = fields.Boolean(load_default=False)
     indicator = fields.String(required=True, validate=validate.OneOf(("warning", "critical")))
     summary = fields.String(required=True, validate=validate.Length(min=1, max=60))
@@ -208,7 +207,7 @@ def applicable_rule(med_class: MedicationClass, *, egfr: float | None,
         if rule.egfr_below is not None and egfr is not None and egfr < rule.egfr_below:
             return rule
         if (rule.risk_at_least is not None and risk_indicator is not None
-                and SEVERITY.index(risk_indicator) >= SEVERITY.index(rule.risk_at_least)):
+                and severity(risk_indicator) >= severity(rule.risk_at_least)):
             return rule
     return None
 
@@ -218,3 +217,10 @@ def medication_requests(value: Any, statuses: frozenset[str] | None = None) -> l
     Bundle such as draftOrders; `statuses` keeps only those (a missing status counts as kept)."""
     return [r for r in flatten([value]) if r.get("resourceType") == "MedicationRequest"
             and (statuses is None or r.get("status") in statuses or r.get("status") is None)]
+
+
+def active_matches(medications: Any, code_map: CodeMap | None = None) -> list[Match]:
+    """Value-set matches among a patient's active (not draft) MedicationRequests."""
+    matches = (medication_match(order, [medications], code_map)
+               for order in medication_requests(medications, ACTIVE))
+    return [match for match in matches if match is not None]

@@ -17,28 +17,30 @@ import json
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from cds_service.cards import Action, Card, Coding, Link, Source, Suggestion
+from cds_service.cards import (
+    Action,
+    Card,
+    Coding,
+    Link,
+    Source,
+    Suggestion,
+    draft_order,
+    severity,
+)
 from cds_service.models.registry import Prediction
 from cds_service.registry import CdsService, HookRequest
 from hooks._kidney import (
     HORIZONS,
     KidneyStatus,
-    assess,
+    assess_request,
     factor_label,
     factor_text,
     number,
     risk_text,
-    severity,
 )
-from hooks._medications import (
-    ACTIVE,
-    applicable_rule,
-    medication_match,
-    medication_requests,
-)
+from hooks._medications import TOPIC_SYSTEM, active_matches, applicable_rule
 
 KDIGO_URL = "https://kdigo.org/guidelines/ckd-evaluation-and-management/"
-TOPIC_SYSTEM = "https://cds.example.org/topics"
 TOPIC = Coding(code="kidneyfunction", system=TOPIC_SYSTEM, display="Reduced kidney function")
 REFERRAL_ORDERABLE = "nephrology-referral"
 UACR_ORDERABLE = "urine-acr"
@@ -146,13 +148,11 @@ def _model_text(prediction: Prediction) -> str:
 def _medications_to_review(request: HookRequest, status: KidneyStatus,
                            prediction: Prediction | None) -> list[str]:
     """Active medications a value-set rule flags at this eGFR and risk (docs/clinical.md)."""
-    medications = request.prefetch.get("medications")
     risk = prediction.indicator if prediction is not None else None
     found: list[str] = []
-    for order in medication_requests(medications, ACTIVE):
-        match = medication_match(order, [medications], request.site.code_map)
-        rule = match and applicable_rule(match.medication_class, egfr=status.egfr,
-                                         risk_indicator=risk, already_taking=True)
+    for match in active_matches(request.prefetch.get("medications"), request.site.code_map):
+        rule = applicable_rule(match.medication_class, egfr=status.egfr, risk_indicator=risk,
+                               already_taking=True)
         if rule and (text := f"{match.ingredient} ({rule.summary})") not in found:
             found.append(text)
     return found
@@ -162,23 +162,14 @@ def _service_request(request: HookRequest, orderable_name: str, reason: str) -> 
     orderable = request.site.orderables.get(orderable_name)
     if orderable is None:
         return None
-    resource = {"resourceType": "ServiceRequest", "status": "draft", "intent": "order",
-                "code": orderable.concept(), "reasonCode": [{"text": reason}]}
-    patient_id = request.context.get("patientId")
-    if isinstance(patient_id, str) and patient_id:
-        resource["subject"] = {"reference": f"Patient/{patient_id}"}
-    return resource
+    return draft_order("ServiceRequest", request.context.get("patientId"),
+                       code=orderable.concept(), reasonCode=[{"text": reason}])
 
 
 def handle(request: HookRequest) -> list[Card]:
-    resources = [v for v in request.prefetch.values() if v is not None]
-    status = assess(resources, now=request.now, code_map=request.site.code_map)
+    status, prediction = assess_request(request)
     if not status.has_data:
         return []
-    prediction = None
-    if request.model is not None and status.egfr is not None:
-        prediction = request.model.predict([*resources, *status.extra_resources],
-                                           now=request.now)
     referral = _referral_reasons(status, prediction, request.settings["referral"])
     indicator = _indicator(status, prediction, referral)
     if indicator is None:

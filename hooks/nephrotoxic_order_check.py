@@ -14,13 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from cds_service.cards import RESOURCE_ID, Action, Card, Coding, Source, Suggestion
+from cds_service.cards import (
+    RESOURCE_ID,
+    Action,
+    Card,
+    Coding,
+    Source,
+    Suggestion,
+    draft_order,
+)
 from cds_service.registry import CdsService, HookRequest
-from hooks._kidney import KidneyStatus, assess, risk_text
+from hooks._kidney import KidneyStatus, assess_request, risk_text
 from hooks._medications import (
-    ACTIVE,
     TOPIC_SYSTEM,
     Match,
+    active_matches,
     applicable_rule,
     medication_match,
     medication_requests,
@@ -51,16 +59,6 @@ def orders_to_check(request: HookRequest) -> list[Mapping]:
     return orders
 
 
-def _already_taking(request: HookRequest, match: Match) -> bool:
-    """Whether an active (not draft) order of the same class is on the chart."""
-    medications = request.prefetch.get("medications")
-    for order in medication_requests(medications, ACTIVE):
-        found = medication_match(order, [medications], request.site.code_map)
-        if found is not None and found.medication_class is match.medication_class:
-            return True
-    return False
-
-
 def _alternative(request: HookRequest, match: Match) -> Suggestion | None:
     if match.medication_class.alternative is None:
         return None
@@ -68,11 +66,8 @@ def _alternative(request: HookRequest, match: Match) -> Suggestion | None:
     orderable = request.site.orderables.get(name)
     concept = orderable.concept() if orderable is not None else {
         "coding": [{"system": EPIC_RXNORM, "code": rxcui, "display": name}], "text": name}
-    resource = {"resourceType": "MedicationRequest", "status": "draft", "intent": "order",
-                "medicationCodeableConcept": concept}
-    patient_id = request.context.get("patientId")
-    if isinstance(patient_id, str) and patient_id:
-        resource["subject"] = {"reference": f"Patient/{patient_id}"}
+    resource = draft_order("MedicationRequest", request.context.get("patientId"),
+                           medicationCodeableConcept=concept)
     return Suggestion(label=f"Order {name} instead",
                       actions=(Action.create(f"Draft an order for {name} for you to review "
                                              "and sign.", resource),))
@@ -130,18 +125,17 @@ def handle(request: HookRequest) -> list[Card]:
                if (match := medication_match(order, bundles, request.site.code_map))]
     if not matches:
         return []  # the common case: nothing kidney-relevant was ordered; no chart reading
-    resources = [v for v in request.prefetch.values() if v is not None]
-    status = assess(resources, now=request.now, code_map=request.site.code_map)
-    prediction = None
-    if request.model is not None and status.egfr is not None:
-        prediction = request.model.predict([*resources, *status.extra_resources],
-                                           now=request.now)
+    status, prediction = assess_request(request)
     risk_indicator = prediction.indicator if prediction is not None else None
+    # Classes the patient already takes (an active, not draft, order): "do not start" rules
+    # do not apply to them.
+    taking = {m.medication_class.id for m in active_matches(request.prefetch.get("medications"),
+                                                             request.site.code_map)}
     cards = []
     for order, match in matches:
         rule = applicable_rule(match.medication_class, egfr=status.egfr,
                                risk_indicator=risk_indicator,
-                               already_taking=_already_taking(request, match))
+                               already_taking=match.medication_class.id in taking)
         if rule is not None:
             cards.append(_card(request, order, match, rule, status, prediction))
     return cards

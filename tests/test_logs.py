@@ -75,7 +75,7 @@ def test_a_request_id_that_is_not_a_plain_token_is_replaced(client, given):
 
 
 def test_gunicorn_logconfig_is_accepted_by_dictconfig_and_formats_json(capsys):
-    config = logs.gunicorn_logconfig("json")
+    config = logs.logconfig("json")
     logging.config.dictConfig(config)
     try:
         logging.getLogger("gunicorn.error").info("Booting worker with pid: %s", 7)
@@ -90,4 +90,4 @@ def test_gunicorn_logconfig_is_accepted_by_dictconfig_and_formats_json(capsys):
 
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match="LOG_FORMAT"):
-        logs.gunicorn_logconfig("yaml")
+        logs.logconfig("yaml")
