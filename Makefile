@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint models clean
+.PHONY: run test test-tools lint models clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,22 @@ run: $(STAMP)
 	CDS_SITE_CONFIG=site_config $(BIN)/cds-service serve --host 127.0.0.1 --port 8000 --workers 2
 
 # The whole test suite (needs the local PostgreSQL and Redis, see README.md)
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# System tools tests run as subprocesses, from Debian packages; one `command -v X || install` line
+# each. promtool (package prometheus) checks ops/prometheus/.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+apt_install = $(APT_GET) install -y --no-install-recommends $(1) \
+	|| { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $(1); }
+# Debian's postinst starts (and enables) a prometheus server on *:9090 wherever an init system lets
+# it, i.e. unless /usr/sbin/policy-rc.d forbids as in most containers; tests only want promtool.
+no_prometheus_server = $(SUDO) sh -c 'systemctl disable --now prometheus; service prometheus stop; true' \
+	>/dev/null 2>&1
+test-tools:
+	command -v promtool >/dev/null || { $(call apt_install,prometheus) && $(no_prometheus_server); }
 
 # Rebuild the shipped models from the synthetic cohort (models/README.md).
 COHORT := var/cohort

@@ -5,10 +5,10 @@ tests call it with an explicit mapping.
 """
 
 
-def create_app(config=None):
+def create_app(config=None, *, deployment=None):
     from cds_service.app import create_app as _create_app
 
-    return _create_app(config)
+    return _create_app(config, deployment=deployment)
 
 
 __all__ = ["create_app"]

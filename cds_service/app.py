@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask
+from flask import Config, Flask
 
 from cds_service import logs
-from cds_service.config import DEFAULTS, choose_default_site, load_sites
+from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_default_site, load_sites
 from cds_service.http import Api, register_error_handlers
-from cds_service.registry import index_services
-from cds_service.runtime import build_runtime
+from cds_service.models.registry import ModelRegistry
+from cds_service.registry import CdsService, index_services
+from cds_service.runtime import build_models, build_runtime
 
 OPENAPI = {
     "API_TITLE": "CDS Hooks service",
@@ -25,28 +27,63 @@ OPENAPI = {
 }
 
 
-def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the app: defaults, then `CDS_*` environment variables, then `config`.
+@dataclass(frozen=True)
+class Deployment:
+    """Everything a worker serves that is read from files: settings, sites, services, models.
 
-    Raises `ConfigError` (naming the file and key) when the site configuration is invalid, so
-    a bad deployment stops at start-up instead of failing requests.
+    `cds-service serve` loads it once in the gunicorn master (and again on SIGHUP, only if the
+    new files are valid); workers are forked with it. A worker that gunicorn restarts (max
+    requests, a crash) therefore serves the validated configuration the others serve, not
+    whatever the files on disk say at that moment: a site file edited in place, or a Kubernetes
+    ConfigMap updated under a running pod, only takes effect on a reload that validates it.
     """
-    app = Flask("cds_service")
-    app.config.update(DEFAULTS)
-    app.config.update(OPENAPI)
-    app.config.from_prefixed_env("CDS")
-    if config:
-        app.config.update(config)
-    logging.getLogger("cds_service").setLevel(app.config["LOG_LEVEL"])
 
-    if "SERVICES" in app.config:  # tests register their own services
-        services = index_services(app.config["SERVICES"])
+    config: Mapping[str, Any]
+    services: Mapping[str, CdsService]
+    sites: Mapping[str, Site]
+    default_site: Site
+    models: ModelRegistry
+
+
+def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`DEFAULTS`, then `CDS_*` environment variables, then `config`."""
+    resolved = Config(".")
+    resolved.update(DEFAULTS)
+    resolved.from_prefixed_env("CDS")
+    if config:
+        resolved.update(config)
+    return dict(resolved)
+
+
+def load_deployment(config: Mapping[str, Any] | None = None) -> Deployment:
+    """Read and validate the configuration; raises `ConfigError` naming the file and key."""
+    resolved = resolve_config(config)
+    if "SERVICES" in resolved:  # tests register their own services
+        services = index_services(resolved["SERVICES"])
     else:
         from hooks import SERVICES
 
         services = index_services(SERVICES)
-    sites = load_sites(app.config["SITE_CONFIG"], services)
-    default_site = choose_default_site(sites, app.config["DEFAULT_SITE"])
+    sites = load_sites(resolved["SITE_CONFIG"], services)
+    default_site = choose_default_site(sites, resolved["DEFAULT_SITE"])
+    models = build_models(resolved["MODELS_DIR"] or SHIPPED_MODELS_DIR, sites)
+    return Deployment(resolved, services, sites, default_site, models)
+
+
+def create_app(config: Mapping[str, Any] | None = None, *,
+               deployment: Deployment | None = None) -> Flask:
+    """Build the app: defaults, then `CDS_*` environment variables, then `config`; or from a
+    `deployment` already loaded (gunicorn workers).
+
+    Raises `ConfigError` (naming the file and key) when the site configuration is invalid, so
+    a bad deployment stops at start-up instead of failing requests.
+    """
+    if deployment is None:
+        deployment = load_deployment(config)
+    app = Flask("cds_service")
+    app.config.update(deployment.config)
+    app.config.update(OPENAPI)
+    logging.getLogger("cds_service").setLevel(app.config["LOG_LEVEL"])
 
     logs.init_app(app)  # first: the request id is set before anything logs
     api = Api(app)
@@ -57,5 +94,5 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     api.register_blueprint(blp)
     api.register_blueprint(health)
-    build_runtime(app, services, sites, default_site)
+    build_runtime(app, deployment)
     return app

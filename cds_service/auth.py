@@ -26,6 +26,7 @@ JWTs).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
+import redis
 import requests
 
 from cds_service.fhir import is_loopback_host
@@ -195,6 +197,10 @@ class _KeySet:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def as_jwks(self) -> dict[str, list[dict[str, Any]]]:
+        """The verification keys as a JWK Set document (public members only, as parsed)."""
+        return {"keys": [dict(jwk_data) for jwk_data in self._keys.values()]}
+
     def bind(self, kid: str, alg: str | None) -> jwt.PyJWK:
         jwk_data = self._keys[kid]
         if alg is None:
@@ -273,10 +279,115 @@ class _FetchFailed(Exception):
     """The JWK Set at a jku could not be fetched or parsed; message names the class of failure."""
 
 
+SHARED_JWKS_PREFIX = "cds-service:jwks:"
+# After a Redis error the shared level is skipped for this long: one warning, then in-process only.
+SHARED_JWKS_RETRY_S = 30.0
+# A fetched_at this far ahead of our clock is not clock skew between hosts but a bad entry.
+_SHARED_SKEW_S = 60.0
+
+
+class RedisJwksStore:
+    """The shared level of `JwksCache`: JWK Sets fetched by any worker on any host, in Redis.
+
+    One key per jku, `<prefix><sha256(jku)>`, holding JSON `{"jku", "fetched_at", "jwks"}`:
+    `jwks` is the set as parsed from the jku (public verification keys only, never the response
+    as received), `fetched_at` is epoch seconds (wall clock: monotonic clocks differ per host).
+    A value expires with the stale-use window (2 × TTL).
+
+    Values read back are parsed again with the strict trust-store rules, so a corrupt, truncated,
+    foreign or tampered value is ignored (and overwritten by the next fetch). Strict parsing cannot
+    tell a well-formed public key planted by someone with write access to Redis from the EHR's
+    own: that access is as sensitive as the trust store (docs/deploy.md).
+
+    Redis errors never fail a lookup: `get` answers None and `put` does nothing, the error class is
+    logged once, and Redis is not asked again for SHARED_JWKS_RETRY_S.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = SHARED_JWKS_PREFIX,
+        socket_timeout_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        client: redis.Redis | None = None,
+    ):
+        scheme = url.split(":", 1)[0].lower() if isinstance(url, str) else ""
+        if scheme not in ("redis", "rediss"):
+            # Never echo the URL: it may carry a password.
+            raise ValueError(f"unsupported JWKS cache URL scheme {scheme[:16]!r} (use redis://)")
+        self.prefix = prefix
+        self._clock = clock
+        self._client = client if client is not None else redis.Redis.from_url(
+            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
+        )
+        self._retry_at = 0.0
+
+    def key(self, jku: str) -> str:
+        return self.prefix + hashlib.sha256(jku.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def get(self, jku: str) -> tuple[_KeySet, float] | None:
+        """The shared set for `jku` and its age in seconds; None when absent, unusable or
+        Redis cannot answer."""
+        if time.monotonic() < self._retry_at:
+            return None
+        try:
+            raw = self._client.get(self.key(jku))
+        except redis.RedisError as exc:
+            self._unavailable(exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            return self._parse(raw, jku)
+        except ValueError as exc:
+            logger.warning("shared JWK Set for %s ignored: %s", jku, exc)
+            return None
+
+    def put(self, jku: str, keys: _KeySet, *, expire_s: float) -> None:
+        """Publish `keys`, fetched from `jku` just now, for every process."""
+        if time.monotonic() < self._retry_at:
+            return
+        value = json.dumps({"jku": jku, "fetched_at": self._clock(), "jwks": keys.as_jwks()},
+                           separators=(",", ":"))
+        try:
+            self._client.set(self.key(jku), value, px=max(1, math.ceil(expire_s * 1000)))
+        except redis.RedisError as exc:
+            self._unavailable(exc)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _parse(self, raw: bytes, jku: str) -> tuple[_KeySet, float]:
+        if len(raw) > 2 * MAX_JWKS_BYTES:
+            raise ValueError("value too large")
+        try:
+            document = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise ValueError("not JSON") from None
+        if not isinstance(document, dict) or document.get("jku") != jku:
+            raise ValueError("not an entry for this jku")
+        fetched_at = document.get("fetched_at")
+        if (isinstance(fetched_at, bool) or not isinstance(fetched_at, int | float)
+                or not math.isfinite(fetched_at)):
+            raise ValueError("fetched_at is not a number")
+        age = self._clock() - fetched_at
+        if age < -_SHARED_SKEW_S:
+            raise ValueError("fetched_at is in the future")
+        keys = _KeySet.parse(document.get("jwks"), strict=True, where="jwks")
+        return keys, max(age, 0.0)
+
+    def _unavailable(self, exc: redis.RedisError) -> None:
+        self._retry_at = time.monotonic() + SHARED_JWKS_RETRY_S
+        # The URL may carry a password: name only the failure class.
+        logger.warning("shared JWK Set cache (redis) unavailable: %s; in-process cache only "
+                       "for %.0f s", type(exc).__name__, SHARED_JWKS_RETRY_S)
+
+
 @dataclass
 class _JwksEntry:
     keys: _KeySet | None = None
-    fetched_at: float | None = None  # when `keys` was last fetched successfully
+    fetched_at: float | None = None  # when `keys` was fetched (here or by another process)
     last_attempt: float | None = None  # any fetch, failed or not (the refetch rate limit)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -290,6 +401,11 @@ class JwksCache:
     - When a refetch fails, keys older than the TTL stay usable for one more TTL (the EHR's key
       endpoint being down should not stop decision support; a removed key is dropped as soon as
       a fetch succeeds).
+    - With `shared` (a `RedisJwksStore`), every worker and host shares what any of them fetched.
+      The in-process level still answers first: Redis is read only when it cannot (no fresh set,
+      or an unknown kid), and a newer shared set replaces the local one; a set fetched here is
+      published. A set fetched by anyone within the minimum interval counts as an attempt, so
+      an unknown kid is refused without asking the EHR again. Redis down: in-process only.
     - Only https URLs are fetched (or http to loopback when `allow_http_loopback_jku`); redirects
       are never followed; the body is limited to MAX_JWKS_BYTES; the whole fetch to
       `jwks_timeout_s`. Callers check the jku allow-list first: this class fetches what it is
@@ -302,17 +418,21 @@ class JwksCache:
         session: requests.Session | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        shared: RedisJwksStore | None = None,
     ):
         self.settings = settings
         self._session = session if session is not None else requests.Session()
         self._owns_session = session is None
         self._clock = clock
+        self.shared = shared
         self._entries: dict[str, _JwksEntry] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
         if self._owns_session:
             self._session.close()
+        if self.shared is not None:
+            self.shared.close()
 
     def key(self, jku: str, kid: str, alg: str | None = None) -> jwt.PyJWK:
         """The key `kid` of the JWK Set at `jku`, bound to `alg` when given.
@@ -333,20 +453,37 @@ class JwksCache:
             keys = self._fresh_keys(entry, now)
             if keys is not None and kid in keys:
                 return keys.bind(kid, alg)
+            if self.shared is not None:
+                self._adopt_shared(jku, entry, now)
+                keys = self._fresh_keys(entry, now)
+                if keys is not None and kid in keys:
+                    return keys.bind(kid, alg)
             interval = self.settings.jwks_refetch_min_interval_s
-            if entry.last_attempt is None or now - entry.last_attempt >= interval:
+            if all(t is None or now - t >= interval
+                   for t in (entry.last_attempt, entry.fetched_at)):
                 entry.last_attempt = now
                 try:
                     entry.keys = self._fetch(jku)
                     entry.fetched_at = now
                 except _FetchFailed as exc:
                     logger.warning("JWK Set fetch from %s failed: %s", jku, exc)
+                else:
+                    if self.shared is not None:
+                        self.shared.put(jku, entry.keys, expire_s=2 * self.settings.jwks_ttl_s)
             keys = self._usable_keys(entry, now)
             if keys is None:
                 raise AuthError("jku-fetch")
             if kid not in keys:
                 raise AuthError("kid")
             return keys.bind(kid, alg)
+
+    def _adopt_shared(self, jku: str, entry: _JwksEntry, now: float) -> None:
+        found = self.shared.get(jku)
+        if found is None:
+            return
+        keys, age = found
+        if entry.fetched_at is None or now - age > entry.fetched_at:
+            entry.keys, entry.fetched_at = keys, now - age
 
     def _fresh_keys(self, entry: _JwksEntry, now: float) -> _KeySet | None:
         if entry.keys is None or entry.fetched_at is None:

@@ -3,6 +3,7 @@
     cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH]
     cds-service check-config [--site-config PATH]
     cds-service invoke SERVICE --bundle FILE [--url URL] [--hook HOOK] [--select Type/id]...
+    cds-service site check SITE [--fhir-base URL] [--site-config PATH] [--timeout S] [--json]
     cds-service audit purge [--older-than-days N]
     cds-service models generate-cohort --out DIR [--patients N] [--seed S]
     cds-service models train --ndjson DIR --labels CSV --spec YAML --out models/ID
@@ -23,55 +24,10 @@ from cds_service.errors import ConfigError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gunicorn.app.base import BaseApplication
-    from gunicorn.arbiter import Arbiter
-
-    from cds_service import create_app, logs
+    from cds_service import logs, serving
 
     logs.configure(fmt=args.log_format)
-
-    class ValidatingArbiter(Arbiter):
-        """SIGHUP (`kill -HUP`, how a model swap is deployed) validates before reloading.
-
-        gunicorn stops the old workers as soon as new ones are spawned, and if the new ones
-        cannot boot the master exits: a typo in the site YAML or a missing model would take the
-        whole service down. Refuse the reload instead; the running workers keep serving.
-        """
-
-        def reload(self):
-            try:
-                create_app().extensions["cds"].close()
-            except ConfigError as exc:
-                self.log.error("configuration error: %s (reload refused; the current workers "
-                               "keep serving)", exc)
-                return
-            super().reload()
-
-    # Validate once in the master so a bad configuration stops start-up with a clear message,
-    # instead of every worker failing to boot.
-    try:
-        create_app().extensions["cds"].close()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-
-    class Application(BaseApplication):
-        def load_config(self):
-            self.cfg.set("bind", f"{args.host}:{args.port}")
-            self.cfg.set("workers", args.workers)
-            self.cfg.set("threads", args.threads)
-            self.cfg.set("worker_class", "gthread" if args.threads > 1 else "sync")
-            self.cfg.set("timeout", 30)
-            self.cfg.set("graceful_timeout", 30)
-            self.cfg.set("accesslog", "-" if args.access_log else None)
-            self.cfg.set("proc_name", "cds-service")
-            self.cfg.set("logconfig_dict", logs.logconfig(args.log_format))
-
-        def load(self):
-            return create_app()
-
-    ValidatingArbiter(Application()).run()
-    return 0
+    return serving.run(args, logs.logconfig(args.log_format))
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -117,6 +73,28 @@ def _invoke(args: argparse.Namespace) -> int:
     else:
         print(format_cards(answer))  # noqa: T201
     return 0 if response.status_code == 200 else 1
+
+
+def _site_check(args: argparse.Namespace) -> int:
+    from cds_service.config import load_sites
+    from cds_service.registry import index_services
+    from cds_service.sitecheck import SiteCheckError, check_site, render
+    from hooks import SERVICES
+
+    try:
+        if not 0 < args.timeout <= 300:
+            raise SiteCheckError("--timeout: give seconds between 0 and 300")
+        path = os.environ.get("CDS_SITE_CONFIG")
+        sites = load_sites(path, index_services(SERVICES))
+        if args.site not in sites:
+            raise SiteCheckError(f"no site {args.site!r} in {path or 'the built-in defaults'} "
+                                 f"(configured: {', '.join(sites)})")
+        report = check_site(sites[args.site], fhir_base=args.fhir_base, timeout=args.timeout)
+    except (ConfigError, SiteCheckError) as exc:
+        print(f"site check: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    print(render(report, as_json=args.json))  # noqa: T201
+    return report.exit_code
 
 
 def _audit_purge(args: argparse.Namespace) -> int:
@@ -232,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=2)
     serve.add_argument("--threads", type=int, default=4,
                        help="threads per worker (a slow FHIR fallback does not block others)")
+    serve.add_argument("--max-requests", type=int, default=10000,
+                       help="recycle a worker after this many requests, with jitter (0: never)")
     serve.add_argument("--access-log", action="store_true", help="gunicorn access log")
     serve.add_argument("--log-format", choices=("json", "text"),
                        default=os.environ.get("CDS_LOG_FORMAT", "json"),
@@ -254,6 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--json", action="store_true", help="print the response JSON")
     site_config_option(invoke)
     invoke.set_defaults(func=_invoke)
+
+    site = sub.add_parser("site", help="per-site checks")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    site_check = site_sub.add_parser(
+        "check", help="readiness before go-live: the site's FHIR CapabilityStatement against "
+                      "its prefetch templates, its orderables and its issuers' JWK Sets "
+                      "(exit 1 when something required is unsupported)")
+    site_check.add_argument("site", metavar="SITE", help="site id, e.g. demo-hospital")
+    site_check.add_argument("--fhir-base", metavar="URL",
+                            help="FHIR R4 base (default: the site's fhir_server, else each "
+                                 "issuer's https iss)")
+    site_check.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                            help="seconds per request (default: 10)")
+    site_check.add_argument("--json", action="store_true", help="print the report as JSON")
+    site_config_option(site_check)
+    site_check.set_defaults(func=_site_check)
 
     audit = sub.add_parser("audit", help="audit log maintenance")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)

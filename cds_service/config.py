@@ -50,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
     "AUTH_REQUIRED": True,
     # jti replay cache shared by all workers: a SQLite file (one machine) or redis://… (hosts).
     "REPLAY_CACHE_URL": "sqlite:///var/jti-replay.sqlite3",
+    # JWK Sets fetched from `jku` URLs: None = each worker keeps its own; redis://… = shared by
+    # every worker and host (one fetch per TTL, an Epic key rotation seen everywhere at once).
+    "JWKS_CACHE_URL": None,
     # Clock skew allowed on exp/iat/nbf. Epic sends nbf = iat - 300 and exp = iat + 900.
     "JWT_LEEWAY_SECONDS": 30,
     # Audit records older than this are removed by `cds-service audit purge`.
@@ -134,6 +137,9 @@ class Site:
     orderables: Mapping[str, Orderable] = field(default_factory=dict)
     # `alert_fatigue.override_window_hours`; zero turns suppression off.
     override_window: timedelta = DEFAULT_OVERRIDE_WINDOW
+    # The site's FHIR R4 base (`fhir_server`), read by `cds-service site check`; requests still
+    # use the fhirServer each call carries.
+    fhir_server: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -230,6 +236,7 @@ class _SiteSchema(Schema):
             r"^[a-z0-9][a-z0-9-]{0,63}$", error="orderable names are lower-case-with-dashes")),
         values=fields.Nested(_OrderableSchema))
     alert_fatigue = fields.Nested(_AlertFatigueSchema, load_default=dict)
+    fhir_server = fields.Url(schemes={"https", "http"}, require_tld=False)
 
 
 def _service_settings(service: CdsService, raw: Mapping[str, Any] | None, source: str
@@ -331,6 +338,7 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
                                      (parsed.get("orderables") or {}).items()}),
         override_window=timedelta(hours=parsed["alert_fatigue"].get(
             "override_window_hours", DEFAULT_OVERRIDE_WINDOW.total_seconds() / 3600)),
+        fhir_server=parsed.get("fhir_server"),
         raw=MappingProxyType(data),
     )
 

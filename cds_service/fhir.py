@@ -28,6 +28,8 @@ from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import BaseFHIRError
 from fhirpy.base.utils import AttrDict, encode_params, remove_prefix
 
+from cds_service import metrics
+
 logger = logging.getLogger("cds_service.fhir")
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -360,9 +362,11 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
                 allow_redirects=False,
             )
         except requests.Timeout as exc:
+            metrics.observe_fhir("timeout", time.monotonic() - started)
             logger.warning("FHIR GET %s timed out after %d ms", resource_type, _elapsed_ms(started))
             raise FhirTimeout("FHIR server did not answer within the deadline") from exc
         except requests.RequestException as exc:
+            metrics.observe_fhir("error", time.monotonic() - started)
             logger.warning(
                 "FHIR GET %s failed after %d ms: %s",
                 resource_type,
@@ -370,6 +374,8 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
                 type(exc).__name__,
             )
             raise FhirConnectionError("FHIR server could not be reached") from exc
+        metrics.observe_fhir(metrics.status_class(response.status_code),
+                             time.monotonic() - started)
         level = logging.INFO if response.status_code < 400 else logging.WARNING
         logger.log(
             level,

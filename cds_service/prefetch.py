@@ -35,6 +35,7 @@ logged nor put in a message.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import logging
 import math
@@ -48,6 +49,7 @@ from urllib.parse import quote
 
 import requests
 
+from cds_service import metrics
 from cds_service.errors import FhirAccessError, Issue, PrefetchUnavailable
 from cds_service.fhir import (
     FhirInvalidResponse,
@@ -449,10 +451,12 @@ def resolve_prefetch(
             value = given[key]
             if value is None:
                 values[key], sources[key] = None, "null"
+                metrics.prefetch_key(key, "null")
                 continue
             verdict = classify(value, search=search, read_type=read_type)
             if isinstance(verdict, _Usable):
                 values[key], sources[key] = verdict.value, "prefetch"
+                metrics.prefetch_key(key, "hit")
                 if verdict.next_url:
                     jobs.append(
                         _Job(
@@ -470,6 +474,7 @@ def resolve_prefetch(
             logger.warning("prefetch key %r %s; fetching it instead", key, why)
         else:
             why = "was not prefetched"
+        metrics.prefetch_key(key, "miss")
         if rendered is None:
             values[key], sources[key] = None, "unsatisfiable"
             logger.info("prefetch key %r: template unsatisfiable from the hook context", key)
@@ -478,19 +483,22 @@ def resolve_prefetch(
 
     fetched: list[str] = []
     if jobs:
-        _run_jobs(
-            jobs,
-            fhir_server=fhir_server,
-            access_token=access_token,
-            settings=settings,
-            executor=executor,
-            optional=optional,
-            deadline=deadline,
-            values=values,
-            sources=sources,
-            truncated=truncated,
-            fetched=fetched,
-        )
+        # Timed only when there is something to read: a 412 for want of a token reads nothing.
+        reading = _has_access(fhir_server, access_token)
+        with metrics.stage("fhir_fallback") if reading else contextlib.nullcontext():
+            _run_jobs(
+                jobs,
+                fhir_server=fhir_server,
+                access_token=access_token,
+                settings=settings,
+                executor=executor,
+                optional=optional,
+                deadline=deadline,
+                values=values,
+                sources=sources,
+                truncated=truncated,
+                fetched=fetched,
+            )
     ordered = {key: values[key] for key in templates}
     return Prefetch(ordered, {key: sources[key] for key in templates}, fetched, truncated)
 
@@ -507,6 +515,11 @@ def _keep_partial(job: _Job, why: str, values: dict, truncated: set[str]) -> Non
     truncated.add(job.key)
 
 
+def _has_access(fhir_server: Any, access_token: Any) -> bool:
+    return bool(isinstance(fhir_server, str) and fhir_server
+                and isinstance(access_token, str) and access_token)
+
+
 def _run_jobs(
     jobs: list[_Job],
     *,
@@ -521,13 +534,7 @@ def _run_jobs(
     truncated: set[str],
     fetched: list[str],
 ) -> None:
-    has_access = (
-        isinstance(fhir_server, str)
-        and fhir_server
-        and isinstance(access_token, str)
-        and access_token
-    )
-    if not has_access:
+    if not _has_access(fhir_server, access_token):
         missing = []
         for job in jobs:
             if job.url is None:

@@ -66,6 +66,9 @@ class CdsService:
     # marshmallow Schema class validating `services.<id>.settings` in site config (defaults
     # filled in); None for a service without site settings.
     settings_schema: type | None = None
+    # Site orderables (site `orderables` keys) the service's suggestions use → what the card
+    # loses at a site without one (`cds-service site check` warns about those missing).
+    orderables: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = [h for h in self.hooks if h not in HOOKS]

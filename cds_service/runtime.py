@@ -14,12 +14,23 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
-from flask import Flask, Request, current_app
+import jwt
+from flask import Flask, Request, current_app, g
 
-from cds_service.auth import AuthSettings, TokenVerifier, TrustedIssuer, VerifiedCaller
-from cds_service.config import SHIPPED_MODELS_DIR, Site, SiteService
+from cds_service import metrics
+from cds_service.auth import (
+    AuthError,
+    AuthSettings,
+    JwksCache,
+    RedisJwksStore,
+    TokenVerifier,
+    TrustedIssuer,
+    VerifiedCaller,
+)
+from cds_service.config import Site, SiteService
 from cds_service.errors import ConfigError
 from cds_service.models.binding import ModelBinding
 from cds_service.models.errors import ModelError
@@ -56,8 +67,28 @@ class CdsRuntime:
         """The caller's site, selected by the verified `iss` (tenancy); raises AuthError."""
         if self.verifier is None:
             return self.default_site, None
-        caller = self.verifier.verify(request.headers.get("Authorization"), request.base_url)
+        authorization = request.headers.get("Authorization")
+        try:
+            caller = self.verifier.verify(authorization, request.base_url)
+        except AuthError as exc:
+            g.claimed_site = self.claimed_site(authorization)
+            metrics.rejected(g.claimed_site, exc.reason)
+            raise
         return self.sites[caller.site_id], caller
+
+    def claimed_site(self, authorization: str | None) -> str | None:
+        """The site whose trusted issuer a refused token names, for metrics and alerts ("auth
+        failures at site X"). Unverified, so only ever a configured site id, never the claim."""
+        try:
+            token = (authorization or "").split(" ", 1)[1].strip()
+            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except Exception:  # noqa: BLE001 - anything unreadable claims no site
+            return None
+        return self._site_by_issuer.get(iss) if isinstance(iss, str) else None
+
+    @cached_property
+    def _site_by_issuer(self) -> dict[str, str]:
+        return {spec.iss: site.id for site in self.sites.values() for spec in site.issuers}
 
     def model_binding(self, site: Site, enabled: SiteService) -> ModelBinding | None:
         """A fresh per-request binding of the site's active (and shadow) model for a service."""
@@ -104,8 +135,14 @@ def build_verifier(app: Flask, sites: Mapping[str, Site]) -> TokenVerifier | Non
     settings = AuthSettings(leeway_s=int(app.config["JWT_LEEWAY_SECONDS"]),
                             allow_http_loopback_jku=allow_http)
     replay = replay_cache_from_url(app.config["REPLAY_CACHE_URL"], "var/jti-replay.sqlite3")
+    shared = None
+    if app.config["JWKS_CACHE_URL"]:
+        try:
+            shared = RedisJwksStore(app.config["JWKS_CACHE_URL"])
+        except ValueError as exc:
+            raise ConfigError(f"JWKS_CACHE_URL: {exc}") from exc
     try:
-        return TokenVerifier(issuers, replay, settings)
+        return TokenVerifier(issuers, replay, settings, JwksCache(settings, shared=shared))
     except ValueError as exc:
         raise ConfigError(f"issuers: {exc}") from exc
 
@@ -127,23 +164,23 @@ def build_models(models_dir: str | Path, sites: Mapping[str, Site]) -> ModelRegi
     return ModelRegistry(loaded)
 
 
-def build_runtime(app: Flask, services: Mapping[str, CdsService], sites: Mapping[str, Site],
-                  default_site: Site) -> CdsRuntime:
+def build_runtime(app: Flask, deployment) -> CdsRuntime:
+    """The worker's runtime over a loaded `app.Deployment`: store, verifier, thread pool."""
     url = app.config["DATABASE_URL"]
-    models = build_models(app.config["MODELS_DIR"] or SHIPPED_MODELS_DIR, sites)
-    verifier = build_verifier(app, sites)
+    verifier = build_verifier(app, deployment.sites)
     rt = CdsRuntime(
         verifier=verifier,
-        models=models,
-        services=services,
-        sites=sites,
-        default_site=default_site,
+        models=deployment.models,
+        services=deployment.services,
+        sites=deployment.sites,
+        default_site=deployment.default_site,
         store=Store(url),
         store_url_redacted=redacted_url(url),
         fhir_max_workers=int(app.config["FHIR_MAX_WORKERS"]),
     )
     if app.config.get("CLOCK") is not None:
         rt.clock = app.config["CLOCK"]
+    metrics.models_loaded(deployment.models)
     app.extensions["cds"] = rt
     return rt
 

@@ -388,6 +388,11 @@ class Store:
         Replays (rule 105: the same feedback may arrive several times) are stored once, within
         the batch and across calls, by the unique `dedupe_key`.
         """
+        return len(self.insert_feedback(site, service_id, items))
+
+    def insert_feedback(self, site: str, service_id: str,
+                        items: Sequence[FeedbackItem]) -> set[str]:
+        """As `add_feedback`, returning the dedupe keys of the items actually inserted."""
         received_at = datetime.now(UTC)
         rows: dict[str, dict[str, Any]] = {}
         for item in items:
@@ -413,16 +418,29 @@ class Store:
                 },
             )
         if not rows:
-            return 0
+            return set()
         self._ensure_schema()
         stmt = (
             _INSERT[self.dialect](feedback_table)
             .on_conflict_do_nothing(index_elements=[feedback_table.c.dedupe_key])
-            .returning(feedback_table.c.id)
+            .returning(feedback_table.c.dedupe_key)
         )
         # RETURNING yields only the rows actually inserted; rowcount is unreliable for executemany.
         with self._unavailable_on_error(), self._write() as conn:
-            return len(conn.execute(stmt, list(rows.values())).all())
+            return set(conn.execute(stmt, list(rows.values())).scalars())
+
+    def card_topics(self, site: str, service_id: str,
+                    card_uuids: Collection[str]) -> dict[str, str]:
+        """Topic code of each issued card among `card_uuids` (cards without a topic absent)."""
+        if not card_uuids:
+            return {}
+        c = issued_cards_table.c
+        query = sa.select(c.card_uuid, c.topic_code).where(
+            c.site == site, c.service_id == service_id, c.card_uuid.in_(sorted(set(card_uuids))),
+            c.topic_code.is_not(None))
+        self._ensure_schema()
+        with self._unavailable_on_error(), self._engine.connect() as conn:
+            return {uuid: topic for uuid, topic in conn.execute(query).all()}
 
     def list_feedback(
         self, site: str | None = None, service_id: str | None = None, card: str | None = None

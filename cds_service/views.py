@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from flask import Response, g, json, request
 from flask_smorest import Blueprint
 
-from cds_service import suppression
+from cds_service import metrics, suppression
 from cds_service.audit import MAX_TEXT, AuditRecord, prefetch_key_sources
 from cds_service.cards import render_response
 from cds_service.errors import RequestInvalid, ServiceNotFound
@@ -37,12 +37,16 @@ blp = Blueprint(
 
 @blp.before_request
 def _authenticate_and_precheck():
+    metrics.end_call()  # a thread's previous request never lends this one its timer
     if request.method == "OPTIONS":  # CORS preflight carries no credentials
         return
+    g.started = time.perf_counter()
     g.audit = {"service_id": (request.view_args or {}).get("service_id")}
     # Authenticate first: an unauthenticated caller learns nothing, not even which ids exist.
     g.site, g.caller = runtime().authenticate(request)
     g.audit.update(site=g.site.id)
+    if request.method == "POST":
+        metrics.start_call(g.site.id, _service_label()).add("auth", time.perf_counter() - g.started)
     if g.caller is not None:
         g.audit.update(iss=g.caller.iss, sub=g.caller.sub)
     # Then the cheap, most specific problems, before parsing a (possibly large) body.
@@ -101,16 +105,17 @@ def invoke(body: dict, service_id: str):
                    user_id=context.get("userId"), patient_id=context.get("patientId"),
                    encounter_id=context.get("encounterId"))
     authorization = body.get("fhirAuthorization") or {}
-    prefetch = resolve_prefetch(
-        enabled.prefetch,
-        context=body["context"],
-        prefetch=body["prefetch"],
-        fhir_server=body.get("fhirServer"),
-        access_token=authorization.get("access_token"),
-        settings=site.prefetch_settings,
-        executor=runtime().executor,
-        optional=service.optional_prefetch,
-    )
+    with metrics.stage("prefetch"):
+        prefetch = resolve_prefetch(
+            enabled.prefetch,
+            context=body["context"],
+            prefetch=body["prefetch"],
+            fhir_server=body.get("fhirServer"),
+            access_token=authorization.get("access_token"),
+            settings=site.prefetch_settings,
+            executor=runtime().executor,
+            optional=service.optional_prefetch,
+        )
     hook_request = HookRequest(
         service_id=service.id,
         hook=body["hook"],
@@ -127,11 +132,13 @@ def invoke(body: dict, service_id: str):
     g.model_binding = hook_request.model
     g.audit.update(prefetch_keys_used=prefetch_key_sources(prefetch.sources),
                    fhir_urls_fetched=tuple(prefetch.fetched))
-    cards = service.handler(hook_request)
-    decision = suppression.apply(cards, store=runtime().store, site=site, service_id=service.id,
-                                 user_id=context.get("userId"),
-                                 patient_id=context.get("patientId"), now=hook_request.now)
-    rendered = render_response(decision.kept, epic=site.epic_compatibility)
+    with metrics.stage("cards"):  # the handler's own feature and model time is taken out below
+        cards = service.handler(hook_request)
+        decision = suppression.apply(cards, store=runtime().store, site=site,
+                                     service_id=service.id, user_id=context.get("userId"),
+                                     patient_id=context.get("patientId"), now=hook_request.now)
+        rendered = render_response(decision.kept, epic=site.epic_compatibility)
+    metrics.count_cards(site.id, service.id, cards, decision.kept)
     g.issued_cards = [
         {"card_uuid": card.uuid, "indicator": card.indicator,
          "topic_system": card.source.topic.system if card.source.topic else None,
@@ -161,7 +168,10 @@ def feedback(items: list, service_id: str):
     """Record clinicians' accept/override outcomes; stored durably before answering 200."""
     site, _ = site_service(service_id)
     g.audit.update(feedback_cards=tuple(item.card for item in items))
-    stored = runtime().store.add_feedback(site.id, service_id, items)
+    store = runtime().store
+    new_keys = store.insert_feedback(site.id, service_id, items)
+    stored = len(new_keys)
+    metrics.count_feedback(site.id, service_id, items, new_keys, store)
     g.audit.update(outcome=f"received={len(items)} stored={stored}")
     log.info("feedback service=%s site=%s received=%d stored=%d",
              service_id, site.id, len(items), stored)
@@ -186,6 +196,27 @@ def _cors(response):
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
         response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def _service_label() -> str:
+    service_id = (request.view_args or {}).get("service_id")
+    return service_id if service_id in runtime().services else metrics.UNKNOWN
+
+
+@blp.after_request
+def _metrics(response):
+    """Request counts and stage times; a refused token counts under the site it claimed."""
+    started = getattr(g, "started", None)
+    if request.method != "POST" or started is None:
+        return response
+    site = g.site.id if getattr(g, "site", None) is not None else g.get("claimed_site")
+    hook = "feedback" if request.path.endswith("/feedback") else (
+        g.audit.get("hook") or metrics.UNKNOWN)
+    metrics.count_request(site or metrics.UNKNOWN, _service_label(), hook,
+                          response.status_code, time.perf_counter() - started)
+    response.headers["Server-Timing"] = metrics.server_timing()
+    metrics.end_call()
     return response
 
 
@@ -263,3 +294,11 @@ def readyz():
                            "error": type(exc).__name__}
     ready = all(c["status"] == "ok" for c in checks.values())
     return {"status": "ok" if ready else "fail", "checks": checks}, (200 if ready else 503)
+
+
+@health.route("/metrics", methods=["GET"])
+def prometheus_metrics():
+    """Prometheus metrics of every worker (docs/operations.md); no PHI in any label. Serve it to
+    the scraper only: route /cds-services, not /metrics, through the hospital-facing ingress."""
+    body, content_type = metrics.exposition()
+    return Response(body, status=200, content_type=content_type)

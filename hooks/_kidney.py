@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from cds_service import metrics
 from cds_service.features import LOINC, CodeMap, FeatureValue, extract, parse_features
 
 # CKD-EPI 2021 creatinine equation, without race (Inker LA, et al. N Engl J Med.
@@ -142,7 +143,8 @@ def assess_request(request: Any) -> tuple[KidneyStatus, Any]:
     """(kidney status, the site model's prediction or None) for a hook request; the model sees
     the calculated eGFR when there is one, and is not run without any eGFR."""
     resources = [v for v in request.prefetch.values() if v is not None]
-    status = assess(resources, now=request.now, code_map=request.site.code_map)
+    with metrics.stage("features"):
+        status = assess(resources, now=request.now, code_map=request.site.code_map)
     if request.model is None or status.egfr is None:
         return status, None
     return status, request.model.predict([*resources, *status.extra_resources], now=request.now)

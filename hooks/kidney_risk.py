@@ -44,6 +44,12 @@ KDIGO_URL = "https://kdigo.org/guidelines/ckd-evaluation-and-management/"
 TOPIC = Coding(code="kidneyfunction", system=TOPIC_SYSTEM, display="Reduced kidney function")
 REFERRAL_ORDERABLE = "nephrology-referral"
 UACR_ORDERABLE = "urine-acr"
+# The site orderables this service reads, and what the card loses without each
+# (`cds-service site check` warns about missing ones).
+ORDERABLES = {
+    REFERRAL_ORDERABLE: "the 'Refer to nephrology' suggestion is left out",
+    UACR_ORDERABLE: "the 'Order urine albumin/creatinine ratio' suggestion is left out",
+}
 
 # Without a model score: card indicator per KDIGO G category (G1/G2: no CKD by eGFR alone).
 G_INDICATOR = {"G1": None, "G2": None, "G3a": "info", "G3b": "warning", "G4": "warning",
@@ -250,6 +256,7 @@ SERVICE = CdsService(
     handler=handle,
     model="kfre-4var",
     settings_schema=Settings,
+    orderables=ORDERABLES,
     prefetch={
         "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES
                 + "&_sort=-date&_count=10",

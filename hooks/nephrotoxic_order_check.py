@@ -27,6 +27,7 @@ from cds_service.registry import CdsService, HookRequest
 from hooks._kidney import KidneyStatus, assess_request, risk_text
 from hooks._medications import (
     TOPIC_SYSTEM,
+    VALUE_SETS,
     Match,
     active_matches,
     applicable_rule,
@@ -39,6 +40,13 @@ from hooks.kidney_risk import CREATININE_CODES, EGFR_CODES, UACR_CODES
 EPIC_RXNORM = "urn:oid:2.16.840.1.113883.6.88"
 # A draft order in one of these states is no longer being ordered (R4 medicationrequest-status).
 _NOT_ORDERED = frozenset({"cancelled", "entered-in-error", "stopped", "completed", "revoked"})
+# The site orderables this service reads (the value sets' alternatives), and what the card does
+# without each (`cds-service site check` warns about missing ones).
+ORDERABLES = {
+    c.alternative[0]: f"'Order {c.alternative[0]} instead' drafts RxNorm ingredient "
+                      f"{c.alternative[1]}, not this site's preference-list item"
+    for c in VALUE_SETS.classes if c.alternative
+}
 
 OVERRIDE_REASONS = (
     Coding(code="benefitoutweighsrisk", system=TOPIC_SYSTEM, display="Benefit outweighs risk"),
@@ -150,6 +158,7 @@ SERVICE = CdsService(
                 "safer alternative.",
     handler=handle,
     model="kfre-4var",
+    orderables=ORDERABLES,
     prefetch={
         "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES
                 + "&_sort=-date&_count=10",

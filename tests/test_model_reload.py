@@ -116,7 +116,7 @@ def wait_for_workers(server: Server, workers: int) -> None:
     """Until every worker has built its app: /healthz answers as soon as the first one has, and
     a worker still booting when the test edits the site file would read the edited one."""
     wait_for(lambda: len(worker_pids(server)) == workers
-             and server.output().count("loaded (sha256") >= workers + 1,  # + the master's check
+             and server.output().count(" ready: sites ") >= workers,
              30, f"{workers} workers to load the app", server.output)
 
 

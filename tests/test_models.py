@@ -214,7 +214,7 @@ def test_a_failing_shadow_model_never_breaks_the_answer(make_app, monkeypatch, c
     def boom(*args, **kwargs):
         raise RuntimeError("shadow exploded")
 
-    monkeypatch.setattr(shadow, "predict", boom)
+    monkeypatch.setattr(shadow, "predict_vector", boom)
     body = patient_request()
     response = post(app.test_client(), "/cds-services/kidney-risk", body)
     assert response.status_code == 200

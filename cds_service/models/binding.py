@@ -8,12 +8,14 @@ trying a candidate model must not be able to break the service clinicians see.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cds_service.features import CodeMap, flatten
+from cds_service import metrics
+from cds_service.features import CodeMap, extract, flatten
 from cds_service.models.registry import LoadedModel, Prediction
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,22 @@ class ModelBinding:
         """Score the active model (and the shadow, silently) on the patient's FHIR resources."""
         now = now or self.clock()
         resources = list(flatten(resources))  # once, for the active and the shadow model
-        prediction = self.active.predict(resources, now=now, code_map=self.code_map,
-                                         thresholds=self.thresholds)
-        self.recorded.append(("active", prediction))
+        prediction = self._score("active", self.active, resources, now, self.thresholds)
         if self.shadow is not None:
             try:
-                self.recorded.append(("shadow", self.shadow.predict(
-                    resources, now=now, code_map=self.code_map)))
+                shadow = self._score("shadow", self.shadow, resources, now, None)
+                metrics.observe_shadow(prediction, shadow)
             except Exception:  # noqa: BLE001 - a shadow model never affects the answer
                 log.exception("shadow model %s %s failed", self.shadow.id, self.shadow.version)
+        return prediction
+
+    def _score(self, role: str, model: LoadedModel, resources: list, now: datetime,
+               thresholds: Mapping[str, float] | None) -> Prediction:
+        with metrics.stage("features"):
+            vector = extract(model.manifest.features, resources, now=now, code_map=self.code_map)
+        started = time.perf_counter()
+        with metrics.stage("model"):
+            prediction = model.predict_vector(vector, thresholds)
+        metrics.observe_prediction(role, prediction, time.perf_counter() - started)
+        self.recorded.append((role, prediction))
         return prediction

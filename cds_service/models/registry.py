@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
@@ -254,6 +254,9 @@ class ModelRegistry:
 
     def __contains__(self, model_id: object) -> bool:
         return model_id in self._models
+
+    def __iter__(self) -> Iterator[LoadedModel]:
+        return iter(self._models.values())
 
     def describe(self) -> list[dict[str, str]]:
         return [m.describe() for _, m in sorted(self._models.items())]

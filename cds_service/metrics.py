@@ -1,0 +1,251 @@
+"""Prometheus metrics, served at `/metrics`; catalogue and alerts in docs/operations.md.
+
+gunicorn runs several worker processes and a scrape reaches one of them, so `cds-service serve`
+sets `PROMETHEUS_MULTIPROC_DIR` before anything imports prometheus_client: each worker then
+writes its samples to files there and `/metrics` aggregates every worker's files
+(prometheus_client "Multiprocess Mode"). Without it (tests, one process) the default registry is
+served.
+
+Label values come only from our own configuration and code (site ids, service ids, hooks,
+prefetch keys, card topics, model ids) or from small fixed sets: never from the request body
+unchecked, never a patient, user or encounter id. A value outside the known set is `unknown`, so
+a caller cannot create series.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+UNKNOWN = "unknown"
+STAGES = ("auth", "prefetch", "fhir_fallback", "features", "model", "cards")
+# Server-side latency: Epic's whole round trip should be "on the order of 500 ms" (CDS Hooks 2.0
+# §Performance), so the interesting range is 1 ms to 1 s.
+_LATENCY = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+_SCORE = (.01, .02, .05, .1, .2, .3, .4, .5, .6, .7, .8, .9, 1)
+_DIFFERENCE = (.001, .005, .01, .02, .05, .1, .2, .5, 1)
+
+REQUESTS = Counter(
+    "cds_requests", "CDS service invocations and feedback calls.",
+    ("site", "service", "hook", "status"))
+REQUEST_SECONDS = Histogram(
+    "cds_request_duration_seconds", "Server-side time of CDS service and feedback calls.",
+    ("site", "service", "hook"), buckets=_LATENCY)
+STAGE_SECONDS = Histogram(
+    "cds_stage_duration_seconds",
+    "Server-side time per stage of a call: " + ", ".join(STAGES) + ".",
+    ("site", "service", "stage"), buckets=_LATENCY)
+PREFETCH_KEYS = Counter(
+    "cds_prefetch_keys",
+    "Prefetch keys per call: hit (Epic prefetched it), null (Epic sent null), miss (not sent "
+    "or unusable: read from the FHIR server or left missing).",
+    ("site", "service", "key", "result"))
+FHIR_SECONDS = Histogram(
+    "cds_fhir_request_duration_seconds", "FHIR fallback reads, by outcome class.",
+    ("site", "status_class"), buckets=_LATENCY)
+JWT_REJECTIONS = Counter(
+    "cds_jwt_rejections", "Refused JWTs by reason (cds_service.auth).", ("site", "reason"))
+MODEL_SECONDS = Histogram(
+    "cds_model_inference_seconds", "Model scoring time (features excluded).",
+    ("model_id", "model_version", "role"), buckets=_LATENCY)
+MODEL_SCORE = Histogram(
+    "cds_model_score", "Predicted risk, for drift against the model's validation cohort.",
+    ("model_id", "model_version", "role"), buckets=_SCORE)
+MODEL_UNAVAILABLE = Counter(
+    "cds_model_unavailable", "Calls a model could not score (required inputs missing).",
+    ("model_id", "model_version", "role"))
+SHADOW_DIFFERENCE = Histogram(
+    "cds_shadow_score_difference", "Absolute difference between shadow and active scores.",
+    ("service", "active_model", "shadow_model"), buckets=_DIFFERENCE)
+CARDS = Counter(
+    "cds_cards", "Cards returned.", ("site", "service", "indicator", "topic"))
+CARDS_SUPPRESSED = Counter(
+    "cds_cards_suppressed", "Cards withheld by alert-fatigue suppression.",
+    ("site", "service", "topic"))
+FEEDBACK = Counter(
+    "cds_feedback", "Feedback outcomes stored (replays not counted), by the card's topic.",
+    ("site", "service", "outcome", "topic"))
+MODEL_INFO = Gauge(
+    "cds_model_info", "Models loaded by live workers (value 1).",
+    ("model_id", "model_version", "sha256"), multiprocess_mode="livemax")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def exposition() -> tuple[bytes, str]:
+    """The `/metrics` body and content type: every worker's samples in multiprocess mode."""
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def worker_exited(pid: int) -> None:
+    """gunicorn `child_exit`: drop a dead worker's live gauges (its counters are kept)."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(pid)
+
+
+def models_loaded(models: Iterable) -> None:
+    for model in models:
+        MODEL_INFO.labels(model.id, model.version, model.sha256).set(1)
+
+
+@dataclass
+class CallTimer:
+    """Stage times of one call, shared with the FHIR fallback threads (they run in a copy of the
+    request's context, which holds this same object)."""
+
+    site: str
+    service: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+_current: ContextVar[CallTimer | None] = ContextVar("cds_call_timer", default=None)
+
+
+def start_call(site: str, service: str) -> CallTimer:
+    timer = CallTimer(site, service)
+    _current.set(timer)
+    return timer
+
+
+def current_call() -> CallTimer | None:
+    return _current.get()
+
+
+def end_call() -> None:
+    _current.set(None)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Time a stage of the current call (no-op outside one). Stages may repeat; they add up."""
+    timer = _current.get()
+    if timer is None:
+        yield
+        return
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timer.add(name, time.perf_counter() - started)
+
+
+def observe_fhir(status_class: str, seconds: float) -> None:
+    timer = _current.get()
+    FHIR_SECONDS.labels(timer.site if timer else UNKNOWN, status_class).observe(seconds)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "error"
+
+
+def observe_prediction(role: str, prediction, seconds: float) -> None:
+    labels = (prediction.model_id, prediction.model_version, role)
+    MODEL_SECONDS.labels(*labels).observe(seconds)
+    if prediction.score is None:
+        MODEL_UNAVAILABLE.labels(*labels).inc()
+    else:
+        MODEL_SCORE.labels(*labels).observe(prediction.score)
+
+
+def observe_shadow(active, shadow) -> None:
+    if active.score is None or shadow.score is None:
+        return
+    timer = _current.get()
+    SHADOW_DIFFERENCE.labels(
+        timer.service if timer else UNKNOWN,
+        f"{active.model_id}:{active.model_version}",
+        f"{shadow.model_id}:{shadow.model_version}",
+    ).observe(abs(shadow.score - active.score))
+
+
+def prefetch_key(key: str, result: str) -> None:
+    timer = _current.get()
+    if timer is not None:  # keys are the site's configured template names: bounded
+        PREFETCH_KEYS.labels(timer.site, timer.service, key, result).inc()
+
+
+# Stages timed around others: their own time is what is left once the inner ones are taken out,
+# so the stages of a call add up to (about) its server-side time.
+_INNER = {"prefetch": ("fhir_fallback",), "cards": ("features", "model")}
+
+
+def _exclusive(seconds: dict[str, float]) -> dict[str, float]:
+    out = dict(seconds)
+    for outer, inner in _INNER.items():
+        if outer in out:
+            out[outer] = max(0.0, out[outer] - sum(seconds.get(i, 0.0) for i in inner))
+    return out
+
+
+def count_request(site: str, service: str, hook: str, status: int, seconds: float) -> None:
+    REQUESTS.labels(site, service, hook, str(status)).inc()
+    REQUEST_SECONDS.labels(site, service, hook).observe(seconds)
+    timer = _current.get()
+    if timer is not None:
+        for name, value in _exclusive(timer.seconds).items():
+            STAGE_SECONDS.labels(site, service, name).observe(value)
+
+
+def server_timing() -> str:
+    """`Server-Timing` header (W3C Server Timing) with this call's stages, in milliseconds."""
+    timer = _current.get()
+    if timer is None:
+        return ""
+    stages = _exclusive(timer.seconds)
+    return ", ".join(f"{name};dur={stages[name] * 1000:.3f}" for name in STAGES if name in stages)
+
+
+def _topic(card) -> str:
+    return card.source.topic.code if card.source.topic is not None else "none"
+
+
+def count_cards(site: str, service: str, cards, kept) -> None:
+    shown = {id(card) for card in kept}
+    for card in cards:
+        if id(card) in shown:
+            CARDS.labels(site, service, card.indicator, _topic(card)).inc()
+        else:
+            CARDS_SUPPRESSED.labels(site, service, _topic(card)).inc()
+
+
+def count_feedback(site: str, service: str, items, new_keys, store) -> None:
+    """Newly stored feedback by outcome and the topic of the card it names (our issued-cards
+    record: feedback carries only the card uuid). Never fails the call that stored it."""
+    new = [item for item in items if item.dedupe_key(site, service) in new_keys]
+    if not new:
+        return
+    try:
+        topics = store.card_topics(site, service, {item.card for item in new})
+    except Exception:  # noqa: BLE001 - metrics must not turn a stored feedback into an error
+        topics = {}
+    for item in new:
+        FEEDBACK.labels(site, service, item.outcome, topics.get(item.card, UNKNOWN)).inc()
+
+
+def rejected(site: str | None, reason: str) -> None:
+    JWT_REJECTIONS.labels(site or UNKNOWN, reason).inc()

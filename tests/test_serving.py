@@ -1,0 +1,100 @@
+"""gunicorn as `cds-service serve` configures it (cds_service/serving.py): threaded workers keep
+answering while one call waits on a slow FHIR server, and a recycled worker serves the
+configuration the master validated, not whatever the files on disk say now."""
+
+# Fixtures imported from tests.fhir_server are "redefined" as test arguments.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEMO_JWKS, ROOT, demo_signer
+from tests.fhir_server import fhir_server  # noqa: F401 - fixture
+from tests.test_metrics import golden_request
+from tests.test_serve import Server, request
+
+SLOW_S = 2.0
+
+
+def demo_site(tmp_path: Path, prefetch: str = "") -> Path:
+    """The demo site, trusting the demo key by absolute path, with extra prefetch settings."""
+    text = (ROOT / "site_config" / "demo-hospital.yaml").read_text(encoding="utf-8")
+    text = text.replace("../var/dev-keys/demo-hospital.jwks.json", str(DEMO_JWKS))
+    block = re.search(r"\nprefetch:\n(  .*\n)+", text)
+    text = text.replace(block.group(0), "\nprefetch:\n" + prefetch)
+    site = tmp_path / "site.yaml"
+    site.write_text(text, encoding="utf-8")
+    return site
+
+
+def timed(url: str, body: dict) -> tuple[int, float, float]:
+    started = time.monotonic()
+    status, _ = request(url, body)
+    return status, started, time.monotonic()
+
+
+@pytest.mark.parametrize("threads", [4, 1], ids=["gthread-4", "sync"])
+def test_a_call_stuck_on_a_slow_fhir_server_does_not_delay_another_on_the_same_worker(
+        tmp_path, fhir_server, threads):
+    demo_signer()
+    site = demo_site(tmp_path, "  deadline_seconds: 5\n  allow_http_loopback: true\n")
+    server = Server(tmp_path, "--workers", "1", "--threads", str(threads),
+                    env={"CDS_SITE_CONFIG": str(site)})
+    try:
+        url = server.base + "/cds-services/kidney-risk"
+        slow = golden_request("slow")
+        egfr = slow["prefetch"].pop("egfr")
+        slow["fhirServer"] = fhir_server.url
+        fhir_server.add("Observation", json=egfr, delay=SLOW_S)
+        fast = golden_request("fast")
+        fast.pop("fhirServer"), fast.pop("fhirAuthorization")
+        assert request(url, fast)[0] == 200  # warm: the worker has built its app
+
+        results = {}
+        stuck = threading.Thread(target=lambda: results.update(slow=timed(url, slow)))
+        stuck.start()
+        deadline = time.monotonic() + 5
+        while not fhir_server.requests and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the slow call is waiting on the FHIR server
+        results["fast"] = timed(url, fast)
+        stuck.join(10)
+    finally:
+        server.stop()
+
+    slow_status, slow_start, slow_end = results["slow"]
+    fast_status, fast_start, fast_end = results["fast"]
+    assert (slow_status, fast_status) == (200, 200)
+    assert slow_end - slow_start >= SLOW_S
+    print(f"threads={threads}: slow call {slow_end - slow_start:.2f}s, "  # noqa: T201
+          f"concurrent call {fast_end - fast_start:.3f}s")
+    if threads > 1:
+        assert fast_end - fast_start < 0.5
+        assert fast_end < slow_end  # answered while the slow call was still waiting
+    else:  # the control: one thread per worker, and the second call waits its turn
+        assert fast_end - fast_start > SLOW_S / 2
+
+
+def test_recycled_workers_serve_the_validated_configuration_not_the_edited_file(tmp_path):
+    demo_signer()
+    site = demo_site(tmp_path, "  deadline_seconds: 2.5\n")
+    server = Server(tmp_path, "--workers", "1", "--max-requests", "10",
+                    env={"CDS_SITE_CONFIG": str(site)})
+    try:
+        url = server.base + "/cds-services/kidney-risk"
+        # Edited in place without a reload (or a ConfigMap updated under the pod): broken.
+        site.write_text("site: demo-hospital\nissuers: [oops\n", encoding="utf-8")
+        statuses = [request(url, golden_request(f"p{n}"))[0] for n in range(35)]
+        output = server.output()
+    finally:
+        server.stop()
+    assert statuses == [200] * 35, output
+    workers = set(re.findall(r"worker (\d+) ready", output))
+    assert len(workers) >= 3, output  # recycled at least twice after ~10 requests each
+    assert "Worker failed to boot" not in output
+    assert "configuration error" not in output
