@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
@@ -78,3 +79,18 @@ def store_url(request) -> str:
 def store(store_url) -> Iterator[Store]:
     with Store(store_url) as opened:
         yield opened
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key namespace of its own on the local Redis, removed afterwards."""
+    prefix = f"cds-service-test:{uuid.uuid4()}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

@@ -23,6 +23,7 @@ from tests.conftest import example
 from tests.jwt_helpers import (
     AUD,
     ISS,
+    FakeClock,
     JwksServer,
     TestKey,
     b64url,
@@ -37,17 +38,6 @@ from tests.jwt_helpers import (
 
 LOOPBACK = AuthSettings(allow_http_loopback_jku=True)
 EPIC_KID = "d3bmo5HzW61TUgikHZH+A8Tx4UOXz2iOs4KvVU4eLY0="  # epic-jwt-header.json
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(scope="module")

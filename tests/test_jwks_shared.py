@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import uuid
 
 import pytest
 import redis
@@ -28,6 +27,7 @@ from cds_service.replay import MemoryReplayCache
 from tests.jwt_helpers import (
     AUD,
     ISS,
+    FakeClock,
     JwksServer,
     TestKey,
     jwks,
@@ -35,24 +35,11 @@ from tests.jwt_helpers import (
     make_jwt,
     rsa_key,
 )
+from tests.storage_fixtures import REDIS_URL, redis_prefix  # noqa: F401 - fixture
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 CLOSED_PORT_URL = "redis://:s3cret-pass@127.0.0.1:1/0"  # nothing listens on port 1
 SETTINGS = AuthSettings(allow_http_loopback_jku=True)
 TTL = SETTINGS.jwks_ttl_s
-
-
-class FakeClock:
-    """One clock for both levels: the cache's monotonic one and the store's wall clock."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +49,7 @@ def rs() -> TestKey:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def redis_prefix():
-    """A key namespace of its own on the local Redis, removed afterwards."""
-    prefix = f"cds-service-test:jwks:{uuid.uuid4()}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    return FakeClock(1_800_000_000.0)  # wall clock: the shared level stores epoch seconds
 
 
 @pytest.fixture

@@ -1,5 +1,8 @@
 """jti replay caches (rule 126): one winner per (iss, jti), across threads, processes and hosts."""
 
+# Fixtures imported from tests.storage_fixtures are "redefined" as test arguments.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import multiprocessing
@@ -21,8 +24,8 @@ from cds_service.replay import (
     replay_cache_from_url,
 )
 from tests.jwt_helpers import AUD, ISS, jwks, make_jwt, rsa_key
+from tests.storage_fixtures import REDIS_URL, redis_prefix  # noqa: F401 - fixture
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 SPAWN = multiprocessing.get_context("spawn")  # no fork of a threaded pytest process
 
 
@@ -31,18 +34,6 @@ def sqlite_cache(tmp_path):
     cache = SqliteReplayCache(tmp_path / "replay" / "jti.sqlite3")
     yield cache
     cache.close()
-
-
-@pytest.fixture
-def redis_prefix():
-    """A key namespace of its own on the local Redis, removed afterwards."""
-    prefix = f"cds-service-test:{uuid.uuid4()}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture
