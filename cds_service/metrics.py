@@ -80,6 +80,9 @@ CARDS_SUPPRESSED = Counter(
 FEEDBACK = Counter(
     "cds_feedback", "Feedback outcomes stored (replays not counted), by the card's topic.",
     ("site", "service", "outcome", "topic"))
+STORE_WRITE_FAILURES = Counter(
+    "cds_store_write_failures",
+    "Calls whose audit record, issued cards and predictions could not be written.")
 MODEL_INFO = Gauge(
     "cds_model_info", "Models loaded by live workers (value 1).",
     ("model_id", "model_version", "sha256"), multiprocess_mode="livemax")
@@ -211,13 +214,13 @@ def count_request(site: str, service: str, hook: str, status: int, seconds: floa
             STAGE_SECONDS.labels(site, service, name).observe(value)
 
 
-def server_timing() -> str:
-    """`Server-Timing` header (W3C Server Timing) with this call's stages, in milliseconds."""
+def server_timing(total_s: float) -> str:
+    """`Server-Timing` header (W3C Server Timing): this call's stages and `total` (from the
+    blueprint's first hook to its last, request parsing and response included), in ms."""
     timer = _current.get()
-    if timer is None:
-        return ""
-    stages = _exclusive(timer.seconds)
-    return ", ".join(f"{name};dur={stages[name] * 1000:.3f}" for name in STAGES if name in stages)
+    stages = _exclusive(timer.seconds) if timer is not None else {}
+    parts = [f"{name};dur={stages[name] * 1000:.3f}" for name in STAGES if name in stages]
+    return ", ".join([*parts, f"total;dur={total_s * 1000:.3f}"])
 
 
 def _topic(card) -> str:

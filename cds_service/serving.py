@@ -62,6 +62,14 @@ def prepare_metrics_dir() -> tuple[str, bool]:
     return given, False
 
 
+def _worker_exit(server: Arbiter, worker: Any) -> None:
+    """In the worker, as it stops (SIGTERM, reload, recycling): write queued call records."""
+    app = getattr(worker, "wsgi", None)
+    runtime = getattr(app, "extensions", {}).get("cds") if app is not None else None
+    if runtime is not None:
+        runtime.close()
+
+
 def _child_exit(server: Arbiter, worker: Any) -> None:
     from cds_service import metrics
 
@@ -88,6 +96,7 @@ class Server(BaseApplication):
             "accesslog": "-" if self.args.access_log else None,
             "logconfig_dict": self.logconfig,
             "child_exit": _child_exit,
+            "worker_exit": _worker_exit,
         }
         if self.args.threads <= 1:
             settings["worker_class"] = "sync"

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -201,6 +202,39 @@ issued_cards_table = sa.Table(
     sa.Index(None, "site", "patient_id", "user_id", "topic_code"),
 )
 
+def _recent_overrides_query() -> sa.Select:
+    """`Store.recent_overrides`, built once (it runs on every call that has cards)."""
+    fb, issued = feedback_table, issued_cards_table
+    return (
+        sa.select(
+            issued.c.topic_code, fb.c.outcome_timestamp, issued.c.indicator, issued.c.card_uuid
+        )
+        .select_from(
+            issued.join(
+                fb,
+                sa.and_(
+                    fb.c.card == issued.c.card_uuid,
+                    fb.c.site == issued.c.site,
+                    fb.c.service_id == issued.c.service_id,
+                ),
+            )
+        )
+        .where(
+            issued.c.site == sa.bindparam("site"),
+            issued.c.service_id == sa.bindparam("service_id"),
+            issued.c.user_id == sa.bindparam("user_id"),
+            issued.c.patient_id == sa.bindparam("patient_id"),
+            issued.c.topic_code.in_(sa.bindparam("topics", expanding=True)),
+            fb.c.outcome == OVERRIDDEN,
+            fb.c.outcome_timestamp >= sa.bindparam("since", type_=UtcDateTime),
+        )
+        # Newest first; ids break ties so the answer is deterministic.
+        .order_by(fb.c.outcome_timestamp.desc(), fb.c.id.desc(), issued.c.id.desc())
+    )
+
+
+_RECENT_OVERRIDES = _recent_overrides_query()
+
 # Identifier columns `list_audit` filters on: the record's text fields, less free text.
 _AUDIT_FILTER_COLUMNS = (
     "kind", *(name for name in TEXT_FIELDS if name not in ("outcome", "detail")), "status",
@@ -282,6 +316,104 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def _audit_row(record: AuditRecord) -> dict[str, Any]:
+    row = {name: getattr(record, name) for name in audit_log_table.c.keys() if name != "id"}
+    for name in TUPLE_FIELDS:
+        row[name] = list(row[name])
+    return row
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one CDS call leaves in the store besides feedback: its audit record, the cards it
+    issued (`issued_cards_table` rows) and the predictions made (`predictions_table` rows)."""
+
+    audit: AuditRecord | None
+    issued_cards: Sequence[dict[str, Any]] = ()
+    predictions: Sequence[dict[str, Any]] = ()
+
+
+class Recorder:
+    """Writes calls' records on a background thread, many calls per transaction.
+
+    A call's audit record, issued cards and predictions used to cost three committed
+    transactions (three fsyncs on SQLite) before the answer left; Epic waits for that answer.
+    Now the answer leaves first and a writer thread commits whatever has queued meanwhile in one
+    transaction. What this trades: records of calls answered in the last moments before a hard
+    kill (SIGKILL, power loss) can be lost; a graceful stop (SIGTERM, reload, worker recycling)
+    writes everything first (`close`). Feedback is not queued: it is committed before its 200.
+
+    Reads that must see this process's own calls (`list_*`, purge, storing feedback, so that a
+    card is on record before an override of it) call `flush()` first. The queue is bounded:
+    a writer that cannot keep up slows callers down instead of growing without limit. A failed
+    write is logged and counted (`cds_store_write_failures_total`); the calls are not retried.
+    """
+
+    MAX_QUEUED = 10_000
+
+    def __init__(self, write: Callable[[Sequence[Call]], None]):
+        self._write = write
+        self._queue: list[Call] = []
+        self._unwritten = 0  # queued or being written
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self._closed = False
+
+    def submit(self, call: Call) -> None:
+        with self._cond:
+            if self._closed:
+                self._write_now([call])
+                return
+            self._start()
+            self._cond.wait_for(lambda: len(self._queue) < self.MAX_QUEUED)
+            self._queue.append(call)
+            self._unwritten += 1
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._unwritten == 0, timeout):
+                log.error("store writer: %d call record(s) still unwritten after %.0f s",
+                          self._unwritten, timeout)
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _start(self) -> None:
+        # Threads do not survive a fork: a worker forked from a process that wrote starts its own.
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        self._queue, self._unwritten, self._pid = [], 0, os.getpid()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+                self._cond.notify_all()  # room in the queue again
+            self._write_now(batch)
+            with self._cond:
+                self._unwritten -= len(batch)
+                self._cond.notify_all()
+
+    def _write_now(self, batch: list[Call]) -> None:
+        try:
+            self._write(batch)
+        except Exception:  # noqa: BLE001 - a lost record is logged and counted, never raised
+            from cds_service import metrics
+
+            metrics.STORE_WRITE_FAILURES.inc(len(batch))
+            log.exception("store writer: %d call record(s) not written", len(batch))
+
+
 @dataclass(frozen=True)
 class Override:
     """The latest override of an issued card on one topic (see `Store.recent_overrides`)."""
@@ -303,6 +435,7 @@ class Store:
         self._engine = self._create_engine()
         self._schema_lock = threading.Lock()
         self._schema_ready = False
+        self.recorder = Recorder(self.add_calls)
         try:
             self._ensure_schema()
         except StoreUnavailable as exc:
@@ -393,6 +526,7 @@ class Store:
     def insert_feedback(self, site: str, service_id: str,
                         items: Sequence[FeedbackItem]) -> set[str]:
         """As `add_feedback`, returning the dedupe keys of the items actually inserted."""
+        self.recorder.flush()  # the cards this feedback is about are on record first
         received_at = datetime.now(UTC)
         rows: dict[str, dict[str, Any]] = {}
         for item in items:
@@ -447,6 +581,7 @@ class Store:
     ) -> list[dict[str, Any]]:
         """Stored feedback, oldest first, as plain dicts with JSON fields decoded."""
         self._ensure_schema()
+        self.recorder.flush()
         query = sa.select(feedback_table).order_by(feedback_table.c.id)
         for column, value in (("site", site), ("service_id", service_id), ("card", card)):
             if value is not None:
@@ -456,13 +591,28 @@ class Store:
 
     def add_audit(self, record: AuditRecord) -> int:
         """Append `record`, committed before returning; return its id."""
-        row = {name: getattr(record, name) for name in audit_log_table.c.keys() if name != "id"}
-        for name in TUPLE_FIELDS:
-            row[name] = list(row[name])
+        row = _audit_row(record)
         self._ensure_schema()
         stmt = sa.insert(audit_log_table).returning(audit_log_table.c.id)
         with self._unavailable_on_error(), self._write() as conn:
             return conn.execute(stmt, row).scalar_one()
+
+    def add_calls(self, calls: Sequence[Call]) -> None:
+        """Append the records of several calls (audit, issued cards, predictions) in one committed
+        transaction: what the background `recorder` writes."""
+        audit = [_audit_row(c.audit) for c in calls if c.audit is not None]
+        issued = [row for c in calls for row in c.issued_cards]
+        predictions = [row for c in calls for row in c.predictions]
+        self._ensure_schema()
+        with self._unavailable_on_error(), self._write() as conn:
+            for table, rows in ((audit_log_table, audit), (issued_cards_table, issued),
+                                (predictions_table, predictions)):
+                if rows:
+                    conn.execute(sa.insert(table), rows)
+
+    def record(self, call: Call) -> None:
+        """Queue a call's records for the background writer; returns at once (see `Recorder`)."""
+        self.recorder.submit(call)
 
     def add_predictions(self, rows: Sequence[dict[str, Any]]) -> int:
         """Append prediction records (see `predictions_table`) in one committed transaction."""
@@ -475,6 +625,7 @@ class Store:
 
     def list_predictions(self, *, hook_instance: str | None = None,
                          role: str | None = None) -> list[dict[str, Any]]:
+        self.recorder.flush()
         query = sa.select(predictions_table).order_by(predictions_table.c.id)
         if hook_instance is not None:
             query = query.where(predictions_table.c.hook_instance == hook_instance)
@@ -514,36 +665,11 @@ class Store:
             raise ValueError("recent_overrides: since must be a timezone-aware datetime")
         if not topics:
             return {}
-        fb, issued = feedback_table, issued_cards_table
-        query = (
-            sa.select(
-                issued.c.topic_code, fb.c.outcome_timestamp, issued.c.indicator, issued.c.card_uuid
-            )
-            .select_from(
-                issued.join(
-                    fb,
-                    sa.and_(
-                        fb.c.card == issued.c.card_uuid,
-                        fb.c.site == issued.c.site,
-                        fb.c.service_id == issued.c.service_id,
-                    ),
-                )
-            )
-            .where(
-                issued.c.site == site,
-                issued.c.service_id == service_id,
-                issued.c.user_id == user_id,
-                issued.c.patient_id == patient_id,
-                issued.c.topic_code.in_(sorted(set(topics))),
-                fb.c.outcome == OVERRIDDEN,
-                fb.c.outcome_timestamp >= since,
-            )
-            # Newest first; ids break ties so the answer is deterministic.
-            .order_by(fb.c.outcome_timestamp.desc(), fb.c.id.desc(), issued.c.id.desc())
-        )
+        params = {"site": site, "service_id": service_id, "user_id": user_id,
+                  "patient_id": patient_id, "topics": sorted(set(topics)), "since": since}
         self._ensure_schema()
         with self._unavailable_on_error(), self._engine.connect() as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(_RECENT_OVERRIDES, params).all()
         latest: dict[str, Override] = {}
         for topic_code, time, indicator, card_uuid in rows:
             latest.setdefault(topic_code, Override(topic_code, time, indicator, card_uuid))
@@ -562,6 +688,7 @@ class Store:
         `since` is inclusive, `until` exclusive; `filters` match columns exactly, e.g.
         `list_audit(patient_id="p1", kind="invoke", since=start)`. Tuple fields come back as tuples.
         """
+        self.recorder.flush()
         unknown = sorted(set(filters) - set(_AUDIT_FILTER_COLUMNS))
         if unknown:
             raise TypeError(f"list_audit: unknown filter(s) {', '.join(unknown)}")
@@ -588,6 +715,7 @@ class Store:
         logged but not counted in the return value, which stays the number of audit rows.
         Deletes in batches of AUDIT_PURGE_BATCH rows, one committed transaction each.
         """
+        self.recorder.flush()
         if older_than.utcoffset() is None:
             raise ValueError("purge_audit: older_than must be a timezone-aware datetime")
         self._ensure_schema()
@@ -617,5 +745,6 @@ class Store:
         return total
 
     def dispose(self) -> None:
-        """Close all pooled connections."""
+        """Write what is queued, then close all pooled connections."""
+        self.recorder.close()
         self._engine.dispose()

@@ -27,6 +27,7 @@ from cds_service.schemas import (
     DiscoverySchema,
     FeedbackAckSchema,
 )
+from cds_service.store import Call
 
 log = logging.getLogger("cds_service.views")
 
@@ -213,9 +214,10 @@ def _metrics(response):
     site = g.site.id if getattr(g, "site", None) is not None else g.get("claimed_site")
     hook = "feedback" if request.path.endswith("/feedback") else (
         g.audit.get("hook") or metrics.UNKNOWN)
+    elapsed = time.perf_counter() - started
     metrics.count_request(site or metrics.UNKNOWN, _service_label(), hook,
-                          response.status_code, time.perf_counter() - started)
-    response.headers["Server-Timing"] = metrics.server_timing()
+                          response.status_code, elapsed)
+    response.headers["Server-Timing"] = metrics.server_timing(elapsed)
     metrics.end_call()
     return response
 
@@ -228,33 +230,28 @@ def _audit(response):
         return response
     kind = "feedback" if request.path.endswith("/feedback") else "invoke"
     fields.setdefault("outcome", str(response.status_code))
+    now = datetime.now(UTC)
     try:
-        record = AuditRecord(kind=kind, time=datetime.now(UTC), status=response.status_code,
+        record = AuditRecord(kind=kind, time=now, status=response.status_code,
                              **{k: v for k, v in fields.items() if v is not None})
-        runtime().store.add_audit(record)
     except Exception:  # noqa: BLE001 - the clinician's answer must not wait on the audit log
-        log.exception("audit record not written for %s %s", request.method, request.path)
-    issued = getattr(g, "issued_cards", None)
-    if issued and response.status_code == 200:
-        now = datetime.now(UTC)
-        try:
-            runtime().store.add_issued_cards([{
-                **card, "time": now, "site": fields["site"], "service_id": fields["service_id"],
-                "hook_instance": fields.get("hook_instance"), "user_id": fields.get("user_id"),
-                "patient_id": fields.get("patient_id")} for card in issued])
-        except Exception:  # noqa: BLE001 - as above; the card's override then is not remembered
-            log.exception("issued cards not recorded for %s", request.path)
+        log.exception("audit record not built for %s %s", request.method, request.path)
+        record = None
+    issued = getattr(g, "issued_cards", None) if response.status_code == 200 else None
     binding = getattr(g, "model_binding", None)
-    if binding is not None and binding.recorded:
-        try:
-            runtime().store.add_predictions(_prediction_rows(fields, binding.recorded))
-        except Exception:  # noqa: BLE001 - as above
-            log.exception("predictions not recorded for %s", request.path)
+    runtime().store.record(Call(
+        audit=record,
+        issued_cards=[{**card, "time": now, "site": fields["site"],
+                       "service_id": fields["service_id"],
+                       "hook_instance": fields.get("hook_instance"),
+                       "user_id": fields.get("user_id"), "patient_id": fields.get("patient_id")}
+                      for card in issued or ()],
+        predictions=_prediction_rows(fields, binding.recorded, now) if binding else (),
+    ))
     return response
 
 
-def _prediction_rows(fields: dict, recorded) -> list[dict]:
-    now = datetime.now(UTC)
+def _prediction_rows(fields: dict, recorded, now: datetime) -> list[dict]:
     return [{
         "time": now, "site": fields["site"], "service_id": fields["service_id"],
         "hook_instance": fields["hook_instance"], "role": role,

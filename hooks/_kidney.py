@@ -15,7 +15,15 @@ from typing import Any
 import yaml
 
 from cds_service import metrics
-from cds_service.features import LOINC, CodeMap, FeatureValue, extract, parse_features
+from cds_service.features import (
+    LOINC,
+    CodeMap,
+    FeatureValue,
+    FeatureVector,
+    extract,
+    extract_many,
+    parse_features,
+)
 
 # CKD-EPI 2021 creatinine equation, without race (Inker LA, et al. N Engl J Med.
 # 2021;385:1737-1749. doi:10.1056/NEJMoa2102953):
@@ -110,7 +118,11 @@ class KidneyStatus:
 def assess(resources: Iterable[Any], *, now: datetime,
            code_map: CodeMap | None = None) -> KidneyStatus:
     """Latest eGFR (or CKD-EPI 2021 from the latest creatinine), urine ACR and its recency."""
-    vector = extract(INPUTS, resources, now=now, code_map=code_map)
+    return interpret(extract(INPUTS, resources, now=now, code_map=code_map))
+
+
+def interpret(vector: FeatureVector) -> KidneyStatus:
+    """`assess` on the INPUTS vector already extracted."""
     uacr = vector["uacr"] if vector["uacr"].status == "observed" else None
     status = {"uacr": uacr, "uacr_last_12_months": int(vector["uacr_12m"].value or 0)}
     egfr = vector["egfr"]
@@ -143,11 +155,16 @@ def assess_request(request: Any) -> tuple[KidneyStatus, Any]:
     """(kidney status, the site model's prediction or None) for a hook request; the model sees
     the calculated eGFR when there is one, and is not run without any eGFR."""
     resources = [v for v in request.prefetch.values() if v is not None]
-    with metrics.stage("features"):
-        status = assess(resources, now=request.now, code_map=request.site.code_map)
-    if request.model is None or status.egfr is None:
+    model = request.model
+    with metrics.stage("features"):  # one pass over the chart for our inputs and the model's
+        inputs, features = extract_many((INPUTS, model.features if model else ()), resources,
+                                        now=request.now, code_map=request.site.code_map)
+        status = interpret(inputs)
+    if model is None or status.egfr is None:
         return status, None
-    return status, request.model.predict([*resources, *status.extra_resources], now=request.now)
+    if status.extra_resources:  # the model must see the eGFR calculated from creatinine
+        return status, model.predict([*resources, *status.extra_resources], now=request.now)
+    return status, model.predict(resources, now=request.now, vector=features)
 
 
 # ---------------------------------------------------------------------------------------------

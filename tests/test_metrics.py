@@ -105,6 +105,7 @@ def test_metrics_from_two_gunicorn_workers_count_every_call_with_its_labels(tmp_
         assert (status, body) == (200, {"cards": []})
         assert "auth;dur=" in headers["Server-Timing"]
         assert "cards;dur=" in headers["Server-Timing"]
+        assert "total;dur=" in headers["Server-Timing"]
 
         samples = scrape(server.base)
     finally:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cds_service import metrics
-from cds_service.features import CodeMap, extract, flatten
+from cds_service.features import CodeMap, FeatureSpec, FeatureVector, extract, flatten
 from cds_service.models.registry import LoadedModel, Prediction
 
 log = logging.getLogger(__name__)
@@ -31,23 +31,34 @@ class ModelBinding:
     # (role, prediction) in the order made; the view records them after the response is built.
     recorded: list[tuple[str, Prediction]] = field(default_factory=list)
 
-    def predict(self, resources: Iterable[Any], *, now: datetime | None = None) -> Prediction:
-        """Score the active model (and the shadow, silently) on the patient's FHIR resources."""
+    @property
+    def features(self) -> tuple[FeatureSpec, ...]:
+        """The active model's features, for a caller that extracts them with its own inputs."""
+        return self.active.manifest.features
+
+    def predict(self, resources: Iterable[Any], *, now: datetime | None = None,
+                vector: FeatureVector | None = None) -> Prediction:
+        """Score the active model (and the shadow, silently) on the patient's FHIR resources;
+        `vector`: the active model's `features` already extracted from those resources."""
         now = now or self.clock()
-        resources = list(flatten(resources))  # once, for the active and the shadow model
-        prediction = self._score("active", self.active, resources, now, self.thresholds)
+        if vector is None or self.shadow is not None:
+            resources = list(flatten(resources))  # once, for the active and the shadow model
+        prediction = self._score("active", self.active, resources, now, self.thresholds, vector)
         if self.shadow is not None:
             try:
-                shadow = self._score("shadow", self.shadow, resources, now, None)
+                shadow = self._score("shadow", self.shadow, resources, now, None, None)
                 metrics.observe_shadow(prediction, shadow)
             except Exception:  # noqa: BLE001 - a shadow model never affects the answer
                 log.exception("shadow model %s %s failed", self.shadow.id, self.shadow.version)
         return prediction
 
-    def _score(self, role: str, model: LoadedModel, resources: list, now: datetime,
-               thresholds: Mapping[str, float] | None) -> Prediction:
-        with metrics.stage("features"):
-            vector = extract(model.manifest.features, resources, now=now, code_map=self.code_map)
+    def _score(self, role: str, model: LoadedModel, resources: Iterable[Any], now: datetime,
+               thresholds: Mapping[str, float] | None,
+               vector: FeatureVector | None) -> Prediction:
+        if vector is None:
+            with metrics.stage("features"):
+                vector = extract(model.manifest.features, resources, now=now,
+                                 code_map=self.code_map)
         started = time.perf_counter()
         with metrics.stage("model"):
             prediction = model.predict_vector(vector, thresholds)
