@@ -312,8 +312,10 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    immediate = conn.get_execution_options().get("cds_write", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    # Writes take the write lock up front. A read is one SELECT, which SQLite runs in its own
+    # implicit transaction: no BEGIN round trip (the override lookup runs on every call).
+    if conn.get_execution_options().get("cds_write", False):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _audit_row(record: AuditRecord) -> dict[str, Any]:
@@ -350,6 +352,9 @@ class Recorder:
     """
 
     MAX_QUEUED = 10_000
+    # After waking, the writer waits this long for more calls, so that even sequential traffic
+    # shares transactions (a commit costs more than a row). Bounds what a hard kill can lose.
+    LINGER_S = 0.01
 
     def __init__(self, write: Callable[[Sequence[Call]], None]):
         self._write = write
@@ -397,6 +402,8 @@ class Recorder:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return
+                if not self._closed:
+                    self._cond.wait(self.LINGER_S)  # released meanwhile: callers keep queueing
                 batch, self._queue = self._queue, []
                 self._cond.notify_all()  # room in the queue again
             self._write_now(batch)
