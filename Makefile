@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-tools lint models clean
+.PHONY: run test test-tools lint models bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ models: $(STAMP)
 	  $(BIN)/cds-service models train --ndjson $(COHORT) --labels $(COHORT)/labels.csv \
 	    --spec models/specs/$$id.yaml --out models/$$id || exit 1; \
 	done
+
+# HTTP benchmark: the service (1 and 2 workers) against a floor Flask app, a few minutes
+# (README.md, "Benchmark"); results in bench/results/service.{json,md}.
+bench: $(STAMP)
+	$(BIN)/python -m bench.service_bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     from cds_service import logs, serving
 
     logs.configure(fmt=args.log_format)
-    return serving.run(args, logs.logconfig(args.log_format))
+    return serving.run(args, logs.logconfig(args.log_format, access_log=args.access_log))
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -183,8 +184,7 @@ predictions_table = sa.Table(
     sa.Index(None, "model_id", "model_version", "time"),
 )
 # One row per card we issued. Feedback names only the card uuid (not the user, patient or topic
-# it was about), so alert-fatigue suppression ("this user overrode this topic for this patient
-# recently") joins feedback.card to card_uuid here. Purged with the audit log (same retention).
+# it was about): storing an override looks the card up here. Purged with the audit log.
 issued_cards_table = sa.Table(
     "issued_cards",
     metadata,
@@ -202,34 +202,42 @@ issued_cards_table = sa.Table(
     sa.Index(None, "site", "patient_id", "user_id", "topic_code"),
 )
 
+# One row per override of a card we issued, with the card's user, patient, topic and indicator
+# copied from `issued_cards` when the feedback is stored. Alert-fatigue suppression looks here on
+# every call that has cards: a few rows found by index, where joining feedback to every card ever
+# issued to this clinician for this patient grew with each chart opening. Purged with the audit
+# log.
+overrides_table = sa.Table(
+    "card_overrides",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("time", UtcDateTime, nullable=False, index=True),  # the outcome timestamp
+    sa.Column("site", sa.Text, nullable=False),
+    sa.Column("service_id", sa.Text, nullable=False),
+    sa.Column("user_id", sa.Text),
+    sa.Column("patient_id", sa.Text),
+    sa.Column("topic_code", sa.Text),
+    sa.Column("indicator", sa.String(16)),
+    sa.Column("card_uuid", sa.Text, nullable=False),
+    sa.Index(None, "site", "service_id", "user_id", "patient_id", "topic_code", "time"),
+)
+
+
 def _recent_overrides_query() -> sa.Select:
     """`Store.recent_overrides`, built once (it runs on every call that has cards)."""
-    fb, issued = feedback_table, issued_cards_table
+    o = overrides_table.c
     return (
-        sa.select(
-            issued.c.topic_code, fb.c.outcome_timestamp, issued.c.indicator, issued.c.card_uuid
-        )
-        .select_from(
-            issued.join(
-                fb,
-                sa.and_(
-                    fb.c.card == issued.c.card_uuid,
-                    fb.c.site == issued.c.site,
-                    fb.c.service_id == issued.c.service_id,
-                ),
-            )
-        )
+        sa.select(o.topic_code, o.time, o.indicator, o.card_uuid)
         .where(
-            issued.c.site == sa.bindparam("site"),
-            issued.c.service_id == sa.bindparam("service_id"),
-            issued.c.user_id == sa.bindparam("user_id"),
-            issued.c.patient_id == sa.bindparam("patient_id"),
-            issued.c.topic_code.in_(sa.bindparam("topics", expanding=True)),
-            fb.c.outcome == OVERRIDDEN,
-            fb.c.outcome_timestamp >= sa.bindparam("since", type_=UtcDateTime),
+            o.site == sa.bindparam("site"),
+            o.service_id == sa.bindparam("service_id"),
+            o.user_id == sa.bindparam("user_id"),
+            o.patient_id == sa.bindparam("patient_id"),
+            o.topic_code.in_(sa.bindparam("topics", expanding=True)),
+            o.time >= sa.bindparam("since", type_=UtcDateTime),
         )
         # Newest first; ids break ties so the answer is deterministic.
-        .order_by(fb.c.outcome_timestamp.desc(), fb.c.id.desc(), issued.c.id.desc())
+        .order_by(o.time.desc(), o.id.desc())
     )
 
 
@@ -374,7 +382,8 @@ class Recorder:
             self._cond.wait_for(lambda: len(self._queue) < self.MAX_QUEUED)
             self._queue.append(call)
             self._unwritten += 1
-            self._cond.notify_all()
+            if len(self._queue) == 1:  # the writer waits for the first call only
+                self._cond.notify_all()
 
     def flush(self, timeout: float = 30.0) -> None:
         with self._cond:
@@ -402,8 +411,12 @@ class Recorder:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return
-                if not self._closed:
-                    self._cond.wait(self.LINGER_S)  # released meanwhile: callers keep queueing
+                closing = self._closed
+            if not closing:
+                # Not a wait on the condition: every call queued meanwhile would cut it short,
+                # and waking the writer (and handing it the GIL) per call costs the callers.
+                time.sleep(self.LINGER_S)
+            with self._cond:
                 batch, self._queue = self._queue, []
                 self._cond.notify_all()  # room in the queue again
             self._write_now(batch)
@@ -568,7 +581,30 @@ class Store:
         )
         # RETURNING yields only the rows actually inserted; rowcount is unreliable for executemany.
         with self._unavailable_on_error(), self._write() as conn:
-            return set(conn.execute(stmt, list(rows.values())).scalars())
+            new = set(conn.execute(stmt, list(rows.values())).scalars())
+            overridden = [(row["card"], row["outcome_timestamp"]) for key, row in rows.items()
+                          if key in new and row["outcome"] == OVERRIDDEN]
+            if overridden:
+                self._add_overrides(conn, site, service_id, overridden)
+        return new
+
+    @staticmethod
+    def _add_overrides(conn: Connection, site: str, service_id: str,
+                       overridden: list[tuple[str, datetime]]) -> None:
+        """`card_overrides` rows for (card uuid, outcome time) pairs of cards this site and
+        service issued (feedback for a card not recorded as issued cannot suppress anything)."""
+        c = issued_cards_table.c
+        cards = conn.execute(
+            sa.select(c.card_uuid, c.user_id, c.patient_id, c.topic_code, c.indicator).where(
+                c.site == site, c.service_id == service_id,
+                c.card_uuid.in_(sorted({uuid for uuid, _ in overridden})))).all()
+        rows = [{"time": when, "site": site, "service_id": service_id, "user_id": user_id,
+                 "patient_id": patient_id, "topic_code": topic_code, "indicator": indicator,
+                 "card_uuid": uuid}
+                for card, when in overridden
+                for uuid, user_id, patient_id, topic_code, indicator in cards if uuid == card]
+        if rows:
+            conn.execute(sa.insert(overrides_table), rows)
 
     def card_topics(self, site: str, service_id: str,
                     card_uuids: Collection[str]) -> dict[str, str]:
@@ -665,8 +701,9 @@ class Store:
         """The latest override per topic code in `topics` of a card issued by this site and
         service to this user for this patient, with an outcome timestamp at or after `since`.
 
-        Feedback is matched to issued cards by card uuid, site and service; feedback for a card
-        never recorded by `add_issued_cards` is ignored. Topics with no such override are absent.
+        Feedback is matched to issued cards by card uuid, site and service when it is stored
+        (`card_overrides`); feedback for a card not recorded by then is ignored. Topics with no
+        such override are absent.
         """
         if since.utcoffset() is None:
             raise ValueError("recent_overrides: since must be a timezone-aware datetime")
@@ -678,8 +715,8 @@ class Store:
         with self._unavailable_on_error(), self._engine.connect() as conn:
             rows = conn.execute(_RECENT_OVERRIDES, params).all()
         latest: dict[str, Override] = {}
-        for topic_code, time, indicator, card_uuid in rows:
-            latest.setdefault(topic_code, Override(topic_code, time, indicator, card_uuid))
+        for topic_code, when, indicator, card_uuid in rows:
+            latest.setdefault(topic_code, Override(topic_code, when, indicator, card_uuid))
         return latest
 
     def list_audit(
@@ -730,6 +767,9 @@ class Store:
         log.info("purged %d audit record(s) older than %s", total, older_than.isoformat())
         cards = self._purge_older(issued_cards_table, older_than)
         log.info("purged %d issued card record(s) older than %s", cards, older_than.isoformat())
+        overrides = self._purge_older(overrides_table, older_than)
+        log.info("purged %d card override record(s) older than %s", overrides,
+                 older_than.isoformat())
         return total
 
     def _purge_older(self, table: sa.Table, older_than: datetime) -> int:

@@ -1,0 +1,827 @@
+"""HTTP benchmark of the real service (`cds-service serve`) against a floor app, in one run.
+
+Run from the repository root with the project's virtualenv (`make bench` does the first):
+
+    python -m bench.service_bench                  # full run, a few minutes on 2 cores
+    python -m bench.service_bench --quick          # tiny fixed counts: a smoke test, not data
+    python -m bench.service_bench --out DIR        # default: bench/results (--quick: a temp dir)
+
+It writes ``DIR/service.json`` (every scenario's figures, the payloads, the servers' memory, the
+machine, library versions, date and git commit) and ``DIR/service.md`` (one table per server
+plus the issue's target lines), prints the markdown, and exits 1 if any response was not 200.
+
+Servers, one after another, each on a free loopback port in a fresh directory under one
+temporary directory (its own SQLite store and replay cache, Prometheus directory, log file):
+
+- ``service-1w``, ``service-2w``: `cds-service serve --workers 1|2 --max-requests 0` with the
+  demo site (`site_config/`): JWT verification on, kfre-4var. Every request carries a fresh
+  RS384 token signed with the demo site's development key (Epic's shape: kid, typ JWT, jti,
+  nbf = iat - 300, exp = iat + 900, aud = the endpoint URL), each used once, so the replay cache
+  is written on every call. Tokens and hookInstances are made before a scenario is timed.
+- ``floor-1w``, ``floor-2w``: `bench.floor_app` (a bare Flask app that parses the body and
+  answers a fixed card) on the same gunicorn application and settings, same bodies.
+- ``service-shadow-2w``: the demo site with `shadow_model: ckd-progression-lr` for kidney-risk
+  (a site file written into the temporary directory), so both shipped models are loaded and
+  scored on every patient-view call: the memory figure the issue's target is about.
+
+Server processes log to a file (never a pipe), JSON, `CDS_LOG_LEVEL=WARNING`; any `CDS_*`
+variable of the caller's environment is left out, so nothing (e.g. `CDS_AUTH_REQUIRED`)
+changes what is measured.
+
+Scenarios (payloads: `bench.payloads`), each after unrecorded warm-up requests and after one
+checked request per payload (HTTP 200 and the expected card, or the run stops):
+pv-3kb over 1 keep-alive connection and over 16 concurrent ones; pv-100obs, pv-1000obs and
+os-10orders over 1 connection. A fixed number of requests each (`Settings`), with a timeout
+on every request (`bench.load`). One keep-alive connection stays on one worker: a 2-worker
+sequential figure is one worker's, beside an idle one.
+
+Figures per scenario: requests/s, client latency p50/p95/p99 (ms), the server's own per-stage
+times from the `Server-Timing` header (p50/p95 per stage; `total` p50/p95/p99: first blueprint
+hook to last, body parsing, audit and response included; the floor reports `total` alone, from
+its first before_request to its last after_request; `rest`: the part of a call's total outside
+every named stage), CPU time per request of the server's workers and of the client, the share
+of the machine's CPUs other processes used meanwhile, and the non-200 count. Per server, after
+its scenarios: VmRSS, peak VmHWM and Pss (`/proc/<pid>/smaps_rollup`; models are loaded in
+the gunicorn master and shared with the workers by fork, which Pss splits) of the master and of
+each worker.
+
+The load generator runs on the same cores as the server: on a 2-core machine the client's own
+work (about a third of a millisecond of CPU per request here) competes with the server, and
+concurrent runs compare the service and the floor under the same handicap. Concurrent
+connections are threads by default, measured as the cheaper client here; `--client processes`
+forks one process per connection (see `bench.load` for the measurement). Numbers are for
+comparing runs on one machine; nothing fails on a slow figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jwt
+import yaml
+
+from bench import load
+from bench.payloads import Payload, build, describe, new_hook_instance
+from cds_service.devkeys import ALGORITHM, ensure_dev_keypair, load_signing_key
+from cds_service.serving import SETTINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results"
+SITE_CONFIG = ROOT / "site_config"
+DEMO_SITE = SITE_CONFIG / "demo-hospital.yaml"
+DEMO_ISS = "https://demo-ehr.example.org/api/FHIR/R4"
+SHADOW_MODEL = "ckd-progression-lr"
+CLI = Path(sys.executable).parent / "cds-service"
+HOST = "127.0.0.1"
+LOG_LEVEL = "WARNING"
+REQUEST_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+STAGES = ("auth", "prefetch", "fhir_fallback", "features", "model", "cards", "rest", "total")
+SHOWN_STAGES = ("auth", "prefetch", "features", "model", "cards", "rest")
+CONCURRENT = 16
+
+# The issue's targets (reported, never asserted).
+TARGET_RATIO_VS_FLOOR = 0.60
+TARGET_P50_3KB_MS = 1.0
+TARGET_P50_1MB_MS = 20.0
+TARGET_SCALING_2W = 1.7
+TARGET_RSS_MB = 200.0
+
+
+class BenchError(Exception):
+    """A server did not start, answered a checked request wrongly, or the run could not go on."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str
+    counts: dict[tuple[str, int], int]     # (payload, connections) -> measured requests
+    warmup: dict[tuple[str, int], int]
+
+
+FULL = Settings(
+    "full",
+    counts={("pv-3kb", 1): 3000, ("pv-3kb", CONCURRENT): 4800, ("pv-100obs", 1): 1000,
+            ("pv-1000obs", 1): 200, ("os-10orders", 1): 1000},
+    warmup={("pv-3kb", 1): 100, ("pv-3kb", CONCURRENT): 160, ("pv-100obs", 1): 50,
+            ("pv-1000obs", 1): 10, ("os-10orders", 1): 50},
+)
+QUICK = Settings(
+    "quick",
+    counts={("pv-3kb", 1): 30, ("pv-3kb", CONCURRENT): 32, ("pv-100obs", 1): 20,
+            ("pv-1000obs", 1): 5, ("os-10orders", 1): 20},
+    warmup={("pv-3kb", 1): 3, ("pv-3kb", CONCURRENT): 16, ("pv-100obs", 1): 2,
+            ("pv-1000obs", 1): 1, ("os-10orders", 1): 2},
+)
+SCENARIOS = tuple(FULL.counts)
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    kind: str           # "service" | "floor"
+    workers: int
+    scenarios: tuple[tuple[str, int], ...] = SCENARIOS
+    shadow: bool = False
+
+
+GROUPS = (
+    Group("floor-1w", "floor", 1),
+    Group("service-1w", "service", 1),
+    Group("floor-2w", "floor", 2),
+    Group("service-2w", "service", 2),
+    Group("service-shadow-2w", "service", 2, (("pv-3kb", 1), ("pv-1000obs", 1)), shadow=True),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+
+def _clean_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return {**env, **extra}
+
+
+@dataclass
+class Server:
+    """One gunicorn master (service or floor) on loopback, started in `workdir`."""
+
+    group: Group
+    workdir: Path
+    site_config: Path | None = None
+    port: int = field(default_factory=load.free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "server.log"
+
+    def command(self) -> list[str]:
+        common = ["--host", HOST, "--port", str(self.port), "--workers", str(self.group.workers),
+                  "--max-requests", "0"]
+        if self.group.kind == "floor":
+            return [sys.executable, "-m", "bench.floor_app", *common]
+        return [str(CLI), "serve", *common, "--site-config", str(self.site_config)]
+
+    def environment(self) -> dict[str, str]:
+        tmp = self.workdir
+        return _clean_env({
+            "CDS_DATABASE_URL": f"sqlite:///{tmp / 'cds.sqlite3'}",
+            "CDS_REPLAY_CACHE_URL": f"sqlite:///{tmp / 'replay.sqlite3'}",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp / "metrics"),
+            "CDS_LOG_FORMAT": "json",
+            "CDS_LOG_LEVEL": LOG_LEVEL,
+            # The floor app is run as `-m bench.floor_app` from the temporary directory.
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
+                                          if p),
+        })
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "metrics").mkdir(exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(  # noqa: S603 - our own commands, no shell
+                self.command(), cwd=self.workdir, env=self.environment(), stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"{self.group.name} exited with code {self.process.returncode} "
+                                 f"at start; last log lines:\n{self.log_tail()}")
+            if self._healthy() and len(self.worker_pids()) == self.group.workers:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise BenchError(f"{self.group.name} did not start within {START_TIMEOUT_S:g} s; last "
+                         f"log lines:\n{self.log_tail()}")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base + "/healthz", timeout=2) as response:  # noqa: S310 - loopback
+                return response.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def readiness(self) -> dict | None:
+        """The service's /readyz (loaded models with version and sha256); None for the floor."""
+        if self.group.kind != "service":
+            return None
+        try:
+            with urllib.request.urlopen(self.base + "/readyz", timeout=5) as response:  # noqa: S310 - loopback
+                return json.loads(response.read())
+        except (OSError, ValueError) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def worker_pids(self) -> list[int]:
+        return children(self.process.pid) if self.process else []
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT_S)
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (gunicorn workers of a master), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        for line in status.splitlines():
+            if line.startswith("PPid:"):
+                if int(line.split()[1]) == pid:
+                    found.append(int(entry.name))
+                break
+    return sorted(found)
+
+
+def memory(pid: int) -> dict[str, Any]:
+    """VmRSS, VmHWM (peak RSS) and Pss of a process, in MB (10^6 bytes)."""
+    out: dict[str, Any] = {"pid": pid}
+    wanted = {"VmRSS:": "rss_mb", "VmHWM:": "peak_rss_mb"}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, *rest = line.split()
+        if name in wanted:
+            out[wanted[name]] = round(int(rest[0]) * 1024 / 1e6, 1)
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["pss_mb"] = round(int(line.split()[1]) * 1024 / 1e6, 1)
+    except OSError:  # smaps_rollup: Linux 4.14+
+        out["pss_mb"] = None
+    return out
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of `pids` so far (/proc/<pid>/stat utime, stime)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a worker that died; the run reports it at the end
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all processes of the machine have used so far, summed over CPUs (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def client_cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    forked = resource.getrusage(resource.RUSAGE_CHILDREN)  # load processes, once joined
+    return own.ru_utime + own.ru_stime + forked.ru_utime + forked.ru_stime
+
+
+def shadow_site(directory: Path) -> Path:
+    """The demo site, kidney-risk also scoring the shadow model: both shipped models loaded."""
+    site = yaml.safe_load(DEMO_SITE.read_text(encoding="utf-8"))
+    for issuer in site.get("issuers", ()):
+        if "jwks_file" in issuer:  # relative to the site file it came from
+            issuer["jwks_file"] = str((SITE_CONFIG / issuer["jwks_file"]).resolve())
+    site["services"]["kidney-risk"] = {**(site["services"].get("kidney-risk") or {}),
+                                       "shadow_model": SHADOW_MODEL}
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / DEMO_SITE.name
+    path.write_text(f"# {DEMO_SITE.name} with kidney-risk shadow_model: {SHADOW_MODEL}, written "
+                    "by bench.service_bench.\n" + yaml.safe_dump(site, sort_keys=False),
+                    encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+class Signer:
+    """Epic-shaped RS384 tokens from the demo site's development key (see tests/conftest.py)."""
+
+    def __init__(self, jwks_file: Path):
+        ensure_dev_keypair(jwks_file)
+        self.key, self.kid = load_signing_key(jwks_file)
+
+    def token(self, audience: str) -> str:
+        now = int(time.time())
+        claims = {"iss": DEMO_ISS, "sub": "bench-client", "aud": audience, "iat": now,
+                  "nbf": now - 300, "exp": now + 900, "jti": str(uuid.uuid4())}
+        return jwt.encode(claims, self.key, algorithm=ALGORITHM,
+                          headers={"kid": self.kid, "typ": "JWT"})
+
+    def tokens(self, audience: str, n: int) -> list[str]:
+        return [self.token(audience) for _ in range(n)]
+
+
+def _jwks_file() -> Path:
+    site = yaml.safe_load(DEMO_SITE.read_text(encoding="utf-8"))
+    return (SITE_CONFIG / site["issuers"][0]["jwks_file"]).resolve()
+
+
+def _headers(token: str) -> dict[str, str]:
+    return {"Content-Type": "application/json", "Accept": "application/json",
+            "Authorization": f"Bearer {token}"}
+
+
+class Batch:
+    """Pre-made requests for one scenario: a unique hookInstance and token per request (the
+    floor reuses one token: it never reads it, and the header keeps its size)."""
+
+    def __init__(self, server: Server, payload: Payload, n: int, signer: Signer):
+        self.payload = payload
+        audience = server.base + payload.path
+        if server.group.kind == "service":
+            self.tokens = signer.tokens(audience, n)
+        else:
+            self.tokens = [signer.token(audience)] * n
+        self.instances = [new_hook_instance() for _ in range(n)]
+
+    def __call__(self, i: int) -> load.Request:
+        return (self.payload.path, _headers(self.tokens[i]),
+                self.payload.body(self.instances[i]))
+
+
+def check_payload(server: Server, payload: Payload, signer: Signer) -> int:
+    """Send `payload` once and insist on HTTP 200 and the expected card; the response size."""
+    status, body = load.fetch(HOST, server.port, Batch(server, payload, 1, signer)(0),
+                              timeout=REQUEST_TIMEOUT_S)
+    if status != 200:
+        raise BenchError(f"{server.group.name}: {payload.name} answered HTTP {status}: "
+                         f"{body[:500]!r}")
+    if server.group.kind == "service":
+        try:
+            problem = payload.verify(json.loads(body))
+        except ValueError:
+            problem = f"the answer is not JSON: {body[:200]!r}"
+        if problem:
+            raise BenchError(f"{server.group.name}: {payload.name}: {problem}")
+    return len(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _quantiles(values: Sequence[float], qs: Sequence[int]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {f"p{q}": round(load.percentile(ordered, q), 3) for q in qs}
+
+
+def summarize(result: load.Result, *, server_cpu_s: float, client_cpu_s: float,
+              machine_cpu_s: float) -> dict:
+    samples = result.samples
+    statuses: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for s in samples:
+        statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
+        if s.error:
+            errors[s.error] = errors.get(s.error, 0) + 1
+    ok = [s for s in samples if s.status == 200]
+    latencies = sorted(s.latency_ns / 1e6 for s in samples)
+    stages: dict[str, list[float]] = {}
+    for s in ok:
+        timing = load.parse_server_timing(s.server_timing)
+        for name, ms in timing.items():
+            stages.setdefault(name, []).append(ms)
+        if "total" in timing and len(timing) > 1:
+            # Outside every named stage: body parsing and validation, the audit hand-off,
+            # response serialisation.
+            rest = timing["total"] - sum(ms for name, ms in timing.items() if name != "total")
+            stages.setdefault("rest", []).append(round(rest, 3))
+    server = {}
+    for name in [*STAGES, *sorted(set(stages) - set(STAGES))]:
+        if name in stages:
+            server[name] = {**_quantiles(stages[name], (50, 95, 99) if name == "total"
+                                         else (50, 95)), "n": len(stages[name])}
+    n = len(samples)
+    return {
+        "count": n,
+        "non_200": n - len(ok),
+        "statuses": statuses,
+        "errors": errors,
+        "elapsed_s": round(result.elapsed_s, 3),
+        "requests_per_s": round(n / result.elapsed_s, 1) if result.elapsed_s > 0 else None,
+        "client_ms": {**_quantiles(latencies, (50, 95, 99)),
+                      "mean": round(sum(latencies) / n, 3), "max": round(latencies[-1], 3)},
+        "server_ms": server,
+        "server_cpu_ms_per_request": round(server_cpu_s * 1000 / n, 3),
+        "client_cpu_ms_per_request": round(client_cpu_s * 1000 / n, 3),
+        # Everything else the machine ran meanwhile (other jobs, the gunicorn master, the
+        # kernel's own threads), as a share of all CPUs: high means a disturbed figure.
+        "other_cpu_share": round(max(0.0, machine_cpu_s - server_cpu_s - client_cpu_s)
+                                 / (result.elapsed_s * (os.cpu_count() or 1)), 3)
+        if result.elapsed_s > 0 else None,
+        "response_bytes": sorted(s.response_bytes for s in ok)[len(ok) // 2] if ok else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_group(group: Group, settings: Settings, payloads: dict[str, Payload], signer: Signer,
+              tmp: Path, client_mode: str, say) -> dict:
+    workdir = tmp / group.name
+    site = shadow_site(workdir / "site") if group.shadow else SITE_CONFIG
+    server = Server(group, workdir, site if group.kind == "service" else None)
+    say(f"{group.name}: starting")
+    load_before = os.getloadavg()
+    server.start()
+    try:
+        checked = {name: check_payload(server, payloads[name], signer)
+                   for name in dict.fromkeys(name for name, _ in group.scenarios)}
+        scenarios = []
+        for name, connections in group.scenarios:
+            key = (name, connections)
+            count, warmup = settings.counts[key], settings.warmup[key]
+            batch = Batch(server, payloads[name], count + warmup, signer)
+            mode = client_mode if connections > 1 else "sequential"
+            pids = server.worker_pids()
+            cpu = (cpu_seconds(pids), client_cpu_seconds(), machine_busy_seconds())
+            result = load.run(HOST, server.port, lambda i, b=batch, w=warmup: b(w + i), count,
+                              connections=connections, warmup=batch, warmup_count=warmup,
+                              mode=client_mode, timeout=REQUEST_TIMEOUT_S)
+            # CPU figures include the warm-up requests' share; negligible at full counts.
+            figures = summarize(result, server_cpu_s=cpu_seconds(pids) - cpu[0],
+                                client_cpu_s=client_cpu_seconds() - cpu[1],
+                                machine_cpu_s=machine_busy_seconds() - cpu[2])
+            scenarios.append({"payload": name, "connections": connections, "client": mode,
+                              "warmup": warmup, "payload_bytes": payloads[name].size,
+                              **figures})
+            say(f"  {name} x{connections}: {figures['requests_per_s']} req/s, server total p50 "
+                f"{figures['server_ms'].get('total', {}).get('p50')} ms, "
+                f"non-200 {figures['non_200']}")
+        workers = server.worker_pids()
+        if len(workers) != group.workers or server.process.poll() is not None:
+            raise BenchError(f"{group.name}: expected {group.workers} worker(s) at the end, "
+                             f"found {len(workers)}; last log lines:\n{server.log_tail()}")
+        memory_now = {"master": memory(server.process.pid),
+                      "workers": [memory(pid) for pid in workers]}
+        ready = server.readiness()
+    finally:
+        server.stop()
+    log_text = server.log_path.read_text(encoding="utf-8", errors="replace")
+    return {
+        "name": group.name,
+        "server": group.kind,
+        "workers": group.workers,
+        "threads": SETTINGS["threads"],
+        "command": " ".join(server.command()[1:] if group.kind == "floor"
+                            else ["cds-service", *server.command()[1:]]),
+        "site_config": str(site) if group.kind == "service" else None,
+        "models": _models(ready),
+        "checked_response_bytes": checked,
+        "scenarios": scenarios,
+        "memory": memory_now,
+        "loadavg_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+        "log": {"level": LOG_LEVEL, "format": "json", "to": "a file in the run's directory",
+                "lines": log_text.count("\n"),
+                "access_log_lines": log_text.count('"gunicorn.access"'),
+                "warnings_or_errors": sum(f'"level": "{lvl}"' in line
+                                          for line in log_text.splitlines()
+                                          for lvl in ("WARNING", "ERROR", "CRITICAL"))},
+    }
+
+
+def _models(ready: dict | None) -> Any:
+    """The models /readyz reports loaded (id, version, sha256)."""
+    if ready is None:
+        return None
+    models = (ready.get("checks") or {}).get("models") or {}
+    return models.get("loaded", ready)
+
+
+def environment() -> dict:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    versions = {}
+    for package in ("flask", "werkzeug", "gunicorn", "flask-smorest", "marshmallow", "PyJWT",
+                    "cryptography", "numpy", "scikit-learn", "skops", "prometheus-client"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "libraries": versions,
+        "git": _git(),
+    }
+
+
+def _git() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(["git", *args], cwd=ROOT,  # noqa: S603, S607 - read-only git
+                                    capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted_changes": None if status is None else bool(status)}
+
+
+def run(settings: Settings, *, client_mode: str = "threads", groups: Sequence[Group] = GROUPS,
+        say=print) -> dict:
+    payloads = build()
+    signer = Signer(_jwks_file())
+    tmp = Path(tempfile.mkdtemp(prefix="cds-service-bench-"))
+    started = time.monotonic()
+    try:
+        results = [run_group(g, settings, payloads, signer, tmp, client_mode, say)
+                   for g in groups]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = {
+        "benchmark": "service",
+        "mode": settings.mode,
+        "environment": environment(),
+        "settings": {
+            "requests": {f"{p} x{c}": n for (p, c), n in settings.counts.items()},
+            "warmup": {f"{p} x{c}": n for (p, c), n in settings.warmup.items()},
+            "concurrent_client": client_mode,
+            "gunicorn": "cds_service.serving.Server settings: gthread, 4 threads, keepalive "
+                        "75 s, --max-requests 0 (no recycling), loopback",
+            "request_timeout_s": REQUEST_TIMEOUT_S,
+            "log_level": LOG_LEVEL,
+            "server_timing": "ms per stage, the service's own (stages exclusive of the ones "
+                             "they enclose); total: first blueprint hook to last",
+            "client_note": "the client runs on the same cores as the server",
+        },
+        "payloads": describe(payloads),
+        "groups": results,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    report["targets"] = targets(report)
+    report["non_200_total"] = sum(s["non_200"] for g in results for s in g["scenarios"])
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived figures
+
+
+def _scenario(report: dict, group: str, payload: str, connections: int) -> dict | None:
+    for g in report["groups"]:
+        if g["name"] == group:
+            for s in g["scenarios"]:
+                if s["payload"] == payload and s["connections"] == connections:
+                    return s
+    return None
+
+
+def _group(report: dict, name: str) -> dict | None:
+    return next((g for g in report["groups"] if g["name"] == name), None)
+
+
+def _ratio(a: dict | None, b: dict | None) -> float | None:
+    if not a or not b or not b.get("requests_per_s"):
+        return None
+    return round(a["requests_per_s"] / b["requests_per_s"], 3)
+
+
+def _p50(s: dict | None) -> float | None:
+    return s["server_ms"].get("total", {}).get("p50") if s else None
+
+
+def targets(report: dict) -> dict:
+    def target(value, limit, at_least: bool, what: str) -> dict:
+        met = None if value is None else (value >= limit if at_least else value <= limit)
+        return {"what": what, "value": value, "target": f"{'>=' if at_least else '<='} {limit:g}",
+                "met": met}
+
+    seq = ("pv-3kb", 1)
+    conc = ("pv-3kb", CONCURRENT)
+    shadow = _group(report, "service-shadow-2w")
+    rss = max((w["rss_mb"] for w in shadow["memory"]["workers"]), default=None) if shadow \
+        else None
+    non_200 = sum(s["non_200"] for g in report["groups"] for s in g["scenarios"])
+    return {
+        "ratio_vs_floor_3kb_1w_seq": target(
+            _ratio(_scenario(report, "service-1w", *seq), _scenario(report, "floor-1w", *seq)),
+            TARGET_RATIO_VS_FLOOR, True,
+            "pv-3kb, JWT + model + cards, 1 worker, sequential: service req/s / floor req/s"),
+        "server_p50_3kb_ms": target(
+            _p50(_scenario(report, "service-1w", *seq)), TARGET_P50_3KB_MS, False,
+            "pv-3kb, 1 worker, sequential: server-side total p50 (ms)"),
+        "server_p50_1mb_ms": target(
+            _p50(_scenario(report, "service-1w", "pv-1000obs", 1)), TARGET_P50_1MB_MS, False,
+            "pv-1000obs (~1 MB), 1 worker, sequential: server-side total p50 (ms)"),
+        "scaling_2w_vs_1w_16c": target(
+            _ratio(_scenario(report, "service-2w", *conc), _scenario(report, "service-1w", *conc)),
+            TARGET_SCALING_2W, True,
+            f"pv-3kb, {CONCURRENT} connections: service 2 workers req/s / 1 worker req/s"),
+        "rss_per_worker_both_models_mb": target(
+            rss, TARGET_RSS_MB, False,
+            "largest worker VmRSS (MB) with kfre-4var and ckd-progression-lr loaded "
+            "(service-shadow-2w)"),
+        "non_200_total": target(non_200, 0, False, "non-200 responses over every run"),
+        "context": {
+            "floor_scaling_2w_vs_1w_16c": _ratio(_scenario(report, "floor-2w", *conc),
+                                                 _scenario(report, "floor-1w", *conc)),
+            "ratio_vs_floor_3kb_2w_16c": _ratio(_scenario(report, "service-2w", *conc),
+                                                _scenario(report, "floor-2w", *conc)),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:,.{digits}f}" if abs(x) < 100 else f"{x:,.0f}"
+
+
+def _percent(share: float | None) -> str:
+    return "–" if share is None else f"{share * 100:.0f} %"
+
+
+def _met(entry: dict) -> str:
+    return {True: "met", False: "**not met**", None: "–"}[entry["met"]]
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    libs = env["libraries"]
+    commit = (env["git"]["commit"] or "unknown")[:10]
+    dirty = " + uncommitted changes" if env["git"]["uncommitted_changes"] else ""
+    lines = [
+        "# Service HTTP benchmark",
+        "",
+        f"`python -m bench.service_bench` ({report['mode']} run), {env['date']}, commit "
+        f"{commit}{dirty}: Python {env['python']}, gunicorn {libs['gunicorn']}, Flask "
+        f"{libs['flask']}, scikit-learn {libs['scikit-learn']}, {env['platform']}, "
+        f"{env['cpu_count']} CPUs ({env['cpus_usable']} usable). Loopback, keep-alive; the "
+        "load generator shares the CPUs with the server. gunicorn gthread, 4 threads, "
+        f"`--max-requests 0`; logs JSON at {report['settings']['log_level']} to a file. "
+        f"Concurrent client: {report['settings']['concurrent_client']}. *Server CPU*: CPU time "
+        "of the server's workers per request; *others' CPU*: the share of all CPUs used "
+        "meanwhile by anything but those workers and the client (other jobs on the machine: a "
+        "high value means a disturbed figure). Definitions: `service.json` and the docstring "
+        "of `bench/service_bench.py`. Stages are the service's `Server-Timing` (exclusive: "
+        "*cards* without the features and model it calls); *rest* is the part of *total* "
+        "outside every stage (body parsing and validation, the audit hand-off, the response).",
+        "",
+        "Payloads: " + "; ".join(f"{name} {p['bytes'] / 1000:,.1f} KB ({p['description']})"
+                                 for name, p in report["payloads"].items()) + ".",
+        "",
+        "## Targets",
+        "",
+        "| target | value | goal | |",
+        "|---|--:|--:|---|",
+    ]
+    for key, entry in report["targets"].items():
+        if key == "context":
+            continue
+        lines.append(f"| {entry['what']} | {_f(entry['value'], 3)} | {entry['target']} | "
+                     f"{_met(entry)} |")
+    ctx = report["targets"]["context"]
+    lines += [
+        "",
+        f"For scale: the floor itself goes {_f(ctx['floor_scaling_2w_vs_1w_16c'])}× from 1 to 2 "
+        f"workers at {CONCURRENT} connections on this machine; service/floor at 2 workers, "
+        f"{CONCURRENT} connections: {_f(ctx['ratio_vs_floor_3kb_2w_16c'], 3)}.",
+        "",
+    ]
+    for group in report["groups"]:
+        mem = group["memory"]
+        workers = ", ".join(f"{w['rss_mb']:.0f} (Pss {_f(w.get('pss_mb'), 0)}, peak "
+                            f"{w['peak_rss_mb']:.0f})" for w in mem["workers"])
+        lines += [
+            f"## {group['name']}",
+            "",
+            f"`{group['command']}`. Memory MB: master {mem['master']['rss_mb']:.0f} RSS "
+            f"(Pss {_f(mem['master'].get('pss_mb'), 0)}); per worker {workers}. "
+            f"Log: {group['log']['lines']} lines, {group['log']['access_log_lines']} of them "
+            "gunicorn access lines.",
+            "",
+            "| payload | conns | requests | non-200 | req/s | client p50 / p95 / p99 ms | "
+            "server total p50 / p95 / p99 ms | server CPU ms/req | others' CPU |"
+            + (f" {' / '.join(SHOWN_STAGES)} p50 ms |" if group["server"] ==
+               "service" else ""),
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|" if group["server"] == "service"
+                                                        else ""),
+        ]
+        for s in group["scenarios"]:
+            c, t = s["client_ms"], s["server_ms"].get("total", {})
+            row = (f"| {s['payload']} | {s['connections']} | {s['count']:,} | {s['non_200']} | "
+                   f"{_f(s['requests_per_s'], 0)} | {_f(c['p50'])} / {_f(c['p95'])} / "
+                   f"{_f(c['p99'])} | {_f(t.get('p50'))} / {_f(t.get('p95'))} / "
+                   f"{_f(t.get('p99'))} | {_f(s['server_cpu_ms_per_request'])} | "
+                   f"{_percent(s['other_cpu_share'])} |")
+            if group["server"] == "service":
+                row += " " + " / ".join(_f(s["server_ms"].get(st, {}).get("p50"), 3)
+                                        for st in SHOWN_STAGES) + " |"
+            lines.append(row)
+        lines.append("")
+    lines += [f"Total non-200 responses: {report['non_200_total']}. Wall time "
+              f"{report['wall_s']:,.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def write(report: dict, out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "service.json", out / "service.md"
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                         encoding="utf-8")
+    md_path.write_text(markdown(report), encoding="utf-8")
+    return json_path, md_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.service_bench",
+        description="Benchmark cds-service serve against a floor Flask app over loopback HTTP.")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few requests per scenario (a smoke test; numbers are not data)")
+    parser.add_argument("--out", type=Path,
+                        help=f"directory for service.json and service.md (default: {DEFAULT_OUT};"
+                             " with --quick, a new temporary directory)")
+    parser.add_argument("--client", choices=load.MODES, default="threads",
+                        help="concurrent connections as threads or forked processes "
+                             "(default: %(default)s)")
+    args = parser.parse_args(argv)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="cds-service-bench-quick-")) if args.quick
+                       else DEFAULT_OUT)
+
+    def say(text: str) -> None:
+        sys.stderr.write(text + "\n")
+
+    try:
+        report = run(QUICK if args.quick else FULL, client_mode=args.client, say=say)
+    except BenchError as exc:
+        sys.stderr.write(f"service bench: {exc}\n")
+        return 2
+    try:
+        json_path, md_path = write(report, out)
+    except OSError as exc:
+        sys.stderr.write(f"service bench: cannot write the results to {out}: {exc}\n")
+        return 2
+    sys.stdout.write(markdown(report) + f"\nwrote {json_path} and {md_path}\n")
+    if report["non_200_total"]:
+        sys.stderr.write(f"service bench: {report['non_200_total']} non-200 response(s)\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
