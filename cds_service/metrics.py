@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -88,6 +89,13 @@ MODEL_INFO = Gauge(
     ("model_id", "model_version", "sha256"), multiprocess_mode="livemax")
 
 
+@lru_cache(maxsize=4096)
+def _child(metric, *labels: str):
+    """`metric.labels(*labels)`, cached: prometheus_client validates and locks on every call,
+    and a call makes about twenty of them. Label values are bounded (module docstring)."""
+    return metric.labels(*labels)
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
@@ -110,7 +118,7 @@ def worker_exited(pid: int) -> None:
 
 def models_loaded(models: Iterable) -> None:
     for model in models:
-        MODEL_INFO.labels(model.id, model.version, model.sha256).set(1)
+        _child(MODEL_INFO, model.id, model.version, model.sha256).set(1)
 
 
 @dataclass
@@ -159,7 +167,7 @@ def stage(name: str) -> Iterator[None]:
 
 def observe_fhir(status_class: str, seconds: float) -> None:
     timer = _current.get()
-    FHIR_SECONDS.labels(timer.site if timer else UNKNOWN, status_class).observe(seconds)
+    _child(FHIR_SECONDS, timer.site if timer else UNKNOWN, status_class).observe(seconds)
 
 
 def status_class(status: int) -> str:
@@ -168,18 +176,19 @@ def status_class(status: int) -> str:
 
 def observe_prediction(role: str, prediction, seconds: float) -> None:
     labels = (prediction.model_id, prediction.model_version, role)
-    MODEL_SECONDS.labels(*labels).observe(seconds)
+    _child(MODEL_SECONDS, *labels).observe(seconds)
     if prediction.score is None:
-        MODEL_UNAVAILABLE.labels(*labels).inc()
+        _child(MODEL_UNAVAILABLE, *labels).inc()
     else:
-        MODEL_SCORE.labels(*labels).observe(prediction.score)
+        _child(MODEL_SCORE, *labels).observe(prediction.score)
 
 
 def observe_shadow(active, shadow) -> None:
     if active.score is None or shadow.score is None:
         return
     timer = _current.get()
-    SHADOW_DIFFERENCE.labels(
+    _child(
+        SHADOW_DIFFERENCE,
         timer.service if timer else UNKNOWN,
         f"{active.model_id}:{active.model_version}",
         f"{shadow.model_id}:{shadow.model_version}",
@@ -189,7 +198,7 @@ def observe_shadow(active, shadow) -> None:
 def prefetch_key(key: str, result: str) -> None:
     timer = _current.get()
     if timer is not None:  # keys are the site's configured template names: bounded
-        PREFETCH_KEYS.labels(timer.site, timer.service, key, result).inc()
+        _child(PREFETCH_KEYS, timer.site, timer.service, key, result).inc()
 
 
 # Stages timed around others: their own time is what is left once the inner ones are taken out,
@@ -206,12 +215,12 @@ def _exclusive(seconds: dict[str, float]) -> dict[str, float]:
 
 
 def count_request(site: str, service: str, hook: str, status: int, seconds: float) -> None:
-    REQUESTS.labels(site, service, hook, str(status)).inc()
-    REQUEST_SECONDS.labels(site, service, hook).observe(seconds)
+    _child(REQUESTS, site, service, hook, str(status)).inc()
+    _child(REQUEST_SECONDS, site, service, hook).observe(seconds)
     timer = _current.get()
     if timer is not None:
         for name, value in _exclusive(timer.seconds).items():
-            STAGE_SECONDS.labels(site, service, name).observe(value)
+            _child(STAGE_SECONDS, site, service, name).observe(value)
 
 
 def server_timing(total_s: float) -> str:
@@ -231,9 +240,9 @@ def count_cards(site: str, service: str, cards, kept) -> None:
     shown = {id(card) for card in kept}
     for card in cards:
         if id(card) in shown:
-            CARDS.labels(site, service, card.indicator, _topic(card)).inc()
+            _child(CARDS, site, service, card.indicator, _topic(card)).inc()
         else:
-            CARDS_SUPPRESSED.labels(site, service, _topic(card)).inc()
+            _child(CARDS_SUPPRESSED, site, service, _topic(card)).inc()
 
 
 def count_feedback(site: str, service: str, items, new_keys, store) -> None:
@@ -247,8 +256,8 @@ def count_feedback(site: str, service: str, items, new_keys, store) -> None:
     except Exception:  # noqa: BLE001 - metrics must not turn a stored feedback into an error
         topics = {}
     for item in new:
-        FEEDBACK.labels(site, service, item.outcome, topics.get(item.card, UNKNOWN)).inc()
+        _child(FEEDBACK, site, service, item.outcome, topics.get(item.card, UNKNOWN)).inc()
 
 
 def rejected(site: str | None, reason: str) -> None:
-    JWT_REJECTIONS.labels(site or UNKNOWN, reason).inc()
+    _child(JWT_REJECTIONS, site or UNKNOWN, reason).inc()
