@@ -13,12 +13,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CDS_SITE_CONFIG=/app/site_config \
     CDS_MODELS_DIR=/app/models \
-    CDS_DATABASE_URL=sqlite:////app/var/cds-service.sqlite3
+    CDS_DATABASE_URL=sqlite:////app/var/cds-service.sqlite3 \
+    CDS_SANDBOX_BUNDLES_DIR=/app/examples/bundles
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin cds
 COPY --from=build /install /usr/local
 WORKDIR /app
 COPY --chown=cds:cds site_config ./site_config
 COPY --chown=cds:cds models ./models
+# Synthetic patients for /sandbox (on only for a site with `sandbox: true` and a development key).
+COPY --chown=cds:cds examples/bundles ./examples/bundles
 RUN mkdir -p /app/var && chown cds:cds /app/var
 USER cds
 EXPOSE 8000

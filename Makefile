@@ -22,7 +22,8 @@ test: $(STAMP) test-tools
 	$(BIN)/python -m pytest
 
 # System tools tests run as subprocesses, from Debian packages; one `command -v X || install` line
-# each. promtool (package prometheus) checks ops/prometheus/.
+# each. promtool (package prometheus) checks ops/prometheus/; chromium runs the sandbox browser
+# test (tests/test_sandbox_browser.py) through Playwright.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 apt_install = $(APT_GET) install -y --no-install-recommends $(1) \
@@ -33,6 +34,7 @@ no_prometheus_server = $(SUDO) sh -c 'systemctl disable --now prometheus; servic
 	>/dev/null 2>&1
 test-tools:
 	command -v promtool >/dev/null || { $(call apt_install,prometheus) && $(no_prometheus_server); }
+	test -x /usr/bin/chromium || $(call apt_install,chromium)
 
 # Rebuild the shipped models from the synthetic cohort (models/README.md).
 COHORT := var/cohort

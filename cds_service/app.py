@@ -95,4 +95,8 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     api.register_blueprint(blp)
     api.register_blueprint(health)
     build_runtime(app, deployment)
+    if any(site.sandbox for site in deployment.sites.values()):
+        from cds_service import sandbox  # a developer tool: mounted only where a site enables it
+
+        sandbox.init_app(app, deployment.sites)
     return app

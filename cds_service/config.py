@@ -140,6 +140,8 @@ class Site:
     # The site's FHIR R4 base (`fhir_server`), read by `cds-service site check`; requests still
     # use the fhirServer each call carries.
     fhir_server: str | None = None
+    # `sandbox`: serve the developer sandbox page at /sandbox (cds_service/sandbox.py).
+    sandbox: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -237,6 +239,7 @@ class _SiteSchema(Schema):
         values=fields.Nested(_OrderableSchema))
     alert_fatigue = fields.Nested(_AlertFatigueSchema, load_default=dict)
     fhir_server = fields.Url(schemes={"https", "http"}, require_tld=False)
+    sandbox = fields.Boolean(load_default=False)
 
 
 def _service_settings(service: CdsService, raw: Mapping[str, Any] | None, source: str
@@ -312,6 +315,11 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         _issuer(entry, index, source, allow_http_jku)
         for index, entry in enumerate(parsed.get("issuers") or [])
     )
+    if parsed["sandbox"] and not any(i.get("dev_keypair") for i in parsed.get("issuers") or ()):
+        # The sandbox mints tokens with the site's development key; a site trusting only real
+        # EHR keys has none, and a production site must never be able to mint one.
+        raise ConfigError(f"{source}: sandbox: needs an issuer with `dev_keypair: true` (the "
+                          "sandbox signs its calls with the site's development key)")
     try:
         code_map = parse_code_map(data.get("code_mappings") or [])
     except FeatureSpecError as exc:
@@ -339,6 +347,7 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         override_window=timedelta(hours=parsed["alert_fatigue"].get(
             "override_window_hours", DEFAULT_OVERRIDE_WINDOW.total_seconds() / 3600)),
         fhir_server=parsed.get("fhir_server"),
+        sandbox=parsed["sandbox"],
         raw=MappingProxyType(data),
     )
 
