@@ -41,7 +41,7 @@ class Deployment:
     config: Mapping[str, Any]
     services: Mapping[str, CdsService]
     sites: Mapping[str, Site]
-    default_site: Site
+    default_site: Site | None  # None: authentication on, several sites
     models: ModelRegistry
 
 
@@ -65,7 +65,11 @@ def load_deployment(config: Mapping[str, Any] | None = None) -> Deployment:
 
         services = index_services(SERVICES)
     sites = load_sites(resolved["SITE_CONFIG"], services)
-    default_site = choose_default_site(sites, resolved["DEFAULT_SITE"])
+    # The site that answers without a verified token. With authentication on (the default) the
+    # token's `iss` picks the site, so several sites need no default.
+    default_site = (choose_default_site(sites, resolved["DEFAULT_SITE"])
+                    if resolved["DEFAULT_SITE"] or not resolved["AUTH_REQUIRED"] or len(sites) == 1
+                    else None)
     models = build_models(resolved["MODELS_DIR"] or SHIPPED_MODELS_DIR, sites)
     return Deployment(resolved, services, sites, default_site, models)
 

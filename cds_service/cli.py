@@ -298,7 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         from cds_service import logs
 
         logs.configure(fmt="text")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # `cds-service … | head`: the reader left. Python docs, "Note on SIGPIPE": point stdout
+        # at devnull so the interpreter's final flush does not print a traceback either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ log = logging.getLogger("cds_service.runtime")
 class CdsRuntime:
     services: Mapping[str, CdsService]
     sites: Mapping[str, Site]
-    default_site: Site
+    default_site: Site | None  # answers unauthenticated calls (AUTH_REQUIRED false)
     store: Store
     store_url_redacted: str
     verifier: TokenVerifier | None = None  # None only when AUTH_REQUIRED is explicitly false

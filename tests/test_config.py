@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+from cds_service import create_app
 from cds_service.errors import ConfigError
 from hooks import SERVICES
 
@@ -87,7 +88,6 @@ def test_shipped_demo_site_is_valid(make_app):
         ({"x.yaml": "site: x\n  bad: indentation\n"}, ["x.yaml", "invalid YAML"]),
         ({"a.yaml": "site: same\n", "b.yaml": "site: same\n"}, ["b.yaml", "already defined",
                                                                 "a.yaml"]),
-        ({"a.yaml": "site: a\n", "b.yaml": "site: b\n"}, ["DEFAULT_SITE", "a, b"]),
         ({"x.yaml": "- just\n- a list\n"}, ["x.yaml", "mapping"]),
         ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    settings:\n      referral:\n"
                     "        risk: 5\n"},
@@ -216,3 +216,17 @@ def test_service_settings_orderables_and_window_are_loaded_with_defaults(make_ap
     defaults = make_app(SERVICES=SERVICES).extensions["cds"].default_site
     assert defaults.override_window == timedelta(hours=24)
     assert defaults.services["kidney-risk"].settings["referral"]["risk"] == 0.05
+
+
+def test_several_sites_need_a_default_only_when_calls_are_not_authenticated(tmp_path):
+    (tmp_path / "a.yaml").write_text("site: a\n")
+    (tmp_path / "b.yaml").write_text("site: b\n")
+    # Authenticated (the default): each call's verified `iss` picks its site.
+    app = create_app({"SERVICES": SERVICES, "SITE_CONFIG": str(tmp_path),
+                      "DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}"})
+    assert sorted(app.extensions["cds"].sites) == ["a", "b"]
+    app.extensions["cds"].close()
+    # Unauthenticated: one site must answer, so it has to be named.
+    with pytest.raises(ConfigError, match=r"DEFAULT_SITE.*a, b"):
+        create_app({"SERVICES": SERVICES, "SITE_CONFIG": str(tmp_path), "AUTH_REQUIRED": False,
+                    "DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}"})

@@ -223,3 +223,17 @@ def test_replay_is_refused_by_another_process(serve, tmp_path, replay_cache):
     assert request(second.base + "/cds-services", token=token)[0] == 401
     fresh = make_jwt(audience, key=key, kid=kid, iss=iss)
     assert request(second.base + "/cds-services", token=fresh)[0] == 200
+
+
+def test_output_piped_into_a_reader_that_leaves_prints_no_traceback(tmp_path):
+    # `cds-service … | head -1` after head has exited: every write meets a closed pipe.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([CLI, "check-config", "--site-config", str(ROOT / "site_config")],
+                              stdout=write_end, stderr=subprocess.PIPE, cwd=tmp_path, text=True,
+                              timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
