@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import write_results
 from cds_service.features import LOINC, UCUM, extract, group_by_patient
 from cds_service.models.cohort import generate_cohort
 from cds_service.models.registry import LoadedModel, load_model
@@ -440,12 +441,7 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "models.json", out / "models.md"
-    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
-                         encoding="utf-8")
-    md_path.write_text(markdown(report), encoding="utf-8")
-    return json_path, md_path
+    return write_results(out, "models", report, markdown(report))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

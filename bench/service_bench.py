@@ -79,7 +79,7 @@ from typing import Any
 import jwt
 import yaml
 
-from bench import load
+from bench import load, write_results
 from bench.payloads import Payload, build, describe, new_hook_instance
 from cds_service.devkeys import ALGORITHM, ensure_dev_keypair, load_signing_key
 from cds_service.serving import SETTINGS
@@ -779,12 +779,7 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "service.json", out / "service.md"
-    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
-                         encoding="utf-8")
-    md_path.write_text(markdown(report), encoding="utf-8")
-    return json_path, md_path
+    return write_results(out, "service", report, markdown(report))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
