@@ -652,6 +652,8 @@ class Store:
                                 (predictions_table, predictions)):
                 if rows:
                     conn.execute(sa.insert(table), rows)
+            if issued:
+                self._overrides_stored_first(conn, issued)
 
     def record(self, call: Call) -> None:
         """Queue a call's records for the background writer; returns at once (see `Recorder`)."""
@@ -686,7 +688,34 @@ class Store:
         self._ensure_schema()
         with self._unavailable_on_error(), self._write() as conn:
             conn.execute(sa.insert(issued_cards_table), list(rows))
+            self._overrides_stored_first(conn, rows)
         return len(rows)
+
+    @staticmethod
+    def _overrides_stored_first(conn: Connection, issued: Sequence[dict[str, Any]]) -> None:
+        """`card_overrides` rows for overrides stored before the card they name was recorded.
+
+        Issued cards are written after the answer (and by whichever worker or host issued
+        them) while Epic's feedback lands anywhere: whichever of the two is stored second
+        records the override, so the order they reach the store in does not matter.
+        """
+        scopes: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        for row in issued:
+            scopes.setdefault((row["site"], row["service_id"]), {})[row["card_uuid"]] = row
+        f = feedback_table.c
+        rows = []
+        for (site, service_id), cards in scopes.items():
+            found = conn.execute(sa.select(f.card, f.outcome_timestamp).where(
+                f.site == site, f.service_id == service_id, f.card.in_(sorted(cards)),
+                f.outcome == OVERRIDDEN)).all()
+            rows.extend({"time": when, "site": site, "service_id": service_id,
+                         "user_id": cards[uuid].get("user_id"),
+                         "patient_id": cards[uuid].get("patient_id"),
+                         "topic_code": cards[uuid].get("topic_code"),
+                         "indicator": cards[uuid].get("indicator"), "card_uuid": uuid}
+                        for uuid, when in found)
+        if rows:
+            conn.execute(sa.insert(overrides_table), rows)
 
     def recent_overrides(
         self,
@@ -701,9 +730,9 @@ class Store:
         """The latest override per topic code in `topics` of a card issued by this site and
         service to this user for this patient, with an outcome timestamp at or after `since`.
 
-        Feedback is matched to issued cards by card uuid, site and service when it is stored
-        (`card_overrides`); feedback for a card not recorded by then is ignored. Topics with no
-        such override are absent.
+        Feedback is matched to issued cards by card uuid, site and service (`card_overrides`,
+        written by whichever of the two is stored second); feedback for a card never recorded
+        is ignored. Topics with no such override are absent.
         """
         if since.utcoffset() is None:
             raise ValueError("recent_overrides: since must be a timezone-aware datetime")

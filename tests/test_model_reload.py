@@ -190,6 +190,11 @@ def run_swap(server: Server, site: Path, tmp_path: Path) -> None:
     assert len(before) >= 20 and len(after) >= 20, output()
 
     with Store(f"sqlite:///{tmp_path / 'serve.sqlite3'}") as store:
+        # Predictions are written by the workers' background writers just after each answer.
+        answered = {c.hook_instance for c in calls}
+        wait_for(lambda: answered <= {r["hook_instance"] for r in store.list_predictions()}, 10,
+                 "every call's predictions", output)
+
         def recorded(call: Call) -> dict[str, tuple[str, str]]:
             rows = store.list_predictions(hook_instance=call.hook_instance)
             assert len({r["role"] for r in rows}) == len(rows), rows

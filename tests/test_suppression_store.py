@@ -310,3 +310,14 @@ def test_purge_removes_old_issued_cards_in_batches(store, monkeypatch):
 
     assert issued_card_uuids(store) == ["new"]
     assert len(batches) == 4  # 3 + 3 + 3 + 1
+
+
+def test_an_override_stored_before_its_card_is_recorded_still_counts(store):
+    # Epic's feedback reached another worker or host before this one wrote the issued card.
+    store.add_feedback("site-a", "svc", [item("c1", NOW - timedelta(minutes=5))])
+    assert overrides(store, topics=("T1",)) == {}
+    store.add_issued_cards([issued("c1", indicator="warning")])
+    assert overrides(store, topics=("T1",)) == {
+        "T1": Override("T1", NOW - timedelta(minutes=5), "warning", "c1")}
+    store.add_issued_cards([issued("c2")])  # a later card of the same topic adds nothing
+    assert list(overrides(store, topics=("T1",)).values())[0].card_uuid == "c1"
