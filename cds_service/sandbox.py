@@ -329,8 +329,22 @@ def _bundle(data: Mapping) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Calls to this server's own CDS endpoints, signed as the site's EHR
 
+def _own_base_url() -> str:
+    """This server's own address: the socket gunicorn accepted the call on (SERVER_NAME and
+    SERVER_PORT), never the Host header, which a caller chooses: the sandbox signs a token and
+    posts to this URL, and must not be made to send either anywhere else."""
+    environ = request.environ
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host, port = environ.get("SERVER_NAME", "localhost"), str(environ.get("SERVER_PORT", ""))
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 - a bind-all address
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"http": "80", "https": "443"}.get(scheme)
+    return f"{scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
 def _signed_post(site: Site, path: str, body: Any) -> dict:
-    url = request.host_url.rstrip("/") + path
+    url = _own_base_url() + path
     try:
         token = signing_token(site, url)
     except InvokeError as exc:

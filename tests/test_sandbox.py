@@ -171,6 +171,17 @@ def test_catalogue_codes_are_the_value_sets_rxnorm_ingredients():
 # ---------------------------------------------------------------------------------------------
 # Invoking
 
+def test_calls_go_to_this_server_whatever_host_the_caller_names(demo):
+    # The Host header is the caller's to choose; the signed call must not follow it elsewhere.
+    _, client, transport = demo
+    response = client.post("/sandbox/api/invoke", headers={"Host": "attacker.example.org"},
+                           json={"patient": "ckd-patient-nsaid", "service": "kidney-risk",
+                                 "hook": "patient-view"})
+    assert response.status_code == 200, response.get_json()
+    [sent] = transport.calls
+    assert sent["url"] == "http://localhost/cds-services/kidney-risk"
+
+
 def test_patient_view_sends_a_signed_request_and_returns_cards_and_explanation(demo):
     _, client, transport = demo
     response = invoke(client, patient="ckd-patient-nsaid", service="kidney-risk",
