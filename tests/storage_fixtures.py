@@ -13,6 +13,7 @@ in conftest.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,8 +54,17 @@ def postgres_schema_url(base_url: str = POSTGRES_URL) -> Iterator[str]:
     try:
         yield url.render_as_string(hide_password=False)
     finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        # A store still open on the schema (a background writer finishing its last batch) can
+        # deadlock with the DROP; PostgreSQL aborts one of the two, and the DROP is retried.
+        for attempt in range(5):
+            try:
+                with admin.begin() as conn:
+                    conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+                break
+            except sa.exc.OperationalError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
         admin.dispose()
 
 

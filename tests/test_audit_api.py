@@ -21,7 +21,7 @@ TOKEN = "opaque-ehr-access-token-a1b2c3"
 
 
 @pytest.fixture
-def audited(make_app, store_url):
+def audited(store_url, make_app):  # apps close (and write their queue) before the store goes
     return make_app(DATABASE_URL=store_url, SITE_YAML="prefetch:\n  allow_http_loopback: true\n")
 
 

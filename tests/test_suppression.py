@@ -36,7 +36,7 @@ def clock():
 
 
 @pytest.fixture
-def make_client(make_app, store_url, clock):
+def make_client(store_url, make_app, clock):  # apps close before the store goes
     def _make(site_yaml: str = ""):
         app = make_app(SERVICES=SERVICES, CLOCK=clock, DATABASE_URL=store_url,
                        SITE_YAML=GOLDEN_SITE + site_yaml)
