@@ -245,10 +245,9 @@ def count_cards(site: str, service: str, cards, kept) -> None:
             _child(CARDS_SUPPRESSED, site, service, _topic(card)).inc()
 
 
-def count_feedback(site: str, service: str, items, new_keys, store) -> None:
+def count_feedback(site: str, service: str, new, store) -> None:
     """Newly stored feedback by outcome and the topic of the card it names (our issued-cards
     record: feedback carries only the card uuid). Never fails the call that stored it."""
-    new = [item for item in items if item.dedupe_key(site, service) in new_keys]
     if not new:
         return
     try:

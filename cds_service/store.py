@@ -223,6 +223,39 @@ overrides_table = sa.Table(
 )
 
 
+def _record_overrides(conn: Connection, site: str, service_id: str, cards: Collection[str], *,
+                      feedback_keys: Collection[str] | None = None) -> None:
+    """`card_overrides` rows for the overrides (only `feedback_keys`, when given) of the cards
+    `cards` this site and service issued, joined and inserted in one statement. Feedback for a
+    card never recorded as issued cannot suppress anything."""
+    f, c = feedback_table.c, issued_cards_table.c
+    query = (
+        sa.select(f.outcome_timestamp, c.site, c.service_id, c.user_id, c.patient_id,
+                  c.topic_code, c.indicator, c.card_uuid)
+        .select_from(feedback_table.join(issued_cards_table, sa.and_(
+            c.card_uuid == f.card, c.site == f.site, c.service_id == f.service_id)))
+        .where(f.site == site, f.service_id == service_id, f.outcome == OVERRIDDEN,
+               f.card.in_(sorted(cards)))
+    )
+    if feedback_keys is not None:
+        query = query.where(f.dedupe_key.in_(sorted(feedback_keys)))
+    o = overrides_table.c
+    conn.execute(sa.insert(overrides_table).from_select(
+        [o.time, o.site, o.service_id, o.user_id, o.patient_id, o.topic_code, o.indicator,
+         o.card_uuid], query))
+
+
+def _overrides_stored_first(conn: Connection, issued: Sequence[dict[str, Any]]) -> None:
+    """Overrides stored before the card they name was recorded: issued cards are written after
+    the answer (by whichever worker or host issued them) while Epic's feedback lands anywhere,
+    so whichever of the two is stored second records the override."""
+    scopes: dict[tuple[str, str], set[str]] = {}
+    for row in issued:
+        scopes.setdefault((row["site"], row["service_id"]), set()).add(row["card_uuid"])
+    for (site, service_id), cards in scopes.items():
+        _record_overrides(conn, site, service_id, cards)
+
+
 def _recent_overrides_query() -> sa.Select:
     """`Store.recent_overrides`, built once (it runs on every call that has cards)."""
     o = overrides_table.c
@@ -543,14 +576,16 @@ class Store:
         """
         return len(self.insert_feedback(site, service_id, items))
 
-    def insert_feedback(self, site: str, service_id: str,
-                        items: Sequence[FeedbackItem]) -> set[str]:
-        """As `add_feedback`, returning the dedupe keys of the items actually inserted."""
+    def insert_feedback(self, site: str, service_id: str, items: Sequence[FeedbackItem], *,
+                        keys: Sequence[str] | None = None) -> set[str]:
+        """As `add_feedback`, returning the dedupe keys of the items actually inserted; `keys`:
+        the items' `dedupe_key`s when the caller has them already."""
         self.recorder.flush()  # the cards this feedback is about are on record first
         received_at = datetime.now(UTC)
         rows: dict[str, dict[str, Any]] = {}
-        for item in items:
-            key = item.dedupe_key(site, service_id)
+        if keys is None:
+            keys = [item.dedupe_key(site, service_id) for item in items]
+        for item, key in zip(items, keys, strict=True):
             rows.setdefault(
                 key,
                 {
@@ -582,29 +617,10 @@ class Store:
         # RETURNING yields only the rows actually inserted; rowcount is unreliable for executemany.
         with self._unavailable_on_error(), self._write() as conn:
             new = set(conn.execute(stmt, list(rows.values())).scalars())
-            overridden = [(row["card"], row["outcome_timestamp"]) for key, row in rows.items()
-                          if key in new and row["outcome"] == OVERRIDDEN]
+            overridden = {rows[key]["card"] for key in new if rows[key]["outcome"] == OVERRIDDEN}
             if overridden:
-                self._add_overrides(conn, site, service_id, overridden)
+                _record_overrides(conn, site, service_id, overridden, feedback_keys=new)
         return new
-
-    @staticmethod
-    def _add_overrides(conn: Connection, site: str, service_id: str,
-                       overridden: list[tuple[str, datetime]]) -> None:
-        """`card_overrides` rows for (card uuid, outcome time) pairs of cards this site and
-        service issued (feedback for a card not recorded as issued cannot suppress anything)."""
-        c = issued_cards_table.c
-        cards = conn.execute(
-            sa.select(c.card_uuid, c.user_id, c.patient_id, c.topic_code, c.indicator).where(
-                c.site == site, c.service_id == service_id,
-                c.card_uuid.in_(sorted({uuid for uuid, _ in overridden})))).all()
-        rows = [{"time": when, "site": site, "service_id": service_id, "user_id": user_id,
-                 "patient_id": patient_id, "topic_code": topic_code, "indicator": indicator,
-                 "card_uuid": uuid}
-                for card, when in overridden
-                for uuid, user_id, patient_id, topic_code, indicator in cards if uuid == card]
-        if rows:
-            conn.execute(sa.insert(overrides_table), rows)
 
     def card_topics(self, site: str, service_id: str,
                     card_uuids: Collection[str]) -> dict[str, str]:
@@ -652,8 +668,7 @@ class Store:
                                 (predictions_table, predictions)):
                 if rows:
                     conn.execute(sa.insert(table), rows)
-            if issued:
-                self._overrides_stored_first(conn, issued)
+            _overrides_stored_first(conn, issued)
 
     def record(self, call: Call) -> None:
         """Queue a call's records for the background writer; returns at once (see `Recorder`)."""
@@ -688,10 +703,9 @@ class Store:
         self._ensure_schema()
         with self._unavailable_on_error(), self._write() as conn:
             conn.execute(sa.insert(issued_cards_table), list(rows))
-            self._overrides_stored_first(conn, rows)
+            _overrides_stored_first(conn, rows)
         return len(rows)
 
-    @staticmethod
     def _overrides_stored_first(conn: Connection, issued: Sequence[dict[str, Any]]) -> None:
         """`card_overrides` rows for overrides stored before the card they name was recorded.
 

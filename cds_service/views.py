@@ -172,9 +172,12 @@ def feedback(items: list, service_id: str):
     site, _ = site_service(service_id)
     g.audit.update(feedback_cards=tuple(item.card for item in items))
     store = runtime().store
-    new_keys = store.insert_feedback(site.id, service_id, items)
+    keys = [item.dedupe_key(site.id, service_id) for item in items]
+    new_keys = store.insert_feedback(site.id, service_id, items, keys=keys)
     stored = len(new_keys)
-    metrics.count_feedback(site.id, service_id, items, new_keys, store)
+    metrics.count_feedback(site.id, service_id,
+                           [item for item, key in zip(items, keys, strict=True) if key in new_keys],
+                           store)
     g.audit.update(outcome=f"received={len(items)} stored={stored}")
     log.info("feedback service=%s site=%s received=%d stored=%d",
              service_id, site.id, len(items), stored)
