@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -22,8 +24,38 @@ from cds_service import create_app
 from tests.services import TEST_SERVICES
 
 ROOT = Path(__file__).resolve().parents[1]
-# ../shared/reference beside the project root (DEVELOPERS.md).
-EXAMPLES = ROOT.parent / "shared" / "reference" / "cds-hooks-examples"
+# Published CDS Hooks and Epic example payloads, copied in (the folder's README names each source).
+EXAMPLES = ROOT / "tests" / "data" / "cds-hooks-examples"
+
+
+def _forbid_reading_beside_the_checkout() -> None:
+    """Fail any open() of a file beside the checkout (e.g. ../shared/...): a clone in an empty
+    folder must pass. Hidden entries (~/.cache when cloned in $HOME), the interpreter's prefix
+    and the temp dir stay readable."""
+    parent = ROOT.parent
+    if parent == parent.parent:
+        return  # checked out at the filesystem root: nothing beside it is ours
+    exempt = {ROOT.name}
+    for allowed in (sys.prefix, sys.base_prefix, tempfile.gettempdir()):
+        relative = os.path.relpath(allowed, parent)
+        if not relative.startswith(os.pardir):
+            exempt.add(relative.split(os.sep)[0])
+
+    def hook(event: str, args: tuple) -> None:
+        if event != "open" or not isinstance(args[0], str | os.PathLike):
+            return
+        path = os.path.abspath(os.fsdecode(args[0]))
+        relative = os.path.relpath(path, parent)
+        first = relative.split(os.sep)[0]
+        if relative.startswith(os.pardir) or first in exempt or first.startswith("."):
+            return
+        raise PermissionError(f"a test opened {path}, outside the repository; copy what it "
+                              "needs into tests/data/")
+
+    sys.addaudithook(hook)
+
+
+_forbid_reading_beside_the_checkout()
 
 TEST_ISS = "https://ehr.test/api/FHIR/R4"
 TEST_KID = "d3bmo5HzW61TUgikHZH+A8Tx4UOXz2iOs4KvVU4eLY0="  # Epic-style: standard base64

@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from marshmallow import ValidationError
@@ -20,12 +19,7 @@ from cds_service.feedback import (
     FeedbackRequestSchema,
     parse_rfc3339,
 )
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cds-hooks-examples"
-
-
-def load_example(name: str) -> dict:
-    return json.loads((EXAMPLES / name).read_text(encoding="utf-8"))
+from tests.conftest import example
 
 
 def load(body: dict) -> list[FeedbackItem]:
@@ -113,7 +107,7 @@ EXAMPLE_CASES = {
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_CASES))
 def test_example_loads_normalized(name):
-    body = load_example(name)
+    body = example(name)
 
     [loaded] = load(body)
 
@@ -124,7 +118,7 @@ def test_example_loads_normalized(name):
 
 
 def test_raw_is_a_copy_of_the_input():
-    body = load_example("epic-feedback-overridden-with-extension.json")
+    body = example("epic-feedback-overridden-with-extension.json")
     [loaded] = load(body)
 
     body["feedback"][0]["overrideReasons"]["userComment"] = "changed"
@@ -439,7 +433,7 @@ def test_batch_of_500_items():
 
 
 def test_dedupe_key_is_canonical_and_scoped():
-    body = load_example("epic-feedback-overridden-with-extension.json")
+    body = example("epic-feedback-overridden-with-extension.json")
     reordered = copy.deepcopy(body)
     reordered["feedback"][0] = dict(reversed(list(body["feedback"][0].items())))
     [a] = load(body)

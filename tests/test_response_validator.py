@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 
 from cds_service.validator import validate_action, validate_response
-
-# Published example payloads; shared/ sits beside the project root (README.md there describes them).
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cds-hooks-examples"
-
-
-def example(name: str) -> object:
-    assert EXAMPLES.is_dir(), f"{EXAMPLES} not found: shared/ must sit beside the project root"
-    return json.loads((EXAMPLES / name).read_text(encoding="utf-8"))
+from tests.conftest import example
 
 
 @pytest.mark.parametrize(

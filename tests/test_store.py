@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -15,10 +14,10 @@ import sqlalchemy as sa
 from cds_service.errors import ConfigError
 from cds_service.feedback import FeedbackItem, FeedbackRequestSchema
 from cds_service.store import Store, StoreUnavailable, redacted_url
+from tests.conftest import example
 
 pytest_plugins = ["tests.storage_fixtures"]
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cds-hooks-examples"
 EXAMPLE_FILES = [
     "cdshooks-2.0-feedback-accepted.json",
     "cdshooks-2.0-feedback-overridden-no-reason.json",
@@ -33,8 +32,7 @@ UNREACHABLE_PG = "postgresql://cds:s3cr3t-Pa55@127.0.0.1:1/test"
 def example_items() -> list[FeedbackItem]:
     items = []
     for name in EXAMPLE_FILES:
-        body = json.loads((EXAMPLES / name).read_text(encoding="utf-8"))
-        items.extend(FeedbackRequestSchema().load(body))
+        items.extend(FeedbackRequestSchema().load(example(name)))
     return items
 
 
