@@ -25,7 +25,7 @@ from tests.services import TEST_SERVICES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Published CDS Hooks and Epic example payloads, copied in (the folder's README names each source).
-EXAMPLES = ROOT / "tests" / "data" / "cds-hooks-examples"
+EXAMPLES = ROOT / "tests" / "fixtures" / "cds-hooks-examples"
 
 
 def _forbid_reading_beside_the_checkout() -> None:
@@ -56,6 +56,13 @@ def _forbid_reading_beside_the_checkout() -> None:
 
 
 _forbid_reading_beside_the_checkout()
+
+
+def pytest_configure(config):
+    # The shifted-clock run (`make test-shifted`) must not pass by silently running unshifted.
+    if os.environ.get("CDS_TEST_CLOCK_SHIFT") and "time_machine" not in sys.modules:
+        raise pytest.UsageError("CDS_TEST_CLOCK_SHIFT is set but tests/clockshift is not on "
+                                "PYTHONPATH: the clock was not moved")
 
 TEST_ISS = "https://ehr.test/api/FHIR/R4"
 TEST_KID = "d3bmo5HzW61TUgikHZH+A8Tx4UOXz2iOs4KvVU4eLY0="  # Epic-style: standard base64

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import uuid
 
 import pytest
@@ -99,7 +100,7 @@ def test_purge_command_removes_records_past_retention(store_url, tmp_path):
             store.add_audit(AuditRecord(kind="invoke", time=now - timedelta(days=age),
                                         status=200, patient_id=f"p-{age}"))
     result = subprocess.run([CLI, "audit", "purge", "--older-than-days", "365"], cwd=tmp_path,
-                            env={"CDS_DATABASE_URL": store_url, "PATH": "/usr/bin:/bin"},
+                            env={**os.environ, "CDS_DATABASE_URL": store_url},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "removed 1 audit records" in result.stdout

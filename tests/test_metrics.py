@@ -11,6 +11,7 @@ import json
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -96,7 +97,7 @@ def test_metrics_from_two_gunicorn_workers_count_every_call_with_its_labels(tmp_
             "card": card["uuid"], "outcome": "overridden",
             "overrideReason": {"reason": {"code": card["overrideReasons"][0]["code"],
                                           "system": card["overrideReasons"][0]["system"]}},
-            "outcomeTimestamp": "2026-11-21T08:00:00Z"}]}
+            "outcomeTimestamp": datetime.now(UTC).isoformat(timespec="seconds")}]}
         assert request(url + "/feedback", feedback) == (200, {"received": 1, "stored": 1})
         assert request(url + "/feedback", feedback) == (200, {"received": 1, "stored": 0})
         # The same clinician opens the same chart again: the card is withheld.
