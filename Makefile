@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-tools lint models bench clean
+.PHONY: run test test-shifted test-tools lint models bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,21 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	CDS_SITE_CONFIG=site_config $(BIN)/cds-service serve --host 127.0.0.1 --port 8000 --workers 2
 
-# The whole test suite (needs the local PostgreSQL and Redis, see README.md)
+# The whole test suite (needs the local PostgreSQL and Redis, see README.md), then again with
+# the clock moved ahead.
 test: $(STAMP) test-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-shifted
+
+# The suite with the wall clock ~3 years ahead, in this process and in every server it starts
+# (tests/clockshift/sitecustomize.py): a date written into a test, or test data that ages out of
+# a look-back window, fails today instead of on the day the calendar gets there. time-machine is
+# imported before pytest, which then warns that it cannot assert-rewrite it: harmless.
+CLOCK_SHIFT ?= +1100d
+test-shifted: $(STAMP) test-tools
+	TEST_CLOCK_SHIFT=$(CLOCK_SHIFT) PYTHONPATH=$(CURDIR)/tests/clockshift \
+	  $(BIN)/python -m pytest -p no:cacheprovider -W ignore::pytest.PytestAssertRewriteWarning
 
 # System tools tests run as subprocesses, from Debian packages; one `command -v X || install` line
 # each. promtool (package prometheus) checks ops/prometheus/; chromium runs the sandbox browser

@@ -11,9 +11,11 @@ parameters are not applied: the services filter by code themselves.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,10 @@ from cds_service.devkeys import ALGORITHM, load_signing_key, private_key_path
 from cds_service.prefetch import is_search, render_template
 
 ORDER_TYPES = ("MedicationRequest", "ServiceRequest")
+# HL7 v3 ActReason HTEST, "test health data": the tag on our synthetic example Bundles.
+SYNTHETIC_TAG = ("http://terminology.hl7.org/CodeSystem/v3-ActReason", "HTEST")
+# A full FHIR date, dateTime or instant (partial dates such as "2024-05" are left as they are).
+_FHIR_DATE = re.compile(r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2}))?")
 
 
 class InvokeError(Exception):
@@ -141,10 +147,47 @@ def format_cards(body: Mapping) -> str:
     return "\n".join(lines)
 
 
-def load_bundle(path: str) -> Any:
+def shift_dates(value: Any, days: int) -> Any:
+    """A copy of `value` with every full FHIR date, dateTime and instant moved by `days`; the
+    time of day and offset stay as written."""
+    if isinstance(value, Mapping):
+        return {key: shift_dates(item, days) for key, item in value.items()}
+    if isinstance(value, list):
+        return [shift_dates(item, days) for item in value]
+    if isinstance(value, str) and _FHIR_DATE.fullmatch(value):
+        try:
+            moved = date.fromisoformat(value[:10]) + timedelta(days=days)
+        except (ValueError, OverflowError):
+            return value
+        return moved.isoformat() + value[10:]
+    return value
+
+
+def dated_today(bundle: Any, today: date) -> Any:
+    """A synthetic example Bundle (tagged HTEST, with a `timestamp`) moved by whole days so that
+    its timestamp falls on `today`: its results stay as recent, and its patient as old, as when
+    it was written, so it never ages out of a look-back window. Any other Bundle is as given."""
+    if not isinstance(bundle, Mapping):
+        return bundle
+    tags = (bundle.get("meta") or {}).get("tag") or ()
+    synthetic = any(isinstance(tag, Mapping) and (tag.get("system"), tag.get("code"))
+                    == SYNTHETIC_TAG for tag in tags)
+    stamp = bundle.get("timestamp")
+    if not synthetic or not isinstance(stamp, str) or not _FHIR_DATE.fullmatch(stamp):
+        return bundle
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        days = (today - date.fromisoformat(stamp[:10])).days
+    except ValueError:
+        return bundle
+    return shift_dates(bundle, days)
+
+
+def load_bundle(path: str, today: date | None = None) -> Any:
+    """The Bundle in the file; a synthetic example is dated today (`dated_today`)."""
+    try:
+        bundle = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise InvokeError(f"cannot read {path}: {exc.strerror}") from exc
     except ValueError as exc:
         raise InvokeError(f"{path} is not JSON: {exc}") from exc
+    return dated_today(bundle, today or datetime.now(UTC).date())

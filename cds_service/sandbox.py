@@ -35,7 +35,13 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from cds_service.config import Site, SiteService
 from cds_service.errors import CdsError, RequestInvalid
 from cds_service.http import require_json_body
-from cds_service.invoke import ORDER_TYPES, InvokeError, build_request, signing_token
+from cds_service.invoke import (
+    ORDER_TYPES,
+    InvokeError,
+    build_request,
+    dated_today,
+    signing_token,
+)
 from cds_service.runtime import runtime
 from cds_service.schemas import messages_to_issues
 
@@ -134,7 +140,9 @@ def _read_bundle(path: Path) -> dict | None:
     except (OSError, ValueError):
         log.warning("sandbox: %s is not a readable JSON file; not listed", path.name)
         return None
-    return data if isinstance(data, dict) and data.get("resourceType") == "Bundle" else None
+    if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
+        return None
+    return dated_today(data, runtime().clock().date())
 
 
 def bundled_patients() -> dict[str, dict]:
@@ -323,7 +331,7 @@ def _bundle(data: Mapping) -> dict:
         raise RequestInvalid("bundle: not a FHIR Bundle (resourceType must be Bundle)")
     if _patient(bundle) is None:
         raise RequestInvalid("bundle: the Bundle has no Patient with an id")
-    return bundle
+    return dated_today(bundle, runtime().clock().date())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,8 +60,8 @@ _forbid_reading_beside_the_checkout()
 
 def pytest_configure(config):
     # The shifted-clock run (`make test-shifted`) must not pass by silently running unshifted.
-    if os.environ.get("CDS_TEST_CLOCK_SHIFT") and "time_machine" not in sys.modules:
-        raise pytest.UsageError("CDS_TEST_CLOCK_SHIFT is set but tests/clockshift is not on "
+    if os.environ.get("TEST_CLOCK_SHIFT") and "time_machine" not in sys.modules:
+        raise pytest.UsageError("TEST_CLOCK_SHIFT is set but tests/clockshift is not on "
                                 "PYTHONPATH: the clock was not moved")
 
 TEST_ISS = "https://ehr.test/api/FHIR/R4"

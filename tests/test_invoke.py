@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import date
 
 import jwt
 import pytest
 
 from cds_service.config import load_sites
-from cds_service.invoke import InvokeError, build_request, signing_token
+from cds_service.invoke import (
+    InvokeError,
+    build_request,
+    dated_today,
+    load_bundle,
+    shift_dates,
+    signing_token,
+)
 from cds_service.registry import index_services
 from cds_service.validator import validate_response
 from hooks import SERVICES
@@ -86,3 +94,61 @@ def test_invoke_against_the_running_demo(serve, tmp_path):  # noqa: F811
     action = answer["cards"][0]["suggestions"][0]["actions"][0]
     assert action == {"type": "delete", "description": "Remove the ibuprofen order.",
                       "resourceId": "MedicationRequest/draft-ibuprofen-1"}
+
+
+# --- synthetic examples are dated relative to today -------------------------------------------
+
+HTEST = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HTEST"}
+
+
+def test_shift_dates_moves_full_dates_and_keeps_time_and_offset():
+    moved = shift_dates({
+        "birthDate": "1956-03-02",
+        "effectiveDateTime": "2026-09-14T08:30:00Z",
+        "issued": "2026-12-31T23:59:59.123+02:00",
+        "period": {"start": "2024-02-28", "end": "2024-02-29T10:00-05:00"},
+        "valueString": "2026-09",  # partial dates are not moved
+        "code": {"coding": [{"code": "2160-0"}]},
+        "note": ["seen 2026-09-14 in clinic"],
+        "value": 27,
+    }, days=3)
+    assert moved == {
+        "birthDate": "1956-03-05",
+        "effectiveDateTime": "2026-09-17T08:30:00Z",
+        "issued": "2027-01-03T23:59:59.123+02:00",
+        "period": {"start": "2024-03-02", "end": "2024-03-03T10:00-05:00"},
+        "valueString": "2026-09",
+        "code": {"coding": [{"code": "2160-0"}]},
+        "note": ["seen 2026-09-14 in clinic"],
+        "value": 27,
+    }
+
+
+def test_a_synthetic_bundle_is_moved_so_its_timestamp_is_today():
+    bundle = {"resourceType": "Bundle", "meta": {"tag": [HTEST]},
+              "timestamp": "2026-11-21T12:00:00Z",
+              "entry": [{"resource": {"resourceType": "Observation",
+                                      "effectiveDateTime": "2026-09-14T08:30:00Z"}}]}
+    # 2026-11-21 → 2030-02-01 is 1168 days: 40 to 2026-12-31, 1096 (2028 leap) to 2029-12-31,
+    # 32 more. 2026-09-14 + 1096 days = 2029-09-14, + 72 days = 2029-11-25.
+    moved = dated_today(bundle, date(2030, 2, 1))
+    assert moved["timestamp"] == "2030-02-01T12:00:00Z"
+    assert moved["entry"][0]["resource"]["effectiveDateTime"] == "2029-11-25T08:30:00Z"
+    assert bundle["timestamp"] == "2026-11-21T12:00:00Z"  # the input is not changed
+
+
+@pytest.mark.parametrize("bundle", [
+    {"resourceType": "Bundle", "timestamp": "2026-11-21T12:00:00Z"},  # not tagged synthetic
+    {"resourceType": "Bundle", "meta": {"tag": [HTEST]}},  # no timestamp to count from
+    {"resourceType": "Bundle", "meta": {"tag": [HTEST]}, "timestamp": "2026-11"},
+])
+def test_other_bundles_are_used_as_written(bundle):
+    assert dated_today(bundle, date(2030, 2, 1)) is bundle
+
+
+def test_the_example_bundles_are_synthetic_and_dated_from_their_timestamp():
+    for path in sorted((ROOT / "examples" / "bundles").glob("*.json")):
+        written = json.loads(path.read_text(encoding="utf-8"))
+        assert HTEST in [{k: t[k] for k in ("system", "code")} for t in written["meta"]["tag"]]
+        loaded = load_bundle(str(path), today=date(2031, 1, 1))
+        assert loaded["timestamp"].startswith("2031-01-01T"), path.name

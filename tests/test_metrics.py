@@ -6,7 +6,6 @@ gunicorn with two workers, and in-process for FHIR fallback reads and shadow mod
 
 from __future__ import annotations
 
-import copy
 import json
 import urllib.request
 import uuid
@@ -22,7 +21,7 @@ from tests.conftest import ROOT, demo_signer, make_jwt
 from tests.fhir_server import fhir_server  # noqa: F401 - fixture
 from tests.test_api import post
 from tests.test_serve import Server, request
-from tests.test_services import DATA, load, loopback_client, without_prefetch
+from tests.test_services import DATA, as_of_today, load, loopback_client, without_prefetch
 
 SITE = "demo-hospital"
 GOLDEN = DATA / "kidney-risk" / "egfr-28-g4-warning"
@@ -43,7 +42,7 @@ def value(samples: dict, name: str, **labels) -> float:
 
 
 def golden_request(patient: str) -> dict:
-    body = copy.deepcopy(load(GOLDEN / "request.json"))
+    body = as_of_today(load(GOLDEN / "request.json"))
     body["hookInstance"] = str(uuid.uuid4())
     body["context"]["patientId"] = patient
     return body

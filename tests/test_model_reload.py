@@ -8,7 +8,6 @@ and recorded by exactly one configuration, old or new.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import yaml
 from cds_service.store import Store
 from tests.conftest import DEMO_JWKS, ROOT, demo_signer
 from tests.test_serve import CLI, Server, free_port, request, worker_pids
+from tests.test_services import as_of_today
 
 PATIENT_VIEW = json.loads(
     (ROOT / "tests" / "data" / "kidney-risk" / "egfr-28-g4-warning" / "request.json")
@@ -47,7 +47,7 @@ def write_site(path: Path, **kidney_risk: str) -> None:
 
 
 def patient_view() -> dict:
-    body = copy.deepcopy(PATIENT_VIEW)
+    body = as_of_today(PATIENT_VIEW)
     del body["fhirServer"], body["fhirAuthorization"]  # full prefetch: nothing is fetched
     body["hookInstance"] = str(uuid.uuid4())
     return body

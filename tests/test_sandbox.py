@@ -17,6 +17,7 @@ import pytest
 
 from cds_service import create_app, sandbox
 from cds_service.errors import ConfigError
+from cds_service.invoke import load_bundle
 from hooks._medications import VALUE_SETS
 from tests.conftest import DEMO_ISS, DEMO_JWKS, ROOT
 
@@ -233,14 +234,27 @@ def test_a_calculated_egfr_reaches_the_explanation(demo):
     assert features["egfr"]["value"] == float(card["summary"].split("calculated eGFR ")[1][:2])
 
 
-def test_an_uploaded_bundle_is_used_as_sent(demo):
+def test_an_uploaded_example_bundle_is_dated_today_like_a_bundled_one(demo):
     _, client, transport = demo
-    bundle = json.loads((ROOT / "examples/bundles/ckd-patient-nsaid.json").read_text())
-    result = invoke(client, bundle=bundle, service="kidney-risk", hook="patient-view").get_json()
+    path = ROOT / "examples/bundles/ckd-patient-nsaid.json"
+    uploaded = json.loads(path.read_text())
+    result = invoke(client, bundle=uploaded, service="kidney-risk", hook="patient-view").get_json()
     assert result["response"]["body"]["cards"][0]["summary"] == KIDNEY_SUMMARY
     egfr = transport.calls[0]["body"]["prefetch"]["egfr"]
-    assert {e["resource"]["id"] for e in egfr["entry"]} == {"egfr-2026-09", "egfr-2025-11",
-                                                            "uacr-2026-09"}
+    observations = {e["resource"]["id"]: e["resource"] for e in load_bundle(str(path))["entry"]
+                    if e["resource"]["resourceType"] == "Observation"}
+    assert {e["resource"]["id"]: e["resource"] for e in egfr["entry"]} == observations
+    assert set(observations) == {"egfr-2026-09", "egfr-2025-11", "uacr-2026-09"}
+
+
+def test_an_uploaded_bundle_not_tagged_synthetic_is_used_as_sent(demo):
+    _, client, transport = demo
+    bundle = json.loads((ROOT / "examples/bundles/ckd-patient-nsaid.json").read_text())
+    del bundle["meta"]
+    invoke(client, bundle=bundle, service="kidney-risk", hook="patient-view")
+    sent = transport.calls[0]["body"]["prefetch"]["egfr"]["entry"]
+    assert [e["resource"] for e in sent] == [e["resource"] for e in bundle["entry"]
+                                             if e["resource"]["resourceType"] == "Observation"]
 
 
 def test_order_select_drafts_the_chosen_catalogue_and_chart_medications(demo):

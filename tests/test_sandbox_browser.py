@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cds_service.invoke import load_bundle
 from cds_service.store import Store
 from tests.conftest import ROOT
 from tests.test_serve import serve  # noqa: F401 - fixture
@@ -125,8 +126,12 @@ def test_sandbox_patient_view_accept_and_order_select_in_chromium(serve, browser
     page.wait_for_selector("article.card .card__summary >> text=Ibuprofen ordered")
     card = page.locator("article.card").first
     assert card.get_attribute("data-indicator") == "critical"
+    # The example's dates count from today (its `timestamp`): the eGFR is dated as loaded.
+    bundle = load_bundle(str(ROOT / "examples" / "bundles" / "ckd-patient-nsaid.json"))
+    [egfr_date] = [e["resource"]["effectiveDateTime"][:10] for e in bundle["entry"]
+                   if e["resource"]["id"] == "egfr-2026-09"]
     assert card.locator(".card__summary").inner_text() == (
-        "Ibuprofen ordered with eGFR 27 on 2026-09-14, 5-year kidney failure risk 24%: "
+        f"Ibuprofen ordered with eGFR 27 on {egfr_date}, 5-year kidney failure risk 24%: "
         "avoid NSAIDs in CKD")
     band = card.locator(".card__band").evaluate("e => getComputedStyle(e).backgroundColor")
     assert band == BAND["critical"]

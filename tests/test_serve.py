@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,7 @@ def test_serve_two_workers_end_to_end_and_feedback_survives_restart(serve, tmp_p
     status, ready = request(server.base + "/readyz")
     assert status == 200 and ready["status"] == "ok"
 
+    measured = (datetime.now(UTC) - timedelta(days=80)).date().isoformat()
     pv = {"hook": "patient-view", "hookInstance": "0c5a2c1e-7c39-4c1e-9f57-0a0e3c2b9d11",
           "context": {"userId": "PractitionerRole/123", "patientId": "p1"},
           "prefetch": {"egfr": {"resourceType": "Bundle", "type": "searchset", "total": 1,
@@ -111,11 +113,11 @@ def test_serve_two_workers_end_to_end_and_feedback_survives_restart(serve, tmp_p
                                     "resourceType": "Observation", "status": "final",
                                     "code": {"coding": [{"system": "http://loinc.org",
                                                          "code": "62238-1"}]},
-                                    "effectiveDateTime": "2026-09-14T08:00:00Z",
+                                    "effectiveDateTime": f"{measured}T08:00:00Z",
                                     "valueQuantity": {"value": 28, "unit": "mL/min/1.73m2"}}}]}}}
     status, body = request(server.base + "/cds-services/kidney-risk", pv)
     assert status == 200, body
-    assert body["cards"][0]["summary"] == "CKD G4 (severely decreased): eGFR 28 on 2026-09-14"
+    assert body["cards"][0]["summary"] == f"CKD G4 (severely decreased): eGFR 28 on {measured}"
 
     status, outcome = request(server.base + "/cds-services/kidney-risk", {"hook": "patient-view"})
     assert status == 400 and outcome["resourceType"] == "OperationOutcome"

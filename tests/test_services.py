@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cds_service.invoke import shift_dates
 from cds_service.validator import validate_response
 from hooks import SERVICES
 from tests.conftest import demo_signer
@@ -59,6 +60,12 @@ def scenario_id(path: Path) -> str:
 
 # Models see ages and look-back windows as of this instant, so golden cards do not age.
 FROZEN_NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+
+def as_of_today(body: dict) -> dict:
+    """A golden request with every date moved as far as today is from FROZEN_NOW: what a server
+    that runs on the real clock (a subprocess, where CLOCK cannot reach) must be sent."""
+    return shift_dates(body, (datetime.now(UTC).date() - FROZEN_NOW.date()).days)
 
 
 # The golden site: orderables, local code mappings and a SMART link (tests/data/site.yaml).
@@ -127,7 +134,8 @@ def test_scenario_dates_are_not_in_the_future(scenario):
 
 
 def test_readme_scenario_on_the_demo_site(make_app):
-    app = make_app(SERVICES=SERVICES, SITE_CONFIG=str(ROOT / "site_config"))
+    app = make_app(SERVICES=SERVICES, SITE_CONFIG=str(ROOT / "site_config"),
+                   CLOCK=lambda: FROZEN_NOW)
     app.config["TEST_SIGNER"] = demo_signer()
     client = app.test_client()
     response = post(client, "/cds-services/nephrotoxic-order-check",

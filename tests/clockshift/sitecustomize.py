@@ -1,5 +1,5 @@
 """Moves the wall clock of this interpreter (and of every Python subprocess that inherits the
-environment) by CDS_TEST_CLOCK_SHIFT, e.g. `+730d`, for the shifted-clock run (`make test-shifted`).
+environment) by TEST_CLOCK_SHIFT, e.g. `+1100d`, for the shifted-clock run (`make test-shifted`).
 
 time-machine patches time.time(), datetime.now(), date.today() and friends; the monotonic
 clocks keep running untouched, so sleeps, waits and timeouts behave. libfaketime (LD_PRELOAD)
@@ -10,7 +10,7 @@ threading waits, depending on FAKETIME_DONT_FAKE_MONOTONIC.
 import os
 import re
 
-_SHIFT = os.environ.get("CDS_TEST_CLOCK_SHIFT", "")
+_SHIFT = os.environ.get("TEST_CLOCK_SHIFT", "")
 _match = re.fullmatch(r"([+-]?\d+)d", _SHIFT)
 if _match:
     import time
@@ -21,4 +21,4 @@ if _match:
     time_machine.travel(time.time() + timedelta(days=int(_match[1])).total_seconds(),
                         tick=True).start()
 elif _SHIFT:
-    raise SystemExit(f"CDS_TEST_CLOCK_SHIFT={_SHIFT!r}: expected days, e.g. +730d")
+    raise SystemExit(f"TEST_CLOCK_SHIFT={_SHIFT!r}: expected days, e.g. +1100d")
