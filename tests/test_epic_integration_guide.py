@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import yaml
@@ -116,8 +117,12 @@ def test_a_newcomer_configures_a_new_site_and_gets_its_card(tmp_path):
     assert cards.startswith(CARD + "\n"), cards
     assert "suggestion: Refer to nephrology (create ServiceRequest)" in cards
     assert '"code": "204417"' in as_json and "REFERRAL TO NEPHROLOGY (RIVERSIDE)" in as_json
-    # What the guide shows as the output is what came out.
-    assert cards.strip() in GUIDE.read_text(encoding="utf-8")
+    # What the guide shows as the output is what came out, dated as in the example file (invoke
+    # moves a synthetic example's dates to today: its `timestamp` is 2026-11-21).
+    moved_by = (datetime.now(UTC).date() - date(2026, 11, 21)).days
+    as_written = re.sub(r"\d{4}-\d{2}-\d{2}", lambda m: (
+        date.fromisoformat(m[0]) - timedelta(days=moved_by)).isoformat(), cards.strip())
+    assert as_written in GUIDE.read_text(encoding="utf-8")
 
 
 def test_without_the_guides_code_mapping_the_local_egfr_is_not_read(tmp_path):
