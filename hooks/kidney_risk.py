@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-from marshmallow import RAISE, Schema, fields, validate
+from marshmallow import fields, validate
 
 from cds_service.cards import (
     Action,
@@ -27,6 +27,7 @@ from cds_service.cards import (
     draft_order,
     severity,
 )
+from cds_service.config import SiteSection
 from cds_service.models.registry import Prediction
 from cds_service.registry import CdsService, HookRequest
 from hooks._kidney import (
@@ -65,10 +66,7 @@ OVERRIDE_REASONS = (
 )
 
 
-class _Referral(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _Referral(SiteSection):
     # KDIGO 2024 rec. 5.1: refer at eGFR < 30, urine ACR ≥ 300 mg/g, or a 5-year kidney failure
     # risk above 5% (3-5% consider). docs/clinical.md.
     risk = fields.Float(load_default=0.05, validate=validate.Range(min=0, max=1))
@@ -76,19 +74,13 @@ class _Referral(Schema):
     uacr_at_least = fields.Float(load_default=300, validate=validate.Range(min=1))
 
 
-class _SmartLink(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _SmartLink(SiteSection):
     label = fields.String(required=True, validate=validate.Length(min=1, max=80))
     # Epic shows only SMART links the health system registered, so this is that launch URL.
     url = fields.Url(required=True, schemes={"https"})
 
 
-class Settings(Schema):
-    class Meta:
-        unknown = RAISE
-
+class Settings(SiteSection):
     referral = fields.Nested(_Referral, load_default=lambda: _Referral().load({}))
     smart_link = fields.Nested(_SmartLink)
 
