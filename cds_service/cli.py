@@ -92,6 +92,8 @@ def _site_check(args: argparse.Namespace) -> int:
         report = check_site(sites[args.site], fhir_base=args.fhir_base, timeout=args.timeout)
     except (ConfigError, SiteCheckError) as exc:
         print(f"site check: {exc}", file=sys.stderr)  # noqa: T201
+        if args.json:  # scripts read stdout: the reason the check could not run, as JSON
+            print(json.dumps({"site": args.site, "error": str(exc)}, indent=2))  # noqa: T201
         return 2
     print(render(report, as_json=args.json))  # noqa: T201
     return report.exit_code
@@ -247,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "issuer's https iss)")
     site_check.add_argument("--timeout", type=float, default=10.0, metavar="S",
                             help="seconds per request (default: 10)")
-    site_check.add_argument("--json", action="store_true", help="print the report as JSON")
+    site_check.add_argument("--json", action="store_true",
+                            help="print the report as JSON; when the check cannot run (exit 2), "
+                                 "{site, error}")
     site_config_option(site_check)
     site_check.set_defaults(func=_site_check)
 

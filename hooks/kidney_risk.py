@@ -249,19 +249,20 @@ SERVICE = CdsService(
     model="kfre-4var",
     settings_schema=Settings,
     orderables=ORDERABLES,
+    # No `_sort` or `_count`: Epic documents no `_sort` for Observation search, and an R4 server
+    # ignores what it does not support, so `_count` would page the server's order and could cut
+    # off the newest result. The newest is taken by its date from whatever comes back
+    # (cds_service/features.py); site_config/README.md, "Readiness check before go-live".
     prefetch={
-        "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES
-                + "&_sort=-date&_count=10",
-        "creatinine": "Observation?patient={{context.patientId}}&code=" + CREATININE_CODES
-                      + "&_sort=-date&_count=10",
+        "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES,
+        "creatinine": "Observation?patient={{context.patientId}}&code=" + CREATININE_CODES,
         "patient": "Patient/{{context.patientId}}",
-        "uacr": "Observation?patient={{context.patientId}}&code=" + UACR_CODES
-                + "&_sort=-date&_count=10",
+        "uacr": "Observation?patient={{context.patientId}}&code=" + UACR_CODES,
         # HbA1c as NGSP % and IFCC mmol/mol (the progression model reads it).
         "hba1c": "Observation?patient={{context.patientId}}&code=http://loinc.org|4548-4,"
-                 "http://loinc.org|17856-6,http://loinc.org|59261-8&_sort=-date&_count=10",
+                 "http://loinc.org|17856-6,http://loinc.org|59261-8",
         "bp": "Observation?patient={{context.patientId}}"
-              "&code=http://loinc.org|85354-9,http://loinc.org|8480-6&_sort=-date&_count=10",
+              "&code=http://loinc.org|85354-9,http://loinc.org|8480-6",
         "conditions": "Condition?patient={{context.patientId}}&clinical-status=active",
         "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
     },
