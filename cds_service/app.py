@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Config, Flask
 
-from cds_service import logs
+from cds_service import logs, swagger_ui
 from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_default_site, load_sites
 from cds_service.http import Api, register_error_handlers
 from cds_service.models.registry import ModelRegistry
@@ -23,7 +23,7 @@ OPENAPI = {
     "OPENAPI_URL_PREFIX": "/",
     "OPENAPI_JSON_PATH": "openapi.json",
     "OPENAPI_SWAGGER_UI_PATH": "docs",
-    "OPENAPI_SWAGGER_UI_URL": "https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+    "OPENAPI_SWAGGER_UI_URL": swagger_ui.ASSETS_URL,
 }
 
 
@@ -98,6 +98,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
 
     api.register_blueprint(blp)
     api.register_blueprint(health)
+    app.register_blueprint(swagger_ui.bp)
     build_runtime(app, deployment)
     if any(site.sandbox for site in deployment.sites.values()):
         from cds_service import sandbox  # a developer tool: mounted only where a site enables it

@@ -1,7 +1,7 @@
 """`cds-service` command line. Operators script against it: keep options and names stable.
 
     cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH]
-    cds-service check-config [--site-config PATH]
+    cds-service check-config [--site-config PATH] [--json]
     cds-service invoke SERVICE --bundle FILE [--url URL] [--hook HOOK] [--select Type/id]...
     cds-service site check SITE [--fhir-base URL] [--site-config PATH] [--timeout S] [--json]
     cds-service audit purge [--older-than-days N]
@@ -32,20 +32,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     from cds_service import create_app
+    from cds_service.effective import effective_config, render
 
     try:
         app = create_app()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
-    rt = app.extensions["cds"]
-    for site in rt.sites.values():
-        print(f"site {site.id} ({site.source})")  # noqa: T201
-        for service_id, enabled in site.services.items():
-            print(f"  {service_id}: {', '.join(enabled.service.hooks)}")  # noqa: T201
-            for key, template in enabled.prefetch.items():
-                print(f"    prefetch {key}: {template}")  # noqa: T201
-    rt.close()
+    try:
+        print(render(effective_config(app), as_json=args.json))  # noqa: T201
+    finally:
+        app.extensions["cds"].close()
     return 0
 
 
@@ -92,6 +89,8 @@ def _site_check(args: argparse.Namespace) -> int:
         report = check_site(sites[args.site], fhir_base=args.fhir_base, timeout=args.timeout)
     except (ConfigError, SiteCheckError) as exc:
         print(f"site check: {exc}", file=sys.stderr)  # noqa: T201
+        if args.json:  # scripts read stdout: the reason the check could not run, as JSON
+            print(json.dumps({"site": args.site, "error": str(exc)}, indent=2))  # noqa: T201
         return 2
     print(render(report, as_json=args.json))  # noqa: T201
     return report.exit_code
@@ -219,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     site_config_option(serve)
     serve.set_defaults(func=_serve)
 
-    check = sub.add_parser("check-config", help="validate the site configuration and print it")
+    check = sub.add_parser("check-config", help="validate the configuration and print it as "
+                           "it takes effect (deployment settings, then each site; secrets masked)")
+    check.add_argument("--json", action="store_true", help="print it as JSON")
     site_config_option(check)
     check.set_defaults(func=_check_config)
 
@@ -247,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "issuer's https iss)")
     site_check.add_argument("--timeout", type=float, default=10.0, metavar="S",
                             help="seconds per request (default: 10)")
-    site_check.add_argument("--json", action="store_true", help="print the report as JSON")
+    site_check.add_argument("--json", action="store_true",
+                            help="print the report as JSON; when the check cannot run (exit 2), "
+                                 "{site, error}")
     site_config_option(site_check)
     site_check.set_defaults(func=_site_check)
 

@@ -10,6 +10,7 @@ documented in `site_config/README.md`. Nothing here is read inside a request.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 
 import jwt
 import yaml
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate
 
 from cds_service.devkeys import ensure_dev_keypair
 from cds_service.errors import ConfigError
@@ -119,7 +120,7 @@ class IssuerSpec:
 
 @dataclass(frozen=True)
 class Site:
-    """One hospital's configuration; `raw` keeps the parsed YAML for keys later features read."""
+    """One hospital's configuration; `raw` keeps the parsed YAML as written (annotations too)."""
 
     id: str
     source: str
@@ -145,9 +146,42 @@ class Site:
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
-class _PrefetchSettingsSchema(Schema):
+# Keys starting with this are the site team's annotations (who changed what, a ticket number),
+# ignored at every level of a site file.
+ANNOTATION_PREFIX = "x-"
+
+
+def unknown_key(key: Any, known: Sequence[str]) -> str:
+    """The error for a key no schema reads, with the closest valid one."""
+    # difflib's default cutoff (0.6) offers `cors` for `colour`; a typo scores 0.8 and more.
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+    if close:
+        return f"unknown key; did you mean `{close[0]}`?"
+    return f"unknown key (valid keys: {', '.join(sorted(known))})"
+
+
+class SiteSection(Schema):
+    """A mapping in a site file. A key it does not read is an error naming the closest valid
+    one: a typo (`code_mapings`) would otherwise silently drop the setting and, with it, the
+    cards it feeds. `x-…` keys are annotations and are dropped before loading."""
+
     class Meta:
         unknown = RAISE
+
+    @pre_load
+    def _only_known_keys(self, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data  # the field's own type error
+        known = [f.data_key or name for name, f in self.load_fields.items()]
+        annotation = [k for k in data if isinstance(k, str) and k.startswith(ANNOTATION_PREFIX)]
+        errors = {key: [unknown_key(key, known)] for key in data
+                  if key not in known and key not in annotation}
+        if errors:
+            raise ValidationError(errors)
+        return {k: v for k, v in data.items() if k not in annotation}
+
+
+class _PrefetchSettingsSchema(SiteSection):
 
     deadline_seconds = fields.Float(validate=validate.Range(min=0.05, max=60))
     max_pages = fields.Integer(validate=validate.Range(min=1, max=1000))
@@ -156,10 +190,7 @@ class _PrefetchSettingsSchema(Schema):
     allow_http_loopback = fields.Boolean()
 
 
-class _ServiceEntrySchema(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _ServiceEntrySchema(SiteSection):
     enabled = fields.Boolean(load_default=True)
     prefetch = fields.Dict(keys=fields.String(), values=fields.String())
     model = fields.String(validate=validate.Regexp(MODEL_ID))
@@ -169,26 +200,17 @@ class _ServiceEntrySchema(Schema):
     settings = fields.Dict(keys=fields.String())
 
 
-class _OrderableSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _OrderableSchema(SiteSection):
     system = fields.String(required=True, validate=validate.Length(min=1))
     code = fields.String(required=True, validate=validate.Length(min=1))
     display = fields.String(required=True, validate=validate.Length(min=1))
 
 
-class _AlertFatigueSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _AlertFatigueSchema(SiteSection):
     override_window_hours = fields.Float(validate=validate.Range(min=0, max=24 * 365))
 
 
-class _IssuerSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _IssuerSchema(SiteSection):
     iss = fields.String(required=True, validate=validate.Length(min=1))
     jku = fields.List(fields.Url(schemes={"https", "http"}, require_tld=False))
     jwks_file = fields.String(validate=validate.Length(min=1))
@@ -196,31 +218,20 @@ class _IssuerSchema(Schema):
     dev_keypair = fields.Boolean(load_default=False)
 
 
-class _JwtSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _JwtSchema(SiteSection):
     algorithms = fields.List(fields.String(validate=validate.OneOf(ASYMMETRIC_ALGORITHMS)),
                              validate=validate.Length(min=1))
     # Tests only: a JWK Set served over plain http from a loopback address.
     allow_http_loopback_jku = fields.Boolean()
 
 
-class _CorsSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _CorsSchema(SiteSection):
     # Exact origins of browser-based clients (e.g. the CDS Hooks sandbox); never "*".
     origins = fields.List(fields.String(validate=validate.Regexp(
         r"^https?://[^/\s*]+$", error="must be an origin like https://sandbox.cds-hooks.org")))
 
 
-class _SiteSchema(Schema):
-    class Meta:
-        # Keys owned by later features (issuers, audiences, mappings, thresholds…) are kept in
-        # `Site.raw` and validated by those features.
-        unknown = EXCLUDE
-
+class _SiteSchema(SiteSection):
     site = fields.String(
         required=True, validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     )
@@ -240,6 +251,8 @@ class _SiteSchema(Schema):
     alert_fatigue = fields.Nested(_AlertFatigueSchema, load_default=dict)
     fhir_server = fields.Url(schemes={"https", "http"}, require_tld=False)
     sandbox = fields.Boolean(load_default=False)
+    # Validated by the feature engine (`parse_code_map`).
+    code_mappings = fields.Raw(allow_none=True)
 
 
 def _service_settings(service: CdsService, raw: Mapping[str, Any] | None, source: str
@@ -321,7 +334,7 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         raise ConfigError(f"{source}: sandbox: needs an issuer with `dev_keypair: true` (the "
                           "sandbox signs its calls with the site's development key)")
     try:
-        code_map = parse_code_map(data.get("code_mappings") or [])
+        code_map = parse_code_map(parsed.get("code_mappings") or [])
     except FeatureSpecError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     p = parsed["prefetch"]

@@ -21,7 +21,7 @@ import math
 import time
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 from fhirpy import SyncFHIRClient
@@ -258,6 +258,12 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
         path = remove_prefix(parts.path, self._base_path + "/").lstrip("/")
         return f"{path}?{parts.query}" if parts.query else path
 
+    def loggable_url(self, url: str) -> str:
+        """`url` for logs: the base, resource types, operations and parameter names, with ids
+        and parameter values elided (they identify patients; only the audit log holds those),
+        e.g. `https://fhir.example.org/R4/Observation?patient=…&code=…`."""
+        return f"{self.url}/{loggable_path(self.relative_url(url))}"
+
     def _build_request_url(self, path: str, params: dict | None) -> str:
         # fhirpy's version accepts any absolute URL that merely *contains* the base URL and adds a
         # trailing "?" when params are empty; this one checks origin + base path and keeps a query
@@ -314,10 +320,9 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
             if name.lower() != "authorization":
                 headers[name] = value
         url = self._build_request_url(path, params)
-        resource_type = _resource_type(self.relative_url(url))
         redirects = rate_limited = 0
         while True:
-            response = self._send(url, headers, resource_type)
+            response = self._send(url, headers)
             try:
                 status = response.status_code
                 if 200 <= status < 300:
@@ -338,19 +343,19 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
                 and retry_after < self._remaining()
             ):
                 rate_limited += 1
-                logger.info(
-                    "FHIR GET %s rate limited; retrying in %.1f s", resource_type, retry_after
-                )
+                logger.info("FHIR GET %s rate limited; retrying in %.1f s", self.loggable_url(url),
+                            retry_after)
                 time.sleep(retry_after)
                 continue
             if status in (404, 410):
                 raise FhirNotFound(status)
             raise FhirStatusError(status, retry_after=retry_after)
 
-    def _send(self, url: str, headers: dict, resource_type: str) -> requests.Response:
+    def _send(self, url: str, headers: dict) -> requests.Response:
+        shown = self.loggable_url(url)
         remaining = self._remaining()
         if remaining <= 0:
-            logger.warning("FHIR GET %s not sent: deadline passed", resource_type)
+            logger.warning("FHIR GET %s not sent: deadline passed", shown)
             raise FhirTimeout("FHIR server did not answer within the deadline")
         started = time.monotonic()
         try:
@@ -363,27 +368,18 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
             )
         except requests.Timeout as exc:
             metrics.observe_fhir("timeout", time.monotonic() - started)
-            logger.warning("FHIR GET %s timed out after %d ms", resource_type, _elapsed_ms(started))
+            logger.warning("FHIR GET %s timed out after %d ms", shown, _elapsed_ms(started))
             raise FhirTimeout("FHIR server did not answer within the deadline") from exc
         except requests.RequestException as exc:
             metrics.observe_fhir("error", time.monotonic() - started)
-            logger.warning(
-                "FHIR GET %s failed after %d ms: %s",
-                resource_type,
-                _elapsed_ms(started),
-                type(exc).__name__,
-            )
+            logger.warning("FHIR GET %s failed after %d ms: %s", shown, _elapsed_ms(started),
+                           type(exc).__name__)
             raise FhirConnectionError("FHIR server could not be reached") from exc
         metrics.observe_fhir(metrics.status_class(response.status_code),
                              time.monotonic() - started)
         level = logging.INFO if response.status_code < 400 else logging.WARNING
-        logger.log(
-            level,
-            "FHIR GET %s -> %d in %d ms",
-            resource_type,
-            response.status_code,
-            _elapsed_ms(started),
-        )
+        logger.log(level, "FHIR GET %s -> %d in %d ms", shown, response.status_code,
+                   _elapsed_ms(started))
         return response
 
     def _redirect_target(self, url: str, location: str | None, hops: int) -> str:
@@ -414,10 +410,23 @@ def _is_absolute(url: str) -> bool:
     return bool(parts.scheme or parts.netloc)
 
 
-def _resource_type(relative_url: str) -> str:
-    """The resource type of a relative URL, for logs (ids and query values identify patients)."""
-    first = relative_url.split("?", 1)[0].split("/", 1)[0]
-    return first if first[:1].isupper() and first.isalpha() else "?"
+def loggable_path(relative_url: str) -> str:
+    """A relative URL without what identifies a patient: path segments other than resource
+    types, `metadata`, `$operations` and `_history`/`_search` become `…`, and so does every
+    parameter value (`Patient/123` → `Patient/…`, `Observation?patient=123` →
+    `Observation?patient=…`)."""
+    path, _, query = relative_url.partition("?")
+    segments = [s if _is_type(s) or s == "metadata" or s[:1] in ("$", "_") else "…"
+                for s in path.split("/")] if path else []
+    names = [part.partition("=")[0] for part in query.split("&") if part]
+    shown = "/".join(segments)
+    if names:
+        shown += "?" + "&".join(f"{unquote(name)}=…" for name in names)
+    return shown
+
+
+def _is_type(segment: str) -> bool:
+    return segment[:1].isupper() and segment.isalpha()
 
 
 def _decode_json(content: bytes, *, plain: bool) -> Any:

@@ -3,22 +3,24 @@
 Epic implements a subset of FHIR R4 and says which in its CapabilityStatement
 (`GET [base]/metadata`, served without a token). A search parameter the server does not support
 need not be an error: with lenient handling (https://hl7.org/fhir/R4/search.html#errors) the
-server ignores it, as Epic does with `_sort`, so a template relying on it silently gets other
-data. This check reads the statement and, for each enabled service and prefetch template, reports
-whether the resource type, the interaction (`search-type` or `read`), each search parameter,
-`_sort` and `_count` are supported; then the orderables the services read, and each issuer's
-JWK Set (a `jwks_file` as strictly as the token verifier loads it; each allow-listed `jku`
-fetched the way the verifier fetches it).
+server ignores it, so a template relying on it silently gets other data. This check reads the
+statement and, for each enabled service and prefetch template, reports whether the resource
+type, the interaction (`search-type` or `read`), each search parameter, `_sort` and `_count` are
+supported; then the orderables the services read, and each issuer's JWK Set (a `jwks_file` as
+strictly as the token verifier loads it; each allow-listed `jku` fetched the way the verifier
+fetches it).
 
 What counts as required (FAIL, exit 1):
 - for a prefetch key the service cannot do without (not in `optional_prefetch`): the resource
-  type, its interaction, every search parameter, and `_sort` (an ignored `_sort=-date` returns
-  the server's own order, oldest first at Epic, so `_count` cuts off the newest results);
+  type, its interaction, every search parameter, and `_sort` when the template also has `_count`
+  (an ignored `_sort` leaves the server's own order, which `_count` then pages, so the newest
+  results may never be read);
 - a FHIR version other than 4.0.x (the services read R4 resources);
 - an issuer's JWK Set that is unusable or unreachable (every token of that issuer is refused).
-Warnings: anything about an optional key; `_count` unsupported (the server pages with its own
-size and prefetch follows `next` links); modifiers and chained parameters (a CapabilityStatement
-cannot say); a missing orderable; a site trusting no issuer.
+Warnings: anything about an optional key; `_sort` unsupported without `_count` (harmless: the
+services take the newest result by date themselves); `_count` without `_sort`, or unsupported;
+modifiers and chained parameters (a CapabilityStatement cannot say); a missing orderable; a site
+trusting no issuer.
 
 FHIR base: `--fhir-base`, else the site's `fhir_server`, else each issuer's `iss` that is an
 https URL (Epic's `iss` is its FHIR R4 base). http only to a loopback host when the site sets
@@ -54,6 +56,17 @@ OK, WARN, FAIL = "ok", "warn", "FAIL"
 DEFAULT_TIMEOUT_S = 10.0
 
 FHIR, ORDERABLES, ISSUERS = "fhir", "orderables", "issuers"
+
+# The services take the newest result by its date from whatever a search returns
+# (cds_service/features.py), so the server's order matters only where `_count` cuts it.
+IGNORED_SORT = ("not listed: ignored, results come in the server's order; harmless (the "
+                "services take the newest by date), but drop it so the template says what the "
+                "server does")
+IGNORED_SORT_WITH_COUNT = ("not listed: ignored, so `_count` pages the server's order and the "
+                           "newest results may lie past prefetch.max_pages pages; drop `_sort` "
+                           "and `_count`")
+COUNT_WITHOUT_SORT = ("pages come in the server's order, so the newest results may lie past "
+                      "prefetch.max_pages pages; drop `_count`")
 _COLUMNS = ("service", "key", "check", "status", "detail")
 
 
@@ -244,25 +257,28 @@ def check_template(service_id: str, key: str, template: str, caps: Capabilities,
         return [row(label, missing, f"{resource_type} is listed without {interaction} "
                                     f"(interactions: {listed})")]
     rows = [row(label, OK)]
-    for part in query.split("&") if search else ():
-        name, _, value = part.partition("=")
+    parts = [part.partition("=")[::2] for part in query.split("&")] if search else []
+    names = {name for name, _ in parts}
+    for name, value in parts:
         base, _, modifier = name.partition(":")
         if base == "_sort":
             if caps.supports_param(resource, "_sort"):
                 rows.append(row(f"_sort {value}", OK))
+            elif "_count" in names:
+                # Ignored (FHIR R4 search.html#errors: a server may ignore what it does not
+                # support), so `_count` cuts the server's own order, not the newest results.
+                rows.append(row(f"_sort {value}", missing, IGNORED_SORT_WITH_COUNT))
             else:
-                # Epic ignores an unsupported `_sort`: results come oldest first, so with
-                # `_count` the newest values (the ones the services read) are cut off.
-                rows.append(row(f"_sort {value}", missing,
-                                "not listed: ignored, so results come in the server's order "
-                                "(Epic: oldest first) and the newest may be cut off"))
+                rows.append(row(f"_sort {value}", WARN, IGNORED_SORT))
         elif base == "_count":
-            if caps.supports_param(resource, "_count"):
-                rows.append(row(f"_count {value}", OK))
-            else:
+            if not caps.supports_param(resource, "_count"):
                 rows.append(row(f"_count {value}", WARN,
                                 "not listed: the server pages with its own size (prefetch "
                                 "follows up to prefetch.max_pages next links)"))
+            elif "_sort" not in names:
+                rows.append(row(f"_count {value}", WARN, COUNT_WITHOUT_SORT))
+            else:
+                rows.append(row(f"_count {value}", OK))
         elif "." in base:
             rows.append(row(f"param {name}", WARN, "chained parameter: a CapabilityStatement "
                                                    "cannot say whether it works"))

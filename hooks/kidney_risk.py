@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-from marshmallow import RAISE, Schema, fields, validate
+from marshmallow import fields, validate
 
 from cds_service.cards import (
     Action,
@@ -27,6 +27,7 @@ from cds_service.cards import (
     draft_order,
     severity,
 )
+from cds_service.config import SiteSection
 from cds_service.models.registry import Prediction
 from cds_service.registry import CdsService, HookRequest
 from hooks._kidney import (
@@ -65,10 +66,7 @@ OVERRIDE_REASONS = (
 )
 
 
-class _Referral(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _Referral(SiteSection):
     # KDIGO 2024 rec. 5.1: refer at eGFR < 30, urine ACR ≥ 300 mg/g, or a 5-year kidney failure
     # risk above 5% (3-5% consider). docs/clinical.md.
     risk = fields.Float(load_default=0.05, validate=validate.Range(min=0, max=1))
@@ -76,19 +74,13 @@ class _Referral(Schema):
     uacr_at_least = fields.Float(load_default=300, validate=validate.Range(min=1))
 
 
-class _SmartLink(Schema):
-    class Meta:
-        unknown = RAISE
-
+class _SmartLink(SiteSection):
     label = fields.String(required=True, validate=validate.Length(min=1, max=80))
     # Epic shows only SMART links the health system registered, so this is that launch URL.
     url = fields.Url(required=True, schemes={"https"})
 
 
-class Settings(Schema):
-    class Meta:
-        unknown = RAISE
-
+class Settings(SiteSection):
     referral = fields.Nested(_Referral, load_default=lambda: _Referral().load({}))
     smart_link = fields.Nested(_SmartLink)
 
@@ -257,19 +249,20 @@ SERVICE = CdsService(
     model="kfre-4var",
     settings_schema=Settings,
     orderables=ORDERABLES,
+    # No `_sort` or `_count`: Epic documents no `_sort` for Observation search, and an R4 server
+    # ignores what it does not support, so `_count` would page the server's order and could cut
+    # off the newest result. The newest is taken by its date from whatever comes back
+    # (cds_service/features.py); site_config/README.md, "Readiness check before go-live".
     prefetch={
-        "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES
-                + "&_sort=-date&_count=10",
-        "creatinine": "Observation?patient={{context.patientId}}&code=" + CREATININE_CODES
-                      + "&_sort=-date&_count=10",
+        "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES,
+        "creatinine": "Observation?patient={{context.patientId}}&code=" + CREATININE_CODES,
         "patient": "Patient/{{context.patientId}}",
-        "uacr": "Observation?patient={{context.patientId}}&code=" + UACR_CODES
-                + "&_sort=-date&_count=10",
+        "uacr": "Observation?patient={{context.patientId}}&code=" + UACR_CODES,
         # HbA1c as NGSP % and IFCC mmol/mol (the progression model reads it).
         "hba1c": "Observation?patient={{context.patientId}}&code=http://loinc.org|4548-4,"
-                 "http://loinc.org|17856-6,http://loinc.org|59261-8&_sort=-date&_count=10",
+                 "http://loinc.org|17856-6,http://loinc.org|59261-8",
         "bp": "Observation?patient={{context.patientId}}"
-              "&code=http://loinc.org|85354-9,http://loinc.org|8480-6&_sort=-date&_count=10",
+              "&code=http://loinc.org|85354-9,http://loinc.org|8480-6",
         "conditions": "Condition?patient={{context.patientId}}&clinical-status=active",
         "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
     },

@@ -159,13 +159,11 @@ SERVICE = CdsService(
     handler=handle,
     model="kfre-4var",
     orderables=ORDERABLES,
+    # No `_sort`/`_count`, as in kidney_risk.py: the newest result is picked by its date.
     prefetch={
-        "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES
-                + "&_sort=-date&_count=10",
-        "creatinine": "Observation?patient={{context.patientId}}&code=" + CREATININE_CODES
-                      + "&_sort=-date&_count=10",
-        "uacr": "Observation?patient={{context.patientId}}&code=" + UACR_CODES
-                + "&_sort=-date&_count=10",
+        "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES,
+        "creatinine": "Observation?patient={{context.patientId}}&code=" + CREATININE_CODES,
+        "uacr": "Observation?patient={{context.patientId}}&code=" + UACR_CODES,
         "patient": "Patient/{{context.patientId}}",
         "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
     },

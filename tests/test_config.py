@@ -117,6 +117,51 @@ def test_configuration_errors_name_file_and_key(make_app, tmp_path, files, fragm
         assert fragment in str(caught.value)
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    # A typo at the top level used to be ignored: the eGFR mapping, and with it the card, gone.
+    ("code_mapings:\n  - {from: 'urn:oid:1.2.3|1558024', to: 'http://loinc.org|98979-8'}\n",
+     "x.yaml: code_mapings: unknown key; did you mean `code_mappings`?"),
+    ("servcies: {}\n", "x.yaml: servcies: unknown key; did you mean `services`?"),
+    ("colour: blue\n", "x.yaml: colour: unknown key (valid keys: alert_fatigue, audiences, "),
+    ("services:\n  kidney-risk:\n    thresholsd: {info: 0.1}\n",
+     "x.yaml: services.kidney-risk.thresholsd: unknown key; did you mean `thresholds`?"),
+    ("services:\n  kidney-risk:\n    settings:\n      referal: {risk: 0.03}\n",
+     "x.yaml: services.kidney-risk.settings.referal: unknown key; did you mean `referral`?"),
+    ("services:\n  kidney-risk:\n    settings:\n      referral: {egfr_bellow: 25}\n",
+     "services.kidney-risk.settings.referral.egfr_bellow: unknown key; did you mean "
+     "`egfr_below`?"),
+    ("prefetch:\n  deadline_secs: 3\n",
+     "x.yaml: prefetch.deadline_secs: unknown key; did you mean `deadline_seconds`?"),
+    ("issuers:\n  - iss: https://a.example/fhir\n    jwks_flie: keys.json\n",
+     "x.yaml: issuers[0].jwks_flie: unknown key; did you mean `jwks_file`?"),
+    ("alert_fatigue:\n  override_window: 4\n",
+     "alert_fatigue.override_window: unknown key; did you mean `override_window_hours`?"),
+])
+def test_an_unknown_key_names_file_key_and_the_closest_valid_one(make_app, tmp_path, text,
+                                                                 message):
+    write(tmp_path / "x.yaml", "site: x\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        make_app(SERVICES=SERVICES, SITE_CONFIG=str(tmp_path / "x.yaml"))
+    assert message in str(caught.value)
+
+
+def test_x_keys_are_annotations_at_every_level(make_app, tmp_path):
+    write(tmp_path / "x.yaml", """\
+        site: x
+        x-owner: Epic team, ticket CDS-42
+        prefetch: {deadline_seconds: 3, x-why: their FHIR server is slow}
+        services:
+          kidney-risk:
+            x-changed: 2025 go-live
+            settings: {referral: {risk: 0.03, x-source: nephrology board}}
+        """)
+    site = make_app(SERVICES=SERVICES, SITE_CONFIG=str(tmp_path / "x.yaml")
+                    ).extensions["cds"].default_site
+    assert site.prefetch_settings.deadline_s == 3
+    assert site.services["kidney-risk"].settings["referral"]["risk"] == 0.03
+    assert site.raw["x-owner"] == "Epic team, ticket CDS-42"
+
+
 def test_missing_path_and_empty_directory_are_errors(make_app, tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         make_app(SITE_CONFIG=str(tmp_path / "absent.yaml"))

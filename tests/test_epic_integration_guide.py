@@ -107,7 +107,8 @@ def test_a_newcomer_configures_a_new_site_and_gets_its_card(tmp_path):
         log.close()
 
     checked, *_ = [out for out in outputs if "site riverside" in out]
-    assert "prefetch egfr: " in checked and "1558024" in checked
+    assert "        egfr: Observation?patient={{context.patientId}}&code=" in checked
+    assert "1558024" in checked
     jwks = clone / "var" / "dev-keys" / "riverside.jwks.json"
     private = jwks.with_name("riverside.private.pem")
     assert jwks.is_file() and private.stat().st_mode & 0o077 == 0

@@ -25,6 +25,7 @@ from cds_service.fhir import (
     ReadOnlyFHIRClient,
     WriteRefused,
     check_fhir_server_url,
+    loggable_path,
     parse_retry_after,
 )
 from cds_service.prefetch import PrefetchSettings, resolve_prefetch
@@ -564,12 +565,31 @@ def test_token_never_logged_nor_in_errors(
         cause = error.__cause__ or error.__context__
         texts.append(repr(cause))
 
-    assert any("FHIR GET Patient -> 200" in r.getMessage() for r in caplog.records)
-    assert any("FHIR GET Encounter -> 401" in r.getMessage() for r in caplog.records)
+    # The URL is named, its ids and parameter values are not (logs.py: patient ids only in the
+    # audit log).
+    messages = [r.getMessage().replace(fhir_server.url, "<base>") for r in caplog.records
+                if r.name == "cds_service.fhir"]
+    assert "FHIR GET <base>/Patient/… -> 200" in " ".join(messages)
+    assert "FHIR GET <base>/Encounter/… -> 401" in " ".join(messages)
     assert TOKEN not in caplog.text
     for text in texts:
         assert TOKEN not in text
-    assert all("123" not in r.getMessage() for r in caplog.records if r.name == "cds_service.fhir")
+    assert all("123" not in m and "E1" not in m for m in messages)
+
+
+@pytest.mark.parametrize(("relative", "shown"), [
+    ("metadata", "metadata"),
+    ("Patient/123", "Patient/…"),
+    ("Observation?patient=123&code=http://loinc.org|98979-8&_count=5",
+     "Observation?patient=…&code=…&_count=…"),
+    ("Patient/123/_history/2", "Patient/…/_history/…"),
+    ("Patient/$match", "Patient/$match"),
+    ("Observation?_getpages=abc&_getpagesoffset=10", "Observation?_getpages=…&_getpagesoffset=…"),
+    ("Observation?subject%3APatient=123", "Observation?subject:Patient=…"),
+    ("", ""),
+])
+def test_logged_urls_name_types_and_parameters_but_no_ids_or_values(relative, shown):
+    assert loggable_path(relative) == shown
 
 
 # -- ReadOnlyFHIRClient directly ---------------------------------------------------------------

@@ -1,54 +1,22 @@
 """End to end: the sandbox page in Debian's Chromium, driven by Playwright, against a real
 `cds-service serve` of the demo site. Screenshots of each step: tests/artifacts/sandbox/*.png.
 
-Needs `make test-tools` (chromium) and the `test` extras (playwright; never `playwright install`,
-which downloads a browser of its own). Skipped without them, except under CI where it fails.
+Needs Chromium and Playwright (tests/browser.py).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
-
 from cds_service.invoke import load_bundle
 from cds_service.store import Store
+from tests.browser import ARTIFACTS as ALL_ARTIFACTS
+from tests.browser import browser  # noqa: F401 - fixture
 from tests.conftest import ROOT
 from tests.test_serve import serve  # noqa: F401 - fixture
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = ROOT / "tests" / "artifacts" / "sandbox"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = ALL_ARTIFACTS / "sandbox"
 KIDNEY_SUMMARY = "5-year kidney failure risk 24% (eGFR 27, UACR 380 mg/g)"
 # The indicator bands in cds_service/static/sandbox.css, as computed colours.
 BAND = {"warning": "rgb(217, 122, 0)", "critical": "rgb(196, 38, 29)"}
-
-
-@pytest.fixture
-def browser(tmp_path):
-    missing = []
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing.append("the playwright package (pip install -e '.[test]')")
-    if not CHROMIUM.is_file():
-        missing.append(str(CHROMIUM))
-    if missing:
-        message = f"the sandbox browser test needs {' and '.join(missing)}: run `make test-tools`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900})
-        context.set_default_timeout(20_000)
-        try:
-            yield context
-        finally:
-            context.close()
 
 
 def shot(page, name: str) -> None:

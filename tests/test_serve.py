@@ -162,8 +162,8 @@ def test_check_config_prints_sites_services_and_templates(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "site demo-hospital" in result.stdout
-    assert "nephrotoxic-order-check: order-select, order-sign" in result.stdout
-    assert "&_count=5" in result.stdout  # the site's override, not the service default
+    assert "      hooks: [order-select, order-sign]" in result.stdout
+    assert "&category=laboratory&" in result.stdout  # the site's override, not the default
 
 
 @pytest.mark.parametrize("replay_cache", ["sqlite", "redis"])

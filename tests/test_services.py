@@ -150,8 +150,6 @@ TOKEN = "tok-" + secrets.token_urlsafe(24)
 EGFR_QUERY = {
     "code": ["http://loinc.org|33914-3,http://loinc.org|62238-1,"
              "http://loinc.org|98979-8,http://loinc.org|48642-3"],
-    "_sort": ["-date"],
-    "_count": ["10"],
 }
 FETCH_SCENARIOS = [
     DATA / "kidney-risk" / "egfr-28-g4-warning",
@@ -196,6 +194,24 @@ def test_missing_egfr_is_fetched_with_the_bearer_token(make_app, tmp_path, fhir_
     assert request.query == {"patient": [body["context"]["patientId"]], **EGFR_QUERY}
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
     assert fhir_server.methods == {"GET"}
+
+
+def test_the_newest_egfr_is_used_whatever_order_the_server_answers_in(make_app, tmp_path,
+                                                                       fhir_server):
+    # The templates send no `_sort` (Epic lists none); the server's own order, here oldest
+    # first, must not change the card.
+    scenario = FETCH_SCENARIOS[0]
+    client = loopback_client(make_app, tmp_path)
+    body, bundle = without_prefetch(scenario, fhir_server)
+    dates = [e["resource"]["effectiveDateTime"] for e in bundle["entry"]]
+    assert dates == sorted(dates, reverse=True) and len(dates) > 1
+    fhir_server.add("Observation", json={**bundle, "entry": bundle["entry"][::-1]})
+
+    response = post(client, f"/cds-services/{scenario.parent.name}", body)
+
+    assert_matches_golden(response, load(scenario / "expected.json"))
+    [request] = fhir_server.requests
+    assert "_sort" not in request.query and "_count" not in request.query
 
 
 def test_fhir_server_401_is_412_naming_the_key(make_app, tmp_path, fhir_server):
