@@ -10,14 +10,13 @@ import time
 from datetime import UTC, datetime
 
 from flask import Response, g, json, request
-from flask_smorest import Blueprint
 
 from cds_service import metrics, suppression
 from cds_service.audit import MAX_TEXT, AuditRecord, prefetch_key_sources
 from cds_service.cards import render_response
 from cds_service.errors import RequestInvalid, ServiceNotFound
 from cds_service.feedback import FeedbackRequestSchema
-from cds_service.http import require_json_body
+from cds_service.http import Blueprint, require_json_body
 from cds_service.prefetch import resolve_prefetch
 from cds_service.registry import HookRequest
 from cds_service.runtime import runtime

@@ -17,8 +17,9 @@ from cds_service.feedback import (
     EPIC_REASON_CATEGORY,
     EPIC_REASON_DISPLAY,
 )
+from cds_service.jsonlimit import MAX_DEPTH
 from tests.conftest import example, make_jwt
-from tests.test_api import assert_outcome, post
+from tests.test_api import assert_outcome, nested, post
 from tests.test_feedback_schema import EXAMPLE_CASES
 
 pytest_plugins = ["tests.storage_fixtures"]
@@ -213,6 +214,25 @@ def test_invalid_json_is_400(app, client):
     response = client.post(URL, data='{"feedback": [', content_type="application/json")
     assert_outcome(response, 400, "JSON")
     assert rows(app) == []
+
+
+# body > feedback > [0] > overrideReasons > extension: five levels before the Epic extension's own.
+@pytest.mark.parametrize("body", [
+    "[" * 100_000 + "]" * 100_000,
+    json.dumps({"feedback": [item(overrideReasons={"extension": {"x": nested(MAX_DEPTH - 4)}})]}),
+], ids=["100k-levels", "limit+1"])
+def test_json_nested_too_deep_is_400_and_stores_nothing(app, client, body):
+    response = client.post(URL, data=body, content_type="application/json")
+    assert_outcome(response, 400, f"nested deeper than {MAX_DEPTH} levels")
+    assert rows(app) == []
+
+
+def test_extension_nested_up_to_the_limit_is_stored(app, client):
+    extension = {"x": nested(MAX_DEPTH - 5)}
+    assert_ack(post(client, URL, {"feedback": [item(overrideReasons={"extension": extension})]}),
+               1, 1)
+    [row] = rows(app)
+    assert row["override_extension"] == extension
 
 
 @pytest.mark.parametrize(
