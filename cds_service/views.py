@@ -163,7 +163,8 @@ def invoke(body: dict, service_id: str):
 
 
 @blp.route("/cds-services/<service_id>/feedback", methods=["POST"])
-@blp.arguments(FeedbackRequestSchema(), location="json", error_status_code=400)
+@blp.arguments(FeedbackRequestSchema(clock=lambda: runtime().clock()), location="json",
+               error_status_code=400)
 @blp.response(200, FeedbackAckSchema)
 @blp.alt_response(400, description="Malformed feedback (OperationOutcome)")
 def feedback(items: list, service_id: str):

@@ -43,6 +43,10 @@ EXAMPLES = {
 }
 
 
+def stamp(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
 def item(n: int = 0, **overrides) -> dict:
     """A valid overridden Feedback item for card `card-<n>`; a value of ... removes a key."""
     base = {
@@ -172,6 +176,8 @@ def test_batch_of_200_items(app, client):
         (1, item(1, outcome="dismissed"), "feedback[1].outcome"),
         (1, item(1, outcomeTimestamp=...), "feedback[1].outcomeTimestamp"),
         (1, item(1, outcomeTimestamp="2024-01-01T00:00:00"), "feedback[1].outcomeTimestamp"),
+        (1, item(1, outcomeTimestamp=stamp(datetime.now(UTC) + timedelta(days=365 * 73))),
+         "feedback[1].outcomeTimestamp"),
         (1, item(1, card=...), "feedback[1].card"),
         (1, item(1, card=123456), "feedback[1].card"),
         (1, item(1, acceptedSuggestions=[{"id": ""}]), "feedback[1].acceptedSuggestions[0].id"),
