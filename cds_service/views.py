@@ -173,7 +173,8 @@ def feedback(items: list, service_id: str):
     g.audit.update(feedback_cards=tuple(item.card for item in items))
     store = runtime().store
     keys = [item.dedupe_key(site.id, service_id) for item in items]
-    new_keys = store.insert_feedback(site.id, service_id, items, keys=keys)
+    new_keys = store.insert_feedback(site.id, service_id, items, keys=keys,
+                                     received_at=runtime().clock())
     stored = len(new_keys)
     metrics.count_feedback(site.id, service_id,
                            [item for item, key in zip(items, keys, strict=True) if key in new_keys],

@@ -222,6 +222,21 @@ def test_invalid_json_is_400(app, client):
     assert rows(app) == []
 
 
+def test_outcome_timestamp_is_bounded_by_the_apps_clock_which_stamps_receipt(database_url,
+                                                                              make_app):
+    # The app's clock (CLOCK, which tests move), not the wall clock, is "now" for both.
+    then = datetime.now(UTC) - timedelta(days=1)
+    app = make_app(DATABASE_URL=database_url, CLOCK=lambda: then)
+    client = app.test_client()
+    ahead = item(0, outcomeTimestamp=stamp(then + timedelta(minutes=6)))
+    assert_outcome(post(client, URL, {"feedback": [ahead]}), 400,
+                   "feedback[0].outcomeTimestamp", "after this server's time")
+
+    assert_ack(post(client, URL, {"feedback": [item(1, outcomeTimestamp=stamp(then))]}), 1, 1)
+    [row] = rows(app)
+    assert row["received_at"] == then
+
+
 # body > feedback > [0] > overrideReasons > extension: five levels before the Epic extension's own.
 @pytest.mark.parametrize("body", [
     "[" * 100_000 + "]" * 100_000,
