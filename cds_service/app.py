@@ -11,7 +11,7 @@ from flask import Config, Flask
 
 from cds_service import logs, swagger_ui
 from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_default_site, load_sites
-from cds_service.http import Api, register_error_handlers
+from cds_service.http import Api, JsonProvider, register_error_handlers
 from cds_service.models.registry import ModelRegistry
 from cds_service.registry import CdsService, index_services
 from cds_service.runtime import build_models, build_runtime
@@ -85,6 +85,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     if deployment is None:
         deployment = load_deployment(config)
     app = Flask("cds_service")
+    app.json = JsonProvider(app)
     app.config.update(deployment.config)
     app.config.update(OPENAPI)
     logging.getLogger("cds_service").setLevel(app.config["LOG_LEVEL"])

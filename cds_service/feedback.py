@@ -13,9 +13,10 @@ Tolerance policy: unknown keys are ignored at every level (`unknown = EXCLUDE`) 
 `FeedbackItem.raw`, so nothing Epic sends is lost. `null` for an optional field counts as absent
 (rule 2 forbids nulls, but a feedback record is worth more than the objection). Departures from the
 spec that still leave a usable record go to `FeedbackItem.warnings`. Anything that leaves no usable
-record (no card, unknown outcome, no or unparseable timestamp, malformed suggestion or reason
-Coding, wrong JSON types, a NUL character in a field we read) raises `marshmallow.ValidationError`,
-keyed by item index, e.g. `{"feedback": {0: {"outcome": [...]}}}`.
+record (no card, unknown outcome, no or unparseable timestamp, a timestamp more than
+`MAX_CLOCK_SKEW` ahead of our clock, malformed suggestion or reason Coding, wrong JSON types, a NUL
+character in a field we read) raises `marshmallow.ValidationError`, keyed by item index, e.g.
+`{"feedback": {0: {"outcome": [...]}}}`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,26 @@ import copy
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    validate,
+    validates_schema,
+)
+
+# How far ahead of our clock an outcomeTimestamp may be. The EHR's clock and ours drift (NTP keeps
+# them within a second; a VM resumed from a snapshot can be minutes off until it resyncs). Further
+# ahead it is not when the clinician acted, and as an override time it would silence the card
+# until then: a timestamp in 2099 did, for years.
+MAX_CLOCK_SKEW = timedelta(minutes=5)
 
 ACCEPTED = "accepted"
 OVERRIDDEN = "overridden"
@@ -289,13 +305,34 @@ def _scalar_text(value: Any) -> str | None:
 
 
 class FeedbackRequestSchema(_Lenient):
-    """The request body `{"feedback": [Feedback, ...]}`; `load()` returns `list[FeedbackItem]`."""
+    """The request body `{"feedback": [Feedback, ...]}`; `load()` returns `list[FeedbackItem]`.
+
+    `clock` is "now" for the bound on `outcomeTimestamp` (at most `MAX_CLOCK_SKEW` ahead): the
+    app's clock, which tests move. Checked here, not in `FeedbackItemSchema`, because marshmallow
+    builds nested schemas itself and could not hand them the clock.
+    """
 
     feedback = fields.List(
         fields.Nested(FeedbackItemSchema),
         required=True,
         validate=validate.Length(min=1, error="Must contain at least one feedback item."),
     )
+
+    def __init__(self, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.clock = clock
+
+    @validates_schema(skip_on_field_errors=True)
+    def _not_ahead_of_our_clock(self, data: dict, **kwargs: Any) -> None:
+        now = self.clock()
+        message = (f"Must not be more than {MAX_CLOCK_SKEW.total_seconds() / 60:g} minutes after "
+                   f"this server's time ({now.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}).")
+        ahead = {index: {"outcomeTimestamp": [message]}
+                 for index, item in enumerate(data["feedback"])
+                 if item.outcome_timestamp > now + MAX_CLOCK_SKEW}
+        if ahead:
+            raise ValidationError(ahead, "feedback")
 
     @post_load
     def make_items(self, data: dict, **kwargs: Any) -> list[FeedbackItem]:

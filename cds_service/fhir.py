@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import email.utils
 import ipaddress
-import json
 import logging
 import math
 import time
@@ -28,7 +27,7 @@ from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import BaseFHIRError
 from fhirpy.base.utils import AttrDict, encode_params, remove_prefix
 
-from cds_service import metrics
+from cds_service import jsonlimit, metrics
 
 logger = logging.getLogger("cds_service.fhir")
 
@@ -433,9 +432,12 @@ def _decode_json(content: bytes, *, plain: bool) -> Any:
     if not content:
         return None
     try:
-        return json.loads(content) if plain else json.loads(content, object_hook=AttrDict)
+        return (jsonlimit.loads(content) if plain
+                else jsonlimit.loads(content, object_hook=AttrDict))
     except (ValueError, UnicodeDecodeError):
         raise FhirInvalidResponse("FHIR server answered with a body that is not JSON") from None
+    except jsonlimit.JsonTooDeep as exc:
+        raise FhirInvalidResponse(f"FHIR server answered with {exc}") from None
 
 
 def _elapsed_ms(started: float) -> int:

@@ -7,11 +7,16 @@ silent empty success (HealthChain answers `{"cards": []}` when a handler throws)
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import flask_smorest
 from flask import Flask, Response, json, request
+from flask.json.provider import DefaultJSONProvider
+from marshmallow import missing
+from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
+from cds_service import jsonlimit
 from cds_service.auth import AuthError
 from cds_service.errors import CdsError, Issue, operation_outcome
 from cds_service.replay import ReplayCacheError
@@ -69,7 +74,39 @@ class Api(flask_smorest.Api):
         return outcome_response(operation_outcome(issues), status, headers)
 
 
+class JsonParser(FlaskParser):
+    """webargs' parser, reading JSON bodies with `jsonlimit.loads` (a nesting limit)."""
+
+    def _raw_load_json(self, req) -> Any:
+        if not is_json_request(req):
+            return missing
+        # As webargs does: UTF-8 only (RFC 8259 §8.1); its UnicodeDecodeError and JSONDecodeError
+        # handling (400 "Invalid JSON body.", an empty body as missing) stays as it was.
+        return jsonlimit.loads(req.get_data(cache=True).decode("utf-8"))
+
+
+class Blueprint(flask_smorest.Blueprint):
+    """flask-smorest Blueprint whose `@arguments` parse JSON bodies with `JsonParser`."""
+
+    ARGUMENTS_PARSER = JsonParser()
+
+
+class JsonProvider(DefaultJSONProvider):
+    """Flask's JSON, with `jsonlimit.loads` behind `request.get_json()` (even `silent=True`:
+    `JsonTooDeep` is no ValueError, so it reaches its handler instead of becoming None)."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return jsonlimit.loads(s, **kwargs)
+
+
 def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(jsonlimit.JsonTooDeep)
+    def _too_deep(error: jsonlimit.JsonTooDeep):
+        # Refused before anything walks the body: a RecursionError there would be a 500.
+        log.info("request refused: %s %s -> 400: %s", request.method, request.path, error)
+        issue = Issue(f"request body: {error}; not processed.", code="too-long")
+        return outcome_response(operation_outcome([issue]), 400)
+
     @app.errorhandler(CdsError)
     def _cds_error(error: CdsError):
         log.info("request failed: %s %s -> %s: %s", request.method, request.path,

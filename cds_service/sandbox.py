@@ -23,7 +23,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -436,7 +436,8 @@ def api_feedback():
     _service(site, data["service"])
     # CDS Hooks 2.0 §Feedback: outcomeTimestamp in UTC, RFC 3339.
     item: dict[str, Any] = {"card": data["card"], "outcome": data["outcome"],
-                            "outcomeTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+                            "outcomeTimestamp": runtime().clock().astimezone(UTC).strftime(
+                                "%Y-%m-%dT%H:%M:%SZ")}
     if data["outcome"] == "accepted":
         item["acceptedSuggestions"] = [{"id": data["suggestion"]}]
     elif "reason" in data or "comment" in data:

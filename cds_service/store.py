@@ -211,7 +211,7 @@ overrides_table = sa.Table(
     "card_overrides",
     metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
-    sa.Column("time", UtcDateTime, nullable=False, index=True),  # the outcome timestamp
+    sa.Column("time", UtcDateTime, nullable=False, index=True),  # see _record_overrides
     sa.Column("site", sa.Text, nullable=False),
     sa.Column("service_id", sa.Text, nullable=False),
     sa.Column("user_id", sa.Text),
@@ -227,10 +227,19 @@ def _record_overrides(conn: Connection, site: str, service_id: str, cards: Colle
                       feedback_keys: Collection[str] | None = None) -> None:
     """`card_overrides` rows for the overrides (only `feedback_keys`, when given) of the cards
     `cards` this site and service issued, joined and inserted in one statement. Feedback for a
-    card never recorded as issued cannot suppress anything."""
+    card never recorded as issued cannot suppress anything.
+
+    The override's time, where the suppression window starts, is the EHR's `outcomeTimestamp`
+    but never later than we received the feedback: a timestamp ahead of our clock (skew, within
+    feedback.MAX_CLOCK_SKEW) does not stretch the window, and feedback delivered late (the EHR
+    retrying after an outage) does not restart it. Either way the card comes back sooner, never
+    later, than the clinician's override implies.
+    """
     f, c = feedback_table.c, issued_cards_table.c
+    override_time = sa.case((f.outcome_timestamp < f.received_at, f.outcome_timestamp),
+                            else_=f.received_at)
     query = (
-        sa.select(f.outcome_timestamp, c.site, c.service_id, c.user_id, c.patient_id,
+        sa.select(override_time, c.site, c.service_id, c.user_id, c.patient_id,
                   c.topic_code, c.indicator, c.card_uuid)
         .select_from(feedback_table.join(issued_cards_table, sa.and_(
             c.card_uuid == f.card, c.site == f.site, c.service_id == f.service_id)))
@@ -472,7 +481,7 @@ class Override:
     """The latest override of an issued card on one topic (see `Store.recent_overrides`)."""
 
     topic_code: str
-    time: datetime  # the feedback's outcome timestamp, aware UTC
+    time: datetime  # outcome timestamp, at the latest when received (_record_overrides); UTC
     indicator: str | None  # the overridden card's indicator, as issued
     card_uuid: str
 
@@ -568,20 +577,24 @@ class Store:
         with self._unavailable_on_error(), self._engine.connect() as conn:
             conn.execute(sa.select(1)).scalar_one()
 
-    def add_feedback(self, site: str, service_id: str, items: Sequence[FeedbackItem]) -> int:
+    def add_feedback(self, site: str, service_id: str, items: Sequence[FeedbackItem], *,
+                     received_at: datetime | None = None) -> int:
         """Store `items` in one transaction, committed before returning; return how many are new.
 
         Replays (rule 105: the same feedback may arrive several times) are stored once, within
-        the batch and across calls, by the unique `dedupe_key`.
+        the batch and across calls, by the unique `dedupe_key`. `received_at`: now, unless the
+        caller has its own clock.
         """
-        return len(self.insert_feedback(site, service_id, items))
+        return len(self.insert_feedback(site, service_id, items, received_at=received_at))
 
     def insert_feedback(self, site: str, service_id: str, items: Sequence[FeedbackItem], *,
-                        keys: Sequence[str] | None = None) -> set[str]:
+                        keys: Sequence[str] | None = None,
+                        received_at: datetime | None = None) -> set[str]:
         """As `add_feedback`, returning the dedupe keys of the items actually inserted; `keys`:
         the items' `dedupe_key`s when the caller has them already."""
         self.recorder.flush()  # the cards this feedback is about are on record first
-        received_at = datetime.now(UTC)
+        if received_at is None:
+            received_at = datetime.now(UTC)
         rows: dict[str, dict[str, Any]] = {}
         if keys is None:
             keys = [item.dedupe_key(site, service_id) for item in items]
@@ -706,31 +719,6 @@ class Store:
             _overrides_stored_first(conn, rows)
         return len(rows)
 
-    def _overrides_stored_first(conn: Connection, issued: Sequence[dict[str, Any]]) -> None:
-        """`card_overrides` rows for overrides stored before the card they name was recorded.
-
-        Issued cards are written after the answer (and by whichever worker or host issued
-        them) while Epic's feedback lands anywhere: whichever of the two is stored second
-        records the override, so the order they reach the store in does not matter.
-        """
-        scopes: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-        for row in issued:
-            scopes.setdefault((row["site"], row["service_id"]), {})[row["card_uuid"]] = row
-        f = feedback_table.c
-        rows = []
-        for (site, service_id), cards in scopes.items():
-            found = conn.execute(sa.select(f.card, f.outcome_timestamp).where(
-                f.site == site, f.service_id == service_id, f.card.in_(sorted(cards)),
-                f.outcome == OVERRIDDEN)).all()
-            rows.extend({"time": when, "site": site, "service_id": service_id,
-                         "user_id": cards[uuid].get("user_id"),
-                         "patient_id": cards[uuid].get("patient_id"),
-                         "topic_code": cards[uuid].get("topic_code"),
-                         "indicator": cards[uuid].get("indicator"), "card_uuid": uuid}
-                        for uuid, when in found)
-        if rows:
-            conn.execute(sa.insert(overrides_table), rows)
-
     def recent_overrides(
         self,
         *,
@@ -742,7 +730,8 @@ class Store:
         since: datetime,
     ) -> dict[str, Override]:
         """The latest override per topic code in `topics` of a card issued by this site and
-        service to this user for this patient, with an outcome timestamp at or after `since`.
+        service to this user for this patient, with an override time (`_record_overrides`) at or
+        after `since`.
 
         Feedback is matched to issued cards by card uuid, site and service (`card_overrides`,
         written by whichever of the two is stored second); feedback for a card never recorded

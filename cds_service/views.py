@@ -10,14 +10,13 @@ import time
 from datetime import UTC, datetime
 
 from flask import Response, g, json, request
-from flask_smorest import Blueprint
 
 from cds_service import metrics, suppression
 from cds_service.audit import MAX_TEXT, AuditRecord, prefetch_key_sources
 from cds_service.cards import render_response
 from cds_service.errors import RequestInvalid, ServiceNotFound
 from cds_service.feedback import FeedbackRequestSchema
-from cds_service.http import require_json_body
+from cds_service.http import Blueprint, require_json_body
 from cds_service.prefetch import resolve_prefetch
 from cds_service.registry import HookRequest
 from cds_service.runtime import runtime
@@ -164,7 +163,8 @@ def invoke(body: dict, service_id: str):
 
 
 @blp.route("/cds-services/<service_id>/feedback", methods=["POST"])
-@blp.arguments(FeedbackRequestSchema(), location="json", error_status_code=400)
+@blp.arguments(FeedbackRequestSchema(clock=lambda: runtime().clock()), location="json",
+               error_status_code=400)
 @blp.response(200, FeedbackAckSchema)
 @blp.alt_response(400, description="Malformed feedback (OperationOutcome)")
 def feedback(items: list, service_id: str):
@@ -173,7 +173,8 @@ def feedback(items: list, service_id: str):
     g.audit.update(feedback_cards=tuple(item.card for item in items))
     store = runtime().store
     keys = [item.dedupe_key(site.id, service_id) for item in items]
-    new_keys = store.insert_feedback(site.id, service_id, items, keys=keys)
+    new_keys = store.insert_feedback(site.id, service_id, items, keys=keys,
+                                     received_at=runtime().clock())
     stored = len(new_keys)
     metrics.count_feedback(site.id, service_id,
                            [item for item, key in zip(items, keys, strict=True) if key in new_keys],

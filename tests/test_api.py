@@ -8,8 +8,11 @@ import uuid
 
 import pytest
 
+from cds_service.jsonlimit import MAX_DEPTH
 from cds_service.validator import validate_response
+from hooks import SERVICES
 from tests.conftest import example
+from tests.services import TEST_SERVICES
 
 PATIENT_VIEW = {
     "hook": "patient-view",
@@ -20,6 +23,14 @@ PATIENT_VIEW = {
 
 def post(client, path, body, **kwargs):
     return client.post(path, data=json.dumps(body), content_type="application/json", **kwargs)
+
+
+def nested(levels: int, leaf="leaf"):
+    """`leaf` inside `levels` levels of objects and arrays, alternately."""
+    value = leaf
+    for level in range(levels):
+        value = [value] if level % 2 else {"extension": value}
+    return value
 
 
 def walk(value, path="$"):
@@ -309,6 +320,37 @@ def test_malformed_json_is_400(client):
     response = client.post("/cds-services/echo", data='{"hook": "patient-view",',
                            content_type="application/json")
     assert_outcome(response, 400, "JSON")
+
+
+# Python's json raises RecursionError (not a ValueError) past ~1000 levels.
+NESTED_TOO_DEEP = {
+    "objects": '{"a":' * 100_000 + "1" + "}" * 100_000,
+    "arrays": "[" * 100_000 + "]" * 100_000,
+    "unterminated": "[" * 100_000,
+    "parseable": json.dumps({**PATIENT_VIEW, "prefetch": {"deep": nested(MAX_DEPTH - 1)}}),
+}
+
+
+@pytest.mark.parametrize("registry", ["test", "shipped"])
+def test_json_nested_too_deep_is_400_on_every_service_and_feedback(make_app, registry):
+    app = make_app(SERVICES=TEST_SERVICES if registry == "test" else SERVICES)
+    client = app.test_client()
+    service_ids = list(app.extensions["cds"].services)
+    assert service_ids
+    for service_id in service_ids:
+        for path in (f"/cds-services/{service_id}", f"/cds-services/{service_id}/feedback"):
+            for name, body in NESTED_TOO_DEEP.items():
+                response = client.post(path, data=body, content_type="application/json")
+                outcome = assert_outcome(response, 400, f"nested deeper than {MAX_DEPTH} levels")
+                assert outcome["issue"][0]["code"] == "too-long", (path, name)
+
+
+def test_json_nested_up_to_the_limit_is_processed(client):
+    # body > prefetch > "deep": the request itself holds two of the levels.
+    body = {**PATIENT_VIEW, "prefetch": {"deep": nested(MAX_DEPTH - 2)}}
+    response = post(client, "/cds-services/echo", body)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["cards"]
 
 
 def test_oversized_body_is_413_with_default_5_mb(client, make_app):

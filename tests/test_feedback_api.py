@@ -17,8 +17,9 @@ from cds_service.feedback import (
     EPIC_REASON_CATEGORY,
     EPIC_REASON_DISPLAY,
 )
+from cds_service.jsonlimit import MAX_DEPTH
 from tests.conftest import example, make_jwt
-from tests.test_api import assert_outcome, post
+from tests.test_api import assert_outcome, nested, post
 from tests.test_feedback_schema import EXAMPLE_CASES
 
 pytest_plugins = ["tests.storage_fixtures"]
@@ -40,6 +41,10 @@ EXAMPLES = {
     name: {k: list(v) if isinstance(v, tuple) else v for k, v in case.items()}
     for name, case in EXAMPLE_CASES.items()
 }
+
+
+def stamp(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
 
 
 def item(n: int = 0, **overrides) -> dict:
@@ -171,6 +176,8 @@ def test_batch_of_200_items(app, client):
         (1, item(1, outcome="dismissed"), "feedback[1].outcome"),
         (1, item(1, outcomeTimestamp=...), "feedback[1].outcomeTimestamp"),
         (1, item(1, outcomeTimestamp="2024-01-01T00:00:00"), "feedback[1].outcomeTimestamp"),
+        (1, item(1, outcomeTimestamp=stamp(datetime.now(UTC) + timedelta(days=365 * 73))),
+         "feedback[1].outcomeTimestamp"),
         (1, item(1, card=...), "feedback[1].card"),
         (1, item(1, card=123456), "feedback[1].card"),
         (1, item(1, acceptedSuggestions=[{"id": ""}]), "feedback[1].acceptedSuggestions[0].id"),
@@ -213,6 +220,40 @@ def test_invalid_json_is_400(app, client):
     response = client.post(URL, data='{"feedback": [', content_type="application/json")
     assert_outcome(response, 400, "JSON")
     assert rows(app) == []
+
+
+def test_outcome_timestamp_is_bounded_by_the_apps_clock_which_stamps_receipt(database_url,
+                                                                              make_app):
+    # The app's clock (CLOCK, which tests move), not the wall clock, is "now" for both.
+    then = datetime.now(UTC) - timedelta(days=1)
+    app = make_app(DATABASE_URL=database_url, CLOCK=lambda: then)
+    client = app.test_client()
+    ahead = item(0, outcomeTimestamp=stamp(then + timedelta(minutes=6)))
+    assert_outcome(post(client, URL, {"feedback": [ahead]}), 400,
+                   "feedback[0].outcomeTimestamp", "after this server's time")
+
+    assert_ack(post(client, URL, {"feedback": [item(1, outcomeTimestamp=stamp(then))]}), 1, 1)
+    [row] = rows(app)
+    assert row["received_at"] == then
+
+
+# body > feedback > [0] > overrideReasons > extension: five levels before the Epic extension's own.
+@pytest.mark.parametrize("body", [
+    "[" * 100_000 + "]" * 100_000,
+    json.dumps({"feedback": [item(overrideReasons={"extension": {"x": nested(MAX_DEPTH - 4)}})]}),
+], ids=["100k-levels", "limit+1"])
+def test_json_nested_too_deep_is_400_and_stores_nothing(app, client, body):
+    response = client.post(URL, data=body, content_type="application/json")
+    assert_outcome(response, 400, f"nested deeper than {MAX_DEPTH} levels")
+    assert rows(app) == []
+
+
+def test_extension_nested_up_to_the_limit_is_stored(app, client):
+    extension = {"x": nested(MAX_DEPTH - 5)}
+    assert_ack(post(client, URL, {"feedback": [item(overrideReasons={"extension": extension})]}),
+               1, 1)
+    [row] = rows(app)
+    assert row["override_extension"] == extension
 
 
 @pytest.mark.parametrize(

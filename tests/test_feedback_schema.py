@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from marshmallow import ValidationError
@@ -15,6 +15,7 @@ from cds_service.feedback import (
     EPIC_REASON_CATEGORY,
     EPIC_REASON_DISPLAY,
     EPIC_REASON_TITLE,
+    MAX_CLOCK_SKEW,
     FeedbackItem,
     FeedbackRequestSchema,
     parse_rfc3339,
@@ -415,6 +416,44 @@ def test_timestamps_normalized_to_utc(text, expected):
     assert loaded.outcome_timestamp == expected
     assert loaded.outcome_timestamp.tzinfo is UTC
     assert parse_rfc3339(text) == expected
+
+
+def rfc3339(when: datetime) -> str:
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize("ahead", [MAX_CLOCK_SKEW, -timedelta(days=3650)],
+                         ids=["skew-limit", "ten-years-late"])
+def test_timestamp_up_to_the_clock_skew_ahead_or_long_past_is_accepted(ahead):
+    now = datetime.now(UTC)
+    schema = FeedbackRequestSchema(clock=lambda: now)
+
+    [loaded] = schema.load({"feedback": [item(outcomeTimestamp=rfc3339(now + ahead))]})
+
+    assert loaded.outcome_timestamp == now + ahead
+
+
+@pytest.mark.parametrize("ahead", [MAX_CLOCK_SKEW + timedelta(microseconds=1),
+                                   timedelta(days=365 * 70)], ids=["past-skew", "seventy-years"])
+def test_timestamp_beyond_the_clock_skew_is_rejected_naming_the_field(ahead):
+    now = datetime.now(UTC)
+    schema = FeedbackRequestSchema(clock=lambda: now)
+    body = {"feedback": [item(), item(outcomeTimestamp=rfc3339(now + ahead))]}
+
+    with pytest.raises(ValidationError) as info:
+        schema.load(body)
+
+    assert list(info.value.messages["feedback"]) == [1]
+    [message] = messages_at(info.value.messages, ("feedback", 1, "outcomeTimestamp"))
+    assert "minutes after this server's time" in message
+
+
+def test_the_bound_follows_the_clock():
+    now = datetime.now(UTC)
+    body = {"feedback": [item(outcomeTimestamp=rfc3339(now + timedelta(hours=1)))]}
+    with pytest.raises(ValidationError):
+        FeedbackRequestSchema(clock=lambda: now).load(body)
+    assert FeedbackRequestSchema(clock=lambda: now + timedelta(hours=1)).load(body)
 
 
 def test_batch_of_500_items():

@@ -234,6 +234,7 @@ def test_unsatisfiable_template_sends_nothing(fhir_server, resolve):
         (json.dumps(operation_outcome("error")).encode(), "OperationOutcome"),
         (json.dumps({"resourceType": "Practitioner", "id": "123"}).encode(), "not a Patient"),
         (json.dumps(["Patient"]).encode(), "array"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than"),
     ],
 )
 def test_unusable_answer_is_412(fhir_server, resolve, body, why):

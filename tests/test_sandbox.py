@@ -18,6 +18,7 @@ import pytest
 from cds_service import create_app, sandbox
 from cds_service.errors import ConfigError
 from cds_service.invoke import load_bundle
+from cds_service.jsonlimit import MAX_DEPTH
 from hooks._medications import VALUE_SETS
 from tests.conftest import DEMO_ISS, DEMO_JWKS, ROOT
 
@@ -399,6 +400,17 @@ def test_malformed_json_and_wrong_content_type(demo):
     response = client.post("/sandbox/api/invoke", data={"service": "kidney-risk"})
     assert response.status_code == 415
     assert response.get_json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize("path", ["invoke", "medications", "feedback"])
+def test_json_nested_too_deep_is_a_400(demo, path):
+    _, client, transport = demo
+    response = client.post(f"/sandbox/api/{path}", data="[" * 100_000 + "]" * 100_000,
+                           content_type="application/json")
+    assert response.status_code == 400
+    [issue] = response.get_json()["issue"]
+    assert f"nested deeper than {MAX_DEPTH} levels" in issue["diagnostics"]
+    assert transport.calls == []
 
 
 def test_an_unreachable_server_is_a_502(demo):

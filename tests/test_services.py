@@ -265,6 +265,41 @@ def test_rate_limit_with_retry_after_0_is_retried(make_app, tmp_path, fhir_serve
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in fhir_server.requests)
 
 
+NESTED_100K = b"[" * 100_000 + b"]" * 100_000  # json.loads: RecursionError, not ValueError
+
+
+def test_fhir_answer_nested_too_deep_is_data_unavailable(make_app, tmp_path, fhir_server, caplog):
+    # `uacr` is optional for kidney-risk: unusable, it is missing data, as when the FHIR server
+    # fails; the card says so instead of the call failing.
+    client = loopback_client(make_app, tmp_path)
+    body = load(FETCH_SCENARIOS[0] / "request.json")
+    del body["prefetch"]["uacr"]
+    body["fhirServer"] = fhir_server.url
+    body["fhirAuthorization"]["access_token"] = TOKEN
+    fhir_server.add("Observation", status=500, times=1)
+    failed = post(client, "/cds-services/kidney-risk", body)
+    assert failed.status_code == 200, failed.get_json()
+    fhir_server.add("Observation", body=NESTED_100K)
+
+    response = post(client, "/cds-services/kidney-risk", body)
+
+    assert_matches_golden(response, without_volatile(failed.get_json()))
+    assert without_volatile(response.get_json()) != load(FETCH_SCENARIOS[0] / "expected.json")
+    assert [r.path for r in fhir_server.requests] == ["Observation", "Observation"]
+    assert "prefetch key 'uacr': FHIR server answered with JSON nested deeper than" in caplog.text
+
+
+def test_required_fhir_answer_nested_too_deep_is_412_naming_the_key(make_app, tmp_path,
+                                                                    fhir_server):
+    client = loopback_client(make_app, tmp_path)
+    body, _ = without_prefetch(FETCH_SCENARIOS[0], fhir_server)
+    fhir_server.add("Observation", body=NESTED_100K)
+
+    response = post(client, "/cds-services/kidney-risk", body)
+
+    assert_outcome(response, 412, "prefetch.egfr", "nested deeper than")
+
+
 @pytest.mark.parametrize("scenario", [
     DATA / "kidney-risk" / "creatinine-umol-l-calculated-egfr",
     DATA / "nephrotoxic-order-check" / "nsaid-creatinine-umol-l-string",

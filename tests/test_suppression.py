@@ -12,7 +12,7 @@ import pytest
 
 from cds_service.validator import validate_response
 from hooks import SERVICES
-from tests.test_api import post
+from tests.test_api import assert_outcome, post
 from tests.test_services import DATA, FROZEN_NOW, GOLDEN_SITE, assert_matches_golden, load
 
 pytest_plugins = ["tests.storage_fixtures"]
@@ -147,3 +147,36 @@ def test_suppression_fails_open_when_the_store_cannot_answer(make_client, monkey
     assert len(invoke(client, KIDNEY)["cards"]) == 1
     detail = app.extensions["cds"].store.list_audit(kind="invoke")[-1]["detail"]
     assert detail == "suppression skipped: feedback store unavailable"
+
+
+def test_an_outcome_timestamp_ahead_of_our_clock_does_not_stretch_the_window(make_client, clock):
+    _, client = make_client("alert_fatigue:\n  override_window_hours: 2\n")
+    card = invoke(client, KIDNEY)["cards"][0]
+    override(client, KIDNEY, card, clock.now + timedelta(minutes=4))  # within the clock skew
+    clock.now += timedelta(minutes=119)
+    assert invoke(client, KIDNEY)["cards"] == []
+    clock.now += timedelta(minutes=2)  # 2 h after we received it, though 2 h after its stamp
+    assert len(invoke(client, KIDNEY)["cards"]) == 1  # is 3 minutes away
+
+
+def test_feedback_delivered_late_does_not_restart_the_window(make_client, clock):
+    # Epic retrying feedback after an outage: the clinician overrode the card 90 minutes ago.
+    _, client = make_client("alert_fatigue:\n  override_window_hours: 2\n")
+    card = invoke(client, KIDNEY)["cards"][0]
+    override(client, KIDNEY, card, clock.now - timedelta(minutes=90))
+    clock.now += timedelta(minutes=29)
+    assert invoke(client, KIDNEY)["cards"] == []
+    clock.now += timedelta(minutes=2)
+    assert len(invoke(client, KIDNEY)["cards"]) == 1
+
+
+def test_an_outcome_timestamp_decades_ahead_is_400_and_silences_nothing(make_client, clock):
+    app, client = make_client()
+    card = invoke(client, KIDNEY)["cards"][0]
+    response = post(client, "/cds-services/kidney-risk/feedback", {"feedback": [{
+        "card": card["uuid"], "outcome": "overridden",
+        "outcomeTimestamp": (clock.now + timedelta(days=365 * 73)).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")}]})
+    assert_outcome(response, 400, "feedback[0].outcomeTimestamp", "after this server's time")
+    assert app.extensions["cds"].store.list_feedback() == []
+    assert len(invoke(client, KIDNEY)["cards"]) == 1

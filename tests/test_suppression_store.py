@@ -321,3 +321,25 @@ def test_an_override_stored_before_its_card_is_recorded_still_counts(store):
         "T1": Override("T1", NOW - timedelta(minutes=5), "warning", "c1")}
     store.add_issued_cards([issued("c2")])  # a later card of the same topic adds nothing
     assert list(overrides(store, topics=("T1",)).values())[0].card_uuid == "c1"
+
+
+# The suppression window starts at the outcome timestamp, at the latest when we received the
+# feedback: the EHR's clock can neither push it later nor, by delivering late, restart it.
+@pytest.mark.parametrize(("stamped", "starts"), [
+    (NOW + timedelta(minutes=4), NOW),                    # ahead of our clock, within the skew
+    (NOW - timedelta(hours=3), NOW - timedelta(hours=3)),  # delivered three hours late
+    (NOW, NOW),
+], ids=["ahead", "late", "on-time"])
+@pytest.mark.parametrize("card_first", [True, False], ids=["card-first", "feedback-first"])
+def test_override_time_is_the_outcome_timestamp_at_the_latest_its_receipt(store, stamped, starts,
+                                                                          card_first):
+    if card_first:
+        store.add_issued_cards([issued("c1")])
+    store.add_feedback("site-a", "svc", [item("c1", stamped)], received_at=NOW)
+    if not card_first:
+        store.add_issued_cards([issued("c1")])
+
+    assert overrides(store, since=NOW - timedelta(days=1)) == {
+        "T1": Override("T1", starts, "warning", "c1")}
+    [row] = store.list_feedback()
+    assert (row["outcome_timestamp"], row["received_at"]) == (stamped, NOW)

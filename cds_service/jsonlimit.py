@@ -1,0 +1,52 @@
+"""JSON from outside (request bodies, FHIR server answers) with a nesting limit.
+
+Python's json module recurses once per nesting level: a body such as `[` * 100000 raises
+RecursionError, not a ValueError, and one nested a little less than the interpreter's recursion
+limit parses but can exhaust the stack later, in whatever walks it next (validation, json.dumps
+for a log line). `loads` answers `JsonTooDeep` for both, right after parsing, so nothing further
+down ever sees such a value.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# Objects and arrays, counted from the outermost. The deepest JSON this service expects is a
+# CDS Hooks request whose prefetch Bundle carries a resource with extensions on a coding, about
+# 15 levels (request > prefetch > Bundle > entry > [] > resource > code > coding > [] > extension
+# > [] > ...); 100 leaves room for FHIR's deepest shapes (nested Questionnaire items, extensions on
+# extensions) and stays far below the ~1000 levels at which Python runs out of stack.
+MAX_DEPTH = 100
+
+
+class JsonTooDeep(Exception):
+    """JSON nested deeper than `MAX_DEPTH` objects and arrays."""
+
+    def __init__(self, limit: int = MAX_DEPTH):
+        super().__init__(f"JSON nested deeper than {limit} levels")
+        self.limit = limit
+
+
+def loads(data: str | bytes, *, limit: int = MAX_DEPTH, **kwargs: Any) -> Any:
+    """`json.loads`, raising `JsonTooDeep` for a value nested deeper than `limit`."""
+    try:
+        value = json.loads(data, **kwargs)
+    except RecursionError:
+        raise JsonTooDeep(limit) from None
+    if too_deep(value, limit):
+        raise JsonTooDeep(limit)
+    return value
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when `value` nests objects and arrays more than `limit` deep. Level by level, without
+    recursion; about as long as json.loads took to build the value."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(limit):
+        level = [child for node in level
+                 for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
