@@ -1,4 +1,5 @@
-"""`cds-service` command line. Operators script against it: keep options and names stable.
+"""`cds-service`: the command operators run. They script against it: keep options and names
+stable (the parser's description below is what they read in `--help`).
 
     cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH]
     cds-service check-config [--site-config PATH]
@@ -196,23 +197,36 @@ def _models_command(func):
     return run
 
 
+DESCRIPTION = ("CDS Hooks decision-support service for Epic: serve it, check and "
+               "call it, read its audit log, manage its models.")
+EPILOG = ("Settings not given as options come from CDS_* environment variables (CDS_SITE_CONFIG, "
+          "CDS_DATABASE_URL, ...; site_config/README.md). Runbooks: docs/operations.md.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cds-service", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="cds-service", description=DESCRIPTION, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
 
     def site_config_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--site-config", metavar="PATH",
                        help="site YAML file or directory (default: $CDS_SITE_CONFIG)")
 
-    serve = sub.add_parser("serve", help="run the service under gunicorn")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=2)
+    serve = sub.add_parser("serve", help="run the service under gunicorn",
+                           description="Run the service under gunicorn until stopped (SIGTERM).")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1; 0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--workers", type=int, default=2,
+                       help="worker processes, about one per core (default: 2)")
     serve.add_argument("--threads", type=int, default=4,
-                       help="threads per worker (a slow FHIR fallback does not block others)")
+                       help="threads per worker (default: 4; a slow FHIR fallback does not "
+                            "block others)")
     serve.add_argument("--max-requests", type=int, default=10000,
-                       help="recycle a worker after this many requests, with jitter (0: never)")
-    serve.add_argument("--access-log", action="store_true", help="gunicorn access log")
+                       help="recycle a worker after this many requests, with jitter "
+                            "(default: 10000; 0: never)")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log one line per request (gunicorn's access log; off by default)")
     serve.add_argument("--log-format", choices=("json", "text"),
                        default=os.environ.get("CDS_LOG_FORMAT", "json"),
                        help="one JSON object per line (default; CDS_LOG_FORMAT) or plain text")
@@ -263,8 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = models_sub.add_parser("generate-cohort",
                                 help="write the synthetic cohort as Bulk Data NDJSON + labels")
     gen.add_argument("--out", required=True, help="output directory")
-    gen.add_argument("--patients", type=int, default=4000)
-    gen.add_argument("--seed", type=int, default=20261121)
+    gen.add_argument("--patients", type=int, default=4000,
+                     help="how many patients (default: 4000)")
+    gen.add_argument("--seed", type=int, default=20261121,
+                     help="random seed: the same seed writes the same cohort")
     gen.set_defaults(func=_models_command(_models_generate_cohort))
     tr = models_sub.add_parser("train", help="train, evaluate and export a model directory")
     tr.add_argument("--ndjson", required=True, help="directory of *.ndjson (Bulk Data export)")
@@ -274,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_models_command(_models_train))
     ev = models_sub.add_parser("evaluate", help="metrics of a model on a labelled cohort")
     ev.add_argument("model", help="model directory")
-    ev.add_argument("--ndjson", required=True)
-    ev.add_argument("--labels", required=True)
+    ev.add_argument("--ndjson", required=True, help="directory of *.ndjson (Bulk Data export)")
+    ev.add_argument("--labels", required=True, help="CSV: patient_id,index_date,label")
     ev.set_defaults(func=_models_command(_models_evaluate))
     va = models_sub.add_parser("validate", help="check manifest, artifact, sha256 and a smoke "
                                "prediction, as a worker does at start-up")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import subprocess
 
+import pytest
+
+from cds_service.cli import build_parser, main
 from tests.conftest import ROOT
 
 
@@ -26,3 +31,44 @@ def test_make_run_defaults_and_variables_reach_the_serve_command():
     # A HOST or PORT the shell exports (zsh, PaaS) does not move the service.
     assert "serve --host 127.0.0.1 --port 8000 --workers 2" in make_run(
         env={"HOST": "build-box", "PORT": "80"})
+
+
+def all_parsers(parser: argparse.ArgumentParser, name: str = "cds-service"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command, sub in action.choices.items():
+                yield from all_parsers(sub, f"{name} {command}")
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    undocumented = [f"{name} {action.option_strings or action.dest}"
+                    for name, parser in all_parsers(build_parser())
+                    for action in parser._actions
+                    if not isinstance(action, argparse._SubParsersAction)
+                    and action.help in (None, "", argparse.SUPPRESS)]
+    assert undocumented == []
+
+
+def test_serve_help_describes_each_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    options = text.split("options:\n", 1)[1].split("\n\n")[0]
+    # "  --option METAVAR  help…": the help on the same line, or on the next, deeper ones.
+    described = {}
+    for entry in re.split(r"\n(?=  -)", options):
+        first, *more = entry.strip().splitlines()
+        invocation, _, help_text = first.partition("  ")
+        described[invocation.split()[0].rstrip(",")] = " ".join([help_text, *more]).strip()
+    assert set(described) >= {"--host", "--port", "--workers", "--threads", "--max-requests",
+                              "--access-log", "--log-format", "--site-config"}
+    assert [option for option, help_text in described.items() if not help_text] == []
+
+
+def test_top_level_help_speaks_to_operators(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "keep options and names stable" not in text
+    assert "CDS_SITE_CONFIG" in text and "docs/operations.md" in text
