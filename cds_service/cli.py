@@ -57,7 +57,14 @@ def _invoke(args: argparse.Namespace) -> int:
     from hooks import SERVICES
 
     try:
-        sites = load_sites(os.environ.get("CDS_SITE_CONFIG"), index_services(SERVICES))
+        path = os.environ.get("CDS_SITE_CONFIG")
+        sites = load_sites(path, index_services(SERVICES))
+        if args.site and args.site not in sites:
+            raise InvokeError(f"--site: no site {args.site!r} in "
+                              f"{path or 'the built-in defaults'} (configured: {', '.join(sites)})")
+        if not args.site and not os.environ.get("CDS_DEFAULT_SITE") and len(sites) > 1:
+            raise InvokeError(f"--site: {len(sites)} sites are configured ({', '.join(sites)}); "
+                              "name the one whose development key signs")
         site = choose_default_site(sites, args.site or os.environ.get("CDS_DEFAULT_SITE"))
         body = build_request(site, args.service, load_bundle(args.bundle), hook=args.hook,
                              selections=args.select)

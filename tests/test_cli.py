@@ -72,3 +72,24 @@ def test_top_level_help_speaks_to_operators(capsys):
     text = capsys.readouterr().out
     assert "keep options and names stable" not in text
     assert "CDS_SITE_CONFIG" in text and "docs/operations.md" in text
+
+
+def test_invoke_names_the_site_option_when_the_site_is_not_configured(tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.delenv("CDS_DEFAULT_SITE", raising=False)
+    monkeypatch.setenv("CDS_SITE_CONFIG", "")  # restored after main() sets it
+    bundle = str(ROOT / "examples" / "bundles" / "ckd-patient-nsaid.json")
+    code = main(["invoke", "kidney-risk", "--bundle", bundle, "--site", "nowhere",
+                 "--site-config", str(ROOT / "site_config")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("invoke: --site: no site 'nowhere' in ")
+    assert "(configured: demo-hospital)" in error and "DEFAULT_SITE" not in error
+
+    # Two sites and no --site: which one signs is the caller's choice, said in the same terms.
+    for name in ("north", "south"):
+        (tmp_path / f"{name}.yaml").write_text(f"site: {name}\n", encoding="utf-8")
+    assert main(["invoke", "kidney-risk", "--bundle", bundle, "--site-config",
+                 str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("invoke: --site: 2 sites are configured (north, south)")
