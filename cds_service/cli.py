@@ -1,7 +1,8 @@
 """`cds-service`: the command operators run. They script against it: keep options and names
 stable (the parser's description below is what they read in `--help`).
 
-    cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH]
+    cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH] [--pidfile PATH]
+    cds-service reload [--pidfile PATH] [--timeout S]
     cds-service check-config [--site-config PATH]
     cds-service invoke SERVICE --bundle FILE [--url URL] [--hook HOOK] [--select Type/id]...
     cds-service site check SITE [--fhir-base URL] [--site-config PATH] [--timeout S] [--json]
@@ -23,12 +24,33 @@ from pathlib import Path
 
 from cds_service.errors import ConfigError
 
+# The gunicorn master's pid, relative to the working directory as the default SQLite store is.
+PIDFILE = "var/cds-service.pid"
+
 
 def _serve(args: argparse.Namespace) -> int:
     from cds_service import logs, serving
 
     logs.configure(fmt=args.log_format)
     return serving.run(args, logs.logconfig(args.log_format, access_log=args.access_log))
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from cds_service.serving import ReloadError, request_reload
+
+    try:
+        status = request_reload(args.pidfile, timeout=args.timeout)
+    except ReloadError as exc:
+        print(f"reload: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    if status["outcome"] != "reloaded":
+        print(f"reload refused: {status.get('error', status['outcome'])}\n"  # noqa: T201
+              "The running workers keep serving the previous configuration.", file=sys.stderr)
+        return 1
+    print(f"reloaded (master pid {status['pid']}): sites {', '.join(status['sites'])}; "  # noqa: T201
+          f"models {', '.join(status['models']) or 'none'}; "
+          f"workers {', '.join(map(str, status['workers']))}")
+    return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -204,7 +226,7 @@ def _models_command(func):
     return run
 
 
-DESCRIPTION = ("CDS Hooks decision-support service for Epic: serve it, check and "
+DESCRIPTION = ("CDS Hooks decision-support service for Epic: serve and reload it, check and "
                "call it, read its audit log, manage its models.")
 EPILOG = ("Settings not given as options come from CDS_* environment variables (CDS_SITE_CONFIG, "
           "CDS_DATABASE_URL, ...; site_config/README.md). Runbooks: docs/operations.md.")
@@ -237,8 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=("json", "text"),
                        default=os.environ.get("CDS_LOG_FORMAT", "json"),
                        help="one JSON object per line (default; CDS_LOG_FORMAT) or plain text")
+    serve.add_argument("--pidfile", metavar="PATH", default=PIDFILE,
+                       help=f"where the master writes its pid, for `cds-service reload` "
+                            f"(default: {PIDFILE})")
     site_config_option(serve)
     serve.set_defaults(func=_serve)
+
+    reload = sub.add_parser(
+        "reload", help="load changed site files and models into the running service",
+        description="Signal the running service (SIGHUP to the master in --pidfile) to load and "
+                    "validate its configuration and replace its workers; report whether it did. "
+                    "Exit 1 when the configuration is refused (the running workers keep serving),"
+                    " 2 when the service cannot be reached.")
+    reload.add_argument("--pidfile", metavar="PATH", default=PIDFILE,
+                        help=f"the pidfile `serve` wrote (default: {PIDFILE})")
+    reload.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                        help="seconds to wait for the outcome (default: 60; the old workers get "
+                             "30 to finish their calls)")
+    reload.set_defaults(func=_reload)
 
     check = sub.add_parser("check-config", help="validate the site configuration and print it")
     site_config_option(check)
