@@ -6,6 +6,8 @@ stable (the parser's description below is what they read in `--help`).
     cds-service check-config [--site-config PATH]
     cds-service invoke SERVICE --bundle FILE [--url URL] [--hook HOOK] [--select Type/id]...
     cds-service site check SITE [--fhir-base URL] [--site-config PATH] [--timeout S] [--json]
+    cds-service audit show [--patient ID] [--user ID] [--hook-instance ID] [--since T] [--until T]
+                           [--outcome TEXT] [--format jsonl|table] ...
     cds-service audit purge [--older-than-days N]
     cds-service models generate-cohort --out DIR [--patients N] [--seed S]
     cds-service models train --ndjson DIR --labels CSV --spec YAML --out models/ID
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cds_service.errors import ConfigError
@@ -127,22 +131,70 @@ def _site_check(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-def _audit_purge(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime, timedelta
+def _store_command(func):
+    """Commands on the store named by CDS_DATABASE_URL: an unreachable or misnamed database is
+    said plainly, exit 2."""
 
-    from cds_service.config import DEFAULTS
-    from cds_service.store import Store
+    def run(args: argparse.Namespace) -> int:
+        from cds_service.app import resolve_config
+        from cds_service.store import Store, StoreUnavailable
 
-    app_config = dict(DEFAULTS)
-    for key in ("DATABASE_URL", "AUDIT_RETENTION_DAYS"):
-        if f"CDS_{key}" in os.environ:
-            app_config[key] = os.environ[f"CDS_{key}"]
-    days = args.older_than_days or int(app_config["AUDIT_RETENTION_DAYS"])
+        config = resolve_config()
+        try:
+            with Store(config["DATABASE_URL"]) as store:
+                return func(args, store, config)
+        except (ConfigError, StoreUnavailable) as exc:
+            print(f"{args.command}: {exc}", file=sys.stderr)  # noqa: T201
+            return 2
+
+    return run
+
+
+def _audit_purge(args: argparse.Namespace, store, config) -> int:
+    days = args.older_than_days or int(config["AUDIT_RETENTION_DAYS"])
     cutoff = datetime.now(UTC) - timedelta(days=days)
-    with Store(app_config["DATABASE_URL"]) as store:
-        removed = store.purge_audit(cutoff)
+    removed = store.purge_audit(cutoff)
     print(f"removed {removed} audit records older than {cutoff:%Y-%m-%d} ({days} days)")  # noqa: T201
     return 0
+
+
+def _audit_show(args: argparse.Namespace, store, config) -> int:
+    from cds_service.audit import review_json, review_table
+
+    if args.since and args.until and args.since >= args.until:
+        print("audit: --since must be before --until", file=sys.stderr)  # noqa: T201
+        return 2
+    filters = {column: value for column, value in (
+        ("patient_id", args.patient), ("user_id", args.user), ("hook_instance", args.hook_instance),
+        ("site", args.site), ("service_id", args.service), ("kind", args.kind),
+        ("status", args.status)) if value is not None}
+    rows = store.iter_audit(since=args.since, until=args.until, limit=args.limit,
+                            outcome_contains=args.outcome, **filters)
+    if args.format == "table":
+        print(review_table(list(rows)))  # noqa: T201
+    else:
+        for row in rows:
+            print(review_json(row))  # noqa: T201
+    return 0
+
+
+_AGE = re.compile(r"(\d+)([mhd])")
+_AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+
+
+def _moment(text: str) -> datetime:
+    """--since / --until: an ISO 8601 date or time (UTC unless it names an offset), or an age
+    back from now (30m, 12h, 7d)."""
+    age = _AGE.fullmatch(text.strip())
+    if age:
+        return datetime.now(UTC) - timedelta(**{_AGE_UNITS[age[2]]: int(age[1])})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO 8601 date or time (2026-03-01, 2026-03-01T08:00Z) nor "
+            "an age (30m, 12h, 7d)") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _models_generate_cohort(args: argparse.Namespace) -> int:
@@ -310,12 +362,36 @@ def build_parser() -> argparse.ArgumentParser:
     site_config_option(site_check)
     site_check.set_defaults(func=_site_check)
 
-    audit = sub.add_parser("audit", help="audit log maintenance")
+    audit = sub.add_parser("audit", help="read and purge the audit log (CDS_DATABASE_URL)")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    show = audit_sub.add_parser(
+        "show", help="audit records matching every filter given, oldest first",
+        description="Audit records (who accessed which patient's data, when, through what, with "
+                    "what result) matching every filter given, oldest first: one JSON object "
+                    "per line, or a table.")
+    show.add_argument("--patient", metavar="ID", help="patient id, as Epic sends it in context")
+    show.add_argument("--user", metavar="ID", help="user id, e.g. PractitionerRole/123")
+    show.add_argument("--hook-instance", metavar="UUID", help="one call's hookInstance")
+    show.add_argument("--site", metavar="SITE", help="site id")
+    show.add_argument("--service", metavar="ID", help="service id, e.g. kidney-risk")
+    show.add_argument("--kind", choices=("invoke", "feedback"), help="kind of call")
+    show.add_argument("--status", type=int, metavar="CODE", help="HTTP status, e.g. 401")
+    show.add_argument("--outcome", metavar="TEXT",
+                      help="part of the outcome text, e.g. suppressed, cards=0, 412")
+    show.add_argument("--since", type=_moment, metavar="WHEN",
+                      help="from this time on (inclusive): ISO 8601 (UTC unless an offset is "
+                           "given) or an age back from now such as 7d, 12h, 30m")
+    show.add_argument("--until", type=_moment, metavar="WHEN",
+                      help="before this time (exclusive), same forms as --since")
+    show.add_argument("--limit", type=int, metavar="N", help="at most N records")
+    show.add_argument("--format", choices=("jsonl", "table"), default="jsonl",
+                      help="jsonl: every field, one JSON object per line (default); table: the "
+                           "main columns, aligned")
+    show.set_defaults(func=_store_command(_audit_show))
     purge = audit_sub.add_parser("purge", help="delete audit records past the retention period")
     purge.add_argument("--older-than-days", type=int,
                        help="retention in days (default: $CDS_AUDIT_RETENTION_DAYS or 2190)")
-    purge.set_defaults(func=_audit_purge)
+    purge.set_defaults(func=_store_command(_audit_purge))
 
     models = sub.add_parser("models", help="train, evaluate, validate and explain models")
     models_sub = models.add_subparsers(dest="models_command", required=True)

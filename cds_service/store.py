@@ -768,13 +768,28 @@ class Store:
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int | None = None,
+        outcome_contains: str | None = None,
         **filters: str | int,
     ) -> list[dict[str, Any]]:
         """Audit rows in time order (then id), as dicts of the `AuditRecord` fields plus `id`.
 
-        `since` is inclusive, `until` exclusive; `filters` match columns exactly, e.g.
+        `since` is inclusive, `until` exclusive; `outcome_contains` matches part of the outcome
+        text (`suppressed`, `cards=0`); `filters` match columns exactly, e.g.
         `list_audit(patient_id="p1", kind="invoke", since=start)`. Tuple fields come back as tuples.
         """
+        return list(self.iter_audit(since=since, until=until, limit=limit,
+                                    outcome_contains=outcome_contains, **filters))
+
+    def iter_audit(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+        outcome_contains: str | None = None,
+        **filters: str | int,
+    ) -> Iterator[dict[str, Any]]:
+        """`list_audit`, streamed in batches: an access review may read years of the log."""
         self.recorder.flush()
         unknown = sorted(set(filters) - set(_AUDIT_FILTER_COLUMNS))
         if unknown:
@@ -787,13 +802,15 @@ class Store:
             query = query.where(table.c.time >= since)
         if until is not None:
             query = query.where(table.c.time < until)
+        if outcome_contains is not None:
+            query = query.where(table.c.outcome.contains(outcome_contains, autoescape=True))
         self._ensure_schema()
         with self._unavailable_on_error(), self._engine.connect() as conn:
-            rows = [dict(row) for row in conn.execute(query).mappings()]
-        for row in rows:
-            for name in TUPLE_FIELDS:
-                row[name] = tuple(row[name])
-        return rows
+            for row in conn.execution_options(yield_per=1000).execute(query).mappings():
+                record = dict(row)
+                for name in TUPLE_FIELDS:
+                    record[name] = tuple(record[name])
+                yield record
 
     def purge_audit(self, older_than: datetime) -> int:
         """Delete audit rows with `time` before `older_than` (the retention cutoff); return count.
