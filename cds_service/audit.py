@@ -17,9 +17,8 @@ token or a resource): callers still pass identifiers only.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
@@ -200,28 +199,3 @@ AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
 REVIEW_COLUMNS = ("time", "kind", "status", "site", "user_id", "patient_id", "hook",
                   "hook_instance", "service_id", "outcome")
 
-
-def _plain(value: object) -> object:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return list(value) if isinstance(value, tuple) else value
-
-
-def review_json(row: Mapping[str, object]) -> str:
-    """One stored audit row as a JSON line: every field, times ISO 8601 UTC."""
-    return json.dumps({name: _plain(value) for name, value in row.items()}, ensure_ascii=False)
-
-
-def review_table(rows: Sequence[Mapping[str, object]]) -> str:
-    """Stored audit rows as an aligned text table of `REVIEW_COLUMNS` (times to the second)."""
-
-    def cell(row: Mapping[str, object], name: str) -> str:
-        value = row.get(name)
-        if isinstance(value, datetime):
-            return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return "-" if value is None else str(value)
-
-    lines = [list(REVIEW_COLUMNS), *([cell(row, name) for name in REVIEW_COLUMNS] for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(REVIEW_COLUMNS))]
-    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True))
-                     .rstrip() for line in lines)

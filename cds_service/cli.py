@@ -9,6 +9,7 @@ stable (the parser's description below is what they read in `--help`).
     cds-service audit show [--patient ID] [--user ID] [--hook-instance ID] [--since T] [--until T]
                            [--outcome TEXT] [--format jsonl|table] ...
     cds-service audit purge [--older-than-days N]
+    cds-service suppressions list|clear [--site S] [--service ID] [--patient ID] [--user ID] [--all]
     cds-service models generate-cohort --out DIR [--patients N] [--seed S]
     cds-service models train --ndjson DIR --labels CSV --spec YAML --out models/ID
     cds-service models evaluate models/ID --ndjson DIR --labels CSV
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -105,7 +107,7 @@ def _invoke(args: argparse.Namespace) -> int:
     if args.json or response.status_code != 200:
         print(json.dumps(answer, indent=2))  # noqa: T201
     else:
-        print(format_cards(answer))  # noqa: T201
+        print(format_cards(answer, body["context"]))  # noqa: T201
     return 0 if response.status_code == 200 else 1
 
 
@@ -158,8 +160,34 @@ def _audit_purge(args: argparse.Namespace, store, config) -> int:
     return 0
 
 
+def _plain(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _print_rows(rows, columns: Sequence[str], output: str) -> None:
+    """Stored rows as JSON lines (every field, times ISO 8601 UTC) or as an aligned table of
+    `columns` (times to the second)."""
+    if output == "jsonl":
+        for row in rows:
+            print(json.dumps({k: _plain(v) for k, v in row.items()}, ensure_ascii=False))  # noqa: T201
+        return
+
+    def cell(value: object) -> str:
+        if isinstance(value, datetime):
+            return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return "-" if value is None else str(value)
+
+    lines = [list(columns), *([cell(row.get(name)) for name in columns] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    for line in lines:
+        print("  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True))  # noqa: T201
+              .rstrip())
+
+
 def _audit_show(args: argparse.Namespace, store, config) -> int:
-    from cds_service.audit import review_json, review_table
+    from cds_service.audit import REVIEW_COLUMNS
 
     if args.since and args.until and args.since >= args.until:
         print("audit: --since must be before --until", file=sys.stderr)  # noqa: T201
@@ -170,11 +198,39 @@ def _audit_show(args: argparse.Namespace, store, config) -> int:
         ("status", args.status)) if value is not None}
     rows = store.iter_audit(since=args.since, until=args.until, limit=args.limit,
                             outcome_contains=args.outcome, **filters)
-    if args.format == "table":
-        print(review_table(list(rows)))  # noqa: T201
-    else:
-        for row in rows:
-            print(review_json(row))  # noqa: T201
+    _print_rows(rows, REVIEW_COLUMNS, args.format)
+    return 0
+
+
+# What an operator reads of a suppression: whose, which topic, since and until when.
+SUPPRESSION_COLUMNS = ("time", "expires", "site", "service_id", "user_id", "patient_id",
+                       "topic_code", "indicator", "card_uuid")
+
+
+def _suppressions(args: argparse.Namespace, store, config) -> int:
+    from cds_service.config import load_sites
+    from cds_service.registry import index_services
+    from cds_service.suppression import active_overrides
+    from hooks import SERVICES
+
+    filters = {column: value for column, value in (
+        ("site", args.site), ("service_id", args.service), ("patient_id", args.patient),
+        ("user_id", args.user)) if value is not None}
+    if args.suppressions_command == "clear" and not filters and not args.all:
+        print("suppressions clear: name whose with --site, --service, --patient or --user, "  # noqa: T201
+              "or give --all", file=sys.stderr)
+        return 2
+    sites = load_sites(config["SITE_CONFIG"], index_services(SERVICES))
+    windows = {site.id: site.override_window for site in sites.values()}
+    active = active_overrides(store, windows, now=datetime.now(UTC), **filters)
+    if args.suppressions_command == "list":
+        if active or args.format == "jsonl":
+            _print_rows(active, SUPPRESSION_COLUMNS, args.format)
+        else:
+            print("no suppressions in force", file=sys.stderr)  # noqa: T201
+        return 0
+    removed = store.delete_overrides([row["id"] for row in active])
+    print(f"cleared {removed} suppression(s)")  # noqa: T201
     return 0
 
 
@@ -279,7 +335,7 @@ def _models_command(func):
 
 
 DESCRIPTION = ("CDS Hooks decision-support service for Epic: serve and reload it, check and "
-               "call it, read its audit log, manage its models.")
+               "call it, read its audit log and suppressions, manage its models.")
 EPILOG = ("Settings not given as options come from CDS_* environment variables (CDS_SITE_CONFIG, "
           "CDS_DATABASE_URL, ...; site_config/README.md). Runbooks: docs/operations.md.")
 
@@ -392,6 +448,29 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--older-than-days", type=int,
                        help="retention in days (default: $CDS_AUDIT_RETENTION_DAYS or 2190)")
     purge.set_defaults(func=_store_command(_audit_purge))
+
+    suppressions = sub.add_parser(
+        "suppressions", help="cards withheld because the same clinician overrode them",
+        description="Alert-fatigue suppressions in force: a card a clinician overrode is not "
+                    "shown to them again for that patient until the site's window "
+                    "(alert_fatigue.override_window_hours) ends. `clear` ends them now; the "
+                    "feedback that caused them stays on record.")
+    suppressions_sub = suppressions.add_subparsers(dest="suppressions_command", required=True)
+    for name, text in (("list", "suppressions in force, with when each expires"),
+                       ("clear", "end the suppressions matching the filters now; say how many")):
+        command = suppressions_sub.add_parser(name, help=text)
+        command.add_argument("--site", metavar="SITE", help="site id")
+        command.add_argument("--service", metavar="ID", help="service id, e.g. kidney-risk")
+        command.add_argument("--patient", metavar="ID", help="patient id, as Epic sends it")
+        command.add_argument("--user", metavar="ID", help="user id, e.g. PractitionerRole/123")
+        if name == "list":
+            command.add_argument("--format", choices=("table", "jsonl"), default="table",
+                                 help="table (default) or one JSON object per line")
+        else:
+            command.add_argument("--all", action="store_true",
+                                 help="every suppression, when no filter is given")
+        site_config_option(command)
+        command.set_defaults(func=_store_command(_suppressions))
 
     models = sub.add_parser("models", help="train, evaluate, validate and explain models")
     models_sub = models.add_subparsers(dest="models_command", required=True)

@@ -762,6 +762,34 @@ class Store:
             latest.setdefault(topic_code, Override(topic_code, when, indicator, card_uuid))
         return latest
 
+    def list_overrides(self, *, since: datetime, site: str | None = None,
+                       service_id: str | None = None, user_id: str | None = None,
+                       patient_id: str | None = None) -> list[dict[str, Any]]:
+        """`card_overrides` rows (each with its `id`) from `since` on, oldest first, matching
+        every filter given: the overrides suppression may still act on."""
+        if since.utcoffset() is None:
+            raise ValueError("list_overrides: since must be a timezone-aware datetime")
+        self.recorder.flush()
+        o = overrides_table.c
+        query = sa.select(overrides_table).where(o.time >= since).order_by(o.time, o.id)
+        for column, value in (("site", site), ("service_id", service_id), ("user_id", user_id),
+                              ("patient_id", patient_id)):
+            if value is not None:
+                query = query.where(o[column] == value)
+        self._ensure_schema()
+        with self._unavailable_on_error(), self._engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    def delete_overrides(self, ids: Collection[int]) -> int:
+        """Delete `card_overrides` rows by id, so they suppress nothing; return how many. The
+        feedback they came from stays: it is the record of what the clinician did."""
+        if not ids:
+            return 0
+        self._ensure_schema()
+        stmt = sa.delete(overrides_table).where(overrides_table.c.id.in_(sorted(ids)))
+        with self._unavailable_on_error(), self._write() as conn:
+            return conn.execute(stmt).rowcount
+
     def list_audit(
         self,
         *,

@@ -165,6 +165,7 @@ VALID = {
             "resource": {"resourceType": "ServiceRequest", "id": "o1"},
         }
     ],
+    "extension": {"org.example.cds.withheld-cards": [{"summary": "Reduce the dose"}]},
 }
 CARD = "cards[0]"
 
@@ -269,6 +270,8 @@ SPEC_DEFECTS = [
     ("cards", ..., "cards: missing"),
     ("cards", {}, "cards: must be an array"),
     ("cards.0", "card", f"{CARD}: must be a JSON object"),
+    ("extension", [], "extension: must be a JSON object (rule 137)"),
+    ("extension", {"withheld": 1}, "extension.withheld: not a reverse-domain name (rule 138)"),
 ]
 
 
