@@ -222,9 +222,14 @@ def running_master(pidfile: str | Path) -> tuple[int, dict]:
         raise ReloadError(f"stale pidfile {pidfile}: no process {pid} (the service stopped "
                           "without removing it; remove the file)")
     # A pidfile left by a crash can name a pid the system has since given to another process,
-    # which SIGHUP would terminate: only a master that wrote its status is signalled.
+    # which SIGHUP would terminate: only a master that wrote its status is signalled, and on
+    # Linux only a process whose command line (or gunicorn's title) names cds-service.
     status = _read_status(pidfile)
-    if status is None or status.get("pid") != pid:
+    try:
+        ours = b"cds-service" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        ours = True  # no /proc (macOS): the status file is the check
+    if status is None or status.get("pid") != pid or not ours:
         raise ReloadError(f"process {pid} named by {pidfile} has written no reload status to "
                           f"{reload_status_path(pidfile)}: still starting, or not a cds-service "
                           "master (a stale pidfile)")

@@ -303,6 +303,10 @@ def test_reload_never_signals_a_process_a_stale_pidfile_names(tmp_path):
         assert done.returncode == 2
         assert f"process {bystander.pid} named by {pidfile} has written no reload status" in \
             done.stderr
+        # Even beside a status file naming that pid (both left by a crash): not cds-service.
+        (tmp_path / "gone.reload.json").write_text(
+            json.dumps({"pid": bystander.pid, "generation": 0}))
+        assert reload(tmp_path, "--pidfile", str(pidfile)).returncode == 2
         assert bystander.poll() is None
     finally:
         bystander.kill()
