@@ -98,7 +98,6 @@ class Server(BaseApplication):
         settings = {
             **SETTINGS,
             "bind": f"{self.args.host}:{self.args.port}",
-            "pidfile": str(Path(self.args.pidfile).absolute()),
             "workers": self.args.workers,
             "threads": self.args.threads,
             "max_requests": self.args.max_requests,
@@ -108,6 +107,8 @@ class Server(BaseApplication):
             "child_exit": _child_exit,
             "worker_exit": _worker_exit,
         }
+        if self.args.pidfile:
+            settings["pidfile"] = str(Path(self.args.pidfile).absolute())
         if self.args.threads <= 1:
             settings["worker_class"] = "sync"
         if "control_socket_disable" in self.cfg.settings:
