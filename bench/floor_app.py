@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=0)
     parser.add_argument("--log-format", choices=("json", "text"), default="json")
     args = parser.parse_args(argv)
-    args.access_log = False
+    args.access_log, args.pidfile = False, None  # no access log; nothing reloads it
     FloorServer(args).run()
     return 0
 

@@ -193,3 +193,9 @@ class AuditRecord:
 
 
 AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
+
+
+# What an access review reads first, in this order (`cds-service audit show --format table`).
+REVIEW_COLUMNS = ("time", "kind", "status", "site", "user_id", "patient_id", "hook",
+                  "hook_instance", "service_id", "outcome")
+

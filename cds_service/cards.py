@@ -399,7 +399,8 @@ def _check_epic(card: Card) -> None:
 
 
 def render_response(
-    cards: Sequence[Card], system_actions: Sequence[Action] = (), *, epic: bool
+    cards: Sequence[Card], system_actions: Sequence[Action] = (), *, epic: bool,
+    extension: dict | None = None,
 ) -> dict:
     """The body of a 200 service response; raises ServiceFault if it would be invalid."""
     for card in cards:
@@ -430,4 +431,6 @@ def render_response(
     response: dict = {"cards": rendered}
     if system_actions:
         response["systemActions"] = [a.to_dict() for a in system_actions]
+    if extension:
+        response["extension"] = extension
     return response

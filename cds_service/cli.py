@@ -1,10 +1,15 @@
-"""`cds-service` command line. Operators script against it: keep options and names stable.
+"""`cds-service`: the command operators run. They script against it: keep options and names
+stable (the parser's description below is what they read in `--help`).
 
-    cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH]
+    cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH] [--pidfile PATH]
+    cds-service reload [--pidfile PATH] [--timeout S]
     cds-service check-config [--site-config PATH] [--json]
     cds-service invoke SERVICE --bundle FILE [--url URL] [--hook HOOK] [--select Type/id]...
     cds-service site check SITE [--fhir-base URL] [--site-config PATH] [--timeout S] [--json]
+    cds-service audit show [--patient ID] [--user ID] [--hook-instance ID] [--since T] [--until T]
+                           [--outcome TEXT] [--format jsonl|table] ...
     cds-service audit purge [--older-than-days N]
+    cds-service suppressions list|clear [--site S] [--service ID] [--patient ID] [--user ID] [--all]
     cds-service models generate-cohort --out DIR [--patients N] [--seed S]
     cds-service models train --ndjson DIR --labels CSV --spec YAML --out models/ID
     cds-service models evaluate models/ID --ndjson DIR --labels CSV
@@ -17,10 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cds_service.errors import ConfigError
+
+# The gunicorn master's pid, relative to the working directory as the default SQLite store is.
+PIDFILE = "var/cds-service.pid"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -28,6 +39,24 @@ def _serve(args: argparse.Namespace) -> int:
 
     logs.configure(fmt=args.log_format)
     return serving.run(args, logs.logconfig(args.log_format, access_log=args.access_log))
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from cds_service.serving import ReloadError, request_reload
+
+    try:
+        status = request_reload(args.pidfile, timeout=args.timeout)
+    except ReloadError as exc:
+        print(f"reload: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    if status["outcome"] != "reloaded":
+        print(f"reload refused: {status.get('error', status['outcome'])}\n"  # noqa: T201
+              "The running workers keep serving the previous configuration.", file=sys.stderr)
+        return 1
+    print(f"reloaded (master pid {status['pid']}): sites {', '.join(status['sites'])}; "  # noqa: T201
+          f"models {', '.join(status['models']) or 'none'}; "
+          f"workers {', '.join(map(str, status['workers']))}")
+    return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -53,7 +82,14 @@ def _invoke(args: argparse.Namespace) -> int:
     from hooks import SERVICES
 
     try:
-        sites = load_sites(os.environ.get("CDS_SITE_CONFIG"), index_services(SERVICES))
+        path = os.environ.get("CDS_SITE_CONFIG")
+        sites = load_sites(path, index_services(SERVICES))
+        if args.site and args.site not in sites:
+            raise InvokeError(f"--site: no site {args.site!r} in "
+                              f"{path or 'the built-in defaults'} (configured: {', '.join(sites)})")
+        if not args.site and not os.environ.get("CDS_DEFAULT_SITE") and len(sites) > 1:
+            raise InvokeError(f"--site: {len(sites)} sites are configured ({', '.join(sites)}); "
+                              "name the one whose development key signs")
         site = choose_default_site(sites, args.site or os.environ.get("CDS_DEFAULT_SITE"))
         body = build_request(site, args.service, load_bundle(args.bundle), hook=args.hook,
                              selections=args.select)
@@ -68,7 +104,7 @@ def _invoke(args: argparse.Namespace) -> int:
     if args.json or response.status_code != 200:
         print(json.dumps(answer, indent=2))  # noqa: T201
     else:
-        print(format_cards(answer))  # noqa: T201
+        print(format_cards(answer, body["context"]))  # noqa: T201
     return 0 if response.status_code == 200 else 1
 
 
@@ -96,22 +132,124 @@ def _site_check(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-def _audit_purge(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime, timedelta
+def _store_command(func):
+    """Commands on the store named by CDS_DATABASE_URL: an unreachable or misnamed database is
+    said plainly, exit 2."""
 
-    from cds_service.config import DEFAULTS
-    from cds_service.store import Store
+    def run(args: argparse.Namespace) -> int:
+        from cds_service.app import resolve_config
+        from cds_service.store import Store, StoreUnavailable
 
-    app_config = dict(DEFAULTS)
-    for key in ("DATABASE_URL", "AUDIT_RETENTION_DAYS"):
-        if f"CDS_{key}" in os.environ:
-            app_config[key] = os.environ[f"CDS_{key}"]
-    days = args.older_than_days or int(app_config["AUDIT_RETENTION_DAYS"])
+        config = resolve_config()
+        try:
+            with Store(config["DATABASE_URL"]) as store:
+                return func(args, store, config)
+        except (ConfigError, StoreUnavailable) as exc:
+            print(f"{args.command}: {exc}", file=sys.stderr)  # noqa: T201
+            return 2
+
+    return run
+
+
+def _audit_purge(args: argparse.Namespace, store, config) -> int:
+    days = args.older_than_days or int(config["AUDIT_RETENTION_DAYS"])
     cutoff = datetime.now(UTC) - timedelta(days=days)
-    with Store(app_config["DATABASE_URL"]) as store:
-        removed = store.purge_audit(cutoff)
+    removed = store.purge_audit(cutoff)
     print(f"removed {removed} audit records older than {cutoff:%Y-%m-%d} ({days} days)")  # noqa: T201
     return 0
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _print_rows(rows, columns: Sequence[str], output: str) -> None:
+    """Stored rows as JSON lines (every field, times ISO 8601 UTC) or as an aligned table of
+    `columns` (times to the second)."""
+    if output == "jsonl":
+        for row in rows:
+            print(json.dumps({k: _plain(v) for k, v in row.items()}, ensure_ascii=False))  # noqa: T201
+        return
+
+    def cell(value: object) -> str:
+        if isinstance(value, datetime):
+            return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return "-" if value is None else str(value)
+
+    lines = [list(columns), *([cell(row.get(name)) for name in columns] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    for line in lines:
+        print("  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True))  # noqa: T201
+              .rstrip())
+
+
+def _audit_show(args: argparse.Namespace, store, config) -> int:
+    from cds_service.audit import REVIEW_COLUMNS
+
+    if args.since and args.until and args.since >= args.until:
+        print("audit: --since must be before --until", file=sys.stderr)  # noqa: T201
+        return 2
+    filters = {column: value for column, value in (
+        ("patient_id", args.patient), ("user_id", args.user), ("hook_instance", args.hook_instance),
+        ("site", args.site), ("service_id", args.service), ("kind", args.kind),
+        ("status", args.status)) if value is not None}
+    rows = store.iter_audit(since=args.since, until=args.until, limit=args.limit,
+                            outcome_contains=args.outcome, **filters)
+    _print_rows(rows, REVIEW_COLUMNS, args.format)
+    return 0
+
+
+# What an operator reads of a suppression: whose, which topic, since and until when.
+SUPPRESSION_COLUMNS = ("time", "expires", "site", "service_id", "user_id", "patient_id",
+                       "topic_code", "indicator", "card_uuid")
+
+
+def _suppressions(args: argparse.Namespace, store, config) -> int:
+    from cds_service.config import load_sites
+    from cds_service.registry import index_services
+    from cds_service.suppression import active_overrides
+    from hooks import SERVICES
+
+    filters = {column: value for column, value in (
+        ("site", args.site), ("service_id", args.service), ("patient_id", args.patient),
+        ("user_id", args.user)) if value is not None}
+    if args.suppressions_command == "clear" and not filters and not args.all:
+        print("suppressions clear: name whose with --site, --service, --patient or --user, "  # noqa: T201
+              "or give --all", file=sys.stderr)
+        return 2
+    sites = load_sites(config["SITE_CONFIG"], index_services(SERVICES))
+    windows = {site.id: site.override_window for site in sites.values()}
+    active = active_overrides(store, windows, now=datetime.now(UTC), **filters)
+    if args.suppressions_command == "list":
+        if active or args.format == "jsonl":
+            _print_rows(active, SUPPRESSION_COLUMNS, args.format)
+        else:
+            print("no suppressions in force", file=sys.stderr)  # noqa: T201
+        return 0
+    removed = store.delete_overrides([row["id"] for row in active])
+    print(f"cleared {removed} suppression(s)")  # noqa: T201
+    return 0
+
+
+_AGE = re.compile(r"(\d+)([mhd])")
+_AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+
+
+def _moment(text: str) -> datetime:
+    """--since / --until: an ISO 8601 date or time (UTC unless it names an offset), or an age
+    back from now (30m, 12h, 7d)."""
+    age = _AGE.fullmatch(text.strip())
+    if age:
+        return datetime.now(UTC) - timedelta(**{_AGE_UNITS[age[2]]: int(age[1])})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO 8601 date or time (2026-03-01, 2026-03-01T08:00Z) nor "
+            "an age (30m, 12h, 7d)") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _models_generate_cohort(args: argparse.Namespace) -> int:
@@ -195,28 +333,57 @@ def _models_command(func):
     return run
 
 
+DESCRIPTION = ("CDS Hooks decision-support service for Epic: serve and reload it, check and "
+               "call it, read its audit log and suppressions, manage its models.")
+EPILOG = ("Settings not given as options come from CDS_* environment variables (CDS_SITE_CONFIG, "
+          "CDS_DATABASE_URL, ...; site_config/README.md). Runbooks: docs/operations.md.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cds-service", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="cds-service", description=DESCRIPTION, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
 
     def site_config_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--site-config", metavar="PATH",
                        help="site YAML file or directory (default: $CDS_SITE_CONFIG)")
 
-    serve = sub.add_parser("serve", help="run the service under gunicorn")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=2)
+    serve = sub.add_parser("serve", help="run the service under gunicorn",
+                           description="Run the service under gunicorn until stopped (SIGTERM).")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1; 0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--workers", type=int, default=2,
+                       help="worker processes, about one per core (default: 2)")
     serve.add_argument("--threads", type=int, default=4,
-                       help="threads per worker (a slow FHIR fallback does not block others)")
+                       help="threads per worker (default: 4; a slow FHIR fallback does not "
+                            "block others)")
     serve.add_argument("--max-requests", type=int, default=10000,
-                       help="recycle a worker after this many requests, with jitter (0: never)")
-    serve.add_argument("--access-log", action="store_true", help="gunicorn access log")
+                       help="recycle a worker after this many requests, with jitter "
+                            "(default: 10000; 0: never)")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log one line per request (gunicorn's access log; off by default)")
     serve.add_argument("--log-format", choices=("json", "text"),
                        default=os.environ.get("CDS_LOG_FORMAT", "json"),
                        help="one JSON object per line (default; CDS_LOG_FORMAT) or plain text")
+    serve.add_argument("--pidfile", metavar="PATH", default=PIDFILE,
+                       help=f"where the master writes its pid, for `cds-service reload` "
+                            f"(default: {PIDFILE})")
     site_config_option(serve)
     serve.set_defaults(func=_serve)
+
+    reload = sub.add_parser(
+        "reload", help="load changed site files and models into the running service",
+        description="Signal the running service (SIGHUP to the master in --pidfile) to load and "
+                    "validate its configuration and replace its workers; report whether it did. "
+                    "Exit 1 when the configuration is refused (the running workers keep serving),"
+                    " 2 when the service cannot be reached.")
+    reload.add_argument("--pidfile", metavar="PATH", default=PIDFILE,
+                        help=f"the pidfile `serve` wrote (default: {PIDFILE})")
+    reload.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                        help="seconds to wait for the outcome (default: 60; the old workers get "
+                             "30 to finish their calls)")
+    reload.set_defaults(func=_reload)
 
     check = sub.add_parser("check-config", help="validate the configuration and print it as "
                            "it takes effect (deployment settings, then each site; secrets masked)")
@@ -254,20 +421,69 @@ def build_parser() -> argparse.ArgumentParser:
     site_config_option(site_check)
     site_check.set_defaults(func=_site_check)
 
-    audit = sub.add_parser("audit", help="audit log maintenance")
+    audit = sub.add_parser("audit", help="read and purge the audit log (CDS_DATABASE_URL)")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    show = audit_sub.add_parser(
+        "show", help="audit records matching every filter given, oldest first",
+        description="Audit records (who accessed which patient's data, when, through what, with "
+                    "what result) matching every filter given, oldest first: one JSON object "
+                    "per line, or a table.")
+    show.add_argument("--patient", metavar="ID", help="patient id, as Epic sends it in context")
+    show.add_argument("--user", metavar="ID", help="user id, e.g. PractitionerRole/123")
+    show.add_argument("--hook-instance", metavar="UUID", help="one call's hookInstance")
+    show.add_argument("--site", metavar="SITE", help="site id")
+    show.add_argument("--service", metavar="ID", help="service id, e.g. kidney-risk")
+    show.add_argument("--kind", choices=("invoke", "feedback"), help="kind of call")
+    show.add_argument("--status", type=int, metavar="CODE", help="HTTP status, e.g. 401")
+    show.add_argument("--outcome", metavar="TEXT",
+                      help="part of the outcome text, e.g. suppressed, cards=0, 412")
+    show.add_argument("--since", type=_moment, metavar="WHEN",
+                      help="from this time on (inclusive): ISO 8601 (UTC unless an offset is "
+                           "given) or an age back from now such as 7d, 12h, 30m")
+    show.add_argument("--until", type=_moment, metavar="WHEN",
+                      help="before this time (exclusive), same forms as --since")
+    show.add_argument("--limit", type=int, metavar="N", help="at most N records")
+    show.add_argument("--format", choices=("jsonl", "table"), default="jsonl",
+                      help="jsonl: every field, one JSON object per line (default); table: the "
+                           "main columns, aligned")
+    show.set_defaults(func=_store_command(_audit_show))
     purge = audit_sub.add_parser("purge", help="delete audit records past the retention period")
     purge.add_argument("--older-than-days", type=int,
                        help="retention in days (default: $CDS_AUDIT_RETENTION_DAYS or 2190)")
-    purge.set_defaults(func=_audit_purge)
+    purge.set_defaults(func=_store_command(_audit_purge))
+
+    suppressions = sub.add_parser(
+        "suppressions", help="cards withheld because the same clinician overrode them",
+        description="Alert-fatigue suppressions in force: a card a clinician overrode is not "
+                    "shown to them again for that patient until the site's window "
+                    "(alert_fatigue.override_window_hours) ends. `clear` ends them now; the "
+                    "feedback that caused them stays on record.")
+    suppressions_sub = suppressions.add_subparsers(dest="suppressions_command", required=True)
+    for name, text in (("list", "suppressions in force, with when each expires"),
+                       ("clear", "end the suppressions matching the filters now; say how many")):
+        command = suppressions_sub.add_parser(name, help=text)
+        command.add_argument("--site", metavar="SITE", help="site id")
+        command.add_argument("--service", metavar="ID", help="service id, e.g. kidney-risk")
+        command.add_argument("--patient", metavar="ID", help="patient id, as Epic sends it")
+        command.add_argument("--user", metavar="ID", help="user id, e.g. PractitionerRole/123")
+        if name == "list":
+            command.add_argument("--format", choices=("table", "jsonl"), default="table",
+                                 help="table (default) or one JSON object per line")
+        else:
+            command.add_argument("--all", action="store_true",
+                                 help="every suppression, when no filter is given")
+        site_config_option(command)
+        command.set_defaults(func=_store_command(_suppressions))
 
     models = sub.add_parser("models", help="train, evaluate, validate and explain models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     gen = models_sub.add_parser("generate-cohort",
                                 help="write the synthetic cohort as Bulk Data NDJSON + labels")
     gen.add_argument("--out", required=True, help="output directory")
-    gen.add_argument("--patients", type=int, default=4000)
-    gen.add_argument("--seed", type=int, default=20261121)
+    gen.add_argument("--patients", type=int, default=4000,
+                     help="how many patients (default: 4000)")
+    gen.add_argument("--seed", type=int, default=20261121,
+                     help="random seed: the same seed writes the same cohort")
     gen.set_defaults(func=_models_command(_models_generate_cohort))
     tr = models_sub.add_parser("train", help="train, evaluate and export a model directory")
     tr.add_argument("--ndjson", required=True, help="directory of *.ndjson (Bulk Data export)")
@@ -277,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_models_command(_models_train))
     ev = models_sub.add_parser("evaluate", help="metrics of a model on a labelled cohort")
     ev.add_argument("model", help="model directory")
-    ev.add_argument("--ndjson", required=True)
-    ev.add_argument("--labels", required=True)
+    ev.add_argument("--ndjson", required=True, help="directory of *.ndjson (Bulk Data export)")
+    ev.add_argument("--labels", required=True, help="CSV: patient_id,index_date,label")
     ev.set_defaults(func=_models_command(_models_evaluate))
     va = models_sub.add_parser("validate", help="check manifest, artifact, sha256 and a smoke "
                                "prediction, as a worker does at start-up")

@@ -25,12 +25,16 @@ import requests
 from cds_service.config import Site
 from cds_service.devkeys import ALGORITHM, load_signing_key, private_key_path
 from cds_service.prefetch import is_search, render_template
+from cds_service.suppression import WITHHELD_EXTENSION
 
 ORDER_TYPES = ("MedicationRequest", "ServiceRequest")
 # HL7 v3 ActReason HTEST, "test health data": the tag on our synthetic example Bundles.
 SYNTHETIC_TAG = ("http://terminology.hl7.org/CodeSystem/v3-ActReason", "HTEST")
 # A full FHIR date, dateTime or instant (partial dates such as "2024-05" are left as they are).
 _FHIR_DATE = re.compile(r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2}))?")
+# The clinician `invoke` and the sandbox play: overrides they send suppress cards for this user
+# only, and the sandbox resets only this user's.
+INVOKE_USER = "PractitionerRole/cds-invoke"
 
 
 class InvokeError(Exception):
@@ -65,7 +69,7 @@ def build_request(site: Site, service_id: str, bundle: Any, *, hook: str | None 
     if patient is None or not patient.get("id"):
         raise InvokeError("the Bundle has no Patient with an id")
     patient_ref = f"Patient/{patient['id']}"
-    context: dict[str, Any] = {"userId": "PractitionerRole/cds-invoke", "patientId": patient["id"]}
+    context: dict[str, Any] = {"userId": INVOKE_USER, "patientId": patient["id"]}
     encounter = next((r for r in resources if r.get("resourceType") == "Encounter"), None)
     if encounter and encounter.get("id"):
         context["encounterId"] = encounter["id"]
@@ -127,11 +131,15 @@ def send(base_url: str, site: Site, service_id: str, body: dict,
         raise InvokeError(f"cannot reach {url}: {exc.__class__.__name__}") from exc
 
 
-def format_cards(body: Mapping) -> str:
+def format_cards(body: Mapping, context: Mapping | None = None) -> str:
+    """The cards as a clinician would read them, then any withheld by suppression and why;
+    `context` (the request's) names the user and patient in the hint to reset them."""
     cards = body.get("cards") or []
-    if not cards:
+    extension = body.get("extension")
+    withheld = (extension.get(WITHHELD_EXTENSION) if isinstance(extension, Mapping) else None) or []
+    if not cards and not withheld:
         return "No cards (nothing to say for this patient)."
-    lines: list[str] = []
+    lines: list[str] = [] if cards else ["No cards shown."]
     for card in cards:
         lines.append(f"[{card['indicator']}] {card['summary']}")
         if card.get("detail"):
@@ -144,6 +152,16 @@ def format_cards(body: Mapping) -> str:
         for link in card.get("links", []):
             lines.append(f"    link: {link['label']} <{link['url']}>")
         lines.append(f"    source: {card['source']['label']}")
+    if withheld:
+        lines.append("Withheld: the same user overrode a card of the same topic for this patient "
+                     "(alert-fatigue suppression)")
+    for card in withheld:
+        lines.append(f"[{card['indicator']}] {card['summary']}")
+        lines.append(f"    overridden at {card['overriddenAt']} (card {card['overriddenCard']}); "
+                     f"shown again after {card['shownAgainAfter']}, or sooner if more severe")
+    if withheld and context:
+        lines.append(f"    to show it again now: cds-service suppressions clear "
+                     f"--patient {context.get('patientId')} --user {context.get('userId')}")
     return "\n".join(lines)
 
 

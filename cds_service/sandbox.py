@@ -5,7 +5,8 @@ models and site settings. Pick a bundled synthetic patient or upload a FHIR Bund
 and hook (and for order hooks the medications to draft); the page shows the exact request, signed
 with the site's development key the way Epic signs (`cds_service.invoke`), the response, the cards
 rendered as Epic shows them, and the model's score with its top factors. Accept and override send
-real feedback.
+real feedback, so an overridden card is then withheld (alert-fatigue suppression), and shown as
+such; "Reset" ends the suppressions the sandbox's own clinician caused for the patient chosen.
 
 Every call goes over HTTP to this server's own `/cds-services/...`, so authentication, replay
 protection, suppression, metrics and the audit log all run as for Epic. Served only when a site
@@ -32,10 +33,12 @@ import requests
 from flask import Blueprint, Flask, current_app, render_template, request
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from cds_service import suppression
 from cds_service.config import Site, SiteService
 from cds_service.errors import CdsError, RequestInvalid
 from cds_service.http import require_json_body
 from cds_service.invoke import (
+    INVOKE_USER,
     ORDER_TYPES,
     InvokeError,
     build_request,
@@ -427,6 +430,22 @@ def api_invoke():
     result = _signed_post(site, f"/cds-services/{data['service']}", body)
     result["explanation"] = explanation(site, enabled, body)
     return result
+
+
+@bp.post("/api/reset-overrides")
+def api_reset_overrides():
+    """End the suppressions caused by the sandbox's overrides for the chosen patient: only the
+    clinician the sandbox plays (`INVOKE_USER`) at a sandbox site, never another user's."""
+    data = _load(_PatientSource())
+    site = _site(data)
+    patient_id = _patient(_bundle(data))["id"]
+    store = runtime().store
+    active = suppression.active_overrides(store, {site.id: site.override_window},
+                                          now=runtime().clock(), site=site.id,
+                                          user_id=INVOKE_USER, patient_id=patient_id)
+    cleared = store.delete_overrides([row["id"] for row in active])
+    log.info("sandbox: cleared %d suppression(s) of %s at site %s", cleared, INVOKE_USER, site.id)
+    return {"cleared": cleared, "site": site.id, "userId": INVOKE_USER, "patientId": patient_id}
 
 
 @bp.post("/api/feedback")

@@ -14,16 +14,25 @@ Why each setting (gunicorn documentation, "Settings" and "Design"):
   now and then, bounding any slow leak, and not all at once.
 - `worker_tmp_dir` /dev/shm: the heartbeat file on a disk-backed /tmp can stall workers in
   containers.
+- `pidfile` (`--pidfile`, var/cds-service.pid): the master's pid, for `cds-service reload`.
+  `pgrep -f 'cds-service serve'` finds make's shell under `make run`, or another instance.
+
+`cds-service reload` signals the master (SIGHUP) and reads the outcome from a status file beside
+the pidfile (`reload_status_path`), which the master rewrites at start and after each reload:
+its pid, a generation counted up per SIGHUP, and whether the configuration was accepted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +107,8 @@ class Server(BaseApplication):
             "child_exit": _child_exit,
             "worker_exit": _worker_exit,
         }
+        if self.args.pidfile:
+            settings["pidfile"] = str(Path(self.args.pidfile).absolute())
         if self.args.threads <= 1:
             settings["worker_class"] = "sync"
         if "control_socket_disable" in self.cfg.settings:
@@ -118,25 +129,135 @@ class Server(BaseApplication):
 
 
 class ValidatingArbiter(Arbiter):
-    """SIGHUP (`kill -HUP`, how a site change or model swap is deployed) loads and validates
-    the files first, and only then replaces the workers.
+    """SIGHUP (`cds-service reload`, how a site change or model swap is deployed) loads and
+    validates the files first, and only then replaces the workers.
 
     gunicorn stops the old workers as soon as new ones are spawned, and if the new ones cannot
     boot the master exits: a typo in the site YAML or a missing model would take the whole
-    service down. Refuse the reload instead; the running workers keep serving.
+    service down. Refuse the reload instead; the running workers keep serving. Either way the
+    outcome goes to the reload status file.
     """
+
+    generation = 0
+
+    def start(self) -> None:
+        super().start()
+        self._report("started")
 
     def reload(self) -> None:
         from cds_service.app import load_deployment
 
+        self.generation += 1
         try:
             deployment = load_deployment()
         except ConfigError as exc:
             self.log.error("configuration error: %s (reload refused; the current workers "
                            "keep serving)", exc)
+            self._report("refused", error=f"configuration error: {exc}")
             return
         self.app.deployment = deployment
-        super().reload()
+        super().reload()  # returns once the old workers have stopped (or graceful_timeout)
+        self._report("reloaded")
+
+    def _report(self, outcome: str, error: str | None = None) -> None:
+        if not self.cfg.pidfile:
+            return
+        deployment = self.app.deployment
+        status = {"pid": self.pid, "generation": self.generation, "outcome": outcome,
+                  "sites": sorted(deployment.sites),
+                  "models": [f"{m.id} {m.version}" for m in deployment.models],
+                  "workers": sorted(self.WORKERS)}
+        if error is not None:
+            status["error"] = error
+        path = reload_status_path(self.cfg.pidfile)
+        try:
+            scratch = path.with_name(f".{path.name}.{self.pid}")
+            scratch.write_text(json.dumps(status), encoding="utf-8")
+            scratch.replace(path)  # atomic: a reader never sees half a file
+        except OSError as exc:
+            self.log.warning("reload status not written to %s: %s", path, exc.strerror)
+
+
+def reload_status_path(pidfile: str | Path) -> Path:
+    """The master's reload status, beside its pidfile: var/cds-service.reload.json."""
+    return Path(pidfile).with_suffix(".reload.json")
+
+
+class ReloadError(Exception):
+    """The running service could not be asked to reload, or did not take the new files."""
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process; signalling it will say so
+    return True
+
+
+def _read_status(pidfile: Path) -> dict | None:
+    try:
+        return json.loads(reload_status_path(pidfile).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def running_master(pidfile: str | Path) -> tuple[int, dict]:
+    """The pid and reload status of the running master that wrote `pidfile`; ReloadError when
+    there is none."""
+    pidfile = Path(pidfile)
+    try:
+        text = pidfile.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ReloadError(f"no pidfile {pidfile}: the service is not running here, or was "
+                          "started with another --pidfile") from None
+    except OSError as exc:
+        raise ReloadError(f"cannot read {pidfile}: {exc.strerror}") from exc
+    try:
+        pid = int(text.strip())
+    except ValueError:
+        raise ReloadError(f"{pidfile} holds no process id") from None
+    if not _running(pid):
+        raise ReloadError(f"stale pidfile {pidfile}: no process {pid} (the service stopped "
+                          "without removing it; remove the file)")
+    # A pidfile left by a crash can name a pid the system has since given to another process,
+    # which SIGHUP would terminate: only a master that wrote its status is signalled, and on
+    # Linux only a process whose command line (or gunicorn's title) names cds-service.
+    status = _read_status(pidfile)
+    try:
+        ours = b"cds-service" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        ours = True  # no /proc (macOS): the status file is the check
+    if status is None or status.get("pid") != pid or not ours:
+        raise ReloadError(f"process {pid} named by {pidfile} has written no reload status to "
+                          f"{reload_status_path(pidfile)}: still starting, or not a cds-service "
+                          "master (a stale pidfile)")
+    return pid, status
+
+
+def request_reload(pidfile: str | Path, *, timeout: float = 60.0) -> dict:
+    """SIGHUP the master named by `pidfile` and wait for its verdict (the new reload status:
+    `outcome` "reloaded", or "refused" with the `error`). ReloadError when the master cannot be
+    signalled, stops meanwhile, or does not answer within `timeout` seconds."""
+    pidfile = Path(pidfile)
+    pid, before = running_master(pidfile)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        raise ReloadError(f"not allowed to signal process {pid}: run as the user the service "
+                          "runs as") from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _read_status(pidfile)
+        if (status is not None and status.get("pid") == pid
+                and status["generation"] > before["generation"]):
+            return status
+        if not _running(pid):
+            raise ReloadError(f"the service (pid {pid}) stopped during the reload: see its log")
+        time.sleep(0.1)
+    raise ReloadError(f"no outcome from pid {pid} within {timeout:g} s: see its log")
 
 
 def run(args: argparse.Namespace, logconfig: dict) -> int:
@@ -151,9 +272,34 @@ def run(args: argparse.Namespace, logconfig: dict) -> int:
         except ConfigError as exc:
             print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201
             return 2
+        problem = _pidfile_problem(Path(args.pidfile))
+        if problem:
+            print(f"serve: --pidfile {args.pidfile}: {problem}", file=sys.stderr)  # noqa: T201
+            return 2
         ValidatingArbiter(Server(args, deployment, logconfig)).run()
         return 0
     finally:
         # Workers are forked inside `run()` and leave through here too: only the master cleans.
-        if created and os.getpid() == master:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if os.getpid() == master:
+            if created:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+            status = _read_status(Path(args.pidfile))
+            if status is not None and status.get("pid") == master:
+                reload_status_path(args.pidfile).unlink(missing_ok=True)
+
+
+def _pidfile_problem(pidfile: Path) -> str | None:
+    """Why gunicorn could not write `pidfile` (it would fail with a traceback), or None."""
+    try:
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create {pidfile.parent}: {exc.strerror}"
+    try:
+        holder = int(pidfile.read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return None
+    # A container's master is PID 1 at every start: a pidfile naming itself is its own, stale.
+    if holder != os.getpid() and _running(holder):
+        return (f"process {holder} holds it (another cds-service serve?); stop that one or "
+                "give another --pidfile")
+    return None

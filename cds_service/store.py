@@ -751,19 +751,62 @@ class Store:
             latest.setdefault(topic_code, Override(topic_code, when, indicator, card_uuid))
         return latest
 
+    def list_overrides(self, *, since: datetime, site: str | None = None,
+                       service_id: str | None = None, user_id: str | None = None,
+                       patient_id: str | None = None) -> list[dict[str, Any]]:
+        """`card_overrides` rows (each with its `id`) from `since` on, oldest first, matching
+        every filter given: the overrides suppression may still act on."""
+        if since.utcoffset() is None:
+            raise ValueError("list_overrides: since must be a timezone-aware datetime")
+        self.recorder.flush()
+        o = overrides_table.c
+        query = sa.select(overrides_table).where(o.time >= since).order_by(o.time, o.id)
+        for column, value in (("site", site), ("service_id", service_id), ("user_id", user_id),
+                              ("patient_id", patient_id)):
+            if value is not None:
+                query = query.where(o[column] == value)
+        self._ensure_schema()
+        with self._unavailable_on_error(), self._engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    def delete_overrides(self, ids: Collection[int]) -> int:
+        """Delete `card_overrides` rows by id, so they suppress nothing; return how many. The
+        feedback they came from stays: it is the record of what the clinician did."""
+        if not ids:
+            return 0
+        self._ensure_schema()
+        stmt = sa.delete(overrides_table).where(overrides_table.c.id.in_(sorted(ids)))
+        with self._unavailable_on_error(), self._write() as conn:
+            return conn.execute(stmt).rowcount
+
     def list_audit(
         self,
         *,
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int | None = None,
+        outcome_contains: str | None = None,
         **filters: str | int,
     ) -> list[dict[str, Any]]:
         """Audit rows in time order (then id), as dicts of the `AuditRecord` fields plus `id`.
 
-        `since` is inclusive, `until` exclusive; `filters` match columns exactly, e.g.
+        `since` is inclusive, `until` exclusive; `outcome_contains` matches part of the outcome
+        text (`suppressed`, `cards=0`); `filters` match columns exactly, e.g.
         `list_audit(patient_id="p1", kind="invoke", since=start)`. Tuple fields come back as tuples.
         """
+        return list(self.iter_audit(since=since, until=until, limit=limit,
+                                    outcome_contains=outcome_contains, **filters))
+
+    def iter_audit(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+        outcome_contains: str | None = None,
+        **filters: str | int,
+    ) -> Iterator[dict[str, Any]]:
+        """`list_audit`, streamed in batches: an access review may read years of the log."""
         self.recorder.flush()
         unknown = sorted(set(filters) - set(_AUDIT_FILTER_COLUMNS))
         if unknown:
@@ -776,13 +819,15 @@ class Store:
             query = query.where(table.c.time >= since)
         if until is not None:
             query = query.where(table.c.time < until)
+        if outcome_contains is not None:
+            query = query.where(table.c.outcome.contains(outcome_contains, autoescape=True))
         self._ensure_schema()
         with self._unavailable_on_error(), self._engine.connect() as conn:
-            rows = [dict(row) for row in conn.execute(query).mappings()]
-        for row in rows:
-            for name in TUPLE_FIELDS:
-                row[name] = tuple(row[name])
-        return rows
+            for row in conn.execution_options(yield_per=1000).execute(query).mappings():
+                record = dict(row)
+                for name in TUPLE_FIELDS:
+                    record[name] = tuple(record[name])
+                yield record
 
     def purge_audit(self, older_than: datetime) -> int:
         """Delete audit rows with `time` before `older_than` (the retention cutoff); return count.

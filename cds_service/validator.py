@@ -31,6 +31,8 @@ EPIC_DETAIL_CONTENT_TYPES = (
     "text/html",
 )
 HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(\s[^<>]*)?/?>")
+# Rule 138: extension keys SHOULD be globally unique, e.g. reverse-domain `com.example.timestamp`.
+EXTENSION_KEY = re.compile(r"^[a-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 
 # Attributes defined by 2.0 / 2.0.1; `extension` is reserved for implementation data on any
 # object. Anything else is most likely a builder bug (e.g. a snake_case key).
@@ -344,8 +346,12 @@ def validate_response(body: object, *, epic: bool = False) -> list[str]:
         else:
             for i, action in enumerate(actions):
                 problems += _action(action, _at("systemActions", i))
-    if "extension" in response and not isinstance(response["extension"], dict):
+    extension = response.get("extension")
+    if "extension" in response and not isinstance(extension, dict):
         problems.append("extension: must be a JSON object (rule 137)")
+    elif isinstance(extension, dict):
+        problems += [f"{_at('extension', key)}: not a reverse-domain name (rule 138)"
+                     for key in extension if not EXTENSION_KEY.match(key)]
     return problems
 
 

@@ -139,7 +139,8 @@ def invoke(body: dict, service_id: str):
         decision = suppression.apply(cards, store=runtime().store, site=site,
                                      service_id=service.id, user_id=context.get("userId"),
                                      patient_id=context.get("patientId"), now=hook_request.now)
-        rendered = render_response(decision.kept, epic=site.epic_compatibility)
+        rendered = render_response(decision.kept, epic=site.epic_compatibility,
+                                   extension=decision.extension())
     metrics.count_cards(site.id, service.id, cards, decision.kept)
     g.issued_cards = [
         {"card_uuid": card.uuid, "indicator": card.indicator,

@@ -298,6 +298,9 @@ def test_list_filters(store):
     ) == [p1[1].time]
     assert times(store.list_audit(limit=2)) == [p1[0].time, p2.time]
     assert store.list_audit(user_id="PractitionerRole/nobody") == []
+    # Part of the outcome text; LIKE's wildcards match themselves.
+    assert times(store.list_audit(outcome_contains="40")) == [denied.time]
+    assert store.list_audit(outcome_contains="4%") == []
     with pytest.raises(TypeError, match="patient"):
         store.list_audit(patient="p1")
 
@@ -336,6 +339,7 @@ def test_purge_rejects_naive_cutoff(store):
 def test_store_has_no_way_to_update_audit_rows():
     assert [name for name in dir(Store) if "audit" in name] == [
         "add_audit",
+        "iter_audit",
         "list_audit",
         "purge_audit",
     ]

@@ -106,3 +106,61 @@ def test_purge_command_removes_records_past_retention(store_url, tmp_path):
     assert "removed 1 audit records" in result.stdout
     with Store(store_url) as store:
         assert [r["patient_id"] for r in store.list_audit()] == ["p-10"]
+
+
+def test_show_command_reads_the_log_for_an_access_review(store_url, monkeypatch, capsys):
+    from datetime import UTC, datetime, timedelta
+
+    from cds_service.audit import AuditRecord
+    from cds_service.cli import main
+    from cds_service.store import Store
+
+    now = datetime.now(UTC)
+    calls = [  # (days ago, patient, user, hookInstance, status, outcome)
+        (40, "p1", "PractitionerRole/a", "h-old", 200, "cards=1"),
+        (3, "p1", "PractitionerRole/b", "h-mid", 200, "cards=0 suppressed=1"),
+        (1, "p2", "PractitionerRole/a", "h-new", 412, "412"),
+    ]
+    with Store(store_url) as store:
+        for days, patient, user, hook_instance, status, outcome in calls:
+            store.add_audit(AuditRecord(
+                kind="invoke", time=now - timedelta(days=days), status=status, site="site-a",
+                patient_id=patient, user_id=user, hook_instance=hook_instance,
+                hook="patient-view", service_id="kidney-risk", outcome=outcome))
+    monkeypatch.setenv("CDS_DATABASE_URL", store_url)
+
+    def show(*args: str) -> list[dict]:
+        assert main(["audit", "show", *args]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    def instances(*args: str) -> list[str]:
+        return [row["hook_instance"] for row in show(*args)]
+
+    [first, *_] = show("--patient", "p1")
+    assert first["patient_id"] == "p1" and first["user_id"] == "PractitionerRole/a"
+    assert datetime.fromisoformat(first["time"]) == now - timedelta(days=40)
+    assert first["prefetch_keys_used"] == [] and first["time"].endswith("Z")
+    assert instances("--patient", "p1") == ["h-old", "h-mid"]
+    assert instances("--user", "PractitionerRole/a") == ["h-old", "h-new"]
+    assert instances("--hook-instance", "h-mid") == ["h-mid"]
+    assert instances("--outcome", "suppressed") == ["h-mid"]
+    assert instances("--status", "412") == ["h-new"]
+    assert instances("--since", "7d") == ["h-mid", "h-new"]
+    until = (now - timedelta(days=2)).isoformat()
+    assert instances("--until", until) == ["h-old", "h-mid"]
+    assert instances("--since", "7d", "--until", until, "--user", "PractitionerRole/b") == [
+        "h-mid"]
+    assert instances("--patient", "p3") == []
+
+    assert main(["audit", "show", "--patient", "p1", "--format", "table"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["time", "kind", "status", "site", "user_id", "patient_id", "hook",
+                              "hook_instance", "service_id", "outcome"]
+    assert [row.split()[:6] for row in rows] == [
+        [(now - timedelta(days=d)).strftime("%Y-%m-%dT%H:%M:%SZ"), "invoke", "200", "site-a",
+         user, "p1"] for d, user in ((40, "PractitionerRole/a"), (3, "PractitionerRole/b"))]
+    assert rows[1].endswith("cards=0 suppressed=1")
+    assert header.index("patient_id") == rows[0].index("p1")  # aligned
+
+    assert main(["audit", "show", "--since", "1d", "--until", "7d"]) == 2
+    assert "--since must be before --until" in capsys.readouterr().err

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 
 import jwt
 import pytest
@@ -22,7 +24,7 @@ from cds_service.registry import index_services
 from cds_service.validator import validate_response
 from hooks import SERVICES
 from tests.conftest import ROOT
-from tests.test_serve import CLI, serve  # noqa: F401 - fixture
+from tests.test_serve import CLI, request, serve  # noqa: F401 - fixture
 
 BUNDLE = ROOT / "examples" / "bundles" / "ckd-patient-nsaid.json"
 
@@ -94,6 +96,45 @@ def test_invoke_against_the_running_demo(serve, tmp_path):  # noqa: F811
     action = answer["cards"][0]["suggestions"][0]["actions"][0]
     assert action == {"type": "delete", "description": "Remove the ibuprofen order.",
                       "resourceId": "MedicationRequest/draft-ibuprofen-1"}
+
+
+def test_a_withheld_card_is_explained_until_its_suppression_is_cleared(serve, tmp_path):  # noqa: F811
+    server = serve("--workers", "1", "--site-config", str(ROOT / "site_config"))
+    run = {"cwd": tmp_path, "capture_output": True, "text": True, "timeout": 60,
+           "env": {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}"}}
+    invoke = [CLI, "invoke", "kidney-risk", "--bundle", str(BUNDLE), "--url", server.base,
+              "--site-config", str(ROOT / "site_config")]
+    [card] = json.loads(subprocess.run([*invoke, "--json"], **run).stdout)["cards"]
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    status, _ = request(server.base + "/cds-services/kidney-risk/feedback", {"feedback": [{
+        "card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": now,
+        "overrideReason": {"reason": card["overrideReasons"][0]}}]})
+    assert status == 200
+
+    result = subprocess.run(invoke, **run)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [
+        "No cards shown.",
+        "Withheld: the same user overrode a card of the same topic for this patient "
+        "(alert-fatigue suppression)",
+        f"[warning] {card['summary']}"]
+    overridden_at, uuid, shown_again_after = re.fullmatch(
+        r"    overridden at (\S+) \(card (\S+)\); shown again after (\S+), or sooner if more "
+        r"severe", lines[3]).groups()
+    assert uuid == card["uuid"]
+    assert (datetime.fromisoformat(shown_again_after) - datetime.fromisoformat(overridden_at)
+            == timedelta(hours=24))  # the demo site's window
+    assert lines[4] == ("    to show it again now: cds-service suppressions clear --patient "
+                        "demo-ckd-1 --user PractitionerRole/cds-invoke")
+
+    cleared = subprocess.run([CLI, "suppressions", "clear", "--patient", "demo-ckd-1", "--user",
+                              "PractitionerRole/cds-invoke", "--site-config",
+                              str(ROOT / "site_config")], **run)
+    assert cleared.stdout == "cleared 1 suppression(s)\n", cleared.stderr
+    result = subprocess.run(invoke, **run)
+    assert result.stdout.startswith(f"[warning] {card['summary']}\n"), result.stdout
+    assert "Withheld" not in result.stdout
 
 
 # --- synthetic examples are dated relative to today -------------------------------------------

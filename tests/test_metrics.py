@@ -10,13 +10,14 @@ import json
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from cds_service.suppression import WITHHELD_EXTENSION
 from tests.conftest import ROOT, demo_signer, make_jwt
 from tests.fhir_server import fhir_server  # noqa: F401 - fixture
 from tests.test_api import post
@@ -96,13 +97,16 @@ def test_metrics_from_two_gunicorn_workers_count_every_call_with_its_labels(tmp_
             "card": card["uuid"], "outcome": "overridden",
             "overrideReason": {"reason": {"code": card["overrideReasons"][0]["code"],
                                           "system": card["overrideReasons"][0]["system"]}},
-            "outcomeTimestamp": datetime.now(UTC).isoformat(timespec="seconds")}]}
+            # Within the demo site's 24 h window, whatever today is.
+            "outcomeTimestamp": (datetime.now(UTC) - timedelta(minutes=1)).strftime(
+                "%Y-%m-%dT%H:%M:%SZ")}]}
         assert request(url + "/feedback", feedback) == (200, {"received": 1, "stored": 1})
         assert request(url + "/feedback", feedback) == (200, {"received": 1, "stored": 0})
         # The same clinician opens the same chart again: the card is withheld.
         status, headers, body = post_raw(url, golden_request(patients[0]),
                                          f"Bearer {make_jwt(url, key=key, kid=kid, iss=iss)}")
-        assert (status, body) == (200, {"cards": []})
+        assert (status, body["cards"]) == (200, [])
+        assert body["extension"][WITHHELD_EXTENSION][0]["overriddenCard"] == card["uuid"]
         assert "auth;dur=" in headers["Server-Timing"]
         assert "cards;dur=" in headers["Server-Timing"]
         assert "total;dur=" in headers["Server-Timing"]

@@ -156,6 +156,7 @@ VALID = {
             "resource": {"resourceType": "ServiceRequest", "id": "o1"},
         }
     ],
+    "extension": {"org.example.cds.withheld-cards": [{"summary": "Reduce the dose"}]},
 }
 CARD = "cards[0]"
 
@@ -260,6 +261,8 @@ SPEC_DEFECTS = [
     ("cards", ..., "cards: missing"),
     ("cards", {}, "cards: must be an array"),
     ("cards.0", "card", f"{CARD}: must be a JSON object"),
+    ("extension", [], "extension: must be a JSON object (rule 137)"),
+    ("extension", {"withheld": 1}, "extension.withheld: not a reverse-domain name (rule 138)"),
 ]
 
 

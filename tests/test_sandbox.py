@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import jwt
 import pytest
+import sqlalchemy as sa
 
 from cds_service import create_app, sandbox
 from cds_service.errors import ConfigError
-from cds_service.invoke import load_bundle
+from cds_service.invoke import INVOKE_USER, load_bundle
 from cds_service.jsonlimit import MAX_DEPTH
+from cds_service.store import overrides_table
+from cds_service.suppression import WITHHELD_EXTENSION
 from hooks._medications import VALUE_SETS
 from tests.conftest import DEMO_ISS, DEMO_JWKS, ROOT
 
@@ -106,6 +110,7 @@ def test_page_and_its_assets_are_served_by_the_app(demo):
     assert 'src="/sandbox/static/sandbox.js"' in html
     assert 'href="/sandbox/static/sandbox.css"' in html
     assert "unauthenticated" in html and "demo-hospital" in html
+    assert 'data-reset="/sandbox/api/reset-overrides"' in html and 'id="reset-overrides"' in html
     # Works offline: nothing is loaded from another origin.
     assert "://" not in html.split("<body")[0]
     csp = page.headers["Content-Security-Policy"]
@@ -342,6 +347,43 @@ def test_overriding_with_a_reason_stores_it_and_suppresses_the_card(demo):
     assert again["response"]["body"]["cards"] == []
 
 
+def test_a_withheld_card_is_explained_and_reset_shows_it_again(demo):
+    app, client, _ = demo
+    card = _kidney_card(client)
+    client.post("/sandbox/api/feedback", json={
+        "service": "kidney-risk", "card": card["uuid"], "outcome": "overridden"})
+    store = app.extensions["cds"].store
+    # Someone else's override of the same patient, and the sandbox user's at another site: the
+    # sandbox's reset leaves both alone.
+    now = datetime.now(UTC)
+    with store._engine.begin() as conn:
+        conn.execute(sa.insert(overrides_table), [
+            {"time": now, "site": site, "service_id": "kidney-risk", "user_id": user,
+             "patient_id": "demo-ckd-1", "topic_code": "kidneyfunction", "indicator": "warning",
+             "card_uuid": f"{site}-{user}"}
+            for site, user in (("demo-hospital", "PractitionerRole/real-clinician"),
+                               ("another-site", INVOKE_USER))])
+
+    body = invoke(client, patient="ckd-patient-nsaid", service="kidney-risk",
+                  hook="patient-view").get_json()["response"]["body"]
+    assert body["cards"] == []
+    [withheld] = body["extension"][WITHHELD_EXTENSION]
+    assert (withheld["summary"], withheld["overriddenCard"]) == (KIDNEY_SUMMARY, card["uuid"])
+
+    response = client.post("/sandbox/api/reset-overrides", json={"patient": "ckd-patient-nsaid"})
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json() == {"cleared": 1, "site": "demo-hospital",
+                                   "userId": INVOKE_USER, "patientId": "demo-ckd-1"}
+    assert {r["card_uuid"] for r in store.list_overrides(since=now - timedelta(days=1))} == {
+        "demo-hospital-PractitionerRole/real-clinician", f"another-site-{INVOKE_USER}"}
+    again = invoke(client, patient="ckd-patient-nsaid", service="kidney-risk",
+                   hook="patient-view").get_json()["response"]["body"]
+    assert [c["summary"] for c in again["cards"]] == [KIDNEY_SUMMARY]
+    assert "extension" not in again
+    assert client.post("/sandbox/api/reset-overrides",
+                       json={"patient": "ckd-patient-nsaid"}).get_json()["cleared"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a 400 OperationOutcome naming the problem, never a 500
 
@@ -372,6 +414,9 @@ def test_overriding_with_a_reason_stores_it_and_suppresses_the_card(demo):
     ("invoke", {"patient": "ckd-patient-nsaid", "service": "kidney-risk",
                 "hook": "patient-view", "token": "eyJ"}, "token: Unknown field"),
     ("medications", {"bundle": {"resourceType": "Bundle"}}, "no Patient with an id"),
+    ("reset-overrides", {}, "give either `patient`"),
+    ("reset-overrides", {"patient": "ckd-patient-nsaid", "site": "other"},
+     "site 'other' has no sandbox"),
     ("feedback", {"service": "kidney-risk", "card": "c1", "outcome": "accepted"},
      "suggestion: an accepted card names"),
     ("feedback", {"service": "kidney-risk", "card": "c1", "outcome": "maybe"},

@@ -87,6 +87,30 @@ def test_sandbox_patient_view_accept_and_order_select_in_chromium(serve, browser
     assert (row["card"], row["outcome"]) == (card_uuid, "accepted")
     assert row["accepted_suggestions"] == [suggestion_uuid]
 
+    # Override it: the next call withholds it, and the page says which card and until when.
+    page.click("#run")
+    page.wait_for_selector(f"article.card:not([data-uuid='{card_uuid}'])")
+    card = page.locator("article.card").first
+    overridden_uuid = card.get_attribute("data-uuid")
+    card.locator("select.override__reason").select_option(index=1)
+    card.locator("button.button--override").click()
+    card.locator(".card__ack--ok").wait_for()
+    page.click("#run")
+    withheld = page.locator("#withheld")
+    withheld.wait_for()
+    assert page.locator("article.card").count() == 0
+    assert withheld.locator(".withheld__summary").inner_text().strip() == KIDNEY_SUMMARY
+    assert withheld.locator(".withheld__card").get_attribute("data-card") == overridden_uuid
+    assert "shown again after" in withheld.locator(".withheld__why").inner_text()
+    shot(page, "03b-withheld")
+    # Reset: the sandbox's own overrides for this patient end, and the card is back.
+    page.click("#reset-overrides")
+    page.wait_for_selector("#status.status--ok >> text=Cleared 1 suppression(s)")
+    page.click("#run")
+    page.locator("article.card").first.wait_for()
+    assert page.locator("#withheld").is_hidden()
+    assert page.locator("article.card .card__summary").first.inner_text() == KIDNEY_SUMMARY
+
     # order-select drafting ibuprofen 400 mg from the catalogue: the nephrotoxic card (eGFR 27).
     page.select_option("#service", "nephrotoxic-order-check|order-select")
     page.locator("label.medication[data-id='catalogue/ibuprofen-400'] input").check()

@@ -28,6 +28,7 @@ from sqlalchemy.pool import NullPool
 
 from cds_service.auth import RedisJwksStore
 from cds_service.store import Store, metadata
+from cds_service.suppression import WITHHELD_EXTENSION
 from tests.jwt_helpers import ISS, jwks_server, make_jwt, rsa_key  # noqa: F401 - fixture
 from tests.test_serve import Server, request
 from tests.test_services import DATA, DATE_KEYS, FROZEN_NOW, GOLDEN_SITE, load
@@ -158,8 +159,11 @@ def test_two_instances_share_replay_feedback_suppression_audit_and_jwks(
 
     # (c) Same clinician, same patient, on A again (and on B): suppressed from the shared store.
     again_a, again_b = golden_request(), golden_request()
-    assert request(kidney_a, again_a, token=token(kidney_a)) == (200, {"cards": []})
-    assert request(kidney_b, again_b, token=token(kidney_b)) == (200, {"cards": []})
+    for url, again in ((kidney_a, again_a), (kidney_b, again_b)):
+        status, body = request(url, again, token=token(url))
+        assert status == 200 and body["cards"] == [], body
+        [withheld] = body["extension"][WITHHELD_EXTENSION]
+        assert withheld["overriddenCard"] == card["uuid"]
 
     # (d) One audit log: each instance's calls, by the hookInstances sent only to it. Call
     # records are written by each worker's background writer just after the answer, so another

@@ -55,8 +55,13 @@ class Server:
         env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}",
                **(env or {})}
         self.log = (tmp_path / f"serve-{self.port}.log").open("w")
+        # One pidfile per server: several may share `tmp_path`. A later --pidfile in `args` wins.
+        self.pidfile = tmp_path / f"serve-{self.port}.pid"
+        if "--pidfile" in args:
+            self.pidfile = tmp_path / args[list(args).index("--pidfile") + 1]
         self.process = subprocess.Popen(
-            [CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--pidfile",
+             str(self.pidfile), *args],
             env=env, cwd=tmp_path, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
@@ -239,3 +244,82 @@ def test_output_piped_into_a_reader_that_leaves_prints_no_traceback(tmp_path):
         os.close(write_end)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+
+
+def reload(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "reload", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=90)
+
+
+def test_reload_reports_whether_the_new_configuration_was_taken(serve, tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text("site: before\n", encoding="utf-8")
+    # The default pidfile, var/cds-service.pid under the working directory, as `make run` has it.
+    server = serve("--workers", "2", "--pidfile", "var/cds-service.pid",
+                   env={"CDS_SITE_CONFIG": str(site)})
+    assert server.pidfile.read_text().strip() == str(server.process.pid)
+    old_workers = worker_pids(server)
+
+    site.write_text("site: after\n", encoding="utf-8")
+    done = reload(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"reloaded (master pid {server.process.pid}): sites after; ")
+    new_workers = {int(pid) for pid in done.stdout.split("workers ")[1].split(", ")}
+    assert len(new_workers) == 2 and not new_workers & old_workers
+    assert worker_pids(server) == new_workers
+    assert request(server.base + "/readyz")[1]["checks"]["config"]["sites"] == ["after"]
+
+    # A broken file: refused, said so, exit 1; the workers that were serving still are.
+    site.write_text("site: after\nservices:\n  kidney-risk:\n    prefetch:\n"
+                    "      nope: Patient/1\n", encoding="utf-8")
+    done = reload(tmp_path, "--pidfile", str(server.pidfile))
+    assert done.returncode == 1, done
+    assert done.stderr.startswith("reload refused: configuration error: ")
+    assert "site.yaml: services.kidney-risk.prefetch.nope" in done.stderr
+    assert "keep serving the previous configuration" in done.stderr
+    assert worker_pids(server) == new_workers
+    assert request(server.base + "/readyz")[1]["checks"]["config"]["sites"] == ["after"]
+
+    server.stop()
+    assert not server.pidfile.exists()
+    done = reload(tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == (f"reload: no pidfile {Path('var/cds-service.pid')}: the service is "
+                           "not running here, or was started with another --pidfile\n")
+
+
+def test_reload_never_signals_a_process_a_stale_pidfile_names(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    pidfile = tmp_path / "gone.pid"
+    pidfile.write_text(f"{gone.pid}\n")
+    done = reload(tmp_path, "--pidfile", str(pidfile))
+    assert done.returncode == 2
+    assert f"stale pidfile {pidfile}: no process {gone.pid}" in done.stderr
+
+    # A pid the system has given to another process since: SIGHUP would terminate it.
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile.write_text(f"{bystander.pid}\n")
+        done = reload(tmp_path, "--pidfile", str(pidfile))
+        assert done.returncode == 2
+        assert f"process {bystander.pid} named by {pidfile} has written no reload status" in \
+            done.stderr
+        # Even beside a status file naming that pid (both left by a crash): not cds-service.
+        (tmp_path / "gone.reload.json").write_text(
+            json.dumps({"pid": bystander.pid, "generation": 0}))
+        assert reload(tmp_path, "--pidfile", str(pidfile)).returncode == 2
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_second_instance_on_the_same_pidfile_is_refused(serve, tmp_path):
+    first = serve("--workers", "1")
+    result = subprocess.run([CLI, "serve", "--port", str(free_port()), "--pidfile",
+                             str(first.pidfile)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert f"process {first.process.pid} holds it" in result.stderr
+    assert first.pidfile.read_text().strip() == str(first.process.pid)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import copy
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
+from cds_service.suppression import WITHHELD_EXTENSION
 from cds_service.validator import validate_response
 from hooks import SERVICES
 from tests.test_api import assert_outcome, post
@@ -78,19 +79,29 @@ def test_overridden_card_is_not_shown_again_to_that_user_for_that_patient(make_c
     override(client, scenario, body["cards"][0], FROZEN_NOW - timedelta(minutes=5))
 
     again = invoke(client, scenario)
-    assert again == {"cards": []}
+    assert again["cards"] == []
+    # Why, in the response (validated above): which card, overridden when, shown again after.
+    card = body["cards"][0]
+    [withheld] = again["extension"][WITHHELD_EXTENSION]
+    overridden_at = withheld.pop("overriddenAt")
+    shown_again_after = withheld.pop("shownAgainAfter")
+    assert withheld == {"summary": card["summary"], "indicator": card["indicator"],
+                        "topic": card["source"]["topic"], "overriddenCard": card["uuid"]}
+    assert (datetime.fromisoformat(shown_again_after) - datetime.fromisoformat(overridden_at)
+            == timedelta(hours=24))
 
     store = app.extensions["cds"].store
     last = store.list_audit(kind="invoke")[-1]
-    topic = body["cards"][0]["source"]["topic"]["code"]
+    topic = card["source"]["topic"]["code"]
     assert last["outcome"] == "cards=0 suppressed=1"
-    assert last["detail"].startswith(f"suppressed {topic}: same user overrode card "
-                                     f"{body['cards'][0]['uuid']} at ")
-    assert "(window 24h)" in last["detail"]
+    assert last["detail"] == (f"suppressed {topic}: same user overrode card {card['uuid']} at "
+                              f"{overridden_at} (window 24h)")
 
     # Another clinician, or the same clinician with another patient, still sees it.
-    assert len(invoke(client, scenario, userId="PractitionerRole/eOtherUser0000003")["cards"]) == 1
-    assert len(invoke(client, scenario, patientId="eAnotherPatient00000003")["cards"]) == 1
+    for other in ({"userId": "PractitionerRole/eOtherUser0000003"},
+                  {"patientId": "eAnotherPatient00000003"}):
+        answer = invoke(client, scenario, **other)
+        assert len(answer["cards"]) == 1 and "extension" not in answer
 
 
 def test_accepted_cards_do_not_silence_anything(make_client):
@@ -131,6 +142,7 @@ def test_a_more_severe_card_is_shown_again_and_the_audit_says_why(make_client):
     critical = invoke(client, G5, patientId=patient,
                       userId=load(KIDNEY / "request.json")["context"]["userId"])
     assert [c["indicator"] for c in critical["cards"]] == ["critical"]
+    assert "extension" not in critical  # shown, so not listed as withheld
     detail = app.extensions["cds"].store.list_audit(kind="invoke")[-1]["detail"]
     assert detail.startswith("shown again kidneyfunction: critical after warning overridden at")
 

@@ -5,6 +5,7 @@ Runs on SQLite and on the local PostgreSQL (both for real; see storage_fixtures)
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -343,3 +344,55 @@ def test_override_time_is_the_outcome_timestamp_at_the_latest_its_receipt(store,
         "T1": Override("T1", starts, "warning", "c1")}
     [row] = store.list_feedback()
     assert (row["outcome_timestamp"], row["received_at"]) == (stamped, NOW)
+
+
+def test_suppressions_list_and_clear_commands(store, store_url, tmp_path, monkeypatch, capsys):
+    from cds_service.cli import main
+    from cds_service.store import overrides_table
+
+    now = datetime.now(UTC)
+    (tmp_path / "a.yaml").write_text("site: site-a\nalert_fatigue:\n  override_window_hours: 2\n",
+                                     encoding="utf-8")
+    (tmp_path / "b.yaml").write_text("site: site-b\n", encoding="utf-8")  # 24 h by default
+    recorded = [  # (site, user, patient, topic, hours ago); in force while within the window
+        ("site-a", "u1", "p1", "T1", 1),
+        ("site-a", "u1", "p1", "T2", 3),
+        ("site-b", "u2", "p2", "T1", 20),
+        ("site-b", "u1", "p2", "T1", 30),
+        ("site-b", "u3", "p3", "T3", 5),
+    ]
+    with store._engine.begin() as conn:
+        conn.execute(sa.insert(overrides_table), [
+            {"time": now - timedelta(hours=hours), "site": site, "service_id": "svc",
+             "user_id": user, "patient_id": patient, "topic_code": topic, "indicator": "warning",
+             "card_uuid": f"card-{site}-{topic}-{hours}"}
+            for site, user, patient, topic, hours in recorded])
+    monkeypatch.setenv("CDS_DATABASE_URL", store_url)
+    monkeypatch.setenv("CDS_SITE_CONFIG", str(tmp_path))
+
+    def suppressions(*args: str) -> str:
+        assert main(["suppressions", *args]) == 0
+        return capsys.readouterr().out
+
+    listed = [json.loads(line) for line in suppressions("list", "--format", "jsonl").splitlines()]
+    assert [(r["site"], r["user_id"], r["topic_code"]) for r in listed] == [
+        ("site-b", "u2", "T1"), ("site-b", "u3", "T3"), ("site-a", "u1", "T1")]
+    expires = {r["card_uuid"]: datetime.fromisoformat(r["expires"]) for r in listed}
+    assert expires["card-site-a-T1-1"] == now + timedelta(hours=1)
+    assert expires["card-site-b-T1-20"] == now + timedelta(hours=4)
+
+    header, *rows = suppressions("list", "--user", "u1").splitlines()
+    assert header.split()[:3] == ["time", "expires", "site"]
+    assert [row.split()[2:8] for row in rows] == [["site-a", "svc", "u1", "p1", "T1", "warning"]]
+
+    assert suppressions("clear", "--patient", "p2") == "cleared 1 suppression(s)\n"
+    assert main(["suppressions", "clear"]) == 2  # everyone's, only when asked for
+    assert "or give --all" in capsys.readouterr().err
+    assert suppressions("clear", "--site", "site-a", "--user", "u1") == \
+        "cleared 1 suppression(s)\n"
+    assert suppressions("list", "--format", "jsonl").count("\n") == 1
+    assert suppressions("clear", "--all") == "cleared 1 suppression(s)\n"
+    assert main(["suppressions", "list"]) == 0
+    assert capsys.readouterr().err == "no suppressions in force\n"
+    # Expired overrides are left for the retention purge; they suppress nothing either way.
+    assert len(store.list_overrides(since=now - timedelta(days=2))) == 2

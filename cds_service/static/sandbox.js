@@ -7,6 +7,8 @@ const $ = (id) => document.getElementById(id);
 const api = document.body.dataset;
 const state = { services: [], upload: null, uploadName: "" };
 const INDICATOR_LABEL = { info: "Info", warning: "Warning", critical: "Critical" };
+// Cards withheld by alert-fatigue suppression, listed in the response (cds_service/suppression.py).
+const WITHHELD_EXTENSION = "org.example.cds.withheld-cards";
 
 // ---------------------------------------------------------------------------------------------
 // Markdown (GFM subset): paragraphs, **bold**, *italic*, `code`, lists, pipe tables, links.
@@ -239,9 +241,13 @@ async function run(event) {
     const result = await call(api.invoke, body);
     showExchange(result);
     const response = result.response;
+    const withheld = response.status === 200
+      ? ((response.body.extension || {})[WITHHELD_EXTENSION] || []) : [];
+    renderWithheld(withheld);
     if (response.status === 200) {
-      renderCards(response.body.cards || [], { site: body.site, service: id });
-      setStatus(`HTTP ${response.status}: ${(response.body.cards || []).length} card(s).`, "ok");
+      renderCards(response.body.cards || [], { site: body.site, service: id }, withheld.length);
+      setStatus(`HTTP ${response.status}: ${(response.body.cards || []).length} card(s)`
+        + (withheld.length ? `, ${withheld.length} withheld.` : "."), "ok");
     } else {
       $("cards").replaceChildren(el("p", { class: "status--error",
         text: `The service answered ${response.status}: ${problem(response.body)}` }));
@@ -271,14 +277,43 @@ function showExchange(result) {
   $("response-json").textContent = pretty(result.response.body);
 }
 
-function renderCards(cards, where) {
+function renderCards(cards, where, withheld = 0) {
   $("cards-meta").textContent = cards.length ? `(${cards.length})` : "";
   if (!cards.length) {
-    $("cards").replaceChildren(el("p", { class: "muted",
-      text: "No cards: the service has nothing to say for this patient." }));
+    $("cards").replaceChildren(el("p", { class: "muted", text: withheld
+      ? "No cards shown: see below why."
+      : "No cards: the service has nothing to say for this patient." }));
     return;
   }
   $("cards").replaceChildren(...cards.map((card) => renderCard(card, where)));
+}
+
+function renderWithheld(withheld) {
+  const box = $("withheld");
+  box.hidden = !withheld.length;
+  box.replaceChildren(
+    el("h3", { class: "withheld__title",
+               text: "Withheld: you overrode a card of the same topic for this patient" }),
+    ...withheld.map((w) => el("div", { class: "withheld__card", "data-card": w.overriddenCard },
+      el("span", { class: `badge badge--${w.indicator}`, text: w.indicator }),
+      el("span", { class: "withheld__summary", text: ` ${w.summary}` }),
+      el("p", { class: "muted withheld__why",
+        text: `Overridden at ${w.overriddenAt} (card ${w.overriddenCard}); shown again after `
+          + `${w.shownAgainAfter}, or sooner if more severe.` }))),
+    el("p", { class: "muted", text: "“Reset my overrides for this patient” shows them again." }));
+}
+
+async function resetOverrides() {
+  $("reset-overrides").disabled = true;
+  try {
+    const result = await call(api.reset, patientSource());
+    setStatus(`Cleared ${result.cleared} suppression(s) of ${result.userId} for patient `
+      + `${result.patientId}: send the request again to see the cards.`, "ok");
+  } catch (error) {
+    setStatus(error.message, "error");
+  } finally {
+    $("reset-overrides").disabled = false;
+  }
 }
 
 function renderCard(card, where) {
@@ -455,6 +490,7 @@ function renderModel(explanation) {
 async function start() {
   $("request-form").addEventListener("submit", run);
   $("upload").addEventListener("change", readUpload);
+  $("reset-overrides").addEventListener("click", resetOverrides);
   $("site").addEventListener("change", () => { fillServices(); loadMedications(); });
   $("service").addEventListener("change", loadMedications);
   $("patient").addEventListener("change", loadMedications);
