@@ -74,7 +74,7 @@ LARGE_SIZES = (100, 1000)
 LARGE_SEED = 7
 REPLICATED_SHARE = 0.2        # of a large prefetch: the patient's own results, re-dated
 LARGE_SPAN_DAYS = 3 * 365     # dates spread over the 3 years before the prediction time
-TARGET_P50_US = 1000.0        # issue target: server-side p50 <= 1 ms per patient-view request
+TARGET_P50_US = 1000.0        # target: server-side p50 <= 1 ms per patient-view request
 FHIR_BASE = "https://fhir.example.org/api/FHIR/R4"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 
@@ -431,7 +431,7 @@ def markdown(report: dict) -> str:
              for mid, c in report["context"]["typical_model_step"].items()]
     lines += [
         "",
-        "The issue's target is a server-side p50 ≤ 1 ms for a whole ~3 KB patient-view request; "
+        "The target is a server-side p50 ≤ 1 ms for a whole ~3 KB patient-view request; "
         "the model step alone on a typical patient of these inputs (extraction + one "
         "prediction with its explanation, `predict_full` median) takes "
         + " and ".join(parts) + ".",

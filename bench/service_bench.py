@@ -8,7 +8,7 @@ Run from the repository root with the project's virtualenv (`make bench` does th
 
 It writes ``DIR/service.json`` (every scenario's figures, the payloads, the servers' memory, the
 machine, library versions, date and git commit) and ``DIR/service.md`` (one table per server
-plus the issue's target lines), prints the markdown, and exits 1 if any response was not 200.
+plus the target lines), prints the markdown, and exits 1 if any response was not 200.
 
 Servers, one after another, each on a free loopback port in a fresh directory under one
 temporary directory (its own SQLite store and replay cache, Prometheus directory, log file):
@@ -22,7 +22,7 @@ temporary directory (its own SQLite store and replay cache, Prometheus directory
   answers a fixed card) on the same gunicorn application and settings, same bodies.
 - ``service-shadow-2w``: the demo site with `shadow_model: ckd-progression-lr` for kidney-risk
   (a site file written into the temporary directory), so both shipped models are loaded and
-  scored on every patient-view call: the memory figure the issue's target is about.
+  scored on every patient-view call: the memory figure the RSS target is about.
 
 Server processes log to a file (never a pipe), JSON, `CDS_LOG_LEVEL=WARNING`; any `CDS_*`
 variable of the caller's environment is left out, so nothing (e.g. `CDS_AUTH_REQUIRED`)
@@ -100,7 +100,7 @@ STAGES = ("auth", "prefetch", "fhir_fallback", "features", "model", "cards", "re
 SHOWN_STAGES = ("auth", "prefetch", "features", "model", "cards", "rest")
 CONCURRENT = 16
 
-# The issue's targets (reported, never asserted).
+# Our targets (reported, never asserted).
 TARGET_RATIO_VS_FLOOR = 0.60
 TARGET_P50_3KB_MS = 1.0
 TARGET_P50_1MB_MS = 20.0
