@@ -10,7 +10,6 @@ parameters are not applied: the services filter by code themselves.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -22,6 +21,7 @@ from typing import Any
 import jwt
 import requests
 
+from cds_service import jsonlimit
 from cds_service.config import Site
 from cds_service.devkeys import ALGORITHM, load_signing_key, private_key_path
 from cds_service.prefetch import is_search, render_template
@@ -203,9 +203,9 @@ def dated_today(bundle: Any, today: date) -> Any:
 def load_bundle(path: str, today: date | None = None) -> Any:
     """The Bundle in the file; a synthetic example is dated today (`dated_today`)."""
     try:
-        bundle = json.loads(Path(path).read_text(encoding="utf-8"))
+        bundle = jsonlimit.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise InvokeError(f"cannot read {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise InvokeError(f"{path} is not JSON: {exc}") from exc
+    except (ValueError, jsonlimit.JsonTooDeep) as exc:
+        raise InvokeError(f"{path} is not usable JSON: {exc}") from exc
     return dated_today(bundle, today or datetime.now(UTC).date())

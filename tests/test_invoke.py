@@ -193,3 +193,10 @@ def test_the_example_bundles_are_synthetic_and_dated_from_their_timestamp():
         assert HTEST in [{k: t[k] for k in ("system", "code")} for t in written["meta"]["tag"]]
         loaded = load_bundle(str(path), today=date(2031, 1, 1))
         assert loaded["timestamp"].startswith("2031-01-01T"), path.name
+
+
+def test_a_bundle_file_nested_too_deep_is_a_clear_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(InvokeError, match="deep.json is not usable JSON: JSON nested deeper"):
+        load_bundle(str(path))
