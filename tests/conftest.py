@@ -29,8 +29,8 @@ EXAMPLES = ROOT / "tests" / "fixtures" / "cds-hooks-examples"
 
 
 def _forbid_reading_beside_the_checkout() -> None:
-    """Fail any open() of a file beside the checkout (e.g. ../shared/...): a clone in an empty
-    folder must pass. Hidden entries (~/.cache when cloned in $HOME), the interpreter's prefix
+    """Fail any open() of a file beside the checkout (a sibling folder of data): a clone in an
+    empty folder must pass. Hidden entries (~/.cache when cloned in $HOME), the interpreter's prefix
     and the temp dir stay readable."""
     parent = ROOT.parent
     if parent == parent.parent:

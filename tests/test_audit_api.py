@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -70,8 +71,9 @@ def test_refusals_and_failures_are_audited_too(audited):
 def test_feedback_is_audited_with_its_cards(audited):
     client = audited.test_client()
     token = make_jwt("http://localhost/cds-services/echo/feedback")
+    an_hour_ago = f"{datetime.now(UTC) - timedelta(hours=1):%Y-%m-%dT%H:%M:%SZ}"
     feedback = {"feedback": [{"card": str(uuid.uuid4()), "outcome": "overridden",
-                              "outcomeTimestamp": "2026-11-01T10:00:00Z"} for _ in range(2)]}
+                              "outcomeTimestamp": an_hour_ago} for _ in range(2)]}
     response = post(client, "/cds-services/echo/feedback", feedback,
                     headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200
@@ -88,7 +90,6 @@ def test_discovery_reads_no_phi_and_is_not_audited(audited):
 
 def test_purge_command_removes_records_past_retention(store_url, tmp_path):
     import subprocess
-    from datetime import UTC, datetime, timedelta
 
     from cds_service.audit import AuditRecord
     from cds_service.store import Store
@@ -109,7 +110,6 @@ def test_purge_command_removes_records_past_retention(store_url, tmp_path):
 
 
 def test_show_command_reads_the_log_for_an_access_review(store_url, monkeypatch, capsys):
-    from datetime import UTC, datetime, timedelta
 
     from cds_service.audit import AuditRecord
     from cds_service.cli import main

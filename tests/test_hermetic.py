@@ -11,7 +11,7 @@ def test_reading_a_file_beside_the_checkout_fails_the_test():
     if ROOT.parent == ROOT.parent.parent:
         pytest.skip("checked out at the filesystem root")
     with pytest.raises(PermissionError, match="outside the repository"):
-        (ROOT.parent / "shared" / "reference" / "cds-hooks-examples" / "README.md").read_text()
+        (ROOT.parent / "beside-the-checkout.json").read_text()  # refused before any lookup
 
 
 def test_the_example_payloads_are_in_the_repository_with_their_sources():

@@ -110,7 +110,7 @@ def test_accepted_cards_do_not_silence_anything(make_client):
     response = post(client, "/cds-services/kidney-risk/feedback", {"feedback": [{
         "card": card["uuid"], "outcome": "accepted",
         "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
-        "outcomeTimestamp": "2026-11-21T11:55:00Z"}]})
+        "outcomeTimestamp": f"{(FROZEN_NOW - timedelta(minutes=5)):%Y-%m-%dT%H:%M:%SZ}"}]})
     assert response.status_code == 200
     assert len(invoke(client, KIDNEY)["cards"]) == 1
 
