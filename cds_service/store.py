@@ -779,23 +779,9 @@ class Store:
         with self._unavailable_on_error(), self._write() as conn:
             return conn.execute(stmt).rowcount
 
-    def list_audit(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: int | None = None,
-        outcome_contains: str | None = None,
-        **filters: str | int,
-    ) -> list[dict[str, Any]]:
-        """Audit rows in time order (then id), as dicts of the `AuditRecord` fields plus `id`.
-
-        `since` is inclusive, `until` exclusive; `outcome_contains` matches part of the outcome
-        text (`suppressed`, `cards=0`); `filters` match columns exactly, e.g.
-        `list_audit(patient_id="p1", kind="invoke", since=start)`. Tuple fields come back as tuples.
-        """
-        return list(self.iter_audit(since=since, until=until, limit=limit,
-                                    outcome_contains=outcome_contains, **filters))
+    def list_audit(self, **query: Any) -> list[dict[str, Any]]:
+        """`iter_audit`, as a list."""
+        return list(self.iter_audit(**query))
 
     def iter_audit(
         self,
@@ -806,7 +792,13 @@ class Store:
         outcome_contains: str | None = None,
         **filters: str | int,
     ) -> Iterator[dict[str, Any]]:
-        """`list_audit`, streamed in batches: an access review may read years of the log."""
+        """Audit rows in time order (then id), as dicts of the `AuditRecord` fields plus `id`,
+        streamed in batches: an access review may read years of the log.
+
+        `since` is inclusive, `until` exclusive; `outcome_contains` matches part of the outcome
+        text (`suppressed`, `cards=0`); `filters` match columns exactly, e.g.
+        `list_audit(patient_id="p1", kind="invoke", since=start)`. Tuple fields come back as tuples.
+        """
         self.recorder.flush()
         unknown = sorted(set(filters) - set(_AUDIT_FILTER_COLUMNS))
         if unknown:
