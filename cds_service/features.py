@@ -475,9 +475,10 @@ def _ucum_unit(text: str) -> _UcumUnit | None:
     """A unit text parsed by the UCUM library; None when it is not UCUM (nor a known lab
     spelling of it) or not a plain multiple (offset units such as Cel)."""
     ucum = _as_ucum(text)
+    with _UCUM_LOCK:
+        registry = _ucum_registry()  # not data: a library that fails to load must be seen
     try:
         with _UCUM_LOCK:
-            registry = _ucum_registry()
             quantity = registry.from_ucum(ucum)
             if not hasattr(quantity, "to_base_units") or not quantity._ok_for_muldiv():
                 return None
@@ -507,9 +508,6 @@ def _ucum_factor(text: str, canonical: str, molar_mass: float | None) -> float |
     source, target = _ucum_unit(text), _ucum_unit(canonical)
     if source is None or target is None:
         return ""
-    missing = target.annotations - source.annotations
-    if missing:
-        return f"not per {{{sorted(missing)[0]}}}"
     diff = dict(source.dims)
     for dim, e in target.dims:
         diff[dim] = diff.get(dim, 0.0) - e
@@ -530,6 +528,10 @@ def _ucum_factor(text: str, canonical: str, molar_mass: float | None) -> float |
     # Both dimensionless is not enough: mmol/mol (HbA1c IFCC) is no multiple of % (NGSP).
     if not same_kind:
         return ""
+    # An annotation the canonical unit names is part of its meaning (eGFR per 1.73 m2).
+    missing = target.annotations - source.annotations
+    if missing:
+        return f"not per {{{sorted(missing)[0]}}}"
     # 12 significant digits: drops the float noise of the base-unit round trip (1e-3/1e-2).
     return float(f"{factor:.12g}")
 

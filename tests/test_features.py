@@ -225,7 +225,7 @@ CODE_ROWS = [
                  dict(value=1.4), id="epic-local-component-via-code-map"),
     pytest.param("egfr", [obs("4418", system=EPIC_COMPONENT, valueQuantity=q(51, "mL/min"))],
                  dict(value=None, status="missing", notes=[
-                     "unit 'mL/min' not convertible to mL/min/{1.73_m2}"]),
+                     "unit 'mL/min' not convertible to mL/min/{1.73_m2} (not per {1.73_m2})"]),
                  id="local-code-mapped-to-a-list-then-unit-checked"),
     pytest.param("egfr", [obs("4418", system=EPIC_COMPONENT,
                               valueQuantity=q(51, "mL/min/1.73m2"))],
