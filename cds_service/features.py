@@ -416,7 +416,8 @@ _LAB_SPELLINGS = MappingProxyType({
 # which UCUM writes as the annotation {1.73_m2} (a bare "1.73" is no UCUM factor: the library
 # reads "1.73.m2" as 1 x 73 x m2).
 _BSA = re.compile(r"/\(?1[.,]73[._]?m(?:2|\^2)\)?", re.IGNORECASE)
-_MICRO = re.compile(r"(?:µ|μ|mc)(?=g|mol|L|l|U|eq)")
+# µ (micro sign), μ (Greek mu), and "mc" where a unit starts (mcg, mcmol/L; not inside [mclgU]).
+_MICRO = re.compile(r"(?:µ|μ|(?<![^/.(])mc)(?=g|mol|L|l|U|eq)")
 _ANNOTATION = re.compile(r"\{([^{}]*)\}")
 _UCUM_LOCK = threading.Lock()
 
