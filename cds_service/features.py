@@ -4,7 +4,15 @@
 patient's resources (prefetch, FHIR reads, or one `group_by_patient` group of a Bulk NDJSON
 export) into a `FeatureVector` in spec order. Training and serving call the same `extract`, so a
 feature means the same thing in both (train/serve parity); `now` is the prediction time, and
-nothing dated after it is used.
+nothing dated after it is used, but for a few minutes of clock skew (`FUTURE_SKEW`). `readings`
+gives one Observation feature's usable results one by one, oldest first, from the same pass.
+
+Units: a result's unit is converted to the spec's canonical UCUM unit by a UCUM library
+(ucumvert, on pint), parsed once per distinct unit text and cached. Annotations (`{creat}`) carry
+no dimension, except that one the canonical unit names must be in the result's unit too
+(`mL/min` is not `mL/min/{1.73_m2}`). Molar <-> mass needs the analyte's molar mass (spec key
+`molar_mass`); a spec's own `conversions:` table is tried first. A comparator ("<15") keeps the
+number and is reported as a bound (`FeatureValue.comparator`, `Reading.comparator`).
 
 Tolerance policy: data never raises. A resource, coding, value, unit or date that is missing,
 malformed or unparseable at any depth is treated as missing and skipped; the feature is computed
@@ -21,8 +29,10 @@ Speed: the specs are compiled once (cached per spec tuple) into a dict from norm
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -95,12 +105,15 @@ _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _PATIENT_REFERENCE = re.compile(
     r"(?:^|/)Patient/([A-Za-z0-9.\-]+)(?:/_history/[A-Za-z0-9.\-]+)?/?$")
 _MAX_BUNDLE_DEPTH = 16
+# A result stamped up to this far after `now` is kept: the EHR's clock and ours differ by seconds
+# to minutes, and a result just filed must not read as "future". Later ones are ignored, noted.
+FUTURE_SKEW = timedelta(minutes=5)
 _SECONDS_PER_YEAR = 365.25 * 86_400
 # JSON gives dicts: test dict first, the Mapping ABC check is several times slower.
 _MAPPING = (dict, Mapping)
 
 _FEATURE_KEYS = ("name", "description", "source", "aggregation", "lookback_days", "unit",
-                 "conversions", "plausible", "missing")
+                 "conversions", "molar_mass", "plausible", "missing")
 _SOURCE_KEYS = ("resource", "codes", "attribute")
 _MISSING_KEYS = ("impute", "fit")
 _CONVERSION_KEYS = ("factor", "offset")
@@ -182,9 +195,12 @@ class FeatureSpec:
     plausible: tuple[float, float] | None
     missing: MissingPolicy
     description: str = ""
+    molar_mass: float | None = None  # g/mol of the analyte counted in moles (molar <-> mass)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "codes", tuple(self.codes))
+        if self.molar_mass is not None:
+            object.__setattr__(self, "molar_mass", float(self.molar_mass))
         object.__setattr__(self, "conversions", _FrozenMap(
             (unit, _factor_offset(conv)) for unit, conv in dict(self.conversions or {}).items()))
         if self.plausible is not None:
@@ -211,6 +227,8 @@ class FeatureSpec:
             out["conversions"] = {
                 unit: factor if offset == 0 else {"factor": factor, "offset": offset}
                 for unit, (factor, offset) in self.conversions.items()}
+        if self.molar_mass is not None:
+            out["molar_mass"] = self.molar_mass
         if self.plausible is not None:
             out["plausible"] = list(self.plausible)
         out["missing"] = _policy_to_raw(self.missing)
@@ -245,12 +263,28 @@ class FeatureValue:
     n: int                     # usable results (in the window) / resources the value rests on
     notes: tuple[str, ...]
     required: bool = False     # missing policy "required": missing means no prediction
+    # "<", "<=", ">" or ">=" when the result used (latest/min/max) was reported as a bound
+    # ("<15"): `value` is then the bound itself, not a measured value.
+    comparator: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "value": self.value, "status": self.status,
                 "observed": self.observed, "unit": self.unit, "date": self.date,
                 "source": self.source, "n": self.n, "notes": list(self.notes),
-                "required": self.required}
+                "required": self.required, "comparator": self.comparator}
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One usable numeric result of an Observation feature (`readings`)."""
+
+    instant: datetime          # UTC
+    date: str                  # YYYY-MM-DD as the result states it (its local date)
+    value: float               # in the spec's canonical unit
+    comparator: str | None     # "<", "<=", ">", ">=" when reported as a bound, else None
+    source: str | None         # "Observation/<id>"
+    code: str | None           # the matched code, "system|code" (after the site's code map)
+    notes: tuple[str, ...]     # reinterpretations: conversion, bound, assumed unit
 
 
 @dataclass(frozen=True)
@@ -358,6 +392,149 @@ def _unit(unit: str) -> str:
     """Comparison key of a unit: "mL/min/{1.73_m2}", "ml/min/1.73 m2" and "mL/min/1.73m²" are
     one unit, and µmol/L (micro sign) equals μmol/L (Greek mu) and umol/L."""
     return "".join(unit.lower().translate(_UNIT_TABLE).split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Units: UCUM through ucumvert (a UCUM grammar on pint), parsed once per distinct text
+
+# Lab spellings that are not UCUM but that Epic and lab interfaces send, keyed by their
+# lower-cased, space-free form, mapped to the UCUM unit they mean (then converted by the
+# library). Micro as µ/μ/mc and "²" are rewritten before this lookup, and the body-surface
+# normaliser "/1.73m2" in any spelling by _BSA.
+_LAB_SPELLINGS = MappingProxyType({
+    "mg/dl": "mg/dL",
+    "g/dl": "g/dL",
+    "umol/l": "umol/L",
+    "mmol/l": "mmol/L",
+    "mg/l": "mg/L",
+    "ml/min": "mL/min",
+    "ml/min/{1.73_m2}": "mL/min/{1.73_m2}",
+    "mg/gcreat": "mg/g{creat}",
+    "mg/mmolcreat": "mg/mmol{creat}",
+})
+# "/1.73m2", "/1.73 m²", "/1.73.m2", "/(1.73.m2)", "/1.73m^2": eGFR's per-1.73 m² body surface,
+# which UCUM writes as the annotation {1.73_m2} (a bare "1.73" is no UCUM factor: the library
+# reads "1.73.m2" as 1 x 73 x m2).
+_BSA = re.compile(r"/\(?1[.,]73[._]?m(?:2|\^2)\)?", re.IGNORECASE)
+# µ (micro sign), μ (Greek mu), and "mc" where a unit starts (mcg, mcmol/L; not inside [mclgU]).
+_MICRO = re.compile(r"(?:µ|μ|(?<![^/.(])mc)(?=g|mol|L|l|U|eq)")
+_ANNOTATION = re.compile(r"\{([^{}]*)\}")
+_UCUM_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class _UcumUnit:
+    base: float                                   # magnitude of 1 unit in pint base units
+    dims: tuple[tuple[str, float], ...]           # reduced dimensionality
+    cancelled: tuple[tuple[str, float], ...]      # dimensions that cancel (mg/g: [mass])
+    molar_cancelled: tuple[tuple[str, float], ...]  # the same once [substance] counts as [mass]
+    annotations: frozenset[str]
+
+
+@lru_cache(maxsize=1)
+def _ucum_registry() -> Any:
+    # Imported and built on first use (about 0.6 s): compiling specs does it at start-up.
+    from ucumvert import PintUcumRegistry
+    return PintUcumRegistry()
+
+
+def _as_ucum(text: str) -> str:
+    """The UCUM form of a unit as labs write it (see _LAB_SPELLINGS)."""
+    compact = "".join(text.split()).replace("²", "2")
+    compact = _BSA.sub("/{1.73_m2}", _MICRO.sub("u", compact))
+    return _LAB_SPELLINGS.get(compact.lower(), compact)
+
+
+def _cancelled(sides: tuple[Counter, Counter]) -> tuple[tuple[str, float], ...]:
+    num, den = sides
+    out = {}
+    for dim in num.keys() & den.keys():
+        a, b = num[dim], den[dim]
+        if a and b and (a > 0) == (b > 0):
+            out[dim] = math.copysign(min(abs(a), abs(b)), a)
+    return tuple(sorted(out.items()))
+
+
+def _ucum_terms(ucum: str) -> Iterator[tuple[int, str]]:
+    """(0 numerator | 1 denominator, text) of each top-level term: UCUM reads a/b.c as (a/b).c,
+    so only the term right after a "/" divides. Annotation-only terms carry nothing."""
+    depth, start, side = 0, 0, 0
+    for i, char in enumerate(ucum + "."):
+        if char in "({":
+            depth += 1
+        elif char in ")}":
+            depth -= 1
+        elif depth == 0 and char in "./" and not (char == "." and ucum[i - 1:i] == "*"):
+            part = ucum[start:i]
+            if part and not (part.startswith("{") and part.endswith("}")):
+                yield side, part
+            side, start = (1 if char == "/" else 0), i + 1
+
+
+@lru_cache(maxsize=2048)
+def _ucum_unit(text: str) -> _UcumUnit | None:
+    """A unit text parsed by the UCUM library; None when it is not UCUM (nor a known lab
+    spelling of it) or not a plain multiple (offset units such as Cel)."""
+    ucum = _as_ucum(text)
+    with _UCUM_LOCK:
+        registry = _ucum_registry()  # not data: a library that fails to load must be seen
+    try:
+        with _UCUM_LOCK:
+            quantity = registry.from_ucum(ucum)
+            if not hasattr(quantity, "to_base_units") or not quantity._ok_for_muldiv():
+                return None
+            base = float(quantity.to_base_units().magnitude)
+            dims = tuple(sorted((str(d), float(e))
+                                for d, e in quantity.dimensionality.items() if e))
+            # Numerator and denominator from the text: pint reduces mg/mg to a bare number.
+            sides: tuple[Counter, Counter] = (Counter(), Counter())
+            molar: tuple[Counter, Counter] = (Counter(), Counter())
+            for side, part in _ucum_terms(ucum):
+                component = registry.from_ucum(part)
+                for dim, e in getattr(component, "dimensionality", {}).items():
+                    sides[side][str(dim)] += e
+                    molar[side]["[mass]" if dim == "[substance]" else str(dim)] += e
+    except Exception:  # the library raises many kinds on bad text; data never raises
+        return None
+    if not math.isfinite(base) or base <= 0:
+        return None
+    return _UcumUnit(base, dims, _cancelled(sides), _cancelled(molar),
+                     frozenset(_ANNOTATION.findall(ucum)))
+
+
+@lru_cache(maxsize=4096)
+def _ucum_factor(text: str, canonical: str, molar_mass: float | None) -> float | str:
+    """The factor from `text` to `canonical` (value x factor), or why there is none: "" when the
+    units do not convert, else a short reason for the note."""
+    source, target = _ucum_unit(text), _ucum_unit(canonical)
+    if source is None or target is None:
+        return ""
+    diff = dict(source.dims)
+    for dim, e in target.dims:
+        diff[dim] = diff.get(dim, 0.0) - e
+    diff = {dim: e for dim, e in diff.items() if e}
+    # Molar <-> mass: the source has n more [substance] and n less [mass] than the target.
+    n = diff.pop("[substance]", 0.0)
+    if diff.pop("[mass]", 0.0) != -n or diff or n != int(n):
+        return ""
+    factor = source.base / target.base
+    if n:
+        if molar_mass is None:
+            return ""
+        # pint's base unit of mass is the kilogram: g/mol / 1000 = kg/mol.
+        factor *= (molar_mass / 1000.0) ** int(n)
+        same_kind = source.molar_cancelled == target.molar_cancelled
+    else:
+        same_kind = source.cancelled == target.cancelled
+    # Both dimensionless is not enough: mmol/mol (HbA1c IFCC) is no multiple of % (NGSP).
+    if not same_kind:
+        return ""
+    # An annotation the canonical unit names is part of its meaning (eGFR per 1.73 m2).
+    missing = target.annotations - source.annotations
+    if missing:
+        return f"not per {{{sorted(missing)[0]}}}"
+    # 12 significant digits: drops the float noise of the base-unit round trip (1e-3/1e-2).
+    return float(f"{factor:.12g}")
 
 
 def _fmt(x: float) -> str:
@@ -477,15 +654,19 @@ def _parse_feature(item: Any, path: str, allow_unfitted: bool) -> FeatureSpec:
 
     unit = item.get("unit")
     conversions: dict[str, tuple[float, float]] = {}
-    plausible = None
+    plausible = molar_mass = None
     if numeric:
         if not isinstance(unit, str) or not unit.strip():
             raise _fail(f"{path}.unit", f"required for {aggregation} (the canonical UCUM unit)")
         unit = unit.strip()
         conversions = _parse_conversions(item.get("conversions"), unit, f"{path}.conversions")
         plausible = _parse_plausible(item.get("plausible"), f"{path}.plausible")
+        molar_mass = item.get("molar_mass")
+        if molar_mass is not None and (not _is_number(molar_mass) or molar_mass <= 0):
+            raise _fail(f"{path}.molar_mass", f"must be a positive number (g/mol); "
+                                              f"got {molar_mass!r}")
     else:
-        for key in ("unit", "conversions", "plausible"):
+        for key in ("unit", "conversions", "molar_mass", "plausible"):
             if item.get(key) is not None:
                 raise _fail(f"{path}.{key}", "only for numeric Observation aggregations "
                                              f"({', '.join(sorted(NUMERIC_AGGREGATIONS))})")
@@ -496,7 +677,7 @@ def _parse_feature(item: Any, path: str, allow_unfitted: bool) -> FeatureSpec:
     return FeatureSpec(name=name, resource=resource, attribute=attribute, codes=codes,
                        aggregation=aggregation, lookback_days=lookback, unit=unit,
                        conversions=conversions, plausible=plausible, missing=missing,
-                       description=description)
+                       description=description, molar_mass=molar_mass)
 
 
 def _parse_codes(raw: Any, path: str) -> tuple[str, ...]:
@@ -690,6 +871,7 @@ class _Feature:
     kind: str                        # "patient" | "numeric" | "count"
     unit_key: str | None
     conversions: Mapping[str, tuple[float, float]]
+    molar_mass: float | None = None
 
 
 @dataclass(frozen=True)
@@ -710,7 +892,9 @@ def _compile_uncached(specs: tuple[FeatureSpec, ...]) -> _Compiled:
             kind = "numeric"
         features.append(_Feature(
             spec, kind, _unit(spec.unit) if isinstance(spec.unit, str) else None,
-            {_unit(u): conv for u, conv in spec.conversions.items()}))
+            {_unit(u): conv for u, conv in spec.conversions.items()}, spec.molar_mass))
+        if kind == "numeric" and isinstance(spec.unit, str):
+            _ucum_unit(spec.unit)  # parse the canonical unit (and build the registry) now
     return _Compiled(
         tuple(features),
         _Lookup((i, c) for i, s in enumerate(specs) if s.resource == "Observation"
@@ -898,8 +1082,10 @@ def _concept_codes(concept: Any) -> set[str]:
     return out
 
 
-def _numeric_value(element: Mapping, feature: _Feature) -> tuple[float, tuple[str, ...]] | str:
-    """(canonical value, notes) of an Observation or component, or why it is unusable."""
+def _numeric_value(element: Mapping, feature: _Feature
+                   ) -> tuple[float, tuple[str, ...], str | None] | str:
+    """(canonical value, notes, comparator) of an Observation or component, or why it is
+    unusable."""
     spec = feature.spec
     if (reason := _absent_reason(element)) is not None:
         return f"no value (dataAbsentReason {reason})"
@@ -935,19 +1121,24 @@ def _numeric_value(element: Mapping, feature: _Feature) -> tuple[float, tuple[st
     elif len(unit) > 64:
         return f"unit {_show(unit)} not convertible to {spec.unit}"
     elif (unit_key := _unit(unit)) != feature.unit_key:
-        conversion = feature.conversions.get(unit_key)
+        conversion = feature.conversions.get(unit_key)  # the spec's own table first
         if conversion is None:
-            return f"unit {_show(unit)} not convertible to {spec.unit}"
+            factor = _ucum_factor(unit, spec.unit, feature.molar_mass)
+            if isinstance(factor, str):
+                why = f" ({factor})" if factor else ""
+                return f"unit {_show(unit)} not convertible to {spec.unit}{why}"
+            conversion = (factor, 0.0)
         factor, offset = conversion
-        value = value * factor + offset
-        notes.append(f"converted from {unit}")
+        if factor != 1.0 or offset:
+            value = value * factor + offset
+            notes.append(f"converted from {unit}")
     if not math.isfinite(value):
         return "value out of range"
     if spec.plausible is not None and not spec.plausible[0] <= value <= spec.plausible[1]:
         lo, hi = spec.plausible
         return (f"implausible value {_fmt(value)} {spec.unit} rejected "
                 f"(plausible {_fmt(lo)}-{_fmt(hi)})")
-    return value, tuple(notes)
+    return value, tuple(notes), comparator
 
 
 def _value_key(element: Mapping) -> Any:
@@ -982,7 +1173,8 @@ class _Acc:
     __slots__ = ("items", "counts", "texts")
 
     def __init__(self) -> None:
-        # key → (instant | None, value | None, id | None, day | None, notes)
+        # key → (instant | None, value | None, id | None, day | None, notes, comparator,
+        #        element): the last two for numeric results only
         self.items: dict[Any, tuple[Any, ...]] = {}
         self.counts: Counter[str] = Counter()
         self.texts: Counter[str] = Counter()
@@ -1000,6 +1192,58 @@ def extract(specs: Sequence[FeatureSpec], resources: Iterable[Any], *, now: date
     """The feature vector of one patient's resources at `now` (see the module docstring)."""
     compiled = _compiled(tuple(specs))
     now = _as_utc(now)
+    accs, patient = _collect(compiled, resources, now, code_map)
+    values = []
+    for feature, acc in zip(compiled.features, accs, strict=True):
+        if feature.kind == "patient":
+            values.append(_patient_feature(feature, patient, now))
+        elif feature.kind == "count":
+            values.append(_count_feature(feature, acc))
+        else:
+            values.append(_numeric_feature(feature, acc))
+    return FeatureVector(tuple(values))
+
+
+def readings(spec: FeatureSpec, resources: Iterable[Any], *, now: datetime,
+             code_map: CodeMap | None = None) -> list[Reading]:
+    """Every usable result of one numeric Observation feature, oldest first: the results
+    `extract` aggregates, after the same exclusions (status, date and window, unit,
+    plausibility) and the same de-duplication. Raises ValueError for other kinds of spec."""
+    if spec.resource != "Observation" or spec.aggregation not in NUMERIC_AGGREGATIONS:
+        raise ValueError(f"readings needs a numeric Observation feature; {spec.name!r} is "
+                         f"{spec.resource} {spec.aggregation}")
+    compiled = _compiled((spec,))
+    (acc,), _ = _collect(compiled, resources, _as_utc(now), code_map)
+    out = []
+    for instant, value, rid, day, notes, comparator, element in _ordered(acc.items.values()):
+        out.append(Reading(instant, day, value, comparator,
+                           f"Observation/{rid}" if rid else None,
+                           _matched_code(element.get("code"), compiled.observation, code_map),
+                           notes))
+    return out
+
+
+def _matched_code(concept: Any, lookup: _Lookup, code_map: Mapping | None) -> str | None:
+    """The first coding of a concept (or its code-map target) that a feature's codes match."""
+    codings = concept.get("coding") if isinstance(concept, _MAPPING) else None
+    for coding in codings if isinstance(codings, list) else ():
+        if not isinstance(coding, _MAPPING):
+            continue
+        key = _coding_key(coding.get("system"), coding.get("code"))
+        if key is None:
+            continue
+        for candidate in (key, *((code_map or {}).get(key) or ())):
+            hits: set[int] = set()
+            if isinstance(candidate, tuple) and len(candidate) == 2:
+                lookup._add(candidate, hits)
+            if hits:
+                return f"{candidate[0]}|{candidate[1]}"
+    return None
+
+
+def _collect(compiled: _Compiled, resources: Iterable[Any], now: datetime,
+             code_map: CodeMap | None) -> tuple[list[_Acc], Mapping | None]:
+    """The single pass over the resources: what each feature collected, and the Patient."""
     features = compiled.features
     accs = [_Acc() for _ in features]
     starts: list[datetime | None] = []
@@ -1034,15 +1278,7 @@ def extract(specs: Sequence[FeatureSpec], resources: Iterable[Any], *, now: date
             _condition(resource, rid, compiled, accs, starts, now, code_map)
         else:
             patient = resource
-    values = []
-    for feature, acc in zip(features, accs, strict=True):
-        if feature.kind == "patient":
-            values.append(_patient_feature(feature, patient, now))
-        elif feature.kind == "count":
-            values.append(_count_feature(feature, acc))
-        else:
-            values.append(_numeric_feature(feature, acc))
-    return FeatureVector(tuple(values))
+    return accs, patient
 
 
 def extract_many(groups: Sequence[Sequence[FeatureSpec]], resources: Iterable[Any], *,
@@ -1086,7 +1322,7 @@ def _observation(obs: Mapping, rid: str | None, compiled: _Compiled, accs: list[
             acc.counts["undated"] += 1
             continue
         instant, day = when
-        if instant > now:
+        if instant > now + FUTURE_SKEW:
             acc.counts["future"] += 1
             continue
         if start is not None and instant < start:
@@ -1097,8 +1333,8 @@ def _observation(obs: Mapping, rid: str | None, compiled: _Compiled, accs: list[
             if isinstance(result, str):
                 acc.texts[result] += 1
                 continue
-            value, notes = result
-            acc.add((instant, value), (instant, value, rid, day, notes))
+            value, notes, comparator = result
+            acc.add((instant, value), (instant, value, rid, day, notes, comparator, element))
         else:
             if (reason := _absent_reason(element)) is not None:
                 acc.texts[f"no value (dataAbsentReason {reason})"] += 1
@@ -1124,7 +1360,7 @@ def _condition(cond: Mapping, rid: str | None, compiled: _Compiled, accs: list[_
     recorded = _instant(cond.get("recordedDate"))
     when = onset or recorded
     # Recorded after `now` was not known at `now` (training leakage); onset after it is an error.
-    future = any(w is not None and w[0] > now for w in (onset, recorded))
+    future = any(w is not None and w[0] > now + FUTURE_SKEW for w in (onset, recorded))
     for index in hits:
         acc, start = accs[index], starts[index]
         if excluded:
@@ -1185,7 +1421,7 @@ def _numeric_feature(feature: _Feature, acc: _Acc) -> FeatureValue:
     spec = feature.spec
     items = _ordered(acc.items.values())
     value: float | None = None
-    day = source = None
+    day = source = comparator = None
     notes: list[str] = []
     if items:
         chosen = None
@@ -1200,7 +1436,7 @@ def _numeric_feature(feature: _Feature, acc: _Acc) -> FeatureValue:
         else:
             value = _slope(items, notes)
         if chosen is not None:
-            value, day, used = chosen[1], chosen[3], (chosen,)
+            value, day, used, comparator = chosen[1], chosen[3], (chosen,), chosen[5]
             source = f"Observation/{chosen[2]}" if chosen[2] else None
         else:
             day, used = items[-1][3], items if value is not None else ()
@@ -1208,9 +1444,12 @@ def _numeric_feature(feature: _Feature, acc: _Acc) -> FeatureValue:
             notes.extend(note for note in item[4] if note not in notes)
         if value is not None and not math.isfinite(value):
             notes.append(f"{spec.aggregation} out of range")
-            value = None
+            value = comparator = None
     notes.extend(_reason_notes(feature, acc, len(items)))
-    return _resolve(spec, value, day, source, len(items), notes)
+    resolved = _resolve(spec, value, day, source, len(items), notes)
+    if comparator is not None and resolved.status == "observed":
+        resolved = dataclasses.replace(resolved, comparator=comparator)
+    return resolved
 
 
 def _slope(items: list[tuple[Any, ...]], notes: list[str]) -> float | None:

@@ -225,7 +225,7 @@ CODE_ROWS = [
                  dict(value=1.4), id="epic-local-component-via-code-map"),
     pytest.param("egfr", [obs("4418", system=EPIC_COMPONENT, valueQuantity=q(51, "mL/min"))],
                  dict(value=None, status="missing", notes=[
-                     "unit 'mL/min' not convertible to mL/min/{1.73_m2}"]),
+                     "unit 'mL/min' not convertible to mL/min/{1.73_m2} (not per {1.73_m2})"]),
                  id="local-code-mapped-to-a-list-then-unit-checked"),
     pytest.param("egfr", [obs("4418", system=EPIC_COMPONENT,
                               valueQuantity=q(51, "mL/min/1.73m2"))],
@@ -528,7 +528,8 @@ def test_dates(resources, expected):
 
 
 def test_naive_now_is_utc():
-    resources = [egfr(40, "2025-06-01T11:59:00Z"), egfr(41, "2025-06-01T12:01:00Z")]
+    # 12:10Z is past the 5-minute skew only if the naive 12:00 is read as UTC.
+    resources = [egfr(40, "2025-06-01T11:59:00Z"), egfr(41, "2025-06-01T12:10:00Z")]
     check(run("egfr", resources, now=datetime(2025, 6, 1, 12, 0)), value=40)
 
 
@@ -1223,7 +1224,7 @@ def test_feature_vector_api():
     assert out["features"][2] == {
         "name": "egfr", "value": 40.0, "status": "observed", "observed": 40.0,
         "unit": "mL/min/{1.73_m2}", "date": "2025-05-01", "source": vector["egfr"].source,
-        "n": 1, "notes": [], "required": True}
+        "n": 1, "notes": [], "required": True, "comparator": None}
 
 
 def test_empty_specs():
@@ -1446,7 +1447,8 @@ def test_baseline_values():
 
 
 SPEC_KEYS = st.sampled_from(["name", "description", "source", "aggregation", "lookback_days",
-                             "unit", "conversions", "plausible", "missing", "resource", "codes",
+                             "unit", "conversions", "molar_mass", "plausible", "missing",
+                             "resource", "codes",
                              "attribute", "impute", "fit", "factor", "offset"])
 SPEC_JSON = st.recursive(SCALARS | st.sampled_from(["Observation", "latest", "required", "median",
                                                     "http://loinc.org|2160-0", "mg/dL", "age"]),
@@ -1483,4 +1485,4 @@ def test_feature_value_fields_match_the_interface():
         "name", "value", "status", "observed", "unit", "date", "source", "n", "notes"]
     assert [f.name for f in dataclasses.fields(FeatureSpec)] == [
         "name", "resource", "attribute", "codes", "aggregation", "lookback_days", "unit",
-        "conversions", "plausible", "missing", "description"]
+        "conversions", "plausible", "missing", "description", "molar_mass"]
