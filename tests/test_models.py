@@ -95,10 +95,10 @@ def test_kfre_on_a_patient_bundle_gives_2_and_5_year_risk_and_exact_contribution
     assert prediction.secondary["risk_2y"] == pytest.approx(1 - 0.975 ** math.exp(1.2231),
                                                             abs=5e-4)
     # 2-year risk by hand: 1 - 0.975^exp(1.2231) = 1 - 0.975^3.398 = 8.2 %, not above the 10 % of
-    # KDIGO 2024 PP 2.2.2; the 5-year 23.6 % is at least PP 2.2.1's 5 %: info.
+    # KDIGO 2024 PP 2.2.2; the 5-year 23.6 % is at least PP 2.2.1's 3 %: info.
     assert prediction.secondary["risk_2y"] == pytest.approx(0.082, abs=5e-4)
     assert prediction.indicator == "info"
-    assert prediction.threshold == Threshold(0.05, "risk_5y")
+    assert prediction.threshold == Threshold(0.03, "risk_5y")
     assert prediction.scores == {"risk_5y": prediction.score, "risk_2y": prediction.secondary[
         "risk_2y"]}
     assert prediction.score_of("risk_2y") == prediction.secondary["risk_2y"]
@@ -154,10 +154,10 @@ def test_thresholds_map_scores_to_indicators(score, expected):
 
 def test_shipped_kfre_thresholds_are_kdigo_2024_practice_points(kfre):
     # KDIGO 2024 CKD guideline, chapter 2.2: PP 2.2.1 5-year risk 3-5 % (nephrology referral; the
-    # manifest takes 5 %, reached by 5 % itself), PP 2.2.2 2-year risk > 10 % (multidisciplinary
+    # manifest takes 3 %, reached by 3 % itself), PP 2.2.2 2-year risk > 10 % (multidisciplinary
     # care), PP 2.2.3 2-year risk > 40 % (preparation for kidney replacement therapy).
     assert dict(kfre.manifest.thresholds) == {
-        "info": Threshold(0.05, "risk_5y", above=False),
+        "info": Threshold(0.03, "risk_5y", above=False),
         "warning": Threshold(0.10, "risk_2y", above=True),
         "critical": Threshold(0.40, "risk_2y", above=True)}
     assert kfre.manifest.approved_use == ("active", "shadow")
@@ -167,9 +167,10 @@ def test_shipped_kfre_thresholds_are_kdigo_2024_practice_points(kfre):
     (0.12, 0.30, "warning"),   # 2-year above 10 %
     (0.40, 0.75, "warning"),   # exactly 40 % is not "> 40 %"
     (0.41, 0.80, "critical"),
-    (0.10, 0.25, "info"),      # exactly 10 % is not "> 10 %"; 5-year ≥ 5 %
-    (0.02, 0.05, "info"),      # 5-year exactly 5 % reaches "≥ 5 %"
-    (0.02, 0.049, None),
+    (0.10, 0.25, "info"),      # exactly 10 % is not "> 10 %"; 5-year ≥ 3 %
+    (0.02, 0.05, "info"),
+    (0.01, 0.03, "info"),      # 5-year exactly 3 % reaches "≥ 3 %"
+    (0.01, 0.029, None),
 ])
 def test_kdigo_thresholds_read_the_output_they_name(kfre, risk_2y, risk_5y, expected):
     scores = {"risk_2y": risk_2y, "risk_5y": risk_5y}
@@ -369,7 +370,7 @@ def test_site_thresholds_override_the_manifest(make_app):
 
 def test_site_thresholds_may_name_the_output_they_read(make_app):
     # The patient's 2-year risk is 8.2 % (hand-worked above): a site lowering PP 2.2.2's 10 % to
-    # 8 % makes the card a warning, and 2-year > 8 % is not compared with 5-year ≥ 5 %.
+    # 8 % makes the card a warning; 2-year > 8 % is not compared with the 5-year info threshold.
     app = model_app(make_app, "services:\n  kidney-risk:\n    thresholds:\n"
                     "      info: 0.05\n"
                     "      warning: {output: risk_2y, above: 0.08}\n"
