@@ -99,6 +99,7 @@ def test_kfre_on_a_patient_bundle_gives_2_and_5_year_risk_and_exact_contribution
     assert prediction.secondary["risk_2y"] == pytest.approx(0.082, abs=5e-4)
     assert prediction.indicator == "info"
     assert prediction.threshold == Threshold(0.03, "risk_5y")
+    assert prediction.to_dict()["threshold"] == "risk_5y ≥ 0.03"
     assert prediction.scores == {"risk_5y": prediction.score, "risk_2y": prediction.secondary[
         "risk_2y"]}
     assert prediction.score_of("risk_2y") == prediction.secondary["risk_2y"]

@@ -161,6 +161,8 @@ class Prediction:
             "output": self.output,
             "score": self.score,
             "indicator": self.indicator,
+            # What set the indicator, e.g. "risk_2y > 0.4"; None without one.
+            "threshold": self.threshold.describe(self.output) if self.threshold else None,
             "secondary": dict(self.secondary),
             "unavailable": self.unavailable,
             "missing": list(self.missing),
