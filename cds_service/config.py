@@ -28,7 +28,7 @@ from cds_service.devkeys import ensure_dev_keypair
 from cds_service.errors import ConfigError
 from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
 from cds_service.fhir import is_loopback_host
-from cds_service.models.manifest import INDICATORS, MODEL_ID, thresholds_field
+from cds_service.models.manifest import MODEL_ID, Threshold, ordered_thresholds, thresholds_field
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
 from cds_service.schemas import describe_errors
@@ -81,10 +81,12 @@ class SiteService:
     service: CdsService
     prefetch: Mapping[str, str]
     # The model that scores for this service at this site (default: the service's own), a shadow
-    # model scored and recorded but never shown, and the site's own score → indicator cut-offs.
+    # model scored and recorded but never shown, and the site's own score → indicator cut-offs
+    # (checked against the model's outputs, and the models' `approved_use`, when the models
+    # load: `runtime.build_models`).
     model: str | None = None
     shadow_model: str | None = None
-    thresholds: Mapping[str, float] | None = None
+    thresholds: Mapping[str, Threshold] | None = None
     # `services.<id>.settings` as loaded by the service's settings schema (defaults filled in).
     settings: Mapping[str, Any] = field(default_factory=dict)
 
@@ -319,8 +321,7 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         services[service_id] = SiteService(
             service, MappingProxyType(templates), model=model,
             shadow_model=entry.get("shadow_model"),
-            thresholds=MappingProxyType({i: thresholds[i] for i in INDICATORS if i in thresholds})
-            if thresholds else None,
+            thresholds=ordered_thresholds(thresholds) if thresholds else None,
             settings=_service_settings(service, entry.get("settings"), source))
 
     allow_http_jku = parsed["jwt"].get("allow_http_loopback_jku", False)

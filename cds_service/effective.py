@@ -85,8 +85,11 @@ def _service(enabled: SiteService, models: ModelRegistry) -> dict[str, Any]:
     return {
         "hooks": list(service.hooks),
         "model": model.describe() if model else None,
+        # What the manifests allow (`approved_use`); start-up refuses a use not listed.
+        "model_approved_use": list(model.manifest.approved_use) if model else None,
         "shadow_model": shadow.describe() if shadow else None,
-        "thresholds": dict(thresholds) if thresholds else None,
+        "thresholds": ({i: t.to_doc() for i, t in thresholds.items()} if thresholds
+                       else None),
         "thresholds_from": ("site" if enabled.thresholds else "model manifest") if model else None,
         "settings": _plain(enabled.settings),
         "prefetch": dict(enabled.prefetch),

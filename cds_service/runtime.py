@@ -34,7 +34,12 @@ from cds_service.config import Site, SiteService
 from cds_service.errors import ConfigError
 from cds_service.models.binding import ModelBinding
 from cds_service.models.errors import ModelError
-from cds_service.models.registry import ModelRegistry, load_model_by_id
+from cds_service.models.registry import (
+    ModelRegistry,
+    check_site_thresholds,
+    check_use,
+    load_model_by_id,
+)
 from cds_service.registry import CdsService
 from cds_service.replay import replay_cache_from_url
 from cds_service.store import Store, redacted_url
@@ -161,6 +166,16 @@ def build_models(models_dir: str | Path, sites: Mapping[str, Site]) -> ModelRegi
             loaded[model_id] = load_model_by_id(models_dir, model_id)
         except ModelError as exc:
             raise ModelError(f"{where}: {exc}") from exc
+    # Each use against the manifest's `approved_use`, and a site's thresholds against the
+    # outputs of the model they apply to.
+    for site in sites.values():
+        for service_id, enabled in site.services.items():
+            where = f"{site.source}: services.{service_id}"
+            if enabled.model:
+                check_use(loaded[enabled.model], "active", f"{where}.model")
+                check_site_thresholds(loaded[enabled.model], enabled.thresholds, where)
+            if enabled.shadow_model:
+                check_use(loaded[enabled.shadow_model], "shadow", f"{where}.shadow_model")
     return ModelRegistry(loaded)
 
 

@@ -17,6 +17,9 @@ What counts as required (FAIL, exit 1):
   results may never be read);
 - a FHIR version other than 4.0.x (the services read R4 resources);
 - an issuer's JWK Set that is unusable or unreachable (every token of that issuer is refused).
+- a model the site names whose manifest is unreadable, whose `approved_use` does not list the
+  use (`model`: active, `shadow_model`: shadow), or lacking an output the site's `thresholds`
+  name (each of these also stops start-up; checked from the manifest alone).
 Warnings: anything about an optional key; `_sort` unsupported without `_count` (harmless: the
 services take the newest result by date themselves); `_count` without `_sort`, or unsupported;
 modifiers and chained parameters (a CapabilityStatement cannot say); a missing orderable; a site
@@ -34,6 +37,7 @@ import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from cds_service.auth import (
@@ -55,7 +59,7 @@ from cds_service.prefetch import is_search
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 DEFAULT_TIMEOUT_S = 10.0
 
-FHIR, ORDERABLES, ISSUERS = "fhir", "orderables", "issuers"
+FHIR, ORDERABLES, ISSUERS, MODELS = "fhir", "orderables", "issuers", "models"
 
 # The services take the newest result by its date from whatever a search returns
 # (cds_service/features.py), so the server's order matters only where `_count` cuts it.
@@ -332,6 +336,47 @@ def check_orderables(site: Site) -> list[Check]:
     return rows
 
 
+# -- models -----------------------------------------------------------------------------------
+
+
+def check_models(site: Site, models_dir: str | Path) -> list[Check]:
+    """Each model the site names, from its manifest alone (what start-up checks before loading
+    the artifact): a use its `approved_use` does not list, or site thresholds on an output it
+    lacks, FAIL, as they stop start-up."""
+    from marshmallow import ValidationError
+
+    from cds_service.models.errors import ModelError
+    from cds_service.models.manifest import check_thresholds, load_manifest
+    from cds_service.schemas import describe_errors
+
+    rows = []
+    for service_id, enabled in site.services.items():
+        for key, use, model_id in (("model", "active", enabled.model),
+                                   ("shadow_model", "shadow", enabled.shadow_model)):
+            if not model_id:
+                continue
+            try:
+                manifest = load_manifest(Path(models_dir) / model_id)
+            except ModelError as exc:
+                rows.append(Check(MODELS, service_id, key, "manifest", FAIL, str(exc)))
+                continue
+            uses = f"approved_use: [{', '.join(manifest.approved_use)}]"
+            if manifest.approves(use):
+                rows.append(Check(MODELS, service_id, key, "approved_use", OK,
+                                  f"{model_id} {manifest.version}: {uses}"))
+            else:
+                rows.append(Check(MODELS, service_id, key, "approved_use", FAIL,
+                                  f"{model_id} is not approved for {use} use "
+                                  f"({manifest.source}: {uses})"))
+            if use == "active" and enabled.thresholds:
+                try:
+                    check_thresholds(enabled.thresholds, manifest)
+                except ValidationError as exc:
+                    rows.append(Check(MODELS, service_id, "thresholds", "outputs", FAIL,
+                                      describe_errors(exc, "thresholds")))
+    return rows
+
+
 # -- JWT issuers ------------------------------------------------------------------------------
 
 
@@ -385,8 +430,15 @@ def _keys(n: int) -> str:
 
 
 def check_site(site: Site, *, fhir_base: str | None = None,
-               timeout: float = DEFAULT_TIMEOUT_S) -> Report:
-    """Every check for `site`; raises SiteCheckError when the FHIR side cannot be read."""
+               timeout: float = DEFAULT_TIMEOUT_S,
+               models_dir: str | Path | None = None) -> Report:
+    """Every check for `site`; raises SiteCheckError when the FHIR side cannot be read.
+    `models_dir`: default `CDS_MODELS_DIR`, else the shipped `models/`."""
+    if models_dir is None:
+        from cds_service.app import resolve_config
+        from cds_service.config import SHIPPED_MODELS_DIR
+
+        models_dir = resolve_config()["MODELS_DIR"] or SHIPPED_MODELS_DIR
     servers, rows = [], []
     allow_http = site.prefetch_settings.allow_http_loopback
     for where, base in fhir_bases(site, fhir_base):
@@ -394,6 +446,7 @@ def check_site(site: Site, *, fhir_base: str | None = None,
                                           timeout=timeout)
         servers.append(Server(base, caps.software, caps.fhir_version))
         rows += check_services(site.services, caps, base)
+    rows += check_models(site, models_dir)
     rows += check_orderables(site)
     rows += check_issuers(site, timeout=timeout)
     return Report(site.id, site.source, tuple(servers), tuple(rows))
@@ -413,7 +466,8 @@ def render(report: Report, *, as_json: bool = False) -> str:
             info = servers.get(server)
             title = f"FHIR server {server}" + (f" ({info.software})" if info else "")
         else:
-            title = {ORDERABLES: "Orderables", ISSUERS: "JWT issuers"}.get(section, section)
+            title = {MODELS: "Models", ORDERABLES: "Orderables",
+                     ISSUERS: "JWT issuers"}.get(section, section)
         lines += ["", title, *_table(checks)]
     lines += ["", f"{report.failures} failure{'s' if report.failures != 1 else ''}, "
                   f"{report.warnings} warning{'s' if report.warnings != 1 else ''}"]

@@ -141,3 +141,28 @@ def test_a_misspelt_key_is_one_clear_line(check_config, site_file):
     [line] = [line for line in err.splitlines() if line.startswith("configuration error: ")]
     assert line.endswith("site.yaml: code_mapings: unknown key; did you mean `code_mappings`?")
     assert "Traceback" not in err
+
+
+def test_a_shadow_only_model_made_active_is_one_clear_line(check_config, site_file):
+    # models/ckd-progression-lr/manifest.yaml: approved_use [shadow] (synthetic training data).
+    path = site_file("services:\n  kidney-risk:\n    model: ckd-progression-lr\n")
+    code, out, err = check_config(path)
+
+    assert (code, out) == (2, "")
+    [line] = [line for line in err.splitlines() if line.startswith("configuration error: ")]
+    assert line.startswith(f"configuration error: {path}: services.kidney-risk.model: "
+                           "ckd-progression-lr is not approved for active use ("), line
+    assert "ckd-progression-lr/manifest.yaml: approved_use: [shadow])" in line
+    assert "Traceback" not in err
+
+
+def test_thresholds_on_a_named_output_are_shown_as_written(check_config, site_file):
+    code, out, err = check_config(site_file(
+        "services:\n  kidney-risk:\n    thresholds:\n      info: 0.03\n"
+        "      critical: {output: risk_2y, above: 0.4}\n"), "--json")
+
+    assert code == 0, err
+    kidney = json.loads(out)["sites"]["test-site"]["services"]["kidney-risk"]
+    assert kidney["thresholds"] == {"info": 0.03,
+                                    "critical": {"output": "risk_2y", "above": 0.4}}
+    assert kidney["model_approved_use"] == ["active", "shadow"]

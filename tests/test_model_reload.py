@@ -135,6 +135,12 @@ def test_sighup_swaps_the_active_model_under_load_without_a_failed_call(tmp_path
     models = tmp_path / "models"
     for model_id in (OLD, NEW):
         shutil.copytree(ROOT / "models" / model_id, models / model_id)
+    # The shipped NEW is approved for shadow use only; this copy stands for a model a local
+    # validation approved for active use (the manifest is not part of the artifact's sha256).
+    manifest = models / NEW / "manifest.yaml"
+    doc = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+    doc["approved_use"] = ["active", "shadow"]
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     server = Server(tmp_path, "--workers", "2",
                     env={"CDS_SITE_CONFIG": str(site), "CDS_MODELS_DIR": str(models)})
     try:
@@ -242,6 +248,36 @@ def test_sighup_with_a_broken_site_is_refused_and_the_service_keeps_serving(tmp_
         wait_for(lambda: "reload refused" in server.output(), 30, "the refused reload",
                  server.output)
         assert "no-such-model" in server.output()
+        assert server.process.poll() is None, server.output()
+        assert worker_pids(server) == before, server.output()
+        status, body = request(server.base + "/cds-services/kidney-risk", patient_view())
+        assert status == 200, (body, server.output())
+        assert f"(model {OLD} " in body["cards"][0]["detail"]
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+        else:
+            server.log.close()
+
+
+def test_a_reload_making_a_shadow_only_model_active_is_refused(tmp_path):
+    # ckd-progression-lr's manifest: `approved_use: [shadow]`. The reload is refused with the
+    # site file, the key, the model and the manifest field; the old workers keep serving.
+    demo_signer()
+    site = tmp_path / "site.yaml"
+    write_site(site, model=OLD, shadow_model=NEW)
+    server = Server(tmp_path, "--workers", "1", env={"CDS_SITE_CONFIG": str(site)})
+    try:
+        wait_for_workers(server, 1)
+        before = worker_pids(server)
+        write_site(site, model=NEW, shadow_model=OLD)
+        result = subprocess.run([CLI, "reload", "--pidfile", str(server.pidfile)],
+                                capture_output=True, text=True, timeout=90, cwd=tmp_path)
+        assert result.returncode == 1, (result, server.output())
+        assert result.stderr.startswith(
+            f"reload refused: configuration error: {site}: services.kidney-risk.model: "
+            f"{NEW} is not approved for active use ("), result.stderr
+        assert f"{NEW}/manifest.yaml: approved_use: [shadow])" in result.stderr, result.stderr
         assert server.process.poll() is None, server.output()
         assert worker_pids(server) == before, server.output()
         status, body = request(server.base + "/cds-services/kidney-risk", patient_view())

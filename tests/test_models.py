@@ -18,6 +18,7 @@ from cds_service.errors import ConfigError
 from cds_service.features import extract
 from cds_service.models import binding as binding_module
 from cds_service.models.errors import ModelError
+from cds_service.models.manifest import Threshold
 from cds_service.models.registry import indicator_for, load_model, runtime_versions
 from hooks import SERVICES
 from tests.test_api import post
@@ -93,7 +94,17 @@ def test_kfre_on_a_patient_bundle_gives_2_and_5_year_risk_and_exact_contribution
     assert prediction.score == pytest.approx(0.2355, abs=5e-4)
     assert prediction.secondary["risk_2y"] == pytest.approx(1 - 0.975 ** math.exp(1.2231),
                                                             abs=5e-4)
-    assert prediction.indicator == "warning"
+    # 2-year risk by hand: 1 - 0.975^exp(1.2231) = 1 - 0.975^3.398 = 8.2 %, not above the 10 % of
+    # KDIGO 2024 PP 2.2.2; the 5-year 23.6 % is at least PP 2.2.1's 3 %: info.
+    assert prediction.secondary["risk_2y"] == pytest.approx(0.082, abs=5e-4)
+    assert prediction.indicator == "info"
+    assert prediction.threshold == Threshold(0.03, "risk_5y")
+    assert prediction.to_dict()["threshold"] == "risk_5y ≥ 0.03"
+    assert prediction.scores == {"risk_5y": prediction.score, "risk_2y": prediction.secondary[
+        "risk_2y"]}
+    assert prediction.score_of("risk_2y") == prediction.secondary["risk_2y"]
+    assert prediction.score_of("risk_5y") == prediction.score
+    assert prediction.score_of("risk_1y") is None
     lp = math.log(math.log(1 - prediction.score) / math.log(0.9240))
     assert sum(c.contribution for c in prediction.contributions) == pytest.approx(lp)
     assert [c.name for c in prediction.top(2)] == ["egfr", "uacr"]
@@ -142,6 +153,88 @@ def test_thresholds_map_scores_to_indicators(score, expected):
     assert indicator_for(score, {"info": 0.03, "warning": 0.05, "critical": 0.40}) == expected
 
 
+def test_shipped_kfre_thresholds_are_kdigo_2024_practice_points(kfre):
+    # KDIGO 2024 CKD guideline, chapter 2.2: PP 2.2.1 5-year risk 3-5 % (nephrology referral; the
+    # manifest takes 3 %, reached by 3 % itself), PP 2.2.2 2-year risk > 10 % (multidisciplinary
+    # care), PP 2.2.3 2-year risk > 40 % (preparation for kidney replacement therapy).
+    assert dict(kfre.manifest.thresholds) == {
+        "info": Threshold(0.03, "risk_5y", above=False),
+        "warning": Threshold(0.10, "risk_2y", above=True),
+        "critical": Threshold(0.40, "risk_2y", above=True)}
+    assert kfre.manifest.approved_use == ("active", "shadow")
+
+
+@pytest.mark.parametrize(("risk_2y", "risk_5y", "expected"), [
+    (0.12, 0.30, "warning"),   # 2-year above 10 %
+    (0.40, 0.75, "warning"),   # exactly 40 % is not "> 40 %"
+    (0.41, 0.80, "critical"),
+    (0.10, 0.25, "info"),      # exactly 10 % is not "> 10 %"; 5-year ≥ 3 %
+    (0.02, 0.05, "info"),
+    (0.01, 0.03, "info"),      # 5-year exactly 3 % reaches "≥ 3 %"
+    (0.01, 0.029, None),
+])
+def test_kdigo_thresholds_read_the_output_they_name(kfre, risk_2y, risk_5y, expected):
+    scores = {"risk_2y": risk_2y, "risk_5y": risk_5y}
+    assert indicator_for(scores, kfre.manifest.thresholds, "risk_5y") == expected
+
+
+def test_a_threshold_on_an_output_without_a_score_is_not_reached(kfre):
+    assert indicator_for({"risk_5y": 0.9}, kfre.manifest.thresholds, "risk_5y") == "info"
+    assert indicator_for({"risk_5y": 0.9, "risk_2y": float("nan")}, kfre.manifest.thresholds,
+                         "risk_5y") == "info"
+
+
+@pytest.mark.parametrize(("thresholds", "error"), [
+    # Different outputs are different scales: not compared.
+    ({"warning": {"output": "risk_2y", "above": 0.10}, "critical": {"output": "risk_5y",
+                                                                      "above": 0.05}}, None),
+    # On one output, "> x" is stricter than "≥ x".
+    ({"info": {"output": "risk_2y", "at_least": 0.10},
+      "warning": {"output": "risk_2y", "above": 0.10}}, None),
+    ({"warning": {"output": "risk_2y", "above": 0.10},
+      "critical": {"output": "risk_2y", "at_least": 0.10}}, "rise strictly"),
+    # A bare number is the primary output (risk_5y) and is compared with thresholds naming it.
+    ({"info": 0.3, "warning": {"output": "risk_5y", "above": 0.2}}, "rise strictly"),
+    ({"info": 0.05, "warning": {"output": "risk_2y", "at_least": 0.01}}, None),
+    ({"info": {"output": "risk_1y", "above": 0.1}}, "has no output 'risk_1y'"),
+    ({"info": {"output": "risk_2y", "above": 0.1, "at_least": 0.1}}, "exactly one of"),
+    ({"info": {"output": "risk_2y"}}, "exactly one of"),
+    ({"info": {"output": "risk_2y", "over": 0.1}}, "unknown key over"),
+    ({"info": {"output": "risk_2y", "above": 1.5}}, "between 0 and 1"),
+    ({"info": True}, "between 0 and 1"),
+    ({"severe": 0.5}, "thresholds.severe"),
+])
+def test_manifest_thresholds_are_checked_per_output(tmp_path, thresholds, error):
+    directory = copy_model(tmp_path)
+    edit_manifest(directory, lambda d: d.update(thresholds=thresholds))
+    if error is None:
+        load_model(directory)
+        return
+    with pytest.raises(ModelError, match="thresholds") as caught:
+        load_model(directory)
+    assert error in str(caught.value), caught.value
+
+
+def test_a_manifest_without_approved_use_is_refused(tmp_path):
+    directory = copy_model(tmp_path)
+    edit_manifest(directory, lambda d: d.pop("approved_use"))
+    with pytest.raises(ModelError, match=r"manifest\.yaml: approved_use: required") as caught:
+        load_model(directory)
+    assert "[active, shadow] or [shadow]" in str(caught.value)
+
+
+@pytest.mark.parametrize("uses", [[], ["production"], ["shadow", "shadow"]])
+def test_approved_use_lists_known_uses_once(tmp_path, uses):
+    directory = copy_model(tmp_path)
+    edit_manifest(directory, lambda d: d.update(approved_use=uses))
+    with pytest.raises(ModelError, match="approved_use"):
+        load_model(directory)
+
+
+def test_the_synthetic_model_is_approved_for_shadow_use_only(lr):
+    assert lr.manifest.approved_use == ("shadow",)
+
+
 # --- refused at load --------------------------------------------------------------------------
 
 
@@ -149,7 +242,8 @@ def test_thresholds_map_scores_to_indicators(score, expected):
     ("change", "fragments"),
     [
         (lambda d: d.pop("artifact"), ["missing artifact", "cds-service models train"]),
-        (lambda d: d["thresholds"].update(warning=0.5), ["thresholds", "rise"]),
+        (lambda d: d["thresholds"].update(critical={"output": "risk_2y", "above": 0.05}),
+         ["thresholds", "rise", "on risk_2y"]),
         (lambda d: d.update(colour="blue"), ["colour", "Unknown field"]),
         (lambda d: d.update(id="other-id"), ["must equal the directory name"]),
         (lambda d: d["features"][2].update(aggregation="median"), ["features[2].aggregation"]),
@@ -225,10 +319,47 @@ def test_a_failing_shadow_model_never_breaks_the_answer(make_app, monkeypatch, c
                if r.name == binding_module.__name__)
 
 
-def test_site_swaps_the_active_model_without_code(make_app):
-    app = model_app(make_app, "services:\n  kidney-risk:\n    model: ckd-progression-lr\n")
+def approved_for_active(tmp_path: Path) -> Path:
+    """A models directory whose copy of ckd-progression-lr a (fictional) local validation
+    approved for active use: the shipped manifest allows shadow use only."""
+    copy_model(tmp_path)
+    edit_manifest(copy_model(tmp_path, "ckd-progression-lr"),
+                  lambda d: d.update(approved_use=["active", "shadow"]))
+    return tmp_path / "models"
+
+
+def test_site_swaps_the_active_model_without_code(make_app, tmp_path):
+    app = model_app(make_app, "services:\n  kidney-risk:\n    model: ckd-progression-lr\n",
+                    MODELS_DIR=str(approved_for_active(tmp_path)))
     response = post(app.test_client(), "/cds-services/kidney-risk", patient_request())
     assert "model ckd-progression-lr 0.1.0" in response.get_json()["cards"][0]["detail"]
+
+
+def test_a_model_approved_for_shadow_use_only_cannot_be_made_active(make_app, tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        model_app(make_app, "services:\n  kidney-risk:\n    model: ckd-progression-lr\n")
+    message = str(caught.value)
+    # The site file and key, the model, and the manifest field that forbids it.
+    assert message.startswith(str(tmp_path)), message
+    assert (".yaml: services.kidney-risk.model: ckd-progression-lr is not approved for active use ("
+            in message), message
+    assert "ckd-progression-lr/manifest.yaml: approved_use: [shadow])" in message, message
+    assert "shadow_model" in message  # what to do instead
+
+
+def test_a_model_approved_for_shadow_use_may_be_the_shadow(make_app):
+    app = model_app(make_app, "services:\n  kidney-risk:\n    shadow_model: ckd-progression-lr\n")
+    enabled = app.extensions["cds"].default_site.services["kidney-risk"]
+    assert (enabled.model, enabled.shadow_model) == ("kfre-4var", "ckd-progression-lr")
+
+
+def test_a_model_not_approved_for_shadow_use_cannot_be_the_shadow(make_app, tmp_path):
+    models = approved_for_active(tmp_path)
+    edit_manifest(models / "ckd-progression-lr", lambda d: d.update(approved_use=["active"]))
+    with pytest.raises(ConfigError, match=r"services\.kidney-risk\.shadow_model: "
+                                          r"ckd-progression-lr is not approved for shadow use"):
+        model_app(make_app, "services:\n  kidney-risk:\n    shadow_model: ckd-progression-lr\n",
+                  MODELS_DIR=str(models))
 
 
 def test_site_thresholds_override_the_manifest(make_app):
@@ -236,6 +367,21 @@ def test_site_thresholds_override_the_manifest(make_app):
                     "    thresholds: {info: 0.05, warning: 0.1, critical: 0.2}\n")
     response = post(app.test_client(), "/cds-services/kidney-risk", patient_request())
     assert response.get_json()["cards"][0]["indicator"] == "critical"  # 23.5 % ≥ 20 %
+
+
+def test_site_thresholds_may_name_the_output_they_read(make_app):
+    # The patient's 2-year risk is 8.2 % (hand-worked above): a site lowering PP 2.2.2's 10 % to
+    # 8 % makes the card a warning; 2-year > 8 % is not compared with the 5-year info threshold.
+    app = model_app(make_app, "services:\n  kidney-risk:\n    thresholds:\n"
+                    "      info: 0.05\n"
+                    "      warning: {output: risk_2y, above: 0.08}\n"
+                    "      critical: {output: risk_2y, above: 0.40}\n")
+    enabled = app.extensions["cds"].default_site.services["kidney-risk"]
+    assert enabled.thresholds["warning"] == Threshold(0.08, "risk_2y", above=True)
+    body = patient_request()
+    post(app.test_client(), "/cds-services/kidney-risk", body)
+    rows = app.extensions["cds"].store.list_predictions(hook_instance=body["hookInstance"])
+    assert [(r["role"], r["indicator"]) for r in rows] == [("active", "warning")]
 
 
 def test_local_codes_reach_the_model_through_the_site_code_mappings(make_app):
@@ -263,10 +409,16 @@ def test_local_codes_reach_the_model_through_the_site_code_mappings(make_app):
          ["services.kidney-risk.shadow_model", "differ"]),
         ("services:\n  kidney-risk:\n    thresholds: {info: 0.5, warning: 0.1}\n",
          ["services.kidney-risk.thresholds", "rise"]),
+        ("services:\n  kidney-risk:\n    thresholds: {critical: {output: risk_3y, above: 0.4}}\n",
+         ["services.kidney-risk: thresholds.critical.output", "no output 'risk_3y'",
+          "risk_5y, risk_2y"]),
+        ("services:\n  kidney-risk:\n    thresholds: {info: 0.5, warning: {output: risk_5y, "
+         "above: 0.1}}\n", ["services.kidney-risk: thresholds", "rise strictly", "risk_5y"]),
         ("code_mappings:\n  - {from: 'no-bar', to: 'http://loinc.org|1-8'}\n",
          ["code_mappings[0].from"]),
     ],
-    ids=["unknown-model", "shadow-is-active", "thresholds", "code-map"],
+    ids=["unknown-model", "shadow-is-active", "thresholds", "threshold-output",
+         "threshold-named-primary", "code-map"],
 )
 def test_model_configuration_errors_stop_start_up_naming_file_and_key(make_app, extra,
                                                                       fragments):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cds_service.cli import main
+from cds_service.errors import ConfigError
 from cds_service.models.registry import load_model
 from hooks import SERVICES
 from tests.test_api import post
@@ -91,14 +93,25 @@ def test_the_guide_runs_end_to_end_and_the_result_serves(loop, capsys, make_app)
     assert code == 0, err
     assert json.loads(out)["metrics"]["n"] > 800
 
-    # Serve it: a site names it; the card carries its score.
+    # Serve it: the spec's `approved_use: [shadow]` reached the manifest, so a site may make it
+    # its shadow model, scored and recorded on every call, but not its active one.
+    assert manifest["approved_use"] == ["shadow"]
+    with pytest.raises(ConfigError, match=r"services\.kidney-risk\.model: ckd-progression-lr is "
+                                          r"not approved for active use"):
+        make_app(SERVICES=SERVICES, CLOCK=lambda: NOW, MODELS_DIR=str(work / "models"),
+                 SITE_YAML="services:\n  kidney-risk:\n    model: ckd-progression-lr\n")
+    shutil.copytree(ROOT / "models" / "kfre-4var", work / "models" / "kfre-4var")
     app = make_app(SERVICES=SERVICES, CLOCK=lambda: NOW, MODELS_DIR=str(work / "models"),
-                   SITE_YAML="services:\n  kidney-risk:\n    model: ckd-progression-lr\n")
-    response = post(app.test_client(), "/cds-services/kidney-risk", patient_request())
+                   SITE_YAML="services:\n  kidney-risk:\n    shadow_model: ckd-progression-lr\n")
+    body = patient_request()
+    response = post(app.test_client(), "/cds-services/kidney-risk", body)
     assert response.status_code == 200
-    assert "model ckd-progression-lr 0.1.0" in response.get_json()["cards"][0]["detail"]
-    assert app.test_client().get("/readyz").get_json()["checks"]["models"]["loaded"][0][
-        "sha256"] == load_model(model_dir).sha256
+    loaded = app.test_client().get("/readyz").get_json()["checks"]["models"]["loaded"]
+    assert {m["id"]: m["sha256"] for m in loaded}["ckd-progression-lr"] == load_model(
+        model_dir).sha256
+    rows = app.extensions["cds"].store.list_predictions(hook_instance=body["hookInstance"])
+    assert [(r["role"], r["model_id"]) for r in rows] == [
+        ("active", "kfre-4var"), ("shadow", "ckd-progression-lr")]
 
 
 def manifest_names(manifest: dict) -> list[str]:

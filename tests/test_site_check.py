@@ -420,6 +420,32 @@ def test_a_resource_listed_without_interactions_is_not_assumed_searchable():
     assert "interactions: none" in row.detail
 
 
+# -- models ---------------------------------------------------------------------------------
+
+
+def test_a_model_not_approved_for_its_use_fails_the_check(fhir_server, make_site, run):
+    # ckd-progression-lr's manifest: approved_use [shadow] (synthetic training data).
+    fhir_server.add("metadata", json=FULL)
+    extra = ("services:\n  kidney-risk:\n    model: ckd-progression-lr\n"
+             "    shadow_model: kfre-4var\n  nephrotoxic-order-check:\n"
+             "    thresholds: {critical: {output: risk_9y, above: 0.4}}\n")
+    code, report, _ = run(make_site(fhir_server=fhir_server.url, extra=extra), "--json")
+
+    assert code == 1
+    models = {(c["service"], c["key"]): (c["status"], c["detail"])
+              for c in report["checks"] if c["section"] == "models"}
+    status, detail = models[("kidney-risk", "model")]
+    assert status == FAIL and detail.startswith(
+        "ckd-progression-lr is not approved for active use ("), detail
+    assert detail.endswith("ckd-progression-lr/manifest.yaml: approved_use: [shadow])"), detail
+    assert models[("kidney-risk", "shadow_model")] == (
+        OK, "kfre-4var 1.0.0: approved_use: [active, shadow]")
+    assert models[("nephrotoxic-order-check", "model")][0] == OK
+    status, detail = models[("nephrotoxic-order-check", "thresholds")]
+    assert status == FAIL and "thresholds.critical.output" in detail
+    assert "no output 'risk_9y'" in detail
+
+
 # -- orderables -----------------------------------------------------------------------------
 
 

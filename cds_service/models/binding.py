@@ -16,6 +16,7 @@ from typing import Any
 
 from cds_service import metrics
 from cds_service.features import CodeMap, FeatureSpec, FeatureVector, extract, flatten
+from cds_service.models.manifest import Threshold
 from cds_service.models.registry import LoadedModel, Prediction
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class ModelBinding:
     active: LoadedModel
     shadow: LoadedModel | None = None
-    thresholds: Mapping[str, float] | None = None
+    thresholds: Mapping[str, Threshold] | None = None
     code_map: CodeMap = field(default_factory=dict)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     # (role, prediction) in the order made; the view records them after the response is built.
@@ -53,7 +54,7 @@ class ModelBinding:
         return prediction
 
     def _score(self, role: str, model: LoadedModel, resources: Iterable[Any], now: datetime,
-               thresholds: Mapping[str, float] | None,
+               thresholds: Mapping[str, Threshold] | None,
                vector: FeatureVector | None) -> Prediction:
         if vector is None:
             with metrics.stage("features"):

@@ -8,6 +8,8 @@ imputation values that training fits (`missing: {impute: median}`). Every key is
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,26 +30,126 @@ ESTIMATORS = ("kfre-4var", "logistic_regression", "gradient_boosting")
 MODEL_ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
-def _rising(thresholds: Mapping[str, float]) -> None:
-    ordered = [thresholds[i] for i in INDICATORS if i in thresholds]
-    if not ordered:
+# What a site may make of a model (`approved_use`): score for cards (`active`), or be scored and
+# recorded beside the active model without ever reaching a clinician (`shadow`).
+USES = ("active", "shadow")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """From which score of which output a card takes an indicator.
+
+    `output` None is the primary output (the bare-number form `warning: 0.05`). `above` keeps a
+    published strict bound strict: KDIGO 2024 writes "> 40 %", so 0.40 itself must not reach it
+    (`above: 0.40`), while `at_least: 0.05` (and a bare number) is reached by 0.05.
+    """
+
+    value: float
+    output: str | None = None
+    above: bool = False
+
+    def reached(self, score: float | None) -> bool:
+        if score is None or not math.isfinite(score):
+            return False
+        return score > self.value if self.above else score >= self.value
+
+    def describe(self, primary: str | None = None) -> str:
+        return f"{self.output or primary or 'score'} {'>' if self.above else '≥'} {self.value:g}"
+
+    def to_doc(self) -> float | dict[str, Any]:
+        """As written in a manifest or site file: a bare number when that says it all."""
+        if self.output is None and not self.above:
+            return self.value
+        doc: dict[str, Any] = {} if self.output is None else {"output": self.output}
+        doc["above" if self.above else "at_least"] = self.value
+        return doc
+
+
+OUTPUT_NAME = r"^[a-z][a-z0-9_]*$"
+_THRESHOLD_KEYS = ("output", "at_least", "above")
+
+
+class _ThresholdValue(fields.Field):
+    """A bare number (primary output, score ≥ it) or {output?, at_least | above}."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Threshold:
+        if isinstance(value, Mapping):
+            unknown = [str(k) for k in value if k not in _THRESHOLD_KEYS]
+            if unknown:
+                raise ValidationError(f"unknown key {', '.join(unknown)} (a threshold has "
+                                      "output, and at_least or above)")
+            bounds = [k for k in ("at_least", "above") if k in value]
+            if len(bounds) != 1:
+                raise ValidationError("give exactly one of at_least (score ≥ value) or above "
+                                      "(score > value)")
+            output = value.get("output")
+            if output is not None and not (isinstance(output, str)
+                                           and re.match(OUTPUT_NAME, output)):
+                raise ValidationError(f"output: {output!r} is not an output name")
+            return Threshold(_probability(value[bounds[0]]), output, bounds[0] == "above")
+        return Threshold(_probability(value))
+
+
+def _probability(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValidationError(f"{value!r} is not a probability between 0 and 1")
+    return float(value)
+
+
+def _order_key(threshold: Threshold) -> tuple[float, bool]:
+    # On one output, `above: x` is stricter than `at_least: x`, and both than any lower value.
+    return (threshold.value, threshold.above)
+
+
+def check_rising(thresholds: Mapping[str, Threshold], primary: str | None = None) -> None:
+    """Thresholds on the same output must get strictly stricter from info to warning to
+    critical; thresholds on different outputs are not compared (a 2-year and a 5-year risk
+    are different scales). With `primary`, an unnamed output is that one."""
+    if not thresholds:
         raise ValidationError("at least one of info/warning/critical")
-    if ordered != sorted(set(ordered)):
-        raise ValidationError("scores must rise strictly from info to warning to critical")
+    by_output: dict[str | None, list[tuple[str, Threshold]]] = {}
+    for indicator in INDICATORS:
+        if indicator in thresholds:
+            t = thresholds[indicator]
+            by_output.setdefault(t.output or primary, []).append((indicator, t))
+    for output, chain in by_output.items():
+        for (low_name, low), (high_name, high) in zip(chain, chain[1:], strict=False):
+            if _order_key(high) <= _order_key(low):
+                where = f" on {output}" if output else ""
+                raise ValidationError(
+                    f"scores must rise strictly from info to warning to critical{where}: "
+                    f"{high_name} ({high.describe(primary)}) is not stricter than {low_name} "
+                    f"({low.describe(primary)})")
 
 
 def thresholds_field(**kwargs: Any) -> fields.Dict:
-    """Score from which a card is info/warning/critical (manifests, and sites overriding them)."""
+    """Score from which a card is info/warning/critical (manifests, and sites overriding them):
+    each a bare number (primary output, ≥) or {output, at_least | above}."""
     return fields.Dict(keys=fields.String(validate=validate.OneOf(INDICATORS)),
-                       values=fields.Float(validate=validate.Range(0, 1)), validate=_rising,
-                       **kwargs)
+                       values=_ThresholdValue(), validate=check_rising, **kwargs)
+
+
+def check_thresholds(thresholds: Mapping[str, Threshold], manifest: Manifest) -> None:
+    """Every output named exists in `manifest`, and per output the thresholds rise;
+    ValidationError says which."""
+    outputs = manifest.output_names
+    for indicator in INDICATORS:
+        t = thresholds.get(indicator)
+        if t is not None and t.output is not None and t.output not in outputs:
+            raise ValidationError({indicator: {"output": [
+                f"{manifest.id} has no output {t.output!r} (its outputs: {', '.join(outputs)})"]}})
+    check_rising(thresholds, manifest.output.name)
+
+
+def ordered_thresholds(thresholds: Mapping[str, Threshold]) -> Mapping[str, Threshold]:
+    return MappingProxyType({i: thresholds[i] for i in INDICATORS if i in thresholds})
 
 
 class _Output(Schema):
     class Meta:
         unknown = RAISE
 
-    name = fields.String(required=True, validate=validate.Regexp(r"^[a-z][a-z0-9_]*$"))
+    name = fields.String(required=True, validate=validate.Regexp(OUTPUT_NAME))
     meaning = fields.String(required=True, validate=validate.Length(min=1))
     horizon_years = fields.Integer(load_default=None, validate=validate.Range(min=1))
 
@@ -92,6 +194,12 @@ class _SpecSchema(Schema):
     output = fields.Nested(_Output, required=True)
     secondary_outputs = fields.List(fields.Nested(_Output), load_default=list)
     thresholds = thresholds_field(required=True)
+    # Required, so that no model is servable as active by omission (models/README.md).
+    approved_use = fields.List(
+        fields.String(validate=validate.OneOf(USES)), required=True,
+        validate=validate.Length(min=1),
+        error_messages={"required": "required: the uses this model is approved for, "
+                                    "[active, shadow] or [shadow] (models/README.md)"})
     features = fields.Raw(required=True)
     training = fields.Nested(_Training, required=True)
     citations = fields.List(fields.String(), load_default=list)
@@ -121,11 +229,13 @@ class Manifest:
     population: str
     output: Output
     secondary_outputs: tuple[Output, ...]
-    thresholds: Mapping[str, float]
+    thresholds: Mapping[str, Threshold]
     features: tuple[FeatureSpec, ...]
     training: Mapping[str, Any]
     model_card: str
     citations: tuple[str, ...] = ()
+    # `active` and/or `shadow`: what a site may make of this model (USES).
+    approved_use: tuple[str, ...] = ()
     artifact_file: str | None = None
     artifact_sha256: str | None = None
     explanation: Mapping[str, Any] = field(default_factory=dict)
@@ -138,6 +248,14 @@ class Manifest:
     @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The primary output first, then the secondary ones."""
+        return (self.output.name, *(o.name for o in self.secondary_outputs))
+
+    def approves(self, use: str) -> bool:
+        return use in self.approved_use
 
 
 def parse_manifest(data: Any, source: str, *, spec: bool = False) -> Manifest:
@@ -159,8 +277,10 @@ def parse_manifest(data: Any, source: str, *, spec: bool = False) -> Manifest:
         raise ModelError(f"{source}: {exc}") from exc
     if not features:
         raise ModelError(f"{source}: features: at least one feature is required")
+    if len(set(loaded["approved_use"])) != len(loaded["approved_use"]):
+        raise ModelError(f"{source}: approved_use: each use once")
     artifact = loaded.get("artifact") or {}
-    return Manifest(
+    manifest = Manifest(
         id=loaded["id"],
         version=loaded["version"],
         description=loaded["description"].strip(),
@@ -168,12 +288,12 @@ def parse_manifest(data: Any, source: str, *, spec: bool = False) -> Manifest:
         population=loaded["population"].strip(),
         output=Output(**loaded["output"]),
         secondary_outputs=tuple(Output(**o) for o in loaded["secondary_outputs"]),
-        thresholds=MappingProxyType({i: loaded["thresholds"][i] for i in INDICATORS
-                                     if i in loaded["thresholds"]}),
+        thresholds=ordered_thresholds(loaded["thresholds"]),
         features=features,
         training=MappingProxyType(loaded["training"]),
         model_card=loaded["model_card"].strip(),
         citations=tuple(loaded["citations"]),
+        approved_use=tuple(u for u in USES if u in loaded["approved_use"]),
         artifact_file=artifact.get("file"),
         artifact_sha256=artifact.get("sha256"),
         explanation=MappingProxyType(loaded.get("explanation") or {}),
@@ -183,6 +303,11 @@ def parse_manifest(data: Any, source: str, *, spec: bool = False) -> Manifest:
         created=loaded.get("created"),
         source=source,
     )
+    try:
+        check_thresholds(manifest.thresholds, manifest)
+    except ValidationError as exc:
+        raise ModelError(f"{source}: {describe_errors(exc, 'thresholds')}") from exc
+    return manifest
 
 
 def read_yaml(path: Path) -> Any:
@@ -219,7 +344,8 @@ def manifest_document(manifest: Manifest) -> dict[str, Any]:
         "population": manifest.population,
         "output": _output_doc(manifest.output),
         "secondary_outputs": [_output_doc(o) for o in manifest.secondary_outputs],
-        "thresholds": dict(manifest.thresholds),
+        "thresholds": {i: t.to_doc() for i, t in manifest.thresholds.items()},
+        "approved_use": list(manifest.approved_use),
         "features": [f.to_dict() for f in manifest.features],
         "training": dict(manifest.training),
         "training_data": dict(manifest.training_data),

@@ -19,13 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from marshmallow import ValidationError
 
 from cds_service.features import CodeMap, FeatureVector, extract
 from cds_service.models import artifact
 from cds_service.models.errors import ModelError
 from cds_service.models.explain import Contribution, additive_terms, explain
 from cds_service.models.fast import compile_estimator, verified
-from cds_service.models.manifest import INDICATORS, Manifest, load_manifest
+from cds_service.models.manifest import (
+    INDICATORS,
+    Manifest,
+    Threshold,
+    check_thresholds,
+    load_manifest,
+)
+from cds_service.schemas import describe_errors
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +63,57 @@ def check_requirements(manifest: Manifest, versions: Mapping[str, str] | None = 
                          "with `cds-service models train`.")
 
 
-def indicator_for(score: float, thresholds: Mapping[str, float]) -> str | None:
-    """The most severe indicator whose threshold the score reaches; None below all of them."""
-    chosen = None
+def indicator_for(scores: float | Mapping[str, float | None],
+                  thresholds: Mapping[str, Threshold | float],
+                  primary: str | None = None) -> str | None:
+    """The most severe indicator whose threshold its output's score reaches; None below all.
+
+    `scores`: each output's score by name (`Prediction.scores`), or the primary output's score
+    alone. A threshold naming no output reads `primary`'s score; a bare number is `≥` on it.
+    """
+    return _reached(scores, thresholds, primary)[0]
+
+
+def _reached(scores: float | Mapping[str, float | None],
+             thresholds: Mapping[str, Threshold | float],
+             primary: str | None) -> tuple[str | None, Threshold | None]:
+    if not isinstance(scores, Mapping):
+        scores = {primary: scores}
+    chosen: tuple[str | None, Threshold | None] = (None, None)
     for indicator in INDICATORS:
-        if indicator in thresholds and score >= thresholds[indicator]:
-            chosen = indicator
+        if indicator not in thresholds:
+            continue
+        t = thresholds[indicator]
+        if not isinstance(t, Threshold):
+            t = Threshold(float(t))
+        name = t.output if t.output is not None else primary
+        if t.reached(scores.get(name)):
+            chosen = (indicator, t)
     return chosen
+
+
+def check_use(model: LoadedModel, use: str, where: str) -> None:
+    """Refuse a site making `model` its `use` (active/shadow) when the manifest's
+    `approved_use` does not list it; the message names the site key and the manifest field."""
+    m = model.manifest
+    if m.approves(use):
+        return
+    advice = (" Make it the shadow_model, or choose a model approved for active use."
+              if use == "active" and m.approves("shadow") else "")
+    raise ModelError(f"{where}: {m.id} is not approved for {use} use "
+                     f"({m.source}: approved_use: [{', '.join(m.approved_use)}]).{advice}")
+
+
+def check_site_thresholds(model: LoadedModel, thresholds: Mapping[str, Threshold] | None,
+                          where: str) -> None:
+    """A site's `thresholds` against the model they apply to: named outputs exist, and the
+    thresholds rise per output with the model's primary output for the unnamed ones."""
+    if not thresholds:
+        return
+    try:
+        check_thresholds(thresholds, model.manifest)
+    except ValidationError as exc:
+        raise ModelError(f"{where}: {describe_errors(exc, 'thresholds')}") from exc
 
 
 @dataclass(frozen=True)
@@ -78,6 +130,19 @@ class Prediction:
     contributions: tuple[Contribution, ...] = ()
     secondary: Mapping[str, float] = field(default_factory=dict)
     unavailable: str | None = None  # why there is no score (missing required inputs)
+    # The threshold that set `indicator` (which output, which bound), None without one.
+    threshold: Threshold | None = None
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Every output's score by name, the primary one first; empty without a score."""
+        if self.score is None:
+            return {}
+        return {self.output: self.score, **self.secondary}
+
+    def score_of(self, output: str) -> float | None:
+        """One output's score (`score_of("risk_2y")`), None when not scored or not an output."""
+        return self.scores.get(output)
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -96,6 +161,8 @@ class Prediction:
             "output": self.output,
             "score": self.score,
             "indicator": self.indicator,
+            # What set the indicator, e.g. "risk_2y > 0.4"; None without one.
+            "threshold": self.threshold.describe(self.output) if self.threshold else None,
             "secondary": dict(self.secondary),
             "unavailable": self.unavailable,
             "missing": list(self.missing),
@@ -168,7 +235,7 @@ class LoadedModel:
         return self.estimator.predict_proba(np.asarray(rows, dtype=float))[:, 1]
 
     def predict_vector(self, vector: FeatureVector,
-                       thresholds: Mapping[str, float] | None = None) -> Prediction:
+                       thresholds: Mapping[str, Threshold] | None = None) -> Prediction:
         m = self.manifest
         base = dict(model_id=m.id, model_version=m.version, sha256=self.sha256,
                     output=m.output.name, features=vector)
@@ -190,8 +257,9 @@ class LoadedModel:
         if contributions is None:
             contributions = explain(self.estimator, self.method, np.array([row], dtype=float),
                                     m.feature_names, self.reference, score)
-        return Prediction(**base, score=score,
-                          indicator=indicator_for(score, thresholds or m.thresholds),
+        indicator, threshold = _reached({m.output.name: score, **secondary},
+                                        thresholds or m.thresholds, m.output.name)
+        return Prediction(**base, score=score, indicator=indicator, threshold=threshold,
                           contributions=tuple(contributions), secondary=secondary)
 
     def _fast_predict(self, row: list[float]) -> tuple[float, dict[str, float],
@@ -213,7 +281,7 @@ class LoadedModel:
 
     def predict(self, resources: Iterable[Any], *, now: datetime,
                 code_map: CodeMap | None = None,
-                thresholds: Mapping[str, float] | None = None) -> Prediction:
+                thresholds: Mapping[str, Threshold] | None = None) -> Prediction:
         """Features from FHIR resources (the same engine training used), then the score."""
         vector = extract(self.manifest.features, resources, now=now, code_map=code_map)
         return self.predict_vector(vector, thresholds)

@@ -392,8 +392,11 @@ def model_card(m: Manifest) -> str:
         "## Population\n\n" + m.population,
         f"## Output\n\n`{m.output.name}`: {m.output.meaning}" + "".join(
             f"\n\n`{o.name}`: {o.meaning}" for o in m.secondary_outputs),
-        "## Decision thresholds\n\n" + table(list(m.thresholds.items()),
-                                             ("indicator", "score from")),
+        "## Approved use\n\n" + ", ".join(f"`{u}`" for u in m.approved_use) + (
+            "" if m.approves("active") else " only: a site cannot make it the active model"),
+        "## Decision thresholds\n\n" + table(
+            [(i, t.describe(m.output.name)) for i, t in m.thresholds.items()],
+            ("indicator", "card when")),
         "## Features\n\n" + table(feature_rows, ("name", "resource", "aggregation", "unit",
                                                  "look-back", "missing", "codes")),
         "## Evaluation (held-out split)\n\n" + table(metric_rows, ("metric", "value"))
