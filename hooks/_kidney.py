@@ -140,9 +140,11 @@ def family_codes(*families: str) -> tuple[str, ...]:
     return tuple(code for name in families for code in LOINC_FAMILIES[name])
 
 
-# Every estimate of GFR: creatinine-, cystatin C- and combined equations, and paediatric ones.
+# Every estimate of GFR: creatinine-, cystatin C- and combined equations, those that do not
+# name their equation, and paediatric ones. Test-strip urine ACR (semi-quantitative) and
+# protein/creatinine ratios are left out (hooks/data/LOINC.md).
 EGFR_FAMILIES = ("egfr_creatinine", "egfr_cystatin", "egfr_creatinine_cystatin",
-                 "egfr_pediatric")
+                 "egfr_method_unspecified", "egfr_pediatric")
 CREATININE_FAMILIES = ("creatinine_serum_mass", "creatinine_serum_molar")
 UACR_FAMILIES = ("uacr_mass", "uacr_molar", "uacr_timed")
 
@@ -347,8 +349,9 @@ def _acute(history: list[Egfr], creatinines: list[Reading]) -> str | None:
             high = max(window, key=lambda e: e.value)
             if last.value <= (1 - AKD_FALL) * high.value:
                 days = (last.instant - high.instant).days
-                return (f"eGFR {last.value:g} on {last.date}, down from {high.value:g} on "
-                        f"{high.date} ({1 - last.value / high.value:.0%} in {days} days)")
+                return (f"eGFR {last.value:g} on {last.date}, down "
+                        f"{1 - last.value / high.value:.0%} from {high.value:g} on {high.date}, "
+                        f"{days} days earlier")
     return None
 
 

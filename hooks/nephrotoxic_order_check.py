@@ -15,6 +15,7 @@ Epic; nothing is written by us. Sources: docs/clinical.md, "Prescribing rules".
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 
 from cds_service.cards import (
     RESOURCE_ID,
@@ -99,7 +100,7 @@ def _remove(order: Mapping, drug: str) -> Suggestion | None:
                       actions=(Action.delete(f"Remove the {drug} order.", reference),))
 
 
-def _kidney_lines(status: KidneyStatus) -> list[str]:
+def _kidney_lines(status: KidneyStatus, now: datetime) -> list[str]:
     if status.latest is None:
         return ["No eGFR or creatinine on record in the last 2 years."]
     latest = status.latest
@@ -111,6 +112,9 @@ def _kidney_lines(status: KidneyStatus) -> list[str]:
     category = "" if status.acute else f", KDIGO {status.g[0]}"
     lines = [f"Latest eGFR **{COMPARATOR_TEXT[latest.comparator]}{latest.value:g} "
              f"mL/min/1.73 m²** ({latest.date}){category}{how}."]
+    if status.last_kidney_function < (now - timedelta(days=365)).date().isoformat():
+        lines.append("That result is over a year old: check kidney function (KDIGO 2024 "
+                     "advises testing at least yearly in CKD).")
     if status.acute:
         lines.append(f"Kidney function is changing acutely: {status.acute}.")
     return lines
@@ -131,9 +135,9 @@ def _card(request: HookRequest, order: Mapping, medication: Medication, finding:
     summary += f": {rule.summary}"
 
     ordered_as = f"ordered as {medication.text}, " if medication.text else ""
-    lines = [f"**{drug.capitalize()}** ({rule.label}; {ordered_as}matched by "
-             f"{medication.matched_by})."]
-    lines += _kidney_lines(status)
+    label = "" if rule.label == drug else f"{rule.label}; "
+    lines = [f"**{drug.capitalize()}** ({label}{ordered_as}matched by {medication.matched_by})."]
+    lines += _kidney_lines(status, request.now)
     lines += [f"{fact[0].upper()}{fact[1:]}." for fact in finding.facts]
     if scored:
         lines.append(f"{risk_text(prediction).capitalize()} (model {prediction.model_id} "

@@ -111,7 +111,7 @@ def _by_key(resources: list[dict]) -> dict[str, Any]:
         return {c.split("|")[1] for c in family_codes(*families)}
 
     egfr = codes("egfr_creatinine", "egfr_cystatin", "egfr_creatinine_cystatin",
-                 "egfr_pediatric")
+                 "egfr_method_unspecified", "egfr_pediatric")
     creatinine = codes("creatinine_serum_mass", "creatinine_serum_molar")
     uacr = codes("uacr_mass", "uacr_molar", "uacr_timed")
     keys: dict[str, list[dict]] = {k: [] for k in (

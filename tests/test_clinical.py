@@ -187,8 +187,10 @@ def test_an_acute_fall_is_not_labelled_ckd(client):
     chart = [patient(), obs("33914-3", 85, EGFR, 20), obs("33914-3", 24, EGFR, 2),
              obs("9318-7", 100, "mg/g", 2)]
     [card] = risk_cards(client, chart)
-    assert card["summary"].startswith("Acute fall in kidney function: eGFR 24")
-    assert "CKD" not in card["summary"] and "%" not in card["summary"]
+    assert card["summary"] == (f"Acute fall in kidney function: eGFR 24 on {day(2)}, down 72% "
+                               f"from 85 on {day(20)}, 18 days earlier")
+    assert "CKD" not in card["summary"] and "risk not calculated" in card["detail"]
+    assert "%" not in card["detail"].split("risk not calculated")[1].replace("72%", "")
     assert card["indicator"] == "warning"
 
 
@@ -201,3 +203,65 @@ def test_high_egfr_with_severe_albuminuria_refers_without_a_risk_of_0_percent(cl
     assert "severely increased" in card["summary"] and card["indicator"] == "warning"
     assert "Refer to nephrology" in [s["label"] for s in card["suggestions"]]
     assert "eGFR below 60" in card["detail"]
+
+
+# --- prescribing rules (hooks/data/prescribing_rules.yaml) --------------------------------
+
+def test_nsaid_with_ace_inhibitor_and_diuretic_is_the_triple_combination(client):
+    # Lapi 2013: an NSAID added to an ACE inhibitor or ARB plus a diuretic raised acute kidney
+    # injury (rate ratio 1.31). eGFR 75: no eGFR rule, so only the combination card.
+    chart = [patient(), obs("33914-3", 75, EGFR, 30),
+             order("lisinopril 10 mg tablet", "29046", status="active"),
+             order("furosemide 40 mg tablet", "4603", status="active")]
+    cards = order_cards(client, chart, order("ibuprofen 600 MG PO TABS"))
+    assert topics(cards) == [("nsaidtriple", "warning")]
+    assert "lisinopril" in cards[0]["detail"] and "furosemide" in cards[0]["detail"]
+    # The combination completed by a diuretic drafted in the same order session counts too.
+    drafts = [order("ibuprofen 600 MG PO TABS"), order("hydrochlorothiazide 25 mg tablet")]
+    chart = [patient(), obs("33914-3", 75, EGFR, 30),
+             order("lisinopril 10 mg tablet", "29046", status="active")]
+    cards = order_cards(client, chart, *drafts, hook="order-sign")
+    assert sorted(topics(cards)) == [("nsaidtriple", "warning"), ("nsaidtriple", "warning")]
+
+
+def test_nsaid_with_ckd_on_the_problem_list_and_no_kidney_function_in_a_year(client):
+    chart = [patient(), condition(ICD10CM, "N18.31", "Chronic kidney disease, stage 3a"),
+             obs("33914-3", 48, EGFR, 800)]                   # beyond the 2-year look-back
+    cards = order_cards(client, chart, order("naproxen 500 mg tablet"))
+    assert topics(cards) == [("nsaidckd", "warning")]
+    assert cards[0]["summary"].startswith("Naproxen ordered with no kidney function on record")
+    # An eGFR within 2 years but over a year old still counts (below 60: warning), and the card
+    # says it is old.
+    chart[-1] = obs("33914-3", 48, EGFR, 500)
+    [card] = order_cards(client, chart, order("naproxen 500 mg tablet"))
+    assert f"eGFR 48 on {day(500)}" in card["summary"] and "over a year old" in card["detail"]
+    # Without CKD on the problem list there is nothing to go on: no card.
+    assert order_cards(client, [patient()], order("naproxen 500 mg tablet")) == []
+
+
+def test_beers_dose_reduction_uses_cockcroft_gault_from_the_latest_weight(client):
+    # Male 70, creatinine 1.8 mg/dL, 70 kg: CrCl = (140 - 70) × 70 / (72 × 1.8) = 37.8 mL/min,
+    # below 60: Beers 2023 Table 6, gabapentin: reduce dose (info).
+    chart = [patient(age=70), obs("2160-0", 1.8, "mg/dL", 5), obs("29463-7", 70, "kg", 5)]
+    cards = order_cards(client, chart, order("gabapentin 300 MG PO CAPS"))
+    assert [c["indicator"] for c in cards] == ["info"]
+    assert "Creatinine clearance 38 mL/min (Cockcroft-Gault" in cards[0]["detail"]
+    # Without a weight, the eGFR stands in and the card says so. CKD-EPI 2021 for 1.8 at 70,
+    # male: 142 × (1.8/0.9)^-1.2 × 0.9938^70 = 142 × 0.43528 × 0.64690 = 40.0 → 40.
+    cards = order_cards(client, chart[:2], order("gabapentin 300 MG PO CAPS"))
+    assert [c["indicator"] for c in cards] == ["info"]
+    assert "eGFR used instead" in cards[0]["detail"]
+    # Beers is for adults 65 and older: the same chart at 50 raises nothing.
+    assert order_cards(client, [patient(age=50), *chart[1:]],
+                       order("gabapentin 300 MG PO CAPS")) == []
+
+
+def test_metformin_new_start_and_continuing_at_egfr_30_44(client):
+    # FDA labeling: starting at eGFR 30-45 not recommended (warning); KDIGO 2022: continuing,
+    # review the dose (info).
+    chart = [patient(), obs("33914-3", 38, EGFR)]
+    assert topics(order_cards(client, chart, order("metformin 500 mg tablet"))) == [
+        ("metforminckd", "warning")]
+    taking = order("metformin 500 mg tablet", "6809", status="active")
+    assert topics(order_cards(client, [*chart, taking], order("metformin 1000 mg tablet"))) == [
+        ("metforminckd", "info")]

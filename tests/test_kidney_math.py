@@ -174,7 +174,9 @@ def test_cockcroft_gault(scr, age, kg, female, expected):
 
 
 def test_comparators_are_kept_as_bounds_to_the_status():
-    status = assess([patient(), obs("33914-3", 15, "mL/min/1.73m2", comparator="<")], now=NOW)
+    bound = obs("33914-3", 15, "mL/min/1.73m2")
+    bound["valueQuantity"]["comparator"] = "<"
+    status = assess([patient(), bound], now=NOW)
     assert status.egfr_text() == "eGFR < 15" and status.g[0] == "G5"
     assert status.egfr_below(15) and not status.extra_resources  # no bound for the model
     assert "bound" in " ".join(status.risk_exclusions())
@@ -187,7 +189,7 @@ def test_a_fall_of_35_percent_within_90_days_is_acute_not_ckd():
     # KDIGO 2012 acute kidney disease: GFR down ≥ 35% within 3 months. 85 → 24 in 18 days.
     status = assess([patient(), obs("98979-8", 85, "mL/min/1.73m2", "2026-10-27"),
                      obs("98979-8", 24, "mL/min/1.73m2", "2026-11-14")], now=NOW)
-    assert status.acute == "eGFR 24 on 2026-11-14, down from 85 on 2026-10-27 (72% in 18 days)"
+    assert status.acute == "eGFR 24 on 2026-11-14, down 72% from 85 on 2026-10-27, 18 days earlier"
     assert any("acutely" in why for why in status.risk_exclusions())
     # 50 → 40 is a 20% fall: not acute.
     assert assess([patient(), obs("98979-8", 50, "mL/min/1.73m2", "2026-10-27"),
