@@ -27,7 +27,7 @@ from hooks._medications import TERMINOLOGY
 from tests.conftest import DEMO_ISS, DEMO_JWKS, ROOT
 
 DEMO_SITE = ROOT / "site_config" / "demo-hospital.yaml"
-KIDNEY_SUMMARY = "5-year kidney failure risk 24% (eGFR 27, UACR 380 mg/g)"
+KIDNEY_SUMMARY = "Kidney failure risk 8% at 2 years, 24% at 5 years (eGFR 27, urine ACR 380 mg/g)"
 
 
 class ThreadedTestTransport:
