@@ -442,11 +442,12 @@ def assess_request(request: Any) -> tuple[KidneyStatus, Any]:
 # Model risk as clinicians read it
 
 HORIZONS = {"risk_5y": "5-year", "risk_2y": "2-year"}
-# Model feature names as a card names them, with their units.
+# Model feature names as a card names them, with their units (the shipped models' features;
+# another model's unknown name is shown with spaces for underscores).
 _FACTOR_LABELS = {
     "egfr": ("eGFR", ""), "uacr": ("urine ACR", " mg/g"), "age": ("age", ""),
-    "egfr_slope": ("yearly change in eGFR", " per year"),
-    "sbp_mean": ("mean systolic blood pressure", " mmHg"), "hba1c": ("HbA1c", "%"),
+    "egfr_slope": ("yearly change in eGFR", " mL/min/1.73 m² per year"),
+    "sbp": ("mean systolic blood pressure", " mmHg"), "hba1c": ("HbA1c", "%"),
     "diabetes": ("diabetes", ""), "hypertension": ("hypertension", ""), "male": ("sex", ""),
 }
 

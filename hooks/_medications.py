@@ -119,6 +119,18 @@ def _texts(*concepts: Any) -> str:
     return " ".join(p for p in parts if isinstance(p, str))[:2000]
 
 
+def _name(concept: Any, display: Any) -> str | None:
+    """How the order names its medication for a card: the concept's text, else a coding's
+    display, else the reference's display."""
+    candidates = []
+    if isinstance(concept, Mapping):
+        candidates.append(concept.get("text"))
+        candidates += [c.get("display") for c in concept.get("coding") or ()
+                       if isinstance(c, Mapping)]
+    candidates.append(display)
+    return next((c.strip()[:200] for c in candidates if isinstance(c, str) and c.strip()), None)
+
+
 def _route_from_text(text: str) -> str | None:
     if _SYSTEMIC_WORDS.search(text):
         return None
@@ -164,7 +176,7 @@ def identify(concept: Any, code_map: CodeMap | None = None, *, identifiers: Any 
     if not names:
         return None
     return Medication(frozenset(names), coded_route or route or
-                      (_route_from_text(text) if text else None), how, text)
+                      (_route_from_text(text) if text else None), how, _name(concept, display))
 
 
 def resolve_medication(order: Mapping, bundles: Iterable[Any]) -> tuple[Any, Any, Any]:

@@ -230,3 +230,25 @@ def test_risk_equation_population():
     assert exclusions(problem("Z99.2")) == ("the patient is on dialysis",)
     assert exclusions(problem("Z94.0")) == ("the patient has a kidney transplant",)
     assert exclusions(problem("Z33.1")) == ("it is not validated in pregnancy",)
+
+
+# --- how a card names model inputs -----------------------------------------------------------
+
+def test_model_factors_are_named_for_clinicians_and_zero_effects_are_not_listed():
+    from types import SimpleNamespace
+
+    from cds_service.models.explain import Contribution
+    from hooks.kidney_risk import _model_text
+
+    prediction = SimpleNamespace(
+        model_id="m", model_version="1", output="risk_5y", score=0.24,
+        secondary={"risk_2y": 0.08}, imputed=("egfr_slope", "sbp", "hba1c"),
+        features=SimpleNamespace(missing_required=()),
+        top=lambda n: (Contribution("egfr", 27.0, 1.2), Contribution("egfr_slope", -3.4, 0.4),
+                       Contribution("diabetes", 0.0, 0.0)))
+    text = _model_text(prediction)
+    assert text == (
+        "**Kidney failure risk 8% at 2 years, 24% at 5 years** (model m 1). Main factors: "
+        "eGFR 27 raises it; yearly change in eGFR -3.4 mL/min/1.73 m² per year raises it. "
+        "Not on record, so a typical value was used: yearly change in eGFR, mean systolic blood "
+        "pressure, HbA1c.")
