@@ -34,6 +34,7 @@ from hooks._kidney import (
     UACR_FAMILIES,
     KidneyStatus,
     assess_request,
+    creatinine_clearance,
     risk_text,
     search_codes,
 )
@@ -124,7 +125,11 @@ def _card(request: HookRequest, order: Mapping, medication: Medication, finding:
           status: KidneyStatus, prediction) -> Card:
     rule, drug = finding.rule, finding.drug
     facts = []
-    if status.latest is not None:
+    crcl = (creatinine_clearance(status)[0]
+            if {"crcl_below", "crcl_at_least"} & set(rule.when) else None)
+    if crcl is not None:  # Beers states these thresholds in creatinine clearance
+        facts.append(f"creatinine clearance {crcl:g} mL/min")
+    elif status.latest is not None:
         facts.append(f"{status.egfr_text()} on {status.egfr_date}")
     elif rule.when.get("no_kidney_function_within_days"):
         facts.append("no kidney function on record")

@@ -245,6 +245,7 @@ def test_beers_dose_reduction_uses_cockcroft_gault_from_the_latest_weight(client
     chart = [patient(age=70), obs("2160-0", 1.8, "mg/dL", 5), obs("29463-7", 70, "kg", 5)]
     cards = order_cards(client, chart, order("gabapentin 300 MG PO CAPS"))
     assert [c["indicator"] for c in cards] == ["info"]
+    assert cards[0]["summary"].startswith("Gabapentin ordered with creatinine clearance 38 mL/min")
     assert "Creatinine clearance 38 mL/min (Cockcroft-Gault" in cards[0]["detail"]
     # Without a weight, the eGFR stands in and the card says so. CKD-EPI 2021 for 1.8 at 70,
     # male: 142 × (1.8/0.9)^-1.2 × 0.9938^70 = 142 × 0.43528 × 0.64690 = 40.0 → 40.
