@@ -304,6 +304,14 @@ _DF_BY_LENGTH = sorted(DOSE_FORM_ROUTES, key=len, reverse=True)
 _BRACKET = re.compile(r"\s*\[[^\]]*\]\s*$")
 
 
+
+# RxNorm IN RxCUIs (RxNav) of in-scope ingredients the extract at PROVENANCE's commit lacks
+# (its web/data/A.json is absent). acetaminophen 161 and aspirin 1191 are the codes the earlier
+# hand value sets cited; amiloride and apixaban as RxNav lists their ingredient concepts.
+# azilsartan is left out: its IN code could not be confirmed here.
+SUPPLEMENT_IN = {"acetaminophen": "161", "aspirin": "1191", "amiloride": "644",
+                 "apixaban": "1364430"}
+
 def dose_form(name: str) -> str | None:
     """The RxNorm dose form that ends an SCD/SBD name, or None when the table lacks it."""
     base = _BRACKET.sub("", name)
@@ -352,6 +360,17 @@ def build(source: Path) -> tuple[dict, list[str]]:
                 not_found.append(name)
             else:
                 ingredients[cui] = by_cui[cui]["Name"].lower()
+    # Ingredients the extract lost (its A.json was absent): their RxNorm IN concepts only, from
+    # SUPPLEMENT_IN below, so rules can name them and coded ingredient orders match; their
+    # products and brand names stay out until the script runs on a complete extract.
+    supplemented = []
+    for name in list(not_found):
+        if name in SUPPLEMENT_IN:
+            ingredients[SUPPLEMENT_IN[name]] = name
+            by_cui.setdefault(SUPPLEMENT_IN[name], {"RXCUI": SUPPLEMENT_IN[name], "TTY": "IN",
+                                                    "Name": name, "SCDCs": []})
+            not_found.remove(name)
+            supplemented.append(name)
     in_scope = set(ingredients)
 
     concepts: dict[str, dict] = {}
@@ -416,6 +435,9 @@ def build(source: Path) -> tuple[dict, list[str]]:
         known = [r for r in SYSTEMIC_ORDER if r in routes]
         concepts[cui]["route"] = known[0] if known else None
 
+    for cui in (SUPPLEMENT_IN[n] for n in supplemented):
+        concepts.setdefault(cui, {"tty": "IN", "name": ingredients[cui], "ingredients": {cui},
+                                  "route": None})
     out_concepts = {
         cui: {
             "tty": e["tty"],
@@ -427,6 +449,12 @@ def build(source: Path) -> tuple[dict, list[str]]:
     }
     brands = {name: sorted(ings, key=int) for name, ings in bn_ings.items()}
     provenance = dict(PROVENANCE)
+    if supplemented:
+        provenance["supplement"] = (
+            "RxNorm ingredient (IN) concepts added by SUPPLEMENT_IN in the script, as RxNav "
+            "(https://mor.nlm.nih.gov/RxNav/) lists them, for ingredients missing from the "
+            "extract: " + ", ".join(f"{n} {SUPPLEMENT_IN[n]}" for n in sorted(supplemented))
+            + "; their products and brand names are not included")
     if missing:
         provenance["missing_letters"] = missing
     if not_found:
