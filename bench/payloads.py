@@ -60,7 +60,8 @@ UACR = ("9318-7", "1558024", "Albumin/Creatinine [Mass Ratio] in Urine", "mg/g",
 HBA1C = ("4548-4", "1557980", "Hemoglobin A1c/Hemoglobin.total in Blood", "%", None, 5.7)
 UNITS = {"mL/min/{1.73_m2}": "mL/min/1.73m2"}  # Epic's display unit beside the UCUM code
 
-# (RxNorm ingredient, display, text): nothing here is in hooks/data/medications.yaml.
+# (RxNorm ingredient, display, text): the other draft orders. Only the ibuprofen one is selected;
+# gabapentin and furosemide are in hooks/data/prescribing_rules.yaml, here only as context.
 OTHER_ORDERS = (
     ("83367", "atorvastatin", "atorvastatin (LIPITOR) 40 mg tablet"),
     ("17767", "amlodipine", "amlodipine (NORVASC) 5 mg tablet"),
@@ -243,7 +244,7 @@ def _empty() -> dict:
 
 def _scored_card(response: dict) -> str | None:
     summary = response["cards"][0].get("summary", "")
-    if not summary.startswith("5-year kidney failure risk"):
+    if not summary.startswith("Kidney failure risk "):
         return f"the card carries no model score: {summary!r}"
     return None
 
@@ -339,7 +340,7 @@ def os_orders(now: datetime, n_orders: int = 10) -> Payload:
         "egfr": searchset([lab("fBnchEgfr0001", EGFR, 28, recent, full=False)]),
         "creatinine": _empty(), "patient": patient(),
         "uacr": searchset([lab("fBnchUacr0001", UACR, 420, recent, full=False)]),
-        "medications": _empty()}}
+        "medications": _empty(), "conditions": _empty(), "weight": _empty()}}
     return _payload(f"os-{n_orders}orders", "nephrotoxic-order-check", request,
                     f"order-select: {n_orders} draft MedicationRequests, the ibuprofen one "
                     "selected", {"draft_orders": n_orders, "selected": 1}, 1, _nsaid_card)

@@ -58,8 +58,8 @@ BUNDLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "bundles"
 # A call back into this same server needs a free gunicorn thread (gthread: 4 per worker).
 TIMEOUT_S = 20.0
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
-# Orders to draft that a Bundle need not hold, coded by RxNorm ingredient RxCUI: the codes
-# hooks/data/medications.yaml matches (acetaminophen is the NSAIDs' alternative there).
+# Orders to draft that a Bundle need not hold, coded by RxNorm ingredient RxCUI (hooks/data/
+# rxnorm.json; acetaminophen is the NSAIDs' alternative in hooks/data/prescribing_rules.yaml).
 CATALOGUE = {
     "ibuprofen-400": ("5640", "ibuprofen 400 MG Oral Tablet"),
     "naproxen-500": ("7258", "naproxen 500 MG Oral Tablet"),
@@ -379,8 +379,11 @@ def explanation(site: Site, enabled: SiteService, body: Mapping) -> dict | None:
 
     resources = [v for v in body["prefetch"].values() if v is not None]
     now = runtime().clock()
-    # As hooks/_kidney.assess_request: the model also sees the eGFR calculated from creatinine.
+    # As hooks/_kidney.assess_request: no score where the equation does not apply, and the
+    # model sees the eGFR and urine ACR the card shows.
     status = assess(resources, now=now, code_map=site.code_map)
+    if status.latest is None or status.risk_exclusions():
+        return None
     prediction = runtime().models.get(enabled.model).predict(
         [*resources, *status.extra_resources], now=now, code_map=site.code_map,
         thresholds=enabled.thresholds)

@@ -1,14 +1,22 @@
 """Kidney function shared by the services: CKD-EPI 2021 eGFR, KDIGO categories, and what a
 chart says about kidney function (`assess`). Sources: docs/clinical.md.
 
-Pure functions; inputs outside the equations' domain give None, never an exception.
+Inputs outside the equations' domain give None, never an exception. What is read from a chart:
+- kidney function is the **newest** result among reported eGFRs (every LOINC family: creatinine,
+  cystatin C, both) and eGFRs we calculate from each creatinine, whatever its age relative to the
+  others (a reported eGFR from last year never outweighs yesterday's creatinine);
+- a result reported as a bound (`<15`, `>60`) stays a bound: categories and rules use what the
+  bound proves, the risk equation is not fed a bound;
+- sex other or unknown: both CKD-EPI 2021 equations, and the lower result, said on the card;
+- where the kidney failure risk equation is valid (Tangri 2011/2016): adults with eGFR < 60, not
+  on dialysis, without a kidney transplant, not pregnant, no acute kidney injury or disease.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +28,13 @@ from cds_service.features import (
     CodeMap,
     FeatureValue,
     FeatureVector,
-    extract,
+    Reading,
     extract_many,
     parse_features,
+    readings,
 )
+
+DATA = Path(__file__).parent / "data"
 
 # CKD-EPI 2021 creatinine equation, without race (Inker LA, et al. N Engl J Med.
 # 2021;385:1737-1749. doi:10.1056/NEJMoa2102953):
@@ -47,6 +58,8 @@ A_CATEGORIES = {
     "A2": "moderately increased",
     "A3": "severely increased",
 }
+# Bounds a lab writes in front of a number (FHIR Quantity.comparator), as words on a card.
+COMPARATOR_TEXT = {"<": "< ", "<=": "≤ ", ">": "> ", ">=": "≥ ", None: ""}
 
 
 def ckd_epi_2021(creatinine_mg_dl: float, age_years: float, female: bool) -> float | None:
@@ -59,11 +72,34 @@ def ckd_epi_2021(creatinine_mg_dl: float, age_years: float, female: bool) -> flo
     return egfr * 1.012 if female else egfr
 
 
-def g_category(egfr: float) -> tuple[str, str]:
-    for lower, category, text in G_CATEGORIES:
-        if egfr >= lower:
-            return category, text
-    return G_CATEGORIES[-1][1:]
+def cockcroft_gault(creatinine_mg_dl: float, age_years: float, weight_kg: float,
+                    female: bool) -> float | None:
+    """Creatinine clearance (mL/min), Cockcroft DW, Gault MH. Nephron. 1976;16(1):31-41:
+    (140 - age) × weight / (72 × Scr), × 0.85 for women. Actual body weight, as published."""
+    if not (creatinine_mg_dl > 0 and 18 <= age_years <= 120 and 20 <= weight_kg <= 400):
+        return None
+    crcl = (140 - age_years) * weight_kg / (72 * creatinine_mg_dl)
+    return crcl * 0.85 if female else crcl
+
+
+def g_category(egfr: float, comparator: str | None = None) -> tuple[str, str]:
+    """KDIGO G category; a bound gives the category the bound proves ("<15" is G5), or the
+    span of categories it leaves open (">60" is "G1-G2")."""
+    if comparator in (">", ">="):
+        top, bottom = G_CATEGORIES[0], _g(egfr if comparator == ">=" else egfr + 1e-9)
+        if top[1] == bottom[1]:
+            return bottom[1:]
+        return f"{top[1]}-{bottom[1]}", f"{bottom[2]} or better"
+    if comparator == "<":
+        return _g(egfr - 1e-9)[1:]
+    return _g(egfr)[1:]
+
+
+def _g(egfr: float) -> tuple[float, str, str]:
+    for row in G_CATEGORIES:
+        if egfr >= row[0]:
+            return row
+    return G_CATEGORIES[-1]
 
 
 def a_category(uacr_mg_g: float) -> tuple[str, str]:
@@ -71,38 +107,161 @@ def a_category(uacr_mg_g: float) -> tuple[str, str]:
     return category, A_CATEGORIES[category]
 
 
-# ---------------------------------------------------------------------------------------------
-# What a chart says about kidney function (both services read it the same way)
+def below(value: float, comparator: str | None, limit: float) -> bool:
+    """Whether a result, possibly a bound, is certainly below `limit` ("<15" is below 30,
+    ">60" is not below 90: it may be 95)."""
+    if comparator in (">", ">="):
+        return False
+    return value <= limit if comparator == "<" else value < limit
 
-INPUTS_FILE = Path(__file__).parent / "data" / "kidney_inputs.yaml"
-INPUTS = parse_features(yaml.safe_load(INPUTS_FILE.read_text(encoding="utf-8"))["features"],
-                        str(INPUTS_FILE))
+
+def at_least(value: float, comparator: str | None, limit: float) -> bool:
+    """Whether a result, possibly a bound, is certainly at least `limit`."""
+    if comparator in ("<", "<="):
+        return False
+    return value >= limit if comparator in (None, ">=") else value >= limit - 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# Codes (hooks/data/loinc_kidney.yaml, hooks/data/kidney_conditions.yaml: provenance in
+# hooks/data/LOINC.md and docs/clinical.md)
+
+LOINC_FAMILIES: Mapping[str, tuple[str, ...]] = {
+    name: tuple(f"{LOINC}|{code}" for code in sorted(family["codes"]))
+    for name, family in yaml.safe_load(
+        (DATA / "loinc_kidney.yaml").read_text(encoding="utf-8"))["families"].items()}
+CONDITION_SETS: Mapping[str, tuple[str, ...]] = {
+    name: tuple(entry.get("codes") or ()) + tuple(f"{p}*" for p in entry.get("prefixes") or ())
+    for name, entry in yaml.safe_load(
+        (DATA / "kidney_conditions.yaml").read_text(encoding="utf-8"))["sets"].items()}
+
+
+def family_codes(*families: str) -> tuple[str, ...]:
+    return tuple(code for name in families for code in LOINC_FAMILIES[name])
+
+
+# Every estimate of GFR: creatinine-, cystatin C- and combined equations, those that do not
+# name their equation, and paediatric ones. Test-strip urine ACR (semi-quantitative) and
+# protein/creatinine ratios are left out (hooks/data/LOINC.md).
+EGFR_FAMILIES = ("egfr_creatinine", "egfr_cystatin", "egfr_creatinine_cystatin",
+                 "egfr_method_unspecified", "egfr_pediatric")
+CREATININE_FAMILIES = ("creatinine_serum_mass", "creatinine_serum_molar")
+UACR_FAMILIES = ("uacr_mass", "uacr_molar", "uacr_timed")
+
+
+def search_codes(*families: str) -> str:
+    """The `code` parameter of an Observation search for these families."""
+    return ",".join(family_codes(*families))
+
+
+def _inputs() -> tuple[Any, ...]:
+    """hooks/data/kidney_inputs.yaml with each `families:` replaced by the family codes."""
+    path = DATA / "kidney_inputs.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))["features"]
+    for feature in raw:
+        source = feature["source"]
+        if "families" in source:
+            source["codes"] = list(family_codes(*source.pop("families")))
+        if "condition_sets" in source:
+            source["codes"] = [c for name in source.pop("condition_sets")
+                               for c in CONDITION_SETS[name]]
+    return parse_features(raw, str(path))
+
+
+INPUTS = _inputs()
+_SPECS = {spec.name: spec for spec in INPUTS}
 # LOINC 98979-8: eGFR by CKD-EPI 2021 (creatinine, without race). Given to the model when we
 # calculated the eGFR ourselves, exactly as if the laboratory had reported it.
 CALCULATED_EGFR_LOINC = "98979-8"
+# LOINC 9318-7: albumin/creatinine [mass ratio] in urine, the unit (mg/g) the models read.
+UACR_LOINC = "9318-7"
+
+# Acute kidney injury and disease, from the results themselves (docs/clinical.md, "Where the
+# risk equation applies"): KDIGO 2012 AKI guideline rec. 2.1.1 — creatinine up ≥ 0.3 mg/dL
+# within 48 hours, or ≥ 1.5 × a value of the prior 7 days; KDIGO 2012 section 2.5 (acute kidney
+# disease) — GFR down ≥ 35% within 3 months.
+AKI_RISE_MG_DL, AKI_RISE_WINDOW = 0.3, timedelta(hours=48)
+AKI_RATIO, AKI_RATIO_WINDOW = 1.5, timedelta(days=7)
+AKD_FALL, AKD_WINDOW = 0.35, timedelta(days=90)
+
+
+@dataclass(frozen=True)
+class Egfr:
+    """One kidney-function result: reported by the laboratory, or calculated by us."""
+
+    value: float                  # whole number, as laboratories report it
+    comparator: str | None
+    date: str
+    instant: datetime
+    source: str | None
+    creatinine: Reading | None = None   # when we calculated it
+    sex_basis: str | None = None        # how sex entered a calculation we made
+
+    def text(self) -> str:
+        """"eGFR 28", "eGFR < 15", or "calculated eGFR 27"."""
+        calculated = "calculated " if self.creatinine is not None else ""
+        return f"{calculated}eGFR {COMPARATOR_TEXT[self.comparator]}{self.value:g}"
 
 
 @dataclass(frozen=True)
 class KidneyStatus:
-    egfr: float | None = None            # rounded to a whole number, as laboratories report it
-    egfr_date: str | None = None
-    calculated_from: FeatureValue | None = None   # the creatinine, when we computed the eGFR
+    latest: Egfr | None = None
     uacr: FeatureValue | None = None
     uacr_last_12_months: int = 0
-    notes: tuple[str, ...] = ()            # why an eGFR could not be calculated, etc.
-    extra_resources: tuple[Mapping[str, Any], ...] = ()
+    age: float | None = None
+    history: tuple[Egfr, ...] = ()        # every eGFR, oldest first
+    conditions: frozenset[str] = frozenset()   # kidney_conditions.yaml sets active on the chart
+    acute: str | None = None              # why the latest value looks acute (AKI/AKD)
+    last_kidney_function: str | None = None    # date of the newest eGFR or creatinine
+    weight: FeatureValue | None = None
+    creatinine: Reading | None = None     # the newest creatinine
+    female: bool | None = None            # None: sex other, unknown or not recorded
+    notes: tuple[str, ...] = ()
+    extra_resources: tuple[Mapping[str, Any], ...] = field(default=())
+
+    # The latest eGFR as earlier code reads it.
+    @property
+    def egfr(self) -> float | None:
+        return self.latest.value if self.latest else None
+
+    @property
+    def egfr_comparator(self) -> str | None:
+        return self.latest.comparator if self.latest else None
+
+    @property
+    def egfr_date(self) -> str | None:
+        return self.latest.date if self.latest else None
+
+    @property
+    def calculated_from(self) -> Reading | None:
+        return self.latest.creatinine if self.latest else None
 
     @property
     def g(self) -> tuple[str, str] | None:
-        return g_category(self.egfr) if self.egfr is not None else None
+        return g_category(self.latest.value, self.latest.comparator) if self.latest else None
 
     @property
     def a(self) -> tuple[str, str] | None:
-        return a_category(self.uacr.value) if self.uacr is not None else None
+        if self.uacr is None:
+            return None
+        value = self.uacr.value
+        if self.uacr.comparator == "<" and value <= 30:
+            return a_category(min(value, 29.9))
+        return a_category(value)
 
     @property
     def has_data(self) -> bool:
-        return self.egfr is not None or self.uacr is not None
+        return self.latest is not None or self.uacr is not None
+
+    def egfr_below(self, limit: float) -> bool:
+        return self.latest is not None and below(self.latest.value, self.latest.comparator,
+                                                 limit)
+
+    def uacr_at_least(self, limit: float) -> bool:
+        return self.uacr is not None and at_least(self.uacr.value, self.uacr.comparator, limit)
+
+    def uacr_text(self) -> str:
+        return f"urine ACR {COMPARATOR_TEXT[self.uacr.comparator]}{number(self.uacr.value)} mg/g"
 
     def creatinine_text(self) -> str:
         """"creatinine 2.10 mg/dL (converted from µmol/L)" for a calculated eGFR."""
@@ -111,82 +270,196 @@ class KidneyStatus:
         return f"creatinine {c.value:.2f} mg/dL{notes}"
 
     def egfr_text(self) -> str:
-        """"eGFR 28", or "calculated eGFR 27" when we computed it from creatinine."""
-        return ("calculated " if self.calculated_from else "") + f"eGFR {self.egfr:g}"
+        return self.latest.text()
+
+    def risk_exclusions(self) -> tuple[str, ...]:
+        """Why the kidney failure risk equation does not apply to this patient (Tangri 2011:
+        adults with CKD G3-G5, not on dialysis, no transplant; docs/clinical.md)."""
+        why = []
+        if self.age is not None and self.age < 18:
+            why.append("it is validated in adults only")
+        if "dialysis" in self.conditions:
+            why.append("the patient is on dialysis")
+        if "kidney_transplant" in self.conditions:
+            why.append("the patient has a kidney transplant")
+        if "pregnancy" in self.conditions:
+            why.append("it is not validated in pregnancy")
+        if self.acute:
+            why.append(f"kidney function is changing acutely ({self.acute})")
+        if self.latest is not None:
+            if not self.egfr_below(60) and self.latest.comparator in (None, ">", ">="):
+                why.append("it applies to eGFR below 60 (CKD G3-G5)")
+            elif self.latest.comparator is not None:
+                why.append(f"the eGFR was reported as a bound ({self.latest.text()})")
+        if self.uacr is not None and self.uacr.comparator is not None:
+            why.append(f"the urine ACR was reported as a bound ({self.uacr_text()})")
+        return tuple(why)
 
 
 def assess(resources: Iterable[Any], *, now: datetime,
            code_map: CodeMap | None = None) -> KidneyStatus:
-    """Latest eGFR (or CKD-EPI 2021 from the latest creatinine), urine ACR and its recency."""
-    return interpret(extract(INPUTS, resources, now=now, code_map=code_map))
+    """What the chart says about kidney function at `now` (see the module docstring)."""
+    resources = list(resources)
+    (vector,) = extract_many((INPUTS,), resources, now=now, code_map=code_map)
+    return interpret(vector, resources, now=now, code_map=code_map)
 
 
-def interpret(vector: FeatureVector) -> KidneyStatus:
-    """`assess` on the INPUTS vector already extracted."""
+def _female(vector: FeatureVector) -> bool | None:
+    male = vector["male"]
+    return None if male.status != "observed" else not male.value
+
+
+def _calculated(creatinine: Reading, age_now: float, now: datetime,
+                female: bool | None) -> Egfr | None:
+    if creatinine.comparator is not None:
+        return None  # "<0.5 mg/dL" is no number to put into an equation
+    # Age at the time of the result, in whole years as at `now`.
+    age = age_now - int((now - creatinine.instant).days / 365.25)
+    if female is None:
+        both = [ckd_epi_2021(creatinine.value, age, female=f) for f in (True, False)]
+        if None in both:
+            return None
+        value, basis = min(both), "sex not recorded as female or male: the lower of the two"
+    else:
+        value, basis = ckd_epi_2021(creatinine.value, age, female=female), None
+        if value is None:
+            return None
+    return Egfr(float(round(value)), None, creatinine.date, creatinine.instant,
+                creatinine.source, creatinine=creatinine, sex_basis=basis)
+
+
+def _acute(history: list[Egfr], creatinines: list[Reading]) -> str | None:
+    if creatinines:
+        last = creatinines[-1]
+        for prior in reversed(creatinines[:-1]):
+            gap = last.instant - prior.instant
+            if gap > AKI_RATIO_WINDOW or prior.comparator or last.comparator:
+                break
+            if gap <= AKI_RISE_WINDOW and last.value - prior.value >= AKI_RISE_MG_DL - 1e-9:
+                return (f"creatinine {last.value:.2f} mg/dL on {last.date}, up "
+                        f"{last.value - prior.value:.2f} from {prior.value:.2f} on {prior.date}")
+            if last.value >= AKI_RATIO * prior.value:
+                return (f"creatinine {last.value:.2f} mg/dL on {last.date}, "
+                        f"{last.value / prior.value:.1f} times {prior.value:.2f} on {prior.date}")
+    if history and history[-1].comparator is None and history[-1].value < 60:
+        last = history[-1]
+        window = [e for e in history[:-1] if last.instant - e.instant <= AKD_WINDOW
+                  and e.comparator in (None, ">", ">=")]
+        if window:
+            high = max(window, key=lambda e: e.value)
+            if last.value <= (1 - AKD_FALL) * high.value:
+                days = (last.instant - high.instant).days
+                return (f"eGFR {last.value:g} on {last.date}, down "
+                        f"{1 - last.value / high.value:.0%} from {high.value:g} on {high.date}, "
+                        f"{days} days earlier")
+    return None
+
+
+def interpret(vector: FeatureVector, resources: list[Any], *, now: datetime,
+              code_map: CodeMap | None = None) -> KidneyStatus:
+    """`assess` on the INPUTS vector already extracted (the history is read from `resources`)."""
+    notes: list[str] = []
     uacr = vector["uacr"] if vector["uacr"].status == "observed" else None
-    status = {"uacr": uacr, "uacr_last_12_months": int(vector["uacr_12m"].value or 0)}
-    egfr = vector["egfr"]
-    if egfr.status == "observed":
-        return KidneyStatus(egfr=float(round(egfr.value)), egfr_date=egfr.date, **status)
-    creatinine = vector["creatinine"]
-    if creatinine.status != "observed":
-        return KidneyStatus(**status)
-    age, male = vector["age"], vector["male"]
-    if age.status != "observed" or male.status != "observed":
-        return KidneyStatus(notes=("an eGFR could not be calculated from creatinine "
-                                   f"{creatinine.value:.2f} mg/dL ({creatinine.date}): "
-                                   + ("age" if age.status != "observed" else "sex")
-                                   + " not recorded",), **status)
-    value = ckd_epi_2021(creatinine.value, age.value, female=not male.value)
-    if value is None:
-        return KidneyStatus(notes=("CKD-EPI 2021 is for adults; no eGFR calculated",), **status)
-    value = float(round(value))
-    derived = {
-        "resourceType": "Observation", "id": "cds-calculated-egfr", "status": "final",
-        "code": {"coding": [{"system": LOINC, "code": CALCULATED_EGFR_LOINC}]},
-        "valueQuantity": {"value": value, "unit": "mL/min/{1.73_m2}"},
-        "effectiveDateTime": creatinine.date,
-    }
-    return KidneyStatus(egfr=value, egfr_date=creatinine.date, calculated_from=creatinine,
-                        extra_resources=(derived,), **status)
+    weight = vector["weight"] if vector["weight"].status == "observed" else None
+    age = vector["age"].value if vector["age"].status == "observed" else None
+    female = _female(vector)
+    conditions = frozenset(name for name in CONDITION_SETS
+                           if f"has_{name}" in vector.names and vector[f"has_{name}"].value)
+
+    reported = [Egfr(float(round(r.value)), r.comparator, r.date, r.instant, r.source)
+                for r in readings(_SPECS["egfr"], resources, now=now, code_map=code_map)]
+    creatinines = readings(_SPECS["creatinine"], resources, now=now, code_map=code_map)
+    calculated = []
+    if creatinines and age is None:
+        notes.append("no eGFR could be calculated from creatinine: age not recorded")
+    elif creatinines and age < 18:
+        notes.append("CKD-EPI 2021 is for adults; no eGFR calculated from creatinine")
+    elif creatinines:
+        calculated = [e for c in creatinines if (e := _calculated(c, age, now, female))]
+    # Newest first by time; on the same instant the laboratory's own eGFR wins over ours.
+    history = sorted([*calculated, *reported],
+                     key=lambda e: (e.instant, e.creatinine is None))
+    latest = history[-1] if history else None
+    dates = [e.date for e in history] + [c.date for c in creatinines]
+    extra = []
+    if latest is not None and latest.comparator is None:
+        # The model reads the very eGFR the card shows, whatever its code (one truth).
+        extra.append(_observation("cds-kidney-function", CALCULATED_EGFR_LOINC, latest.value,
+                                  "mL/min/{1.73_m2}", latest.date))
+    if uacr is not None and uacr.comparator is None:
+        extra.append(_observation("cds-urine-acr", UACR_LOINC, uacr.value, "mg/g", uacr.date))
+    return KidneyStatus(
+        latest=latest, uacr=uacr, uacr_last_12_months=int(vector["uacr_12m"].value or 0),
+        age=age, history=tuple(history), conditions=conditions,
+        acute=_acute(history, creatinines) or (
+            "acute kidney injury on the problem list" if "aki" in conditions else None),
+        last_kidney_function=max(dates) if dates else None, weight=weight,
+        creatinine=creatinines[-1] if creatinines else None, female=female,
+        notes=tuple(notes), extra_resources=tuple(extra))
+
+
+def _observation(rid: str, loinc: str, value: float, unit: str, day: str) -> dict[str, Any]:
+    return {"resourceType": "Observation", "id": rid, "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": loinc}]},
+            "valueQuantity": {"value": value, "unit": unit}, "effectiveDateTime": day}
+
+
+def creatinine_clearance(status: KidneyStatus) -> tuple[float | None, str]:
+    """(Cockcroft-Gault creatinine clearance, how it was obtained) from the newest creatinine and
+    weight; (None, why not) when it cannot be computed."""
+    c, weight = status.creatinine, status.weight
+    if c is None or c.comparator is not None:
+        return None, "no creatinine value"
+    if weight is None:
+        return None, "no weight in the last year"
+    if status.age is None:
+        return None, "age not recorded"
+    sexes = (status.female,) if status.female is not None else (True, False)
+    values = [cockcroft_gault(c.value, status.age, weight.value, female=f) for f in sexes]
+    if None in values:
+        return None, "outside the equation's range"
+    how = (f"Cockcroft-Gault from creatinine {c.value:.2f} mg/dL ({c.date}) and weight "
+           f"{weight.value:g} kg ({weight.date})")
+    if status.female is None:
+        how += "; sex not recorded as female or male: the lower of the two"
+    return round(min(values)), how
 
 
 def assess_request(request: Any) -> tuple[KidneyStatus, Any]:
-    """(kidney status, the site model's prediction or None) for a hook request; the model sees
-    the calculated eGFR when there is one, and is not run without any eGFR."""
+    """(kidney status, the site model's prediction or None) for a hook request. The model sees
+    the eGFR and urine ACR the card shows, and is not run without an eGFR or where the risk
+    equation does not apply (`KidneyStatus.risk_exclusions`)."""
     resources = [v for v in request.prefetch.values() if v is not None]
     model = request.model
-    with metrics.stage("features"):  # one pass over the chart for our inputs and the model's
-        inputs, features = extract_many((INPUTS, model.features if model else ()), resources,
-                                        now=request.now, code_map=request.site.code_map)
-        status = interpret(inputs)
-    if model is None or status.egfr is None:
+    with metrics.stage("features"):
+        status = assess(resources, now=request.now, code_map=request.site.code_map)
+    if model is None or status.latest is None or status.risk_exclusions():
         return status, None
-    if status.extra_resources:  # the model must see the eGFR calculated from creatinine
-        return status, model.predict([*resources, *status.extra_resources], now=request.now)
-    return status, model.predict(resources, now=request.now, vector=features)
+    return status, model.predict([*resources, *status.extra_resources], now=request.now)
 
 
 # ---------------------------------------------------------------------------------------------
 # Model risk as clinicians read it
 
 HORIZONS = {"risk_5y": "5-year", "risk_2y": "2-year"}
-# Model feature names as a card names them, with their units.
+# Model feature names as a card names them, with their units (the shipped models' features;
+# another model's unknown name is shown with spaces for underscores).
 _FACTOR_LABELS = {
     "egfr": ("eGFR", ""), "uacr": ("urine ACR", " mg/g"), "age": ("age", ""),
-    "egfr_slope": ("eGFR slope", "/year"), "sbp_mean": ("mean systolic BP", " mmHg"),
-    "hba1c": ("HbA1c", "%"), "diabetes": ("diabetes", ""), "hypertension": ("hypertension", ""),
+    "egfr_slope": ("yearly change in eGFR", " mL/min/1.73 m² per year"),
+    "sbp": ("mean systolic blood pressure", " mmHg"), "hba1c": ("HbA1c", "%"),
+    "diabetes": ("diabetes", ""), "hypertension": ("hypertension", ""), "male": ("sex", ""),
 }
 
 
 def factor_label(name: str) -> str:
-    return _FACTOR_LABELS.get(name, (name, ""))[0]
+    return _FACTOR_LABELS.get(name, (name.replace("_", " "), ""))[0]
 
 
 def factor_text(name: str, value: float | None) -> str:
     if name == "male" and value is not None:
         return "male sex" if value else "female sex"
-    label, unit = _FACTOR_LABELS.get(name, (name, ""))
+    label, unit = _FACTOR_LABELS.get(name, (name.replace("_", " "), ""))
     if value is None:
         return label
     if name in ("diabetes", "hypertension"):
@@ -200,6 +473,10 @@ def number(value: float) -> str:
 
 
 def risk_text(prediction: Any) -> str:
-    """"5-year kidney failure risk 24%" for a scored prediction."""
-    horizon = HORIZONS.get(prediction.output, prediction.output)
-    return f"{horizon} kidney failure risk {prediction.score:.0%}"
+    """"kidney failure risk 9% at 2 years, 24% at 5 years" for a scored prediction."""
+    scores = {prediction.output: prediction.score, **prediction.secondary}
+    parts = [f"{scores[name]:.0%} at {HORIZONS[name].split('-')[0]} years"
+             for name in ("risk_2y", "risk_5y") if name in scores]
+    if not parts:
+        return f"kidney failure risk {prediction.score:.0%}"
+    return "kidney failure risk " + ", ".join(parts)

@@ -1,11 +1,17 @@
 """kidney-risk (patient-view): kidney failure risk and KDIGO stage when a chart opens.
 
 Quiet unless there is something to act on (docs/clinical.md, "kidney-risk"):
-- no eGFR (reported, or CKD-EPI 2021 from creatinine) and no urine ACR: no card;
+- no eGFR (the newest of reported eGFRs and CKD-EPI 2021 from creatinine) and no urine ACR, or
+  the patient is on dialysis: no card;
+- the kidney failure risk equation is applied only where it is valid (adults, eGFR < 60, no
+  dialysis, transplant, pregnancy or acute change: `KidneyStatus.risk_exclusions`); elsewhere the
+  card gives no percentage and says why;
 - the site's model (kfre-4var unless the site names another) scored: a card when the risk reaches
-  the lowest threshold (manifest, or the site's `thresholds`) or a KDIGO 2024 referral criterion
-  holds (eGFR < 30, urine ACR ≥ 300 mg/g); otherwise none;
-- the model could not score (e.g. no urine ACR): the KDIGO G category decides (G3a and worse).
+  the lowest threshold (manifest, or the site's `thresholds`; KDIGO 2024 practice points 2.2.1 and
+  2.2.3) or a KDIGO 2024 referral criterion holds (eGFR < 30, urine ACR ≥ 300 mg/g, 5-year risk
+  at the site's 3-5%); otherwise none;
+- no score: the KDIGO G category decides (G3a and worse), albuminuria A3 through referral;
+- an acute fall in kidney function (KDIGO AKI/AKD criteria) is said as such, not staged as CKD.
 Suggestions (one action each, Epic): a draft nephrology referral when a referral criterion
 holds, a draft urine ACR when none was resulted in 12 months; both only when the site names the
 orderable (`orderables`), since Epic pends orders from its own preference-list codes.
@@ -31,15 +37,18 @@ from cds_service.config import SiteSection
 from cds_service.models.registry import Prediction
 from cds_service.registry import CdsService, HookRequest
 from hooks._kidney import (
-    HORIZONS,
+    CREATININE_FAMILIES,
+    EGFR_FAMILIES,
+    UACR_FAMILIES,
     KidneyStatus,
     assess_request,
     factor_label,
     factor_text,
-    number,
     risk_text,
+    search_codes,
 )
-from hooks._medications import TOPIC_SYSTEM, active_matches, applicable_rule
+from hooks._medications import active_medications
+from hooks._prescribing import TOPIC_SYSTEM, Patient, evaluate
 
 KDIGO_URL = "https://kdigo.org/guidelines/ckd-evaluation-and-management/"
 TOPIC = Coding(code="kidneyfunction", system=TOPIC_SYSTEM, display="Reduced kidney function")
@@ -67,9 +76,10 @@ OVERRIDE_REASONS = (
 
 
 class _Referral(SiteSection):
-    # KDIGO 2024 rec. 5.1: refer at eGFR < 30, urine ACR ≥ 300 mg/g, or a 5-year kidney failure
-    # risk above 5% (3-5% consider). docs/clinical.md.
-    risk = fields.Float(load_default=0.05, validate=validate.Range(min=0, max=1))
+    # KDIGO 2024 recommendation 5.1 / practice point 2.2.1: refer at eGFR < 30, urine ACR
+    # ≥ 300 mg/g, or a 5-year kidney failure risk of 3-5% (the site chooses within that range).
+    # docs/clinical.md.
+    risk = fields.Float(load_default=0.05, validate=validate.Range(min=0.03, max=0.05))
     egfr_below = fields.Float(load_default=30, validate=validate.Range(min=1, max=200))
     uacr_at_least = fields.Float(load_default=300, validate=validate.Range(min=1))
 
@@ -85,46 +95,58 @@ class Settings(SiteSection):
     smart_link = fields.Nested(_SmartLink)
 
 
+def _five_year(prediction: Prediction | None) -> float | None:
+    if prediction is None or prediction.score is None:
+        return None
+    return {prediction.output: prediction.score, **prediction.secondary}.get("risk_5y")
+
+
 def _referral_reasons(status: KidneyStatus, prediction: Prediction | None,
                       settings: dict) -> list[str]:
+    if status.acute or {"dialysis", "kidney_transplant"} & status.conditions:
+        return []  # the criteria are for CKD; these patients are under kidney care already
     reasons = []
-    if prediction is not None and prediction.score is not None \
-            and prediction.score >= settings["risk"]:
-        reasons.append(f"{risk_text(prediction)} (≥ {settings['risk']:.0%})")
-    if status.egfr is not None and status.egfr < settings["egfr_below"]:
-        reasons.append(f"eGFR {status.egfr:g} (< {settings['egfr_below']:g})")
-    if status.uacr is not None and status.uacr.value >= settings["uacr_at_least"]:
-        reasons.append(f"urine ACR {number(status.uacr.value)} mg/g "
-                       f"(≥ {settings['uacr_at_least']:g})")
+    five_year = _five_year(prediction)
+    if five_year is not None and five_year >= settings["risk"]:
+        reasons.append(f"5-year kidney failure risk {five_year:.0%} "
+                       f"(≥ {settings['risk']:.0%})")
+    if status.egfr_below(settings["egfr_below"]):
+        reasons.append(f"{status.egfr_text()} (< {settings['egfr_below']:g})")
+    if status.uacr_at_least(settings["uacr_at_least"]):
+        reasons.append(f"{status.uacr_text()} (≥ {settings['uacr_at_least']:g})")
     return reasons
 
 
 def _indicator(status: KidneyStatus, prediction: Prediction | None,
                referral: list[str]) -> str | None:
+    candidates = ["warning" if referral else None]
     if prediction is not None and prediction.score is not None:
-        candidates = [prediction.indicator, "warning" if referral else None]
+        candidates.append(prediction.indicator)
     else:
-        candidates = [G_INDICATOR[status.g[0]] if status.g else None,
-                      "warning" if referral else None]
-    if status.g and status.g[0] == "G5":
+        candidates.append(G_INDICATOR.get(status.g[0]) if status.g else None)
+    if status.acute and status.egfr_below(60):
+        candidates.append("warning")
+    if status.egfr_below(15):
         candidates.append("critical")
     return max(candidates, key=severity)
 
 
 def _values_table(status: KidneyStatus) -> str:
     rows = []
-    if status.egfr is not None:
+    if status.latest is not None:
+        latest = status.latest
         g, g_text = status.g
-        if status.calculated_from is not None:
-            what = (f"{status.egfr:g} mL/min/1.73 m², calculated (CKD-EPI 2021) from "
-                    f"{status.creatinine_text()}")
-        else:
-            what = f"{status.egfr:g} mL/min/1.73 m²"
-        rows.append(f"| eGFR | {what} | KDIGO {g} ({g_text}) | {status.egfr_date} |")
+        what = f"{latest.text().removeprefix('calculated ').removeprefix('eGFR ')} mL/min/1.73 m²"
+        if latest.creatinine is not None:
+            what += f", calculated (CKD-EPI 2021) from {status.creatinine_text()}"
+            if latest.sex_basis:
+                what += f"; {latest.sex_basis}"
+        category = "acute change: not staged" if status.acute else f"KDIGO {g} ({g_text})"
+        rows.append(f"| eGFR | {what} | {category} | {latest.date} |")
     if status.uacr is not None:
         a, a_text = status.a
-        rows.append(f"| Urine ACR | {number(status.uacr.value)} mg/g | KDIGO {a} ({a_text}) | "
-                    f"{status.uacr.date} |")
+        rows.append(f"| Urine ACR | {status.uacr_text().removeprefix('urine ACR ')} | "
+                    f"KDIGO {a} ({a_text}) | {status.uacr.date} |")
     return "| Result | Value | Category | Date |\n|---|---|---|---|\n" + "\n".join(rows)
 
 
@@ -132,27 +154,31 @@ def _model_text(prediction: Prediction) -> str:
     model = f"model {prediction.model_id} {prediction.model_version}"
     if prediction.score is None:
         missing = ", ".join(factor_label(n) for n in prediction.features.missing_required)
-        return f"Kidney failure risk not computed ({model}): no {missing} on record."
-    others = "".join(f", {HORIZONS.get(name, name)} {value:.0%}"
-                     for name, value in prediction.secondary.items())
-    factors = "; ".join(f"{factor_text(c.name, c.value)} {c.direction} risk"
-                        for c in prediction.top(3))
-    text = f"**{risk_text(prediction)}**{others} ({model}). Main factors: {factors}."
+        return f"Kidney failure risk not calculated ({model}): no {missing} on record."
+    factors = "; ".join(f"{factor_text(c.name, c.value)} {c.direction} it"
+                        for c in prediction.top(3) if c.contribution != 0)
+    text = f"**{risk_text(prediction).capitalize()}** ({model})."
+    if factors:
+        text += f" Main factors: {factors}."
     if prediction.imputed:
-        text += f" Not measured, typical value used: {', '.join(prediction.imputed)}."
+        text += (" Not on record, so a typical value was used: "
+                 + ", ".join(factor_label(n) for n in prediction.imputed) + ".")
     return text
 
 
 def _medications_to_review(request: HookRequest, status: KidneyStatus,
                            prediction: Prediction | None) -> list[str]:
-    """Active medications a value-set rule flags at this eGFR and risk (docs/clinical.md)."""
-    risk = prediction.indicator if prediction is not None else None
+    """Active medications a prescribing rule flags at this kidney function and risk."""
+    active = tuple(active_medications(request.prefetch.get("medications"),
+                                      request.site.code_map))
+    patient = Patient(status=status, now=request.now, active=active,
+                      risk_indicator=prediction.indicator if prediction is not None else None)
     found: list[str] = []
-    for match in active_matches(request.prefetch.get("medications"), request.site.code_map):
-        rule = applicable_rule(match.medication_class, egfr=status.egfr, risk_indicator=risk,
-                               already_taking=True)
-        if rule and (text := f"{match.ingredient} ({rule.summary})") not in found:
-            found.append(text)
+    for medication in active:
+        for finding in evaluate(medication, patient):
+            text = f"{finding.drug} ({finding.rule.summary})"
+            if text not in found:
+                found.append(text)
     return found
 
 
@@ -164,34 +190,46 @@ def _service_request(request: HookRequest, orderable_name: str, reason: str) -> 
                        code=orderable.concept(), reasonCode=[{"text": reason}])
 
 
+def _summary(status: KidneyStatus, prediction: Prediction | None) -> str:
+    figures = [status.egfr_text()] if status.latest is not None else []
+    if status.uacr is not None:
+        figures.append(status.uacr_text())
+    if status.acute:
+        return f"Acute fall in kidney function: {status.acute}"
+    if prediction is not None and prediction.score is not None:
+        return f"{risk_text(prediction).capitalize()} ({', '.join(figures)})"
+    stage = "".join(c[0] for c in (status.g, status.a) if c)
+    # The description of whichever category is the more advanced reason for the card.
+    g_rank = G_INDICATOR.get(status.g[0]) if status.g else None
+    described = status.a if status.a and (status.a[0] == "A3" or g_rank is None) else status.g
+    day = status.egfr_date or status.uacr.date
+    return f"CKD {stage} ({described[1]}): {', '.join(figures)} on {day}"
+
+
 def handle(request: HookRequest) -> list[Card]:
     status, prediction = assess_request(request)
-    if not status.has_data:
+    if not status.has_data or "dialysis" in status.conditions:
+        # On dialysis: kidney failure has happened; risk, staging and referral do not apply.
         return []
     referral = _referral_reasons(status, prediction, request.settings["referral"])
     indicator = _indicator(status, prediction, referral)
     if indicator is None:
         return []
-
     stage = "".join(c[0] for c in (status.g, status.a) if c)
-    figures = [status.egfr_text()] if status.egfr is not None else []
-    if status.uacr is not None:
-        figures.append(f"UACR {number(status.uacr.value)} mg/g")
-    if prediction is not None and prediction.score is not None:
-        summary = f"{risk_text(prediction)} ({', '.join(figures)})"
-    else:
-        category = status.g or status.a
-        summary = (f"CKD {stage} ({category[1]}): {', '.join(figures)} on "
-                   f"{status.egfr_date or status.uacr.date}")
 
     detail = [_values_table(status)]
     if prediction is not None:
         detail.append(_model_text(prediction))
+    elif (exclusions := status.risk_exclusions()) and status.latest is not None:
+        detail.append("Kidney failure risk not calculated: the equation (Tangri 2011/2016) does "
+                      f"not apply because {'; '.join(exclusions)}.")
     detail += [f"No eGFR: {note}." for note in status.notes]
+    if "kidney_transplant" in status.conditions:
+        detail.append("Kidney transplant recipient: no referral suggested.")
     if referral:
         detail.append("KDIGO 2024 recommends referral to nephrology: " + "; ".join(referral)
                       + ".")
-    no_recent_uacr = status.egfr is not None and status.uacr_last_12_months == 0
+    no_recent_uacr = status.latest is not None and status.uacr_last_12_months == 0
     if no_recent_uacr:
         detail.append("No urine ACR in the last 12 months: KDIGO 2024 recommends testing "
                       "albuminuria at least yearly in CKD.")
@@ -222,7 +260,7 @@ def handle(request: HookRequest) -> list[Card]:
                           app_context=json.dumps({"service": request.service_id,
                                                   "hookInstance": request.hook_instance})))
     return [Card(
-        summary=summary,
+        summary=_summary(status, prediction),
         indicator=indicator,
         detail="\n\n".join(detail),
         source=Source(label="KDIGO 2024 CKD guideline", url=KDIGO_URL, topic=TOPIC),
@@ -231,13 +269,6 @@ def handle(request: HookRequest) -> list[Card]:
         override_reasons=OVERRIDE_REASONS,
     )]
 
-
-# Observation searches list every LOINC code that means the concept (docs/clinical.md).
-EGFR_CODES = ("http://loinc.org|33914-3,http://loinc.org|62238-1,http://loinc.org|98979-8,"
-              "http://loinc.org|48642-3")
-CREATININE_CODES = ("http://loinc.org|2160-0,http://loinc.org|38483-4,"
-                    "http://loinc.org|14682-9,http://loinc.org|77140-2")
-UACR_CODES = "http://loinc.org|9318-7,http://loinc.org|14959-1,http://loinc.org|32294-1"
 
 SERVICE = CdsService(
     id="kidney-risk",
@@ -254,10 +285,11 @@ SERVICE = CdsService(
     # off the newest result. The newest is taken by its date from whatever comes back
     # (cds_service/features.py); site_config/README.md, "Readiness check before go-live".
     prefetch={
-        "egfr": "Observation?patient={{context.patientId}}&code=" + EGFR_CODES,
-        "creatinine": "Observation?patient={{context.patientId}}&code=" + CREATININE_CODES,
+        "egfr": "Observation?patient={{context.patientId}}&code=" + search_codes(*EGFR_FAMILIES),
+        "creatinine": "Observation?patient={{context.patientId}}&code="
+                      + search_codes(*CREATININE_FAMILIES),
         "patient": "Patient/{{context.patientId}}",
-        "uacr": "Observation?patient={{context.patientId}}&code=" + UACR_CODES,
+        "uacr": "Observation?patient={{context.patientId}}&code=" + search_codes(*UACR_FAMILIES),
         # HbA1c as NGSP % and IFCC mmol/mol (the progression model reads it).
         "hba1c": "Observation?patient={{context.patientId}}&code=http://loinc.org|4548-4,"
                  "http://loinc.org|17856-6,http://loinc.org|59261-8",

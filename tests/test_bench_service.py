@@ -124,7 +124,8 @@ def test_payloads_have_the_documented_shape_and_size() -> None:
 
 def test_payload_verify_names_what_is_wrong() -> None:
     pv = payloads.build(NOW)["pv-3kb"]
-    assert pv.verify({"cards": [{"summary": "5-year kidney failure risk 24% (eGFR 28)"}]}) is None
+    scored = "Kidney failure risk 8% at 2 years, 24% at 5 years (eGFR 28)"
+    assert pv.verify({"cards": [{"summary": scored}]}) is None
     assert "expected 1 card" in pv.verify({"cards": []})
     assert "no model score" in pv.verify({"cards": [{"summary": "CKD G4: eGFR 28"}]})
 

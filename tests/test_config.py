@@ -92,6 +92,10 @@ def test_shipped_demo_site_is_valid(make_app):
         ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    settings:\n      referral:\n"
                     "        risk: 5\n"},
          ["x.yaml", "services.kidney-risk.settings.referral.risk"]),
+        # KDIGO 2024 practice point 2.2.1: a 5-year risk of 3-5%; 10% is outside the range.
+        ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    settings:\n      referral:\n"
+                    "        risk: 0.1\n"},
+         ["x.yaml", "services.kidney-risk.settings.referral.risk"]),
         ({"x.yaml": "site: x\nservices:\n  kidney-risk:\n    settings:\n      smart_link:\n"
                     "        label: App\n        url: http://apps.example.org/launch\n"},
          ["x.yaml", "services.kidney-risk.settings.smart_link.url"]),

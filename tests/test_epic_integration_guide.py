@@ -30,7 +30,7 @@ from tests.test_serve import free_port, request
 GUIDE = ROOT / "docs" / "epic-integration.md"
 DOC_PORT = "8001"
 BLOCK = re.compile(r"^```(sh|yaml)\n(.*?)^```", re.DOTALL | re.MULTILINE)
-CARD = "[warning] 5-year kidney failure risk 24% (eGFR 27, UACR 380 mg/g)"
+CARD = "[warning] Kidney failure risk 8% at 2 years, 24% at 5 years (eGFR 27, urine ACR 380 mg/g)"
 
 
 def newcomer_blocks() -> list[tuple[str, str, str]]:

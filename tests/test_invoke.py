@@ -84,8 +84,9 @@ def test_invoke_against_the_running_demo(serve, tmp_path):  # noqa: F811
               str(ROOT / "site_config")]
     result = subprocess.run([CLI, "invoke", "kidney-risk", *common], **env_args)
     assert result.returncode == 0, result.stderr
-    assert "[warning] 5-year kidney failure risk 24% (eGFR 27, UACR 380 mg/g)" in result.stdout
-    assert "metformin (contraindicated below eGFR 30)" in result.stdout
+    assert ("[warning] Kidney failure risk 8% at 2 years, 24% at 5 years (eGFR 27, urine ACR "
+            "380 mg/g)") in result.stdout
+    assert "metformin (contraindicated at eGFR below 30)" in result.stdout
     assert "suggestion: Refer to nephrology (create ServiceRequest)" in result.stdout
 
     result = subprocess.run([CLI, "invoke", "nephrotoxic-order-check", "--hook", "order-select",

@@ -312,7 +312,7 @@ def test_a_failing_shadow_model_never_breaks_the_answer(make_app, monkeypatch, c
     body = patient_request()
     response = post(app.test_client(), "/cds-services/kidney-risk", body)
     assert response.status_code == 200
-    assert "kidney failure risk 24%" in response.get_json()["cards"][0]["summary"]
+    assert "24% at 5 years" in response.get_json()["cards"][0]["summary"]
     rows = app.extensions["cds"].store.list_predictions(hook_instance=body["hookInstance"])
     assert [r["role"] for r in rows] == ["active"]
     assert any("shadow model ckd-progression-lr" in r.getMessage() for r in caplog.records
@@ -397,7 +397,7 @@ def test_local_codes_reach_the_model_through_the_site_code_mappings(make_app):
                        "  - {from: 'urn:oid:1.2.840.114350.1.13.0.1.7.2.768282|1558024', "
                        "to: 'http://loinc.org|9318-7'}\n")
     response = post(mapped.test_client(), "/cds-services/kidney-risk", body)
-    assert "kidney failure risk 24%" in response.get_json()["cards"][0]["summary"]
+    assert "24% at 5 years" in response.get_json()["cards"][0]["summary"]
 
 
 @pytest.mark.parametrize(

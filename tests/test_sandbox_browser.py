@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 from tests.test_serve import serve  # noqa: F401 - fixture
 
 ARTIFACTS = ALL_ARTIFACTS / "sandbox"
-KIDNEY_SUMMARY = "5-year kidney failure risk 24% (eGFR 27, UACR 380 mg/g)"
+KIDNEY_SUMMARY = "Kidney failure risk 8% at 2 years, 24% at 5 years (eGFR 27, urine ACR 380 mg/g)"
 # The indicator bands in cds_service/static/sandbox.css, as computed colours.
 BAND = {"warning": "rgb(217, 122, 0)", "critical": "rgb(196, 38, 29)"}
 
@@ -62,7 +62,7 @@ def test_sandbox_patient_view_accept_and_order_select_in_chromium(serve, browser
     assert card.locator(".card__detail table th").all_inner_texts() == [
         "Result", "Value", "Category", "Date"]
     assert card.locator(".card__detail strong").first.inner_text() == \
-        "5-year kidney failure risk 24%"
+        "Kidney failure risk 8% at 2 years, 24% at 5 years"
     assert card.locator(".card__links a").first.inner_text() == "KDIGO 2024 CKD guideline"
     # The model panel: score and the top factors as bars, eGFR first.
     assert page.locator("#model .model__value").inner_text().startswith("24")
@@ -123,8 +123,7 @@ def test_sandbox_patient_view_accept_and_order_select_in_chromium(serve, browser
     [egfr_date] = [e["resource"]["effectiveDateTime"][:10] for e in bundle["entry"]
                    if e["resource"]["id"] == "egfr-2026-09"]
     assert card.locator(".card__summary").inner_text() == (
-        f"Ibuprofen ordered with eGFR 27 on {egfr_date}, 5-year kidney failure risk 24%: "
-        "avoid NSAIDs in CKD")
+        f"Ibuprofen ordered with eGFR 27 on {egfr_date}: avoid NSAIDs at eGFR below 30")
     band = card.locator(".card__band").evaluate("e => getComputedStyle(e).backgroundColor")
     assert band == BAND["critical"]
     assert card.locator(".suggestion__label").all_inner_texts() == [

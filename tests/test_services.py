@@ -18,6 +18,7 @@ import pytest
 from cds_service.invoke import shift_dates
 from cds_service.validator import validate_response
 from hooks import SERVICES
+from hooks._kidney import EGFR_FAMILIES, search_codes
 from tests.conftest import demo_signer
 from tests.fhir_server import fhir_server, operation_outcome  # noqa: F401 - fixture
 from tests.test_api import assert_outcome, post, walk
@@ -147,10 +148,8 @@ def test_readme_scenario_on_the_demo_site(make_app):
 
 # Distinctive, so a leak into a response is found by a substring search.
 TOKEN = "tok-" + secrets.token_urlsafe(24)
-EGFR_QUERY = {
-    "code": ["http://loinc.org|33914-3,http://loinc.org|62238-1,"
-             "http://loinc.org|98979-8,http://loinc.org|48642-3"],
-}
+# Every eGFR LOINC family of hooks/data/loinc_kidney.yaml, in one `code` parameter.
+EGFR_QUERY = {"code": [search_codes(*EGFR_FAMILIES)]}
 FETCH_SCENARIOS = [
     DATA / "kidney-risk" / "egfr-28-g4-warning",
     DATA / "nephrotoxic-order-check" / "order-select-ibuprofen-egfr-38",
@@ -192,6 +191,9 @@ def test_missing_egfr_is_fetched_with_the_bearer_token(make_app, tmp_path, fhir_
     assert request.method == "GET"
     assert request.path == "Observation"
     assert request.query == {"patient": [body["context"]["patientId"]], **EGFR_QUERY}
+    searched = set(request.query["code"][0].split(","))
+    assert {f"http://loinc.org|{c}" for c in ("33914-3", "62238-1", "98979-8", "98980-6",
+                                               "50210-4", "69405-9")} <= searched
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
     assert fhir_server.methods == {"GET"}
 
