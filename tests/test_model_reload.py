@@ -235,6 +235,22 @@ def test_a_site_naming_a_missing_model_stops_start_up(tmp_path):
     assert "Listening at" not in result.stdout + result.stderr  # gunicorn never started
 
 
+def assert_still_serving_the_old_model(server: Server, workers_before) -> None:
+    """After a refused reload: the master is up, the same workers answer, with model OLD."""
+    assert server.process.poll() is None, server.output()
+    assert worker_pids(server) == workers_before, server.output()
+    status, body = request(server.base + "/cds-services/kidney-risk", patient_view())
+    assert status == 200, (body, server.output())
+    assert f"(model {OLD} " in body["cards"][0]["detail"]
+
+
+def stop(server: Server) -> None:
+    if server.process.poll() is None:
+        server.stop()
+    else:
+        server.log.close()
+
+
 def test_sighup_with_a_broken_site_is_refused_and_the_service_keeps_serving(tmp_path):
     demo_signer()
     site = tmp_path / "site.yaml"
@@ -248,16 +264,9 @@ def test_sighup_with_a_broken_site_is_refused_and_the_service_keeps_serving(tmp_
         wait_for(lambda: "reload refused" in server.output(), 30, "the refused reload",
                  server.output)
         assert "no-such-model" in server.output()
-        assert server.process.poll() is None, server.output()
-        assert worker_pids(server) == before, server.output()
-        status, body = request(server.base + "/cds-services/kidney-risk", patient_view())
-        assert status == 200, (body, server.output())
-        assert f"(model {OLD} " in body["cards"][0]["detail"]
+        assert_still_serving_the_old_model(server, before)
     finally:
-        if server.process.poll() is None:
-            server.stop()
-        else:
-            server.log.close()
+        stop(server)
 
 
 def test_a_reload_making_a_shadow_only_model_active_is_refused(tmp_path):
@@ -278,13 +287,6 @@ def test_a_reload_making_a_shadow_only_model_active_is_refused(tmp_path):
             f"reload refused: configuration error: {site}: services.kidney-risk.model: "
             f"{NEW} is not approved for active use ("), result.stderr
         assert f"{NEW}/manifest.yaml: approved_use: [shadow])" in result.stderr, result.stderr
-        assert server.process.poll() is None, server.output()
-        assert worker_pids(server) == before, server.output()
-        status, body = request(server.base + "/cds-services/kidney-risk", patient_view())
-        assert status == 200, (body, server.output())
-        assert f"(model {OLD} " in body["cards"][0]["detail"]
+        assert_still_serving_the_old_model(server, before)
     finally:
-        if server.process.poll() is None:
-            server.stop()
-        else:
-            server.log.close()
+        stop(server)
