@@ -1209,22 +1209,32 @@ def readings(spec: FeatureSpec, resources: Iterable[Any], *, now: datetime,
     """Every usable result of one numeric Observation feature, oldest first: the results
     `extract` aggregates, after the same exclusions (status, date and window, unit,
     plausibility) and the same de-duplication. Raises ValueError for other kinds of spec."""
-    if spec.resource != "Observation" or spec.aggregation not in NUMERIC_AGGREGATIONS:
-        raise ValueError(f"readings needs a numeric Observation feature; {spec.name!r} is "
-                         f"{spec.resource} {spec.aggregation}")
-    compiled = _compiled((spec,))
-    (acc,), _ = _collect(compiled, resources, _as_utc(now), code_map)
+    return readings_many((spec,), resources, now=now, code_map=code_map)[0]
+
+
+def readings_many(specs: Sequence[FeatureSpec], resources: Iterable[Any], *, now: datetime,
+                  code_map: CodeMap | None = None) -> tuple[list[Reading], ...]:
+    """`readings` of several features from a single pass over the resources."""
+    for spec in specs:
+        if spec.resource != "Observation" or spec.aggregation not in NUMERIC_AGGREGATIONS:
+            raise ValueError(f"readings needs a numeric Observation feature; {spec.name!r} is "
+                             f"{spec.resource} {spec.aggregation}")
+    compiled = _compiled(tuple(specs))
+    accs, _ = _collect(compiled, resources, _as_utc(now), code_map)
     out = []
-    for instant, value, rid, day, notes, comparator, element in _ordered(acc.items.values()):
-        out.append(Reading(instant, day, value, comparator,
-                           f"Observation/{rid}" if rid else None,
-                           _matched_code(element.get("code"), compiled.observation, code_map),
-                           notes))
-    return out
+    for index, acc in enumerate(accs):
+        out.append([Reading(instant, day, value, comparator,
+                            f"Observation/{rid}" if rid else None,
+                            _matched_code(element.get("code"), compiled.observation, code_map,
+                                          index), notes)
+                    for instant, value, rid, day, notes, comparator, element
+                    in _ordered(acc.items.values())])
+    return tuple(out)
 
 
-def _matched_code(concept: Any, lookup: _Lookup, code_map: Mapping | None) -> str | None:
-    """The first coding of a concept (or its code-map target) that a feature's codes match."""
+def _matched_code(concept: Any, lookup: _Lookup, code_map: Mapping | None,
+                  index: int) -> str | None:
+    """The first coding of a concept (or its code-map target) that feature `index` matches."""
     codings = concept.get("coding") if isinstance(concept, _MAPPING) else None
     for coding in codings if isinstance(codings, list) else ():
         if not isinstance(coding, _MAPPING):
@@ -1236,7 +1246,7 @@ def _matched_code(concept: Any, lookup: _Lookup, code_map: Mapping | None) -> st
             hits: set[int] = set()
             if isinstance(candidate, tuple) and len(candidate) == 2:
                 lookup._add(candidate, hits)
-            if hits:
+            if index in hits:
                 return f"{candidate[0]}|{candidate[1]}"
     return None
 

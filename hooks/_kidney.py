@@ -31,7 +31,7 @@ from cds_service.features import (
     Reading,
     extract_many,
     parse_features,
-    readings,
+    readings_many,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -366,9 +366,10 @@ def interpret(vector: FeatureVector, resources: list[Any], *, now: datetime,
     conditions = frozenset(name for name in CONDITION_SETS
                            if f"has_{name}" in vector.names and vector[f"has_{name}"].value)
 
+    egfrs, creatinines = readings_many((_SPECS["egfr"], _SPECS["creatinine"]), resources,
+                                       now=now, code_map=code_map)
     reported = [Egfr(float(round(r.value)), r.comparator, r.date, r.instant, r.source)
-                for r in readings(_SPECS["egfr"], resources, now=now, code_map=code_map)]
-    creatinines = readings(_SPECS["creatinine"], resources, now=now, code_map=code_map)
+                for r in egfrs]
     calculated = []
     if creatinines and age is None:
         notes.append("no eGFR could be calculated from creatinine: age not recorded")
