@@ -1,6 +1,6 @@
 """deploy/k8s: the manifests parse, build with kustomize, and agree with each other, with the
 Dockerfile and with the app (probe and metrics paths are real routes, the site file is a valid
-site), and the Secret holds placeholders only."""
+site), and the example Secret holds placeholders only and stays out of the kustomization."""
 
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ from hooks import SERVICES
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
+SECRET = "examples/secret.example.yaml"
 KINDS = {
     "configmap.yaml": ("v1", "ConfigMap"),
-    "secret.yaml": ("v1", "Secret"),
     "deployment.yaml": ("apps/v1", "Deployment"),
     "service.yaml": ("v1", "Service"),
     "hpa.yaml": ("autoscaling/v2", "HorizontalPodAutoscaler"),
     "pdb.yaml": ("policy/v1", "PodDisruptionBudget"),
     "kustomization.yaml": ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+    SECRET: ("v1", "Secret"),
 }
 SECRET_KEYS = {"CDS_DATABASE_URL", "CDS_REPLAY_CACHE_URL", "CDS_JWKS_CACHE_URL"}
 PLACEHOLDER = "REPLACE_ME"
@@ -58,16 +59,18 @@ def test_each_file_is_one_object_of_its_kind(name):
         assert document["metadata"]["name"].startswith("cds-service")
 
 
-def test_kustomization_lists_every_manifest_and_builds():
-    assert {p.name for p in K8S.iterdir()} == set(KINDS)
+def test_kustomization_lists_every_manifest_but_the_example_secret_and_builds():
+    assert {str(p.relative_to(K8S)) for p in K8S.rglob("*") if p.is_file()} == set(KINDS)
     resources = manifest("kustomization.yaml")["resources"]
-    assert sorted(resources) == sorted(set(KINDS) - {"kustomization.yaml"})
+    # `kubectl apply -k` must never replace the real Secret with the example's REPLACE_ME.
+    assert sorted(resources) == sorted(set(KINDS) - {"kustomization.yaml", SECRET})
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl (Debian package kubectl) is needed to build the kustomization"
     built = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
                            timeout=60, check=True).stdout
     assert sorted(d["kind"] for d in yaml.safe_load_all(built)) == sorted(
-        kind for _, kind in KINDS.values() if kind != "Kustomization")
+        kind for name, (_, kind) in KINDS.items() if name in resources)
+    assert "Secret" not in {d["kind"] for d in yaml.safe_load_all(built)}
 
 
 def test_probe_and_metrics_paths_are_routes_of_the_app(make_app, deployment, container):
@@ -125,7 +128,7 @@ def test_scaling_and_disruption_budget_fit_together():
 
 
 def test_every_secret_key_is_consumed_and_every_consumed_key_exists(container):
-    secret = manifest("secret.yaml")
+    secret = manifest(SECRET)
     assert set(secret["stringData"]) == SECRET_KEYS
     consumed = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
                 if "valueFrom" in e}
@@ -135,9 +138,9 @@ def test_every_secret_key_is_consumed_and_every_consumed_key_exists(container):
 
 
 def test_the_secret_is_an_example_with_placeholders_only():
-    text = (K8S / "secret.yaml").read_text(encoding="utf-8")
+    text = (K8S / SECRET).read_text(encoding="utf-8")
     assert "EXAMPLE ONLY" in text
-    secret = manifest("secret.yaml")
+    secret = manifest(SECRET)
     assert "data" not in secret  # base64 would hide what is committed
     for name, value in secret["stringData"].items():
         url = urlsplit(value)
@@ -147,7 +150,7 @@ def test_the_secret_is_an_example_with_placeholders_only():
 
 
 def test_no_manifest_carries_key_material_or_tokens():
-    for path in K8S.iterdir():
+    for path in (p for p in K8S.rglob("*") if p.is_file()):
         text = path.read_text(encoding="utf-8")
         assert "PRIVATE KEY" not in text, path.name
         assert not re.search(r"eyJ[\w-]{10,}\.[\w-]{10,}\.", text), path.name  # a JWT
