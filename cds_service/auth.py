@@ -8,7 +8,8 @@ belongs to, the JWK Set URLs (`jku`) it may point at and/or a JWK Set exchanged 
 
 1. the header is `Bearer <jwt>` ("missing", "scheme", "malformed");
 2. the JOSE header: `alg` asymmetric (`none` and HS* are refused here, before any key is looked
-   up), `kid` present, `typ` JWT ("alg", "kid", "typ");
+   up), no `crit` (we implement no JWS extension), `kid` present, `typ` JWT ("alg", "crit",
+   "kid", "typ");
 3. `iss` is a trusted issuer, `alg` is in its allow-list ("iss", "alg");
 4. the key: with a `jku` header, only an allow-listed jku is fetched (exact string match; nothing
    else is ever requested); without one, the issuer's out-of-band JWK Set ("jku", "jku-fetch",
@@ -71,6 +72,7 @@ _DESCRIPTIONS = {
     "alg": "the signing algorithm is not accepted",
     "kid": "no trusted key has this kid",
     "typ": "the JOSE header typ is not JWT",
+    "crit": "the token requires a JWS extension this service does not implement",
     "iss": "the issuer is not trusted",
     "jku": "the jku is not allow-listed for this issuer",
     "jku-fetch": "the JWK Set could not be fetched",
@@ -637,8 +639,11 @@ class TokenVerifier:
             # unknown stop here, before a key is looked up or fetched.
             raise AuthError("alg")
         if "crit" in header:
-            # RFC 7515 §4.1.11: we understand no extension, so a critical one must be refused.
-            raise AuthError("malformed")
+            # RFC 7515 §4.1.11: a recipient that does not understand every extension `crit` lists
+            # must reject the JWS. We implement none, so any `crit` (even an empty or malformed
+            # one, itself invalid there) is refused here, whatever the PyJWT release: before
+            # 2.12 PyJWT ignored `crit` (hence the floor in pyproject.toml).
+            raise AuthError("crit")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid or len(kid) > MAX_KID_CHARS:
             raise AuthError("kid")

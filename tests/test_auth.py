@@ -445,11 +445,38 @@ def test_authorization_header_shape(rs, make_verifier, authorization, reason):
         ({"typ": None}, "typ"),
         ({"typ": "JOSE"}, "typ"),
         ({"typ": "at+jwt"}, "typ"),
-        ({"crit": ["exp"], "exp": 1}, "malformed"),
+        ({"crit": ["exp"], "exp": 1}, "crit"),
     ],
 )
 def test_jose_header_rules(rs, make_verifier, headers, reason):
     assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, headers=headers)) == reason
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"crit": ["urn:example:must-understand"], "urn:example:must-understand": True},
+        {"crit": ["b64"], "b64": False},  # RFC 7797 unencoded payload: not implemented here
+        {"crit": ["http://openbanking.org.uk/iat"], "http://openbanking.org.uk/iat": 1},
+        {"crit": []},  # RFC 7515 §4.1.11: an empty list is itself invalid
+        {"crit": "urn:example:not-a-list"},
+    ],
+)
+def test_a_token_marking_any_extension_critical_is_refused(rs, make_verifier, headers):
+    # RFC 7515 §4.1.11: a validly signed token whose critical extension we do not understand
+    # must be rejected, not verified as if the extension were absent.
+    assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, headers=headers)) == "crit"
+
+
+def test_the_pyjwt_in_use_refuses_unknown_critical_extensions_too(rs):
+    # The dependency floor (PyJWT>=2.12 in pyproject.toml): earlier releases verified such a
+    # token. auth.py refuses `crit` before PyJWT sees it; this keeps the second line of defence.
+    import jwt
+
+    token = make_jwt(rs, headers={"crit": ["urn:example:x"], "urn:example:x": True})
+    with pytest.raises(jwt.InvalidTokenError):
+        jwt.decode(token, jwt.PyJWK(rs.public_jwk).key, algorithms=[rs.alg],
+                   options={"verify_aud": False})
 
 
 def test_embedded_jwk_header_is_never_used(rs, make_verifier):
