@@ -15,13 +15,14 @@ $(STAMP): pyproject.toml
 # The service on embedded defaults: SQLite store, demo site, http://127.0.0.1:8000; elsewhere
 # with `make run PORT=8001 HOST=0.0.0.0 WORKERS=4`. Set with := (not ?=) so that a HOST or PORT
 # the shell happens to export does not move it. `exec`: gunicorn replaces the recipe's shell, so
-# signals sent to the process make started reach the master.
+# signals sent to the process make started reach the master. The demo's tokens name the URL it
+# listens on (CDS_PUBLIC_URL: a JWT's `aud` is checked against configuration, never the Host).
 HOST    := 127.0.0.1
 PORT    := 8000
 WORKERS := 2
 run: $(STAMP)
-	CDS_SITE_CONFIG=site_config exec $(BIN)/cds-service serve --host $(HOST) --port $(PORT) \
-	  --workers $(WORKERS)
+	CDS_SITE_CONFIG=site_config CDS_PUBLIC_URL=http://$(HOST):$(PORT) \
+	  exec $(BIN)/cds-service serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 # The whole test suite (needs the local PostgreSQL and Redis, see README.md), then again with
 # the clock moved ahead.

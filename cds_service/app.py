@@ -14,7 +14,7 @@ from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_defaul
 from cds_service.http import Api, JsonProvider, register_error_handlers
 from cds_service.models.registry import ModelRegistry
 from cds_service.registry import CdsService, index_services
-from cds_service.runtime import build_models, build_runtime
+from cds_service.runtime import build_models, build_runtime, check_audiences, check_public_url
 
 OPENAPI = {
     "API_TITLE": "CDS Hooks service",
@@ -65,6 +65,9 @@ def load_deployment(config: Mapping[str, Any] | None = None) -> Deployment:
 
         services = index_services(SERVICES)
     sites = load_sites(resolved["SITE_CONFIG"], services)
+    public_url = check_public_url(resolved["PUBLIC_URL"])
+    if resolved["AUTH_REQUIRED"]:
+        check_audiences(sites, public_url)
     # The site that answers without a verified token. With authentication on (the default) the
     # token's `iss` picks the site, so several sites need no default.
     default_site = (choose_default_site(sites, resolved["DEFAULT_SITE"])

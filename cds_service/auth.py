@@ -15,7 +15,8 @@ belongs to, the JWK Set URLs (`jku`) it may point at and/or a JWK Set exchanged 
    else is ever requested); without one, the issuer's out-of-band JWK Set ("jku", "jku-fetch",
    "kid", "key"). Embedded `jwk`/`x5c`/`x5u` headers are never used;
 5. the signature, with the key bound to the one allowed algorithm ("signature", "key");
-6. claims: iss, aud, exp, iat, jti required; aud names this endpoint or a configured audience;
+6. claims: iss, aud, exp, iat, jti required; aud names this endpoint (its URL as configured,
+   never as the request's Host header says) or a configured audience;
    exp/iat/nbf within leeway; exp − iat ≤ max lifetime ("aud", "exp", "iat", "nbf", "lifetime",
    "jti");
 7. last, the jti replay cache, so a forged token cannot burn a jti ("replay").
@@ -608,8 +609,11 @@ class TokenVerifier:
     def issuers(self) -> tuple[TrustedIssuer, ...]:
         return tuple(i.config for i in self._issuers.values())
 
-    def verify(self, authorization: str | None, endpoint_url: str) -> VerifiedCaller:
-        """Verify the `Authorization` header for a call to `endpoint_url`; raises AuthError."""
+    def verify(self, authorization: str | None, endpoint_url: str | None) -> VerifiedCaller:
+        """Verify the `Authorization` header for a call to `endpoint_url`; raises AuthError.
+
+        `endpoint_url` comes from configuration (the public URL and the route invoked), or is
+        None when none is configured: then only the issuer's `audiences` are accepted."""
         context: dict[str, Any] = {}
         try:
             return self._verify(authorization, endpoint_url, context)
@@ -624,7 +628,7 @@ class TokenVerifier:
             raise
 
     def _verify(
-        self, authorization: str | None, endpoint_url: str, context: dict[str, Any]
+        self, authorization: str | None, endpoint_url: str | None, context: dict[str, Any]
     ) -> VerifiedCaller:
         token = _bearer_token(authorization)
 
@@ -742,7 +746,7 @@ class TokenVerifier:
         return issuer.keys.bind(kid, alg)
 
     @staticmethod
-    def _audience_ok(aud: Any, endpoint_url: str, issuer: _Issuer) -> bool:
+    def _audience_ok(aud: Any, endpoint_url: str | None, issuer: _Issuer) -> bool:
         # CDS Hooks 2.0: aud is a string or an array of strings, the URL of the endpoint being
         # invoked. Epic's aud is whatever each hospital typed in, hence the configured audiences.
         values: Iterable[Any] = [aud] if isinstance(aud, str) else aud
@@ -750,7 +754,9 @@ class TokenVerifier:
             return False
         if not all(isinstance(v, str) for v in values):
             return False
-        accepted = issuer.audiences | {_normalise_aud(endpoint_url)}
+        accepted = issuer.audiences
+        if endpoint_url:
+            accepted = accepted | {_normalise_aud(endpoint_url)}
         return any(_normalise_aud(v) in accepted for v in values)
 
 

@@ -2,6 +2,7 @@
 stable (the parser's description below is what they read in `--help`).
 
     cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH] [--pidfile PATH]
+                      [--public-url URL]
     cds-service reload [--pidfile PATH] [--timeout S]
     cds-service check-config [--site-config PATH] [--json]
     cds-service invoke SERVICE --bundle FILE [--url URL] [--hook HOOK] [--select Type/id]...
@@ -93,7 +94,8 @@ def _invoke(args: argparse.Namespace) -> int:
         site = choose_default_site(sites, args.site or os.environ.get("CDS_DEFAULT_SITE"))
         body = build_request(site, args.service, load_bundle(args.bundle), hook=args.hook,
                              selections=args.select)
-        response = send(args.url, site, args.service, body)
+        response = send(args.url, site, args.service, body,
+                        public_url=os.environ.get("CDS_PUBLIC_URL") or None)
     except (ConfigError, InvokeError) as exc:
         print(f"invoke: {exc}", file=sys.stderr)  # noqa: T201
         return 2
@@ -369,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pidfile", metavar="PATH", default=PIDFILE,
                        help=f"where the master writes its pid, for `cds-service reload` "
                             f"(default: {PIDFILE})")
+    serve.add_argument("--public-url", metavar="URL",
+                       help="the URL Epic calls this service at, e.g. https://cds.example.org "
+                            "(default: $CDS_PUBLIC_URL): a JWT's aud must name "
+                            "URL/cds-services/<id> or one of the site's audiences")
     site_config_option(serve)
     serve.set_defaults(func=_serve)
 
@@ -513,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "site_config", None):
         # Workers build their own app from the environment, so pass the path that way.
         os.environ["CDS_SITE_CONFIG"] = args.site_config
+    if getattr(args, "public_url", None):
+        os.environ["CDS_PUBLIC_URL"] = args.public_url
     if args.func is not _serve:  # serve configures logging for gunicorn too
         from cds_service import logs
 

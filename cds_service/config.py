@@ -54,6 +54,11 @@ DEFAULTS: dict[str, Any] = {
     # JWK Sets fetched from `jku` URLs: None = each worker keeps its own; redis://… = shared by
     # every worker and host (one fetch per TTL, an Epic key rotation seen everywhere at once).
     "JWKS_CACHE_URL": None,
+    # The URL Epic calls this deployment at, e.g. https://cds.example.org (with any path prefix a
+    # reverse proxy adds): a JWT's `aud` is accepted when it is `<PUBLIC_URL>/cds-services/<id>`
+    # (the endpoint invoked) or one of the site's `audiences`. Never taken from request headers
+    # (Host, X-Forwarded-*), which the caller chooses. `cds-service serve --public-url`.
+    "PUBLIC_URL": None,
     # Clock skew allowed on exp/iat/nbf. Epic sends nbf = iat - 300 and exp = iat + 900.
     "JWT_LEEWAY_SECONDS": 30,
     # Audit records older than this are removed by `cds-service audit purge`.

@@ -32,6 +32,8 @@ def effective_config(app: Flask) -> dict[str, Any]:
         "site_config": config["SITE_CONFIG"] or "built-in defaults (one site, every service)",
         "default_site": rt.default_site.id if rt.default_site else None,
         "auth_required": bool(config["AUTH_REQUIRED"]),
+        # A JWT's `aud` may name <public_url>/cds-services/<id>, or a site's `audiences`.
+        "public_url": rt.public_url,
         "jwt_leeway_seconds": config["JWT_LEEWAY_SECONDS"],
         "database_url": rt.store_url_redacted,
         "replay_cache_url": redacted_url(replay) if replay else None,

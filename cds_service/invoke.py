@@ -122,9 +122,14 @@ def signing_token(site: Site, audience: str) -> str:
 
 
 def send(base_url: str, site: Site, service_id: str, body: dict,
-         timeout: float = 10.0) -> requests.Response:
-    url = f"{base_url.rstrip('/')}/cds-services/{service_id}"
-    headers = {"Authorization": f"Bearer {signing_token(site, url)}"}
+         timeout: float = 10.0, *, public_url: str | None = None) -> requests.Response:
+    """POST `body` to `base_url`'s service, signed for `aud` `<public_url>/cds-services/<id>`
+    (the server accepts the endpoint at its configured public URL only), or for the URL posted
+    to when no public URL is given."""
+    path = f"/cds-services/{service_id}"
+    url = base_url.rstrip("/") + path
+    audience = public_url.rstrip("/") + path if public_url else url
+    headers = {"Authorization": f"Bearer {signing_token(site, audience)}"}
     try:
         return requests.post(url, json=body, headers=headers, timeout=timeout)
     except requests.RequestException as exc:

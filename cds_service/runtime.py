@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jwt
 from flask import Flask, Request, current_app, g
@@ -55,6 +56,8 @@ class CdsRuntime:
     store: Store
     store_url_redacted: str
     verifier: TokenVerifier | None = None  # None only when AUTH_REQUIRED is explicitly false
+    # PUBLIC_URL, checked: the base of the endpoint URL a token's `aud` may name.
+    public_url: str | None = None
     models: ModelRegistry = field(default_factory=ModelRegistry)
     # "Now" for models (ages, look-back windows). Tests pass CLOCK to freeze it.
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
@@ -73,8 +76,13 @@ class CdsRuntime:
         if self.verifier is None:
             return self.default_site, None
         authorization = request.headers.get("Authorization")
+        # The endpoint invoked, as configured: `request.base_url` would be built from the Host
+        # (and, behind gunicorn, X-Forwarded-Proto) header, so a token minted for another
+        # vendor's endpoint would pass by naming that vendor's host. `request.path` is the route
+        # matched, which the caller cannot point elsewhere.
+        endpoint = self.public_url + request.path if self.public_url else None
         try:
-            caller = self.verifier.verify(authorization, request.base_url)
+            caller = self.verifier.verify(authorization, endpoint)
         except AuthError as exc:
             g.claimed_site = self.claimed_site(authorization)
             metrics.rejected(g.claimed_site, exc.reason)
@@ -120,6 +128,46 @@ class CdsRuntime:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._executor = None
         self.store.dispose()
+
+
+def check_public_url(value: object) -> str | None:
+    """PUBLIC_URL without its trailing slash, or None; ConfigError naming what is wrong."""
+    if value is None or value == "":
+        return None
+    problem = None
+    if not isinstance(value, str):
+        problem = "is not a URL"
+    else:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            parts, problem = None, "is not a valid URL"
+        if parts is not None:
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                problem = "must be an http(s) URL with a host, e.g. https://cds.example.org"
+            elif parts.username is not None or parts.password is not None:
+                problem = "must not carry credentials"
+            elif parts.query or parts.fragment or value.endswith("?") or "#" in value:
+                problem = "must not carry a query or fragment"
+    if problem:
+        raise ConfigError(f"PUBLIC_URL (CDS_PUBLIC_URL, serve --public-url): {value!r} {problem}")
+    return value.rstrip("/")
+
+
+def check_audiences(sites: Mapping[str, Site], public_url: str | None) -> None:
+    """A site that trusts issuers must be able to accept some `aud`: without PUBLIC_URL and
+    without `audiences` every token would be refused, so refuse to start instead."""
+    if public_url:
+        return
+    for site in sites.values():
+        if site.issuers and not site.audiences:
+            raise ConfigError(
+                f"{site.source}: site {site.id!r} trusts issuers but accepts no JWT audience: "
+                "set the URL Epic calls this service at with CDS_PUBLIC_URL (or `cds-service "
+                "serve --public-url`), e.g. https://cds.example.org, or list the `aud` values "
+                "the hospital typed into Epic in the site's `audiences`"
+            )
 
 
 def build_verifier(app: Flask, sites: Mapping[str, Site]) -> TokenVerifier | None:
@@ -185,6 +233,7 @@ def build_runtime(app: Flask, deployment) -> CdsRuntime:
     verifier = build_verifier(app, deployment.sites)
     rt = CdsRuntime(
         verifier=verifier,
+        public_url=check_public_url(app.config["PUBLIC_URL"]),
         models=deployment.models,
         services=deployment.services,
         sites=deployment.sites,

@@ -354,10 +354,20 @@ def _own_base_url() -> str:
     return f"{scheme}://{host}" + (f":{port}" if port and port != default else "")
 
 
+def _audience(site: Site, path: str) -> str:
+    """The `aud` this deployment accepts for `path`, as Epic would send it: the configured public
+    URL of the endpoint, else the site's first `audiences` entry (start-up refuses a site with
+    neither). Not the URL posted to, which is this server's own socket address."""
+    public_url = runtime().public_url
+    if public_url:
+        return public_url + path
+    return site.audiences[0] if site.audiences else _own_base_url() + path
+
+
 def _signed_post(site: Site, path: str, body: Any) -> dict:
     url = _own_base_url() + path
     try:
-        token = signing_token(site, url)
+        token = signing_token(site, _audience(site, path))
     except InvokeError as exc:
         raise RequestInvalid(str(exc)) from exc
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}

@@ -50,6 +50,10 @@ SETTINGS: dict[str, Any] = {
     "graceful_timeout": 30,
     "keepalive": 75,
     "proc_name": "cds-service",
+    # gunicorn by default lets a loopback peer set the URL scheme with X-Forwarded-Proto and
+    # the like. Nothing here may depend on a header the caller chooses: the public URL is
+    # configured (PUBLIC_URL), so the scheme is always the listening socket's own.
+    "secure_scheme_headers": {},
 }
 if Path("/dev/shm").is_dir():  # noqa: S108 - gunicorn's heartbeat files, not our data
     SETTINGS["worker_tmp_dir"] = "/dev/shm"  # noqa: S108

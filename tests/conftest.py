@@ -149,6 +149,8 @@ def make_app(tmp_path, site_file):
         config.setdefault("DATABASE_URL", f"sqlite:///{tmp_path / 'cds.sqlite3'}")
         config.setdefault("REPLAY_CACHE_URL", f"sqlite:///{tmp_path / 'replay.sqlite3'}")
         config.setdefault("SERVICES", TEST_SERVICES)
+        # The test client's own URL: SigningClient signs `aud` = http://localhost/<path>.
+        config.setdefault("PUBLIC_URL", "http://localhost")
         extra = config.pop("SITE_YAML", "")
         if "SITE_CONFIG" not in config and "CDS_SITE_CONFIG" not in os.environ:
             config["SITE_CONFIG"] = site_file(extra, name=f"test-site-{len(apps)}.yaml")

@@ -43,6 +43,7 @@ def check_config(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("CDS_JWKS_CACHE_URL", f"redis://:{REDIS_PASSWORD}@127.0.0.1:1/0")
     monkeypatch.setenv("CDS_REPLAY_CACHE_URL", f"sqlite:///{tmp_path / 'replay.sqlite3'}")
     monkeypatch.setenv("CDS_UNRELATED_TOKEN", "not-a-setting-of-ours")
+    monkeypatch.setenv("CDS_PUBLIC_URL", "https://cds.riverside.example.org/")
 
     def run(site_config: str | None, *args: str) -> tuple[int, str, str]:
         where = ["--site-config", site_config] if site_config else []
@@ -68,6 +69,7 @@ def test_json_shows_the_effective_configuration(check_config, site_file, test_jw
     assert deployment["database_url"] == "postgresql://cds:***@127.0.0.1:1/cds"
     assert deployment["jwks_cache_url"] == "redis://:***@127.0.0.1:1/0"
     assert deployment["auth_required"] is True
+    assert deployment["public_url"] == "https://cds.riverside.example.org"
     assert deployment["default_site"] == "test-site"
     assert [m["id"] for m in deployment["models"]] == ["ckd-progression-lr", "kfre-4var"]
 

@@ -64,7 +64,8 @@ def run_step(text: str, clone: Path, env: dict) -> str:
 
 
 def start_server(text: str, clone: Path, env: dict, port: int, log) -> subprocess.Popen:
-    command = text.replace(f"--port {DOC_PORT}", f"--port {port}")
+    command = text.replace(f"--port {DOC_PORT}", f"--port {port}").replace(
+        f"127.0.0.1:{DOC_PORT}", f"127.0.0.1:{port}")
     process = subprocess.Popen(["bash", "-e", "-c", command], cwd=clone, env=env,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 30
@@ -134,7 +135,7 @@ def test_without_the_guides_code_mapping_the_local_egfr_is_not_read(tmp_path):
     site["issuers"][0]["jwks_file"] = str(tmp_path / "riverside.jwks.json")
     site_file = tmp_path / Path(path).name
     site_file.write_text(yaml.safe_dump(site), encoding="utf-8")
-    app = create_app({"SITE_CONFIG": str(site_file),
+    app = create_app({"SITE_CONFIG": str(site_file), "PUBLIC_URL": "http://localhost",
                       "DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}",
                       "REPLAY_CACHE_URL": f"sqlite:///{tmp_path / 'replay.sqlite3'}"})
     [riverside] = load_sites(site_file, index_services(SERVICES)).values()

@@ -54,7 +54,7 @@ class ThreadedTestTransport:
 
 @pytest.fixture
 def demo(tmp_path):
-    app = create_app({"SITE_CONFIG": str(DEMO_SITE),
+    app = create_app({"SITE_CONFIG": str(DEMO_SITE), "PUBLIC_URL": "http://localhost",
                       "DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}",
                       "REPLAY_CACHE_URL": f"sqlite:///{tmp_path / 'replay.sqlite3'}"})
     app.config["TESTING"] = True

@@ -33,10 +33,10 @@ def token_for(url: str) -> str:
     return make_jwt(url, key=key, kid=kid, iss=iss)
 
 
-def request(url, body=None, token=None):
+def request(url, body=None, token=None, headers=None):
     """GET or POST `url`, signed as the demo site's EHR with a fresh token unless given one."""
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(headers or {})}
     if "/cds-services" in url:
         headers["Authorization"] = f"Bearer {token or token_for(url)}"
     req = urllib.request.Request(  # noqa: S310 - loopback test server
@@ -59,9 +59,11 @@ class Server:
         self.pidfile = tmp_path / f"serve-{self.port}.pid"
         if "--pidfile" in args:
             self.pidfile = tmp_path / args[list(args).index("--pidfile") + 1]
+        # The URL the tests call it at is the URL their tokens name (`aud`); a later
+        # --public-url in `args` wins.
         self.process = subprocess.Popen(
             [CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--pidfile",
-             str(self.pidfile), *args],
+             str(self.pidfile), "--public-url", self.base, *args],
             env=env, cwd=tmp_path, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
