@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml
 # with `make run PORT=8001 HOST=0.0.0.0 WORKERS=4`. Set with := (not ?=) so that a HOST or PORT
 # the shell happens to export does not move it. `exec`: gunicorn replaces the recipe's shell, so
 # signals sent to the process make started reach the master. The demo's tokens name the URL it
-# listens on (CDS_PUBLIC_URL: a JWT's `aud` is checked against configuration, never the Host).
+# listens on (CDS_PUBLIC_URL: a JWT's `aud` is checked against configuration, never the Host),
+# and its development key and sandbox are turned on here, explicitly (CDS_ALLOW_DEV_KEYS): a
+# deployment (the Docker image, a pod) has neither unless its operator says so.
 HOST    := 127.0.0.1
 PORT    := 8000
 WORKERS := 2
 run: $(STAMP)
-	CDS_SITE_CONFIG=site_config CDS_PUBLIC_URL=http://$(HOST):$(PORT) \
+	CDS_SITE_CONFIG=site_config CDS_PUBLIC_URL=http://$(HOST):$(PORT) CDS_ALLOW_DEV_KEYS=true \
 	  exec $(BIN)/cds-service serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 # The whole test suite (needs the local PostgreSQL and Redis, see README.md), then again with

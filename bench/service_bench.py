@@ -197,6 +197,9 @@ class Server:
             "PROMETHEUS_MULTIPROC_DIR": str(tmp / "metrics"),
             "CDS_LOG_FORMAT": "json",
             "CDS_LOG_LEVEL": LOG_LEVEL,
+            # As `make run`: tokens name the URL served (aud), signed with the demo's dev key.
+            "CDS_PUBLIC_URL": self.base,
+            "CDS_ALLOW_DEV_KEYS": "true",
             # The floor app is run as `-m bench.floor_app` from the temporary directory.
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                           if p),

@@ -11,6 +11,7 @@ from flask import Config, Flask
 
 from cds_service import logs, swagger_ui
 from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_default_site, load_sites
+from cds_service.errors import ConfigError
 from cds_service.http import Api, JsonProvider, register_error_handlers
 from cds_service.models.registry import ModelRegistry
 from cds_service.registry import CdsService, index_services
@@ -64,7 +65,12 @@ def load_deployment(config: Mapping[str, Any] | None = None) -> Deployment:
         from hooks import SERVICES
 
         services = index_services(SERVICES)
-    sites = load_sites(resolved["SITE_CONFIG"], services)
+    if not isinstance(resolved["ALLOW_DEV_KEYS"], bool):
+        # CDS_ALLOW_DEV_KEYS=no would be a truthy string: only JSON true/false are taken.
+        raise ConfigError(f"ALLOW_DEV_KEYS (CDS_ALLOW_DEV_KEYS): {resolved['ALLOW_DEV_KEYS']!r} "
+                          "is not true or false")
+    sites = load_sites(resolved["SITE_CONFIG"], services,
+                       allow_dev_keys=resolved["ALLOW_DEV_KEYS"])
     public_url = check_public_url(resolved["PUBLIC_URL"])
     if resolved["AUTH_REQUIRED"]:
         check_audiences(sites, public_url)
@@ -104,7 +110,8 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     api.register_blueprint(health)
     app.register_blueprint(swagger_ui.bp)
     build_runtime(app, deployment)
-    if any(site.sandbox for site in deployment.sites.values()):
+    # A sandbox site has a dev_keypair issuer, which loads only with ALLOW_DEV_KEYS: both hold.
+    if app.config["ALLOW_DEV_KEYS"] and any(site.sandbox for site in deployment.sites.values()):
         from cds_service import sandbox  # a developer tool: mounted only where a site enables it
 
         sandbox.init_app(app, deployment.sites)

@@ -59,6 +59,10 @@ DEFAULTS: dict[str, Any] = {
     # (the endpoint invoked) or one of the site's `audiences`. Never taken from request headers
     # (Host, X-Forwarded-*), which the caller chooses. `cds-service serve --public-url`.
     "PUBLIC_URL": None,
+    # Development keys (`issuers[].dev_keypair`) and with them the sandbox: off unless a
+    # development deployment turns them on (`make run` does). A site that asks for one while
+    # this is false stops start-up: whoever holds that private key could call as the EHR.
+    "ALLOW_DEV_KEYS": False,
     # Clock skew allowed on exp/iat/nbf. Epic sends nbf = iat - 300 and exp = iat + 900.
     "JWT_LEEWAY_SECONDS": 30,
     # Audit records older than this are removed by `cds-service audit purge`.
@@ -275,7 +279,8 @@ def _service_settings(service: CdsService, raw: Mapping[str, Any] | None, source
         raise ConfigError(f"{source}: {describe_errors(exc, where)}") from exc
 
 
-def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService]) -> Site:
+def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService],
+                       allow_dev_keys: bool = True) -> Site:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     try:
@@ -331,7 +336,7 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
 
     allow_http_jku = parsed["jwt"].get("allow_http_loopback_jku", False)
     issuers = tuple(
-        _issuer(entry, index, source, allow_http_jku)
+        _issuer(entry, index, source, allow_http_jku, allow_dev_keys)
         for index, entry in enumerate(parsed.get("issuers") or [])
     )
     if parsed["sandbox"] and not any(i.get("dev_keypair") for i in parsed.get("issuers") or ()):
@@ -372,8 +377,13 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
 
 
 def _issuer(entry: Mapping[str, Any], index: int, source: str,
-            allow_http_jku: bool) -> IssuerSpec:
+            allow_http_jku: bool, allow_dev_keys: bool = True) -> IssuerSpec:
     where = f"{source}: issuers[{index}]"
+    if entry.get("dev_keypair") and not allow_dev_keys:
+        raise ConfigError(f"{where}.dev_keypair: development keys are off in this deployment. "
+                          "A development deployment turns them on with CDS_ALLOW_DEV_KEYS=true "
+                          "(`make run` does); a production site trusts its EHR's keys only "
+                          "(`jku` or `jwks_file`)")
     if not entry.get("jku") and not entry.get("jwks_file"):
         raise ConfigError(f"{where}: give `jku` (allow-listed JWK Set URLs) or `jwks_file`")
     for n, url in enumerate(entry.get("jku") or ()):
@@ -428,8 +438,11 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
 
 
-def load_sites(path: str | Path | None, registry: Mapping[str, CdsService]) -> dict[str, Site]:
-    """Read and validate every site; raises ConfigError naming the file and key at fault."""
+def load_sites(path: str | Path | None, registry: Mapping[str, CdsService], *,
+               allow_dev_keys: bool = True) -> dict[str, Site]:
+    """Read and validate every site; raises ConfigError naming the file and key at fault.
+    `allow_dev_keys` false (a served deployment unless ALLOW_DEV_KEYS): `dev_keypair` is an
+    error, and no key pair is generated."""
     if path is None:
         site = _site_from_mapping({"site": BUILTIN_SITE_ID}, "<built-in defaults>", registry)
         return {site.id: site}
@@ -446,7 +459,7 @@ def load_sites(path: str | Path | None, registry: Mapping[str, CdsService]) -> d
     sites: dict[str, Site] = {}
     issuers: dict[str, str] = {}
     for file in files:
-        site = _site_from_mapping(_read_yaml(file), str(file), registry)
+        site = _site_from_mapping(_read_yaml(file), str(file), registry, allow_dev_keys)
         if site.id in sites:
             raise ConfigError(
                 f"{file}: site: {site.id!r} is already defined in {sites[site.id].source}"

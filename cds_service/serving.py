@@ -275,6 +275,9 @@ def run(args: argparse.Namespace, logconfig: dict) -> int:
             deployment = load_deployment()
         except ConfigError as exc:
             print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201
+            hint = _site_config_hint()
+            if hint:
+                print(hint, file=sys.stderr)  # noqa: T201
             return 2
         problem = _pidfile_problem(Path(args.pidfile))
         if problem:
@@ -290,6 +293,19 @@ def run(args: argparse.Namespace, logconfig: dict) -> int:
             status = _read_status(Path(args.pidfile))
             if status is not None and status.get("pid") == master:
                 reload_status_path(args.pidfile).unlink(missing_ok=True)
+
+
+def _site_config_hint() -> str | None:
+    """How to provide the site configuration when the configured path is absent: the Docker
+    image names one (CDS_SITE_CONFIG=/etc/cds/site_config) and ships none."""
+    path = os.environ.get("CDS_SITE_CONFIG")
+    if not path or Path(path).exists():
+        return None
+    return (f"No site configuration at {path}. Mount your site files there, e.g.\n"
+            f"  docker run -v \"$PWD/site_config:{path}:ro\" -e CDS_PUBLIC_URL=https://cds.example.org"
+            " ... cds-service:0.1.0\n"
+            "or point CDS_SITE_CONFIG (serve --site-config) at a file or directory of site YAML "
+            "files (site_config/README.md).")
 
 
 def _pidfile_problem(pidfile: Path) -> str | None:

@@ -151,6 +151,7 @@ def make_app(tmp_path, site_file):
         config.setdefault("SERVICES", TEST_SERVICES)
         # The test client's own URL: SigningClient signs `aud` = http://localhost/<path>.
         config.setdefault("PUBLIC_URL", "http://localhost")
+        config.setdefault("ALLOW_DEV_KEYS", True)  # a test site may ask for the sandbox
         extra = config.pop("SITE_YAML", "")
         if "SITE_CONFIG" not in config and "CDS_SITE_CONFIG" not in os.environ:
             config["SITE_CONFIG"] = site_file(extra, name=f"test-site-{len(apps)}.yaml")

@@ -28,6 +28,7 @@ def test_make_run_defaults_and_variables_reach_the_serve_command():
     assert "serve --host 127.0.0.1 --port 8000 --workers 2" in make_run()
     # The demo's tokens name the URL it listens on: the public URL is configuration, not Host.
     assert "CDS_PUBLIC_URL=http://127.0.0.1:8000 " in make_run()
+    assert "CDS_ALLOW_DEV_KEYS=true " in make_run()  # the demo's key and sandbox, explicitly
     assert "CDS_PUBLIC_URL=http://0.0.0.0:8001 " in make_run("PORT=8001", "HOST=0.0.0.0")
     assert "serve --host 0.0.0.0 --port 8001 --workers 3" in make_run(
         "PORT=8001", "HOST=0.0.0.0", "WORKERS=3")

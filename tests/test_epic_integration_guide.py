@@ -136,6 +136,7 @@ def test_without_the_guides_code_mapping_the_local_egfr_is_not_read(tmp_path):
     site_file = tmp_path / Path(path).name
     site_file.write_text(yaml.safe_dump(site), encoding="utf-8")
     app = create_app({"SITE_CONFIG": str(site_file), "PUBLIC_URL": "http://localhost",
+                      "ALLOW_DEV_KEYS": True,
                       "DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}",
                       "REPLAY_CACHE_URL": f"sqlite:///{tmp_path / 'replay.sqlite3'}"})
     [riverside] = load_sites(site_file, index_services(SERVICES)).values()

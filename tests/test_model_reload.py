@@ -227,7 +227,8 @@ def test_a_site_naming_a_missing_model_stops_start_up(tmp_path):
     write_site(site, model="no-such-model")
     result = subprocess.run(
         [CLI, "serve", "--port", str(free_port())], cwd=tmp_path, capture_output=True,
-        text=True, timeout=60, env={**os.environ, "CDS_SITE_CONFIG": str(site)})
+        text=True, timeout=60, env={**os.environ, "CDS_SITE_CONFIG": str(site),
+                                    "CDS_ALLOW_DEV_KEYS": "true"})
     assert result.returncode == 2, result
     assert "configuration error: " in result.stderr, result.stderr
     assert "missing-model.yaml: services.kidney-risk.model" in result.stderr, result.stderr

@@ -55,6 +55,7 @@ class ThreadedTestTransport:
 @pytest.fixture
 def demo(tmp_path):
     app = create_app({"SITE_CONFIG": str(DEMO_SITE), "PUBLIC_URL": "http://localhost",
+                      "ALLOW_DEV_KEYS": True,
                       "DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}",
                       "REPLAY_CACHE_URL": f"sqlite:///{tmp_path / 'replay.sqlite3'}"})
     app.config["TESTING"] = True

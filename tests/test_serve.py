@@ -52,8 +52,9 @@ class Server:
     def __init__(self, tmp_path: Path, *args: str, env: dict | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        # The demo site signs with its development key, as under `make run`.
         env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}",
-               **(env or {})}
+               "CDS_ALLOW_DEV_KEYS": "true", **(env or {})}
         self.log = (tmp_path / f"serve-{self.port}.log").open("w")
         # One pidfile per server: several may share `tmp_path`. A later --pidfile in `args` wins.
         self.pidfile = tmp_path / f"serve-{self.port}.pid"
@@ -164,9 +165,15 @@ def test_bad_site_configuration_stops_start_up_with_a_clear_message(tmp_path):
         assert "bad.yaml: services.kidney-risk.prefetch.nope" in result.stderr
 
 
+def demo_env() -> dict:
+    """The environment `make run` gives the demo site: its development key turned on."""
+    return {**os.environ, "CDS_ALLOW_DEV_KEYS": "true"}
+
+
 def test_check_config_prints_sites_services_and_templates(tmp_path):
     result = subprocess.run([CLI, "check-config", "--site-config", str(ROOT / "site_config")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env=demo_env())
     assert result.returncode == 0, result.stderr
     assert "site demo-hospital" in result.stdout
     assert "      hooks: [order-select, order-sign]" in result.stdout
@@ -241,7 +248,7 @@ def test_output_piped_into_a_reader_that_leaves_prints_no_traceback(tmp_path):
     try:
         done = subprocess.run([CLI, "check-config", "--site-config", str(ROOT / "site_config")],
                               stdout=write_end, stderr=subprocess.PIPE, cwd=tmp_path, text=True,
-                              timeout=60)
+                              timeout=60, env=demo_env())
     finally:
         os.close(write_end)
     assert done.returncode == 1
