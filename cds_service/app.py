@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Config, Flask
 
-from cds_service import logs, swagger_ui
+from cds_service import listeners, logs, swagger_ui
 from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_default_site, load_sites
 from cds_service.errors import ConfigError
 from cds_service.http import Api, JsonProvider, register_error_handlers
@@ -72,6 +72,10 @@ def load_deployment(config: Mapping[str, Any] | None = None) -> Deployment:
     sites = load_sites(resolved["SITE_CONFIG"], services,
                        allow_dev_keys=resolved["ALLOW_DEV_KEYS"])
     public_url = check_public_url(resolved["PUBLIC_URL"])
+    try:
+        listeners.check_ops_port(resolved["OPS_PORT"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if resolved["AUTH_REQUIRED"]:
         check_audiences(sites, public_url)
     # The site that answers without a verified token. With authentication on (the default) the
@@ -110,6 +114,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     api.register_blueprint(health)
     app.register_blueprint(swagger_ui.bp)
     build_runtime(app, deployment)
+    listeners.init_app(app)  # /metrics and detailed health on the ops port, when there is one
     # A sandbox site has a dev_keypair issuer, which loads only with ALLOW_DEV_KEYS: both hold.
     if app.config["ALLOW_DEV_KEYS"] and any(site.sandbox for site in deployment.sites.values()):
         from cds_service import sandbox  # a developer tool: mounted only where a site enables it

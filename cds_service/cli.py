@@ -2,7 +2,7 @@
 stable (the parser's description below is what they read in `--help`).
 
     cds-service serve [--host H] [--port P] [--workers N] [--site-config PATH] [--pidfile PATH]
-                      [--public-url URL]
+                      [--public-url URL] [--ops-port PORT]
     cds-service reload [--pidfile PATH] [--timeout S]
     cds-service check-config [--site-config PATH] [--json]
     cds-service invoke SERVICE --bundle FILE [--url URL] [--hook HOOK] [--select Type/id]...
@@ -371,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pidfile", metavar="PATH", default=PIDFILE,
                        help=f"where the master writes its pid, for `cds-service reload` "
                             f"(default: {PIDFILE})")
+    serve.add_argument("--ops-port", type=int, metavar="PORT",
+                       help="also listen on PORT (same --host) for /metrics and detailed health, "
+                            "which then answer 404 on --port (default: $CDS_OPS_PORT; unset: "
+                            "everything on --port)")
     serve.add_argument("--public-url", metavar="URL",
                        help="the URL Epic calls this service at, e.g. https://cds.example.org "
                             "(default: $CDS_PUBLIC_URL): a JWT's aud must name "
@@ -521,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CDS_SITE_CONFIG"] = args.site_config
     if getattr(args, "public_url", None):
         os.environ["CDS_PUBLIC_URL"] = args.public_url
+    if getattr(args, "ops_port", None):
+        os.environ["CDS_OPS_PORT"] = str(args.ops_port)
     if args.func is not _serve:  # serve configures logging for gunicorn too
         from cds_service import logs
 

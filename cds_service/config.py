@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     # development deployment turns them on (`make run` does). A site that asks for one while
     # this is false stops start-up: whoever holds that private key could call as the EHR.
     "ALLOW_DEV_KEYS": False,
+    # A second listening port for /metrics and detailed health (cds_service/listeners.py); then
+    # they answer 404 on the public port. None: everything on the one port.
+    "OPS_PORT": None,
     # Clock skew allowed on exp/iat/nbf. Epic sends nbf = iat - 300 and exp = iat + 900.
     "JWT_LEEWAY_SECONDS": 30,
     # Audit records older than this are removed by `cds-service audit purge`.

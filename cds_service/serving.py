@@ -99,9 +99,14 @@ class Server(BaseApplication):
         super().__init__()
 
     def load_config(self) -> None:
+        binds = [f"{self.args.host}:{self.args.port}"]
+        ops_port = self.deployment.config.get("OPS_PORT")
+        if ops_port:
+            # Same address: a pod's scraper reaches it; listeners.py routes by the local port.
+            binds.append(f"{self.args.host}:{ops_port}")
         settings = {
             **SETTINGS,
-            "bind": f"{self.args.host}:{self.args.port}",
+            "bind": binds,
             "workers": self.args.workers,
             "threads": self.args.threads,
             "max_requests": self.args.max_requests,
@@ -278,6 +283,10 @@ def run(args: argparse.Namespace, logconfig: dict) -> int:
             hint = _site_config_hint()
             if hint:
                 print(hint, file=sys.stderr)  # noqa: T201
+            return 2
+        if deployment.config.get("OPS_PORT") == args.port:
+            print(f"serve: --ops-port {args.port} is the public --port; give another",  # noqa: T201
+                  file=sys.stderr)
             return 2
         problem = _pidfile_problem(Path(args.pidfile))
         if problem:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from cds_service.config import load_sites
+from cds_service.listeners import OPS_PATHS
 from cds_service.registry import index_services
 from cds_service.serving import SETTINGS as GUNICORN
 from cds_service.store import PG_CONNECT_TIMEOUT_S
@@ -85,8 +86,13 @@ def test_probe_and_metrics_paths_are_routes_of_the_app(make_app, deployment, con
     assert probes["livenessProbe"]["path"] == "/healthz"
     assert container["readinessProbe"]["timeoutSeconds"] > PG_CONNECT_TIMEOUT_S
     assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == container["ports"][0]["containerPort"]
-    assert all(p["port"] == container["ports"][0]["name"] for p in probes.values())
+    # /metrics is served on the ops listener only (404 on the public port the Service exposes).
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    command = container["command"]
+    assert int(annotations["prometheus.io/port"]) == ports["ops"]
+    assert command[command.index("--ops-port") + 1] == str(ports["ops"])
+    assert annotations["prometheus.io/path"] in OPS_PATHS
+    assert all(p["port"] == "http" for p in probes.values())
 
 
 def test_selectors_match_the_pod_labels(deployment):
@@ -107,7 +113,7 @@ def test_selectors_match_the_pod_labels(deployment):
 
 def test_service_port_reaches_the_container_port(container):
     [port] = manifest("service.yaml")["spec"]["ports"]
-    [container_port] = container["ports"]
+    [container_port] = [p for p in container["ports"] if p["name"] == "http"]
     assert port["port"] == 80
     assert port["targetPort"] in (container_port["name"], container_port["containerPort"])
     assert container_port["containerPort"] == 8000
