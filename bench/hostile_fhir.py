@@ -3,6 +3,7 @@
     with HostileFhirServer(size=50 * MIB) as big: ...       # 50 MB answer, streamed, no length
     with HostileFhirServer(drip=0.5) as slow: ...           # headers, then a byte every 0.5 s
     with HostileFhirServer(drip=0.5, drip_in="headers"): ...  # the status line, then a header
+    with HostileFhirServer(body=json_bytes) as healthy: ... # that answer, promptly
     with ConnectionCounter() as port: ...                   # accepts, counts, hangs up
 
 Every server counts the connections it accepted and the bytes it wrote, and notes when the client
@@ -42,10 +43,12 @@ class HostileFhirServer:
     """Answers every GET with a `size`-byte Bundle streamed as fast as the client reads it
     (`declare_length`: with a Content-Length; `gzip`: gzip-encoded, length declared), or, with
     `drip` seconds, one byte per interval, in the body or (`drip_in="headers"`) in a header line,
-    for as long as the client listens."""
+    for as long as the client listens; or, with `body`, those bytes (a healthy server)."""
 
     def __init__(self, *, size: int = 50 * MIB, declare_length: bool = False,
-                 gzip_body: bool = False, drip: float | None = None, drip_in: str = "body"):
+                 gzip_body: bool = False, drip: float | None = None, drip_in: str = "body",
+                 body: bytes | None = None):
+        self.body = body
         self.size = size
         self.declare_length = declare_length
         self.drip = drip
@@ -98,6 +101,9 @@ class HostileFhirServer:
                 self._write(wfile, b" " if self.drip_in == "body" else b"a")
             return
         head = b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nConnection: close\r\n"
+        if self.body is not None:
+            self._write(wfile, head + b"Content-Length: %d\r\n\r\n" % len(self.body) + self.body)
+            return
         if self._gzipped is not None:
             head += b"Content-Encoding: gzip\r\nContent-Length: %d\r\n" % len(self._gzipped)
             self._write(wfile, head + b"\r\n")

@@ -303,7 +303,7 @@ class ReadBudget:
             over = self._total > self.max_total_bytes
         if over:
             raise FhirResponseTooLarge(
-                f"FHIR server answers exceeded {_mib(self.max_total_bytes)} for this call")
+                f"FHIR server answers exceeded {_mib(self.max_total_bytes)} in total")
 
     def expire(self) -> None:
         """Stop: no further request starts, and reads in progress fail now."""

@@ -252,7 +252,7 @@ def test_gzip_bomb_is_capped_after_decoding(executor):
 
 def test_answers_together_are_capped_per_call(executor):
     with HostileFhirServer(size=MIB - 1000) as server:
-        with pytest.raises(FhirAccessError, match="answers exceeded 3 MiB for this call"):
+        with pytest.raises(FhirAccessError, match="answers exceeded 3 MiB in total"):
             resolve(executor, KEYS, server.url, allowed=[server.url],
                     max_response_bytes=MIB, max_total_bytes=3 * MIB)
         # Under both caps the same answers are read.
