@@ -73,6 +73,7 @@ TEXT_FIELDS = (
     "service_id",
     "outcome",
     "detail",
+    "fhir_server_refused",
 )
 TUPLE_FIELDS = (
     "prefetch_keys_used",
@@ -153,6 +154,8 @@ class AuditRecord:
     feedback_cards: tuple[str, ...] = ()  # card ids of a feedback batch
     outcome: str | None = None  # "200 cards=2", "412", "401"
     detail: str | None = None  # short, e.g. a suppression decision
+    # `scheme://host:port` of a fhirServer the site does not allow (never contacted).
+    fhir_server_refused: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

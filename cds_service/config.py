@@ -27,7 +27,13 @@ from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, valida
 from cds_service.devkeys import ensure_dev_keypair
 from cds_service.errors import ConfigError
 from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
-from cds_service.fhir import is_loopback_host
+from cds_service.fhir import (
+    MIB,
+    FhirBase,
+    InsecureFhirServer,
+    check_fhir_server_url,
+    is_loopback_host,
+)
 from cds_service.models.manifest import MODEL_ID, Threshold, ordered_thresholds, thresholds_field
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
@@ -152,8 +158,8 @@ class Site:
     orderables: Mapping[str, Orderable] = field(default_factory=dict)
     # `alert_fatigue.override_window_hours`; zero turns suppression off.
     override_window: timedelta = DEFAULT_OVERRIDE_WINDOW
-    # The site's FHIR R4 base (`fhir_server`), read by `cds-service site check`; requests still
-    # use the fhirServer each call carries.
+    # The site's FHIR R4 base (`fhir_server`), read by `cds-service site check`; calls use the
+    # fhirServer each carries, when `prefetch_settings.fhir_servers` allows it.
     fhir_server: str | None = None
     # `sandbox`: serve the developer sandbox page at /sandbox (cds_service/sandbox.py).
     sandbox: bool = False
@@ -202,6 +208,11 @@ class _PrefetchSettingsSchema(SiteSection):
     # Plain-http FHIR servers are refused (rule 20: https for production data); this opens
     # loopback addresses only, for local test servers.
     allow_http_loopback = fields.Boolean()
+    # Bytes one FHIR answer, and one call's answers together, may take (decoded), in MiB.
+    max_response_mib = fields.Float(validate=validate.Range(min=0.01, max=1024))
+    max_total_mib = fields.Float(validate=validate.Range(min=0.01, max=4096))
+    # Reads one call runs at a time (the worker has FHIR_MAX_WORKERS threads for all calls).
+    max_parallel_reads = fields.Integer(validate=validate.Range(min=1, max=64))
 
 
 class _ServiceEntrySchema(SiteSection):
@@ -264,6 +275,8 @@ class _SiteSchema(SiteSection):
         values=fields.Nested(_OrderableSchema))
     alert_fatigue = fields.Nested(_AlertFatigueSchema, load_default=dict)
     fhir_server = fields.Url(schemes={"https", "http"}, require_tld=False)
+    # FHIR bases the calls' fhirServer may name (checked in `_fhir_servers`).
+    fhir_servers = fields.List(fields.String(), validate=validate.Length(min=1))
     sandbox = fields.Boolean(load_default=False)
     # Validated by the feature engine (`parse_code_map`).
     code_mappings = fields.Raw(allow_none=True)
@@ -352,10 +365,15 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
     except FeatureSpecError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     p = parsed["prefetch"]
+    allow_http = p.get("allow_http_loopback", PrefetchSettings.allow_http_loopback)
     settings = PrefetchSettings(
         deadline_s=p.get("deadline_seconds", PrefetchSettings.deadline_s),
         max_pages=p.get("max_pages", PrefetchSettings.max_pages),
-        allow_http_loopback=p.get("allow_http_loopback", PrefetchSettings.allow_http_loopback),
+        allow_http_loopback=allow_http,
+        fhir_servers=_fhir_servers(parsed, issuers, source, allow_http),
+        max_response_bytes=_bytes(p, "max_response_mib", PrefetchSettings.max_response_bytes),
+        max_total_bytes=_bytes(p, "max_total_mib", PrefetchSettings.max_total_bytes),
+        max_parallel_reads=p.get("max_parallel_reads", PrefetchSettings.max_parallel_reads),
     )
     return Site(
         id=parsed["site"],
@@ -377,6 +395,39 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         sandbox=parsed["sandbox"],
         raw=MappingProxyType(data),
     )
+
+
+def _bytes(section: Mapping[str, Any], key: str, default: int) -> int:
+    return round(section[key] * MIB) if key in section else default
+
+
+def _fhir_servers(parsed: Mapping[str, Any], issuers: Sequence[IssuerSpec], source: str,
+                  allow_http: bool) -> tuple[str, ...]:
+    """`fhir_servers` as written, each checked; else the site's `fhir_server` and those issuers'
+    `iss` that are FHIR bases (Epic's `iss` is the FHIR R4 base it hands out as fhirServer)."""
+    listed = parsed.get("fhir_servers")
+    if listed is None:
+        candidates = [parsed["fhir_server"]] if parsed.get("fhir_server") else []
+        candidates += [issuer.iss for issuer in issuers]
+        return tuple(dict.fromkeys(url for url in candidates if _fhir_base_problem(
+            url, allow_http) is None))
+    for n, url in enumerate(listed):
+        problem = _fhir_base_problem(url, allow_http)
+        if problem:
+            raise ConfigError(f"{source}: fhir_servers[{n}]: {url!r} {problem}")
+    return tuple(dict.fromkeys(listed))
+
+
+def _fhir_base_problem(url: str, allow_http: bool) -> str | None:
+    try:
+        FhirBase.parse(url)
+        check_fhir_server_url(url, allow_http_loopback=allow_http)
+    except ValueError as exc:
+        return f"is not a usable FHIR base URL: {exc}"
+    except InsecureFhirServer:
+        return ("must be https (plain http only to a loopback host, with "
+                "prefetch.allow_http_loopback)")
+    return None
 
 
 def _issuer(entry: Mapping[str, Any], index: int, source: str,

@@ -19,6 +19,7 @@ import yaml
 from flask import Flask
 
 from cds_service.config import SHIPPED_MODELS_DIR, Site, SiteService
+from cds_service.fhir import MIB
 from cds_service.models.registry import ModelRegistry
 from cds_service.store import redacted_url
 
@@ -65,9 +66,14 @@ def _site(site: Site, models: ModelRegistry) -> dict[str, Any]:
         # fhir.py: the token Epic hands over goes only to the origin of the request's fhirServer,
         # over https (or plain http to a loopback host when allowed), and is never logged.
         "fhir_token": "sent to the request's fhirServer only, over https"
-                      + (" or plain http to a loopback host" if p.allow_http_loopback else ""),
+                      + (" or plain http to a loopback host" if p.allow_http_loopback else "")
+                      + ", when fhir_servers allows it",
+        "fhir_servers": list(p.fhir_servers),
         "prefetch": {"deadline_seconds": p.deadline_s, "max_pages": p.max_pages,
-                     "allow_http_loopback": p.allow_http_loopback},
+                     "allow_http_loopback": p.allow_http_loopback,
+                     "max_response_mib": p.max_response_bytes / MIB,
+                     "max_total_mib": p.max_total_bytes / MIB,
+                     "max_parallel_reads": p.max_parallel_reads},
         "sandbox": site.sandbox,
         "alert_fatigue": {"override_window_hours": site.override_window.total_seconds() / 3600},
         "orderables": {name: {"system": o.system, "code": o.code, "display": o.display}

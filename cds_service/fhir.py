@@ -6,6 +6,15 @@ allows it, plain http to a loopback host for tests), only to the origin of `fhir
 never logged. CDS Hooks 2.0 §FHIR Resource Access; best practices §FHIR Access ("never store,
 share, or log the access token").
 
+Which servers: a request names its own `fhirServer`, so a validly signed call could point the
+service (and the EHR's token) at any host, internal ones included. A site lists the FHIR bases
+its calls may use (`FhirBase`, `allowed_by`); `cds_service.prefetch` never contacts any other.
+
+How much: one hook call's reads share a `ReadBudget`: one deadline covering connect, TLS, every
+page and every byte, a byte cap per response and per call, both enforced while the body streams
+in, and the sockets in flight, shut down when the caller stops waiting, so a slow or dripping
+server frees its thread at the deadline instead of holding it for as long as it keeps talking.
+
 Errors are typed (`FhirRequestError` subclasses) with a `reason` that is safe to show to the
 caller: it names the failure class and status, never the token, the query string or resource
 contents. `cds_service.prefetch` turns them into `FhirAccessError` naming the prefetch key.
@@ -13,19 +22,28 @@ contents. `cds_service.prefetch` turns them into `FhirAccessError` naming the pr
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import email.utils
 import ipaddress
 import logging
 import math
+import re
+import socket
+import threading
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import BaseFHIRError
 from fhirpy.base.utils import AttrDict, encode_params, remove_prefix
+from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from cds_service import jsonlimit, metrics
 
@@ -33,6 +51,10 @@ logger = logging.getLogger("cds_service.fhir")
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_TIMEOUT_S = 10.0
+MIB = 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 16 * MIB
+DEFAULT_MAX_TOTAL_BYTES = 32 * MIB
+_CHUNK_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -74,6 +96,12 @@ class FhirConnectionError(FhirRequestError):
     """The server could not be reached (DNS, TCP, TLS)."""
 
     issue_code = "transient"
+
+
+class FhirResponseTooLarge(FhirRequestError):
+    """An answer, or the call's answers together, exceeded the byte cap; reading stopped."""
+
+    issue_code = "too-costly"
 
 
 class FhirInvalidResponse(FhirRequestError):
@@ -147,6 +175,224 @@ def check_fhir_server_url(url: str, *, allow_http_loopback: bool = False) -> Non
     raise InsecureFhirServer("fhirServer is not https; the access token is not sent")
 
 
+# DNS labels (RFC 1035 §2.3.4: at most 63 octets); anything else is kept out of the audit log.
+_HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*\.?")
+
+
+@dataclass(frozen=True)
+class FhirBase:
+    """A FHIR base URL reduced to what decides where a request goes: scheme, host (lower case),
+    port (the scheme's default filled in) and path (no trailing `/`)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def parse(cls, url: Any) -> FhirBase:
+        """Raise ValueError (with a reason, never echoing the URL) unless `url` is an absolute
+        http(s) URL without credentials, query, fragment, backslash, control character or a
+        `.`/`..` path segment (plain or percent-encoded)."""
+        if not isinstance(url, str) or not url:
+            raise ValueError("not a URL")
+        if any(c.isspace() or ord(c) < 32 or c == "\\" for c in url):
+            raise ValueError("contains whitespace, a control character or a backslash")
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+        port = parts.port  # ValueError on a malformed port
+        if scheme not in _DEFAULT_PORTS or not host:
+            raise ValueError("not an absolute http(s) URL")
+        if "@" in parts.netloc:
+            raise ValueError("carries credentials")
+        if parts.query or parts.fragment or url.endswith(("?", "#")):
+            raise ValueError("carries a query or fragment")
+        path = parts.path.rstrip("/")
+        # A server resolving `/fhir/%2e%2e/admin` would leave the allowed base.
+        if any(unquote(segment) in (".", "..") or "/" in unquote(segment)
+               for segment in path.split("/")):
+            raise ValueError("has a '.' or '..' path segment")
+        return cls(scheme, host.lower(), port or _DEFAULT_PORTS[scheme], path)
+
+    def contains(self, other: FhirBase) -> bool:
+        """`other` is this base or lies below it (at a `/` boundary)."""
+        return ((other.scheme, other.host, other.port) == (self.scheme, self.host, self.port)
+                and (other.path == self.path or other.path.startswith(self.path + "/")))
+
+    def origin(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def allowed_by(url: Any, allowed: Iterable[str]) -> bool:
+    """True when `url` equals or lies below one of the `allowed` FHIR bases. Pure: no DNS."""
+    try:
+        wanted = FhirBase.parse(url)
+    except ValueError:
+        return False
+    for entry in allowed:
+        try:
+            if FhirBase.parse(entry).contains(wanted):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def origin_for_audit(url: Any) -> str:
+    """`scheme://host:port` of a refused fhirServer, for the audit log; a stand-in when the URL
+    does not parse or its host is not a plausible name or address (the audit record refuses
+    strings that look like tokens, and an unbuilt record would lose the whole call)."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        host = (parts.hostname or "") if parts else ""
+        scheme = parts.scheme.lower() if parts else ""
+        port = parts.port if parts else None
+    except ValueError:
+        return "(not a URL)"
+    if not host or scheme not in _DEFAULT_PORTS:
+        return "(not an http(s) URL)"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if len(host) > 253 or not _HOST_NAME.fullmatch(host):
+            return f"{scheme}://(not a host name)"
+    return FhirBase(scheme, host, port or _DEFAULT_PORTS[scheme], "").origin()
+
+
+# -- bounded reads -----------------------------------------------------------------------------
+
+_BUDGET: contextvars.ContextVar[ReadBudget | None] = contextvars.ContextVar(
+    "cds_fhir_read_budget", default=None)
+
+
+class ReadBudget:
+    """What one hook call's FHIR reads may spend, shared by the threads reading for it.
+
+    - `deadline`: a `time.monotonic()` instant covering connect, TLS, every page and every byte.
+    - `max_response_bytes` per answer and `max_total_bytes` across the call's answers, counted
+      after content decoding (urllib3 ≥ 2.6 decompresses at most one chunk per read).
+    - `expire()` shuts down the sockets still in use, which ends a blocked read at once: a socket
+      timeout bounds each `recv`, not a read that a server keeps alive one byte at a time (in the
+      body, or in a header line that http.client reads up to 64 KiB of). Connections are tracked
+      from the pool (`bounded_session`) while the reading thread runs inside `active()`.
+    """
+
+    def __init__(self, deadline: float, *, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+                 max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES):
+        self.deadline = deadline
+        self.max_response_bytes = max_response_bytes
+        self.max_total_bytes = max_total_bytes
+        self._lock = threading.Lock()
+        self._total = 0
+        self._expired = False
+        self._connections: set[Any] = set()
+
+    def remaining(self) -> float:
+        return 0.0 if self._expired else self.deadline - time.monotonic()
+
+    @property
+    def expired(self) -> bool:
+        return self._expired or time.monotonic() >= self.deadline
+
+    def spend(self, n: int) -> None:
+        """Count `n` more bytes read; `FhirResponseTooLarge` once the call's total is passed."""
+        with self._lock:
+            self._total += n
+            over = self._total > self.max_total_bytes
+        if over:
+            raise FhirResponseTooLarge(
+                f"FHIR server answers exceeded {_mib(self.max_total_bytes)} in total")
+
+    def expire(self) -> None:
+        """Stop: no further request starts, and reads in progress fail now."""
+        with self._lock:
+            self._expired = True
+            connections = list(self._connections)
+        for conn in connections:
+            sock = getattr(conn, "sock", None)
+            if sock is None:
+                continue
+            with contextlib.suppress(OSError):
+                # The plain socket's shutdown, also for TLS: SSLSocket.shutdown would unwrap TLS
+                # under a thread that is inside SSL_read. A blocked recv returns at once.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[ReadBudget]:
+        """Connections this thread takes from a `bounded_session` pool are watched meanwhile."""
+        token = _BUDGET.set(self)
+        try:
+            yield self
+        finally:
+            _BUDGET.reset(token)
+
+    def _watch(self, conn: Any) -> None:
+        with self._lock:
+            self._connections.add(conn)
+            expired = self._expired
+        if expired:
+            self.expire()
+
+    def _unwatch(self, conn: Any) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+
+class _WatchedPool:
+    """Mixin for urllib3 pools: a connection in use by a thread inside `ReadBudget.active()` is
+    watched by that budget until it goes back to the pool."""
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget._watch(conn)
+        return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        budget = _BUDGET.get()
+        if budget is not None and conn is not None:
+            budget._unwatch(conn)
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _WatchedHTTPPool(_WatchedPool, HTTPConnectionPool):
+    pass
+
+
+class _WatchedHTTPSPool(_WatchedPool, HTTPSConnectionPool):
+    pass
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class _WatchedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
+
+
+def bounded_session(pool_size: int = 10) -> requests.Session:
+    """A session whose connections a `ReadBudget` can shut down (see `ReadBudget.expire`)."""
+    session = requests.Session()
+    adapter = _WatchedAdapter(pool_maxsize=max(10, pool_size))
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:g} MiB"
+
+
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
     """Seconds to wait from a `Retry-After` header (delta-seconds or HTTP-date, RFC 9110 §10.2.3).
 
@@ -193,7 +439,9 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
     - `session` is shared (connection reuse); when omitted the client owns one (`close()`).
     - Redirects are not followed by requests; a redirect to the same scheme+host+port is followed
       up to `max_redirects` hops, any other redirect raises `FhirRedirectRefused`.
-    - `deadline` is a `time.monotonic()` instant; each attempt's timeout is the time remaining.
+    - `budget` (a `ReadBudget`, shared by one hook call's clients) bounds time and bytes; without
+      one the client makes its own from `deadline` (a `time.monotonic()` instant). Each attempt's
+      socket timeouts are the time remaining, and bodies stream in under the byte caps.
     - 429 is retried after `Retry-After` when the wait fits before the deadline.
     - Absolute URLs (Bundle `next` links) must be under `url` (same origin and base path).
     """
@@ -205,6 +453,7 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
         access_token: str | None = None,
         session: requests.Session | None = None,
         deadline: float | None = None,
+        budget: ReadBudget | None = None,
         allow_http_loopback: bool = False,
         max_redirects: int = 3,
         max_rate_limit_retries: int = 2,
@@ -216,8 +465,11 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
         self._base_path = parts.path.rstrip("/")
         self._auth = _BearerAuth(access_token) if access_token else None
         self._owns_session = session is None
-        self._session = session if session is not None else requests.Session()
-        self.deadline = deadline
+        self._session = session if session is not None else bounded_session()
+        if budget is None:
+            budget = ReadBudget(time.monotonic() + DEFAULT_TIMEOUT_S if deadline is None
+                                else deadline)
+        self.budget = budget
         self.max_redirects = max_redirects
         self.max_rate_limit_retries = max_rate_limit_retries
 
@@ -290,9 +542,7 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
         return self._get(path, params, {}, plain=True)[0]
 
     def _remaining(self) -> float:
-        if self.deadline is None:
-            return DEFAULT_TIMEOUT_S
-        return self.deadline - time.monotonic()
+        return self.budget.remaining()
 
     def _do_request(  # fhirpy's signature
         self,
@@ -319,13 +569,17 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
             if name.lower() != "authorization":
                 headers[name] = value
         url = self._build_request_url(path, params)
+        with self.budget.active():
+            return self._get_following(url, headers, plain=plain)
+
+    def _get_following(self, url: str, headers: dict, *, plain: bool) -> tuple[Any, int]:
         redirects = rate_limited = 0
         while True:
             response = self._send(url, headers)
             try:
                 status = response.status_code
                 if 200 <= status < 300:
-                    return _decode_json(response.content, plain=plain), status
+                    return _decode_json(self._read_body(response, url), plain=plain), status
                 location = response.headers.get("Location")
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
             finally:
@@ -364,22 +618,54 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
                 auth=self._auth,
                 timeout=(remaining, remaining),
                 allow_redirects=False,
+                stream=True,
             )
-        except requests.Timeout as exc:
-            metrics.observe_fhir("timeout", time.monotonic() - started)
-            logger.warning("FHIR GET %s timed out after %d ms", shown, _elapsed_ms(started))
-            raise FhirTimeout("FHIR server did not answer within the deadline") from exc
         except requests.RequestException as exc:
-            metrics.observe_fhir("error", time.monotonic() - started)
-            logger.warning("FHIR GET %s failed after %d ms: %s", shown, _elapsed_ms(started),
-                           type(exc).__name__)
-            raise FhirConnectionError("FHIR server could not be reached") from exc
+            self._raise_for(exc, shown, started)
         metrics.observe_fhir(metrics.status_class(response.status_code),
                              time.monotonic() - started)
         level = logging.INFO if response.status_code < 400 else logging.WARNING
         logger.log(level, "FHIR GET %s -> %d in %d ms", shown, response.status_code,
                    _elapsed_ms(started))
         return response
+
+    def _read_body(self, response: requests.Response, url: str) -> bytearray:
+        """The (decoded) body, read in chunks against the deadline and the byte caps."""
+        cap = self.budget.max_response_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > cap:
+            # Refused unread: compression makes FHIR JSON shorter, so it would decode longer still.
+            raise FhirResponseTooLarge(f"FHIR server answer exceeded {_mib(cap)}")
+        started = time.monotonic()
+        body = bytearray()
+        try:
+            for chunk in response.iter_content(_CHUNK_BYTES):
+                body += chunk
+                if len(body) > cap:
+                    raise FhirResponseTooLarge(f"FHIR server answer exceeded {_mib(cap)}")
+                self.budget.spend(len(chunk))
+                remaining = self._remaining()
+                if remaining <= 0:
+                    raise requests.Timeout("deadline passed while reading the body")
+                _set_read_timeout(response, remaining)
+        except FhirResponseTooLarge:
+            logger.warning("FHIR GET %s body refused after %d bytes: over the byte cap",
+                           self.loggable_url(url), len(body))
+            raise
+        except requests.RequestException as exc:
+            self._raise_for(exc, self.loggable_url(url), started)
+        return body
+
+    def _raise_for(self, exc: requests.RequestException, shown: str, started: float) -> NoReturn:
+        # After `ReadBudget.expire()` a read fails as a broken connection; it is the deadline.
+        if isinstance(exc, requests.Timeout) or self.budget.expired:
+            metrics.observe_fhir("timeout", time.monotonic() - started)
+            logger.warning("FHIR GET %s timed out after %d ms", shown, _elapsed_ms(started))
+            raise FhirTimeout("FHIR server did not answer within the deadline") from exc
+        metrics.observe_fhir("error", time.monotonic() - started)
+        logger.warning("FHIR GET %s failed after %d ms: %s", shown, _elapsed_ms(started),
+                       type(exc).__name__)
+        raise FhirConnectionError("FHIR server could not be reached") from exc
 
     def _redirect_target(self, url: str, location: str | None, hops: int) -> str:
         if not location:
@@ -428,7 +714,15 @@ def _is_type(segment: str) -> bool:
     return segment[:1].isupper() and segment.isalpha()
 
 
-def _decode_json(content: bytes, *, plain: bool) -> Any:
+def _set_read_timeout(response: requests.Response, seconds: float) -> None:
+    """Make the next `recv` on this response's socket wait at most `seconds` (the time left)."""
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(max(seconds, 0.001))
+
+
+def _decode_json(content: bytes | bytearray, *, plain: bool) -> Any:
     if not content:
         return None
     try:

@@ -26,10 +26,17 @@ deadline; a failure while following it fails like any fetch (412). Without a tok
 link points elsewhere or the page cap is reached, the pages on hand are used, a warning is logged
 and the key is listed in `Prefetch.truncated` so a service that needs completeness can refuse.
 
-All fallback reads run in parallel on the caller's executor under one deadline measured from
-the call's start. Failures become `FhirAccessError` (412) naming each key and the reason class;
-missing data without FHIR access becomes `PrefetchUnavailable` (412). The access token is never
-logged nor put in a message.
+Only the FHIR servers the site allows (`PrefetchSettings.fhir_servers`) are read: a request
+naming any other is answered from its prefetch alone, and nothing is sent there (no DNS, no
+connect). Where that leaves a required key missing the 412 reads the same whatever the host,
+port or scheme: the answer and its timing must not tell the caller what listens where.
+
+All fallback reads run on the caller's executor, at most `max_parallel_reads` at a time for one
+call, under one `ReadBudget` (cds_service.fhir): a deadline measured from the call's start and
+byte caps per answer and per call. When the call stops waiting, reads still in flight are cut
+off, so their threads are free for other calls at the deadline. Failures become
+`FhirAccessError` (412) naming each key and the reason class; missing data without FHIR access
+becomes `PrefetchUnavailable` (412). The access token is never logged nor put in a message.
 """
 
 from __future__ import annotations
@@ -52,12 +59,17 @@ import requests
 from cds_service import metrics
 from cds_service.errors import FhirAccessError, Issue, PrefetchUnavailable
 from cds_service.fhir import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_TOTAL_BYTES,
     FhirInvalidResponse,
     FhirNotFound,
     FhirRequestError,
     FhirTimeout,
     InsecureFhirServer,
+    ReadBudget,
     ReadOnlyFHIRClient,
+    allowed_by,
+    bounded_session,
 )
 
 logger = logging.getLogger("cds_service.prefetch")
@@ -80,14 +92,20 @@ _USER_REF_RE = re.compile(r"([A-Z][A-Za-z]+)/([^/?#\s]+)")
 _FORBIDDEN_PARAMS = ("_include", "_revinclude", "_has")
 
 
+# The 412 for a fhirServer the site does not allow: one text whatever the URL (see module doc).
+REFUSED_SERVER = "the FHIR server named in the request is not one this site allows"
+
+
 @dataclass(frozen=True)
 class PrefetchSettings:
-    """How hard to try for data the EHR did not prefetch.
+    """How hard to try for data the EHR did not prefetch, and where.
 
-    `session`: share one `requests.Session` across requests for connection reuse (the app sets
-    it once per worker); when None each `resolve_prefetch` call uses and closes its own.
+    `fhir_servers`: the FHIR bases calls may read from (a request's fhirServer must equal one or
+    lie below it); empty reads from nowhere. The site configuration fills it in.
     `allow_http_loopback` lets tests use a plain-http FHIR server on 127.0.0.0/8, ::1 or
     localhost; it must stay False in production (rule 20: fhirServer MUST be https).
+    Each call uses and closes its own connections: a `ReadBudget` can cut them off without
+    touching another call's.
     """
 
     deadline_s: float = 2.5
@@ -95,7 +113,14 @@ class PrefetchSettings:
     allow_http_loopback: bool = False
     max_redirects: int = 3
     max_rate_limit_retries: int = 2
-    session: requests.Session | None = field(default=None, compare=False, repr=False)
+    fhir_servers: tuple[str, ...] = ()
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+    max_parallel_reads: int = 8
+
+    def allows(self, fhir_server: Any) -> bool:
+        """Whether `fhir_server` may be read from (and receive the token). Pure: no DNS."""
+        return allowed_by(fhir_server, self.fhir_servers)
 
 
 class Prefetch(Mapping[str, Any]):
@@ -428,10 +453,10 @@ def resolve_prefetch(
     """Every key of `templates` resolved from `prefetch` or, failing that, from `fhir_server`.
 
     See the module docstring for the per-key rules. Raises `PrefetchUnavailable` when required
-    data is missing and there is no FHIR access, `FhirAccessError` when the FHIR server fails.
-    `executor` must run callables in threads of this process (the client holds a session);
-    fetches still running at the deadline are abandoned and end on their own timeouts, which
-    are bounded by the same deadline.
+    data is missing and there is no FHIR access, `FhirAccessError` when the FHIR server fails
+    or is not one `settings.fhir_servers` allows. `executor` must run callables in threads of
+    this process (the client holds a session); fetches still running when this returns have
+    had their connections shut down and end at once.
     """
     deadline = time.monotonic() + max(0.0, settings.deadline_s)
     context = context if isinstance(context, Mapping) else {}
@@ -482,7 +507,10 @@ def resolve_prefetch(
         jobs.append(_Job(key, url=rendered, search=search, read_type=read_type, why=why))
 
     fetched: list[str] = []
-    if jobs:
+    if jobs and _has_access(fhir_server, access_token) and not settings.allows(fhir_server):
+        logger.warning("fhirServer is not one this site allows; answering from prefetch alone")
+        _refuse(jobs, optional, values, sources, truncated)
+    elif jobs:
         # Timed only when there is something to read: a 412 for want of a token reads nothing.
         reading = _has_access(fhir_server, access_token)
         with metrics.stage("fhir_fallback") if reading else contextlib.nullcontext():
@@ -513,6 +541,29 @@ def _keep_partial(job: _Job, why: str, values: dict, truncated: set[str]) -> Non
     )
     values[job.key] = job.resources
     truncated.add(job.key)
+
+
+def _refuse(jobs: list[_Job], optional: frozenset[str], values: dict, sources: dict,
+            truncated: set[str]) -> None:
+    """No read for any job: the fhirServer is not allowed. Nothing here depends on the URL."""
+    missing = []
+    for job in jobs:
+        if job.url is None:
+            _keep_partial(job, REFUSED_SERVER, values, truncated)
+        elif job.key in optional:
+            values[job.key], sources[job.key] = None, "optional-missing"
+        else:
+            missing.append(job)
+    if missing:
+        raise FhirAccessError(
+            f"{REFUSED_SERVER}; prefetch data was not fetched: "
+            + ", ".join(repr(j.key) for j in missing),
+            issues=[
+                Issue(f"{REFUSED_SERVER}; prefetch key '{j.key}' {j.why} and was not fetched",
+                      code="security", expression=(f"prefetch.{j.key}",))
+                for j in missing
+            ],
+        )
 
 
 def _has_access(fhir_server: Any, access_token: Any) -> bool:
@@ -559,20 +610,22 @@ def _run_jobs(
             )
         return
 
-    session = settings.session or _new_session(len(jobs))
+    budget = ReadBudget(deadline, max_response_bytes=settings.max_response_bytes,
+                        max_total_bytes=settings.max_total_bytes)
+    parallel = max(1, settings.max_parallel_reads)
+    session = bounded_session(min(len(jobs), parallel))
     try:
         client = ReadOnlyFHIRClient(
             fhir_server,  # type: ignore[arg-type]
             access_token=access_token,
             session=session,
-            deadline=deadline,
+            budget=budget,
             allow_http_loopback=settings.allow_http_loopback,
             max_redirects=settings.max_redirects,
             max_rate_limit_retries=settings.max_rate_limit_retries,
         )
     except InsecureFhirServer as exc:
-        if settings.session is None:
-            session.close()
+        session.close()
         for job in jobs:
             if job.url is None:  # prefetched pages are usable; the token just cannot go there
                 _keep_partial(job, exc.reason, values, truncated)
@@ -588,12 +641,19 @@ def _run_jobs(
         )
         return
 
-    # Each read runs in a copy of the caller's context, so its log lines carry the request's
-    # correlation fields (cds_service.logs) like the rest of the request.
-    futures = {executor.submit(contextvars.copy_context().run, _run_job, client, job,
-                               settings.max_pages): job for job in jobs}
-    if settings.session is None:
-        _close_when_done(session, list(futures))
+    # At most `parallel` reads at a time: one call cannot take every executor thread, so a slow
+    # server holds back its own calls only. Each read runs in a copy of the caller's context, so
+    # its log lines carry the request's correlation fields (cds_service.logs).
+    waiting = list(jobs)
+    futures: dict[concurrent.futures.Future, _Job] = {}
+
+    def submit_next() -> None:
+        job = waiting.pop(0)
+        futures[executor.submit(contextvars.copy_context().run, _run_job, client, job,
+                                settings.max_pages)] = job
+
+    while waiting and len(futures) < parallel:
+        submit_next()
     outcomes: dict[str, _Outcome] = {}
     pending = set(futures)
     gave_up = False
@@ -610,13 +670,19 @@ def _run_jobs(
             outcomes[job.key] = future.result()
         # A required key failed: the request fails anyway, so stop waiting for the others.
         gave_up = any(o.error is not None and k not in optional for k, o in outcomes.items())
+        while waiting and not gave_up and len(pending) < parallel:
+            submit_next()
+            pending.add(next(reversed(futures)))
     for future in pending:
         future.cancel()
+    if pending:
+        budget.expire()  # reads still in flight fail now and free their threads
+    _close_when_done(session, list(futures))
     if gave_up:
         jobs = [job for job in jobs if job.key in outcomes]
     else:
-        for future in pending:
-            outcomes[futures[future].key] = _Outcome(
+        for job in [futures[f] for f in pending] + waiting:
+            outcomes[job.key] = _Outcome(
                 error=FhirTimeout("FHIR server did not answer within the deadline")
             )
     _apply(jobs, outcomes, optional, values, sources, truncated, fetched)
@@ -724,17 +790,9 @@ def _run_job(client: ReadOnlyFHIRClient, job: _Job, max_pages: int) -> _Outcome:
     return outcome
 
 
-def _new_session(jobs: int) -> requests.Session:
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(10, jobs))
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
-
-
 def _close_when_done(session: requests.Session, futures: list[concurrent.futures.Future]) -> None:
     """Close a per-call session once every fetch has finished, even those still running after
-    the deadline (their own timeouts end them shortly after it)."""
+    the deadline (`ReadBudget.expire` has cut their connections off)."""
     remaining = len(futures)
     lock = threading.Lock()
 

@@ -18,7 +18,8 @@ INSERT, SELECT and DELETE on `audit_log`. `issued_cards` (the cards we issued, f
 suppression) is kept for the same retention and needs the same three privileges.
 
 There are no migrations yet: `create_all` at start-up creates missing tables and never alters
-existing ones. A column change needs a migration tool (Alembic) before it ships.
+existing ones, except for nullable columns added since, listed in `_ADDED_COLUMNS` and added by a
+guarded ALTER TABLE. Anything more needs a migration tool (Alembic) before it ships.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ audit_log_table = sa.Table(
     sa.Column("outcome", sa.Text),
     sa.Column("status", sa.Integer, nullable=False),
     sa.Column("detail", sa.Text),
+    sa.Column("fhir_server_refused", sa.Text),
     # Accounting of disclosures: "every access to this patient's data in a period".
     sa.Index(None, "patient_id", "time"),
 )
@@ -368,6 +370,25 @@ def _sqlite_on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# Nullable columns added to existing tables after their first release: (table, column). Added in
+# the schema transaction (PostgreSQL: under the advisory lock; SQLite: under BEGIN IMMEDIATE), so
+# workers starting together add each once.
+_ADDED_COLUMNS = (("audit_log", "fhir_server_refused"),)
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    inspector = sa.inspect(conn)
+    for table_name, column_name in _ADDED_COLUMNS:
+        if column_name in {c["name"] for c in inspector.get_columns(table_name)}:
+            continue
+        column = metadata.tables[table_name].c[column_name]
+        kind = column.type.compile(dialect=conn.dialect)
+        preparer = conn.dialect.identifier_preparer
+        conn.exec_driver_sql(f"ALTER TABLE {preparer.quote(table_name)} ADD COLUMN "
+                             f"{preparer.quote(column_name)} {kind}")
+        log.info("added column %s.%s", table_name, column_name)
+
+
 def _audit_row(record: AuditRecord) -> dict[str, Any]:
     row = {name: getattr(record, name) for name in audit_log_table.c.keys() if name != "id"}
     for name in TUPLE_FIELDS:
@@ -568,6 +589,7 @@ class Store:
                 if self.dialect == "postgresql":
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_SCHEMA_LOCK_KEY)))
                 metadata.create_all(conn)
+                _add_missing_columns(conn)
             self._schema_ready = True
 
     def ping(self) -> None:

@@ -16,6 +16,7 @@ from cds_service.audit import MAX_TEXT, AuditRecord, prefetch_key_sources
 from cds_service.cards import render_response
 from cds_service.errors import RequestInvalid, ServiceNotFound
 from cds_service.feedback import FeedbackRequestSchema
+from cds_service.fhir import origin_for_audit
 from cds_service.http import Blueprint, require_json_body
 from cds_service.prefetch import resolve_prefetch
 from cds_service.registry import HookRequest
@@ -107,6 +108,8 @@ def invoke(body: dict, service_id: str):
                    user_id=context.get("userId"), patient_id=context.get("patientId"),
                    encounter_id=context.get("encounterId"))
     authorization = body.get("fhirAuthorization") or {}
+    if body.get("fhirServer") and not site.prefetch_settings.allows(body["fhirServer"]):
+        g.audit.update(fhir_server_refused=origin_for_audit(body["fhirServer"]))
     with metrics.stage("prefetch"):
         prefetch = resolve_prefetch(
             enabled.prefetch,

@@ -140,19 +140,25 @@ def site_file(tmp_path, test_jwks_file):
     return _write
 
 
+def fhir_servers_yaml(urls) -> str:
+    """The site's `fhir_servers` list, or nothing (the default: its fhir_server and issuers)."""
+    return "fhir_servers:\n" + "".join(f"  - {url}\n" for url in urls) if urls else ""
+
+
 @pytest.fixture
 def make_app(tmp_path, site_file):
     apps = []
 
     def _make(**config):
-        """`SITE_YAML="..."` appends site keys to the trusted test site."""
+        """`SITE_YAML="..."` appends site keys to the trusted test site; `FHIR_SERVERS=[url]`
+        lists the FHIR bases its calls may read from (a local test server's, say)."""
         config.setdefault("DATABASE_URL", f"sqlite:///{tmp_path / 'cds.sqlite3'}")
         config.setdefault("REPLAY_CACHE_URL", f"sqlite:///{tmp_path / 'replay.sqlite3'}")
         config.setdefault("SERVICES", TEST_SERVICES)
         # The test client's own URL: SigningClient signs `aud` = http://localhost/<path>.
         config.setdefault("PUBLIC_URL", "http://localhost")
         config.setdefault("ALLOW_DEV_KEYS", True)  # a test site may ask for the sandbox
-        extra = config.pop("SITE_YAML", "")
+        extra = config.pop("SITE_YAML", "") + fhir_servers_yaml(config.pop("FHIR_SERVERS", ()))
         if "SITE_CONFIG" not in config and "CDS_SITE_CONFIG" not in os.environ:
             config["SITE_CONFIG"] = site_file(extra, name=f"test-site-{len(apps)}.yaml")
         app = create_app(config)

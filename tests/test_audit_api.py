@@ -23,8 +23,10 @@ TOKEN = "opaque-ehr-access-token-a1b2c3"
 
 
 @pytest.fixture
-def audited(store_url, make_app):  # apps close (and write their queue) before the store goes
-    return make_app(DATABASE_URL=store_url, SITE_YAML="prefetch:\n  allow_http_loopback: true\n")
+def audited(store_url, make_app, fhir_server):  # noqa: F811 - apps close (and write their
+    # queue) before the store goes
+    return make_app(DATABASE_URL=store_url, SITE_YAML="prefetch:\n  allow_http_loopback: true\n",
+                    FHIR_SERVERS=[fhir_server.url])
 
 
 def records(app, **filters):

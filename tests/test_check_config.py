@@ -81,9 +81,12 @@ def test_json_shows_the_effective_configuration(check_config, site_file, test_jw
     assert site["cors_origins"] == ["https://sandbox.cds-hooks.org"]
     assert site["fhir_server"] == "https://fhir.riverside.example.org/api/FHIR/R4"
     assert site["fhir_token"] == ("sent to the request's fhirServer only, over https or plain "
-                                  "http to a loopback host")
+                                  "http to a loopback host, when fhir_servers allows it")
+    # Not listed: the site's fhir_server and its issuer's iss.
+    assert site["fhir_servers"] == ["https://fhir.riverside.example.org/api/FHIR/R4", TEST_ISS]
     assert site["prefetch"] == {"deadline_seconds": 3, "max_pages": 10,
-                                "allow_http_loopback": True}
+                                "allow_http_loopback": True, "max_response_mib": 16,
+                                "max_total_mib": 32, "max_parallel_reads": 8}
     assert site["alert_fatigue"] == {"override_window_hours": 6}
     assert site["code_mappings"] == [{
         "from": "urn:oid:1.2.840.114350.1.13.999.7.2.768282|1558024",

@@ -86,12 +86,14 @@ def executor():
 @pytest.fixture
 def resolve(executor, fhir_server):  # server closes first: releases slow answers
     def run(templates, prefetch=None, *, server=None, token=TOKEN, optional=frozenset(), **kw):
-        settings = PrefetchSettings(**{"allow_http_loopback": True, "deadline_s": 5.0, **kw})
+        url = (server or fhir_server).url
+        settings = PrefetchSettings(**{"allow_http_loopback": True, "deadline_s": 5.0,
+                                       "fhir_servers": (url,), **kw})
         return resolve_prefetch(
             templates,
             context=CONTEXT,
             prefetch=prefetch,
-            fhir_server=(server or fhir_server).url,
+            fhir_server=url,
             access_token=token,
             settings=settings,
             executor=executor,

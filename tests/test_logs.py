@@ -43,7 +43,7 @@ def captured():
 def test_request_logs_are_json_correlated_and_free_of_tokens_and_patient_ids(
         make_app, tmp_path, fhir_server, captured):
     scenario = FETCH_SCENARIOS[0]
-    client = loopback_client(make_app, tmp_path)
+    client = loopback_client(make_app, tmp_path, fhir_server)
     body, bundle = without_prefetch(scenario, fhir_server)
     fhir_server.add("Observation", json=bundle)
     before = len(captured())  # start-up lines (model loaded) are outside any request

@@ -171,7 +171,7 @@ def sample(name: str, **labels) -> float:
 
 
 def test_fhir_fallback_reads_are_timed_by_status_class(make_app, tmp_path, fhir_server):
-    client = loopback_client(make_app, tmp_path)
+    client = loopback_client(make_app, tmp_path, fhir_server)
     body, bundle = without_prefetch(GOLDEN, fhir_server)
     site = "test-site"
     ok_before = sample("cds_fhir_request_duration_seconds_count", site=site, status_class="2xx")

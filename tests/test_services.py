@@ -156,11 +156,11 @@ FETCH_SCENARIOS = [
 ]
 
 
-def loopback_client(make_app, tmp_path, *extra_prefetch_settings: str):
+def loopback_client(make_app, tmp_path, server, *extra_prefetch_settings: str):
     head = "prefetch:\n  allow_http_loopback: true\n"
     assert GOLDEN_SITE.count(head) == 1
     settings = "".join(f"  {setting}\n" for setting in extra_prefetch_settings)
-    return make_app(SERVICES=SERVICES, CLOCK=lambda: FROZEN_NOW,
+    return make_app(SERVICES=SERVICES, CLOCK=lambda: FROZEN_NOW, FHIR_SERVERS=[server.url],
                     SITE_YAML=GOLDEN_SITE.replace(head, head + settings)).test_client()
 
 
@@ -180,7 +180,7 @@ def without_prefetch(scenario: Path, server, token: str | None = TOKEN) -> tuple
 @pytest.mark.parametrize("scenario", FETCH_SCENARIOS, ids=scenario_id)
 def test_missing_egfr_is_fetched_with_the_bearer_token(make_app, tmp_path, fhir_server,
                                                        scenario):
-    client = loopback_client(make_app, tmp_path)
+    client = loopback_client(make_app, tmp_path, fhir_server)
     body, bundle = without_prefetch(scenario, fhir_server)
     fhir_server.add("Observation", json=bundle)
 
@@ -203,7 +203,7 @@ def test_the_newest_egfr_is_used_whatever_order_the_server_answers_in(make_app, 
     # The templates send no `_sort` (Epic lists none); the server's own order, here oldest
     # first, must not change the card.
     scenario = FETCH_SCENARIOS[0]
-    client = loopback_client(make_app, tmp_path)
+    client = loopback_client(make_app, tmp_path, fhir_server)
     body, bundle = without_prefetch(scenario, fhir_server)
     dates = [e["resource"]["effectiveDateTime"] for e in bundle["entry"]]
     assert dates == sorted(dates, reverse=True) and len(dates) > 1
@@ -217,7 +217,7 @@ def test_the_newest_egfr_is_used_whatever_order_the_server_answers_in(make_app, 
 
 
 def test_fhir_server_401_is_412_naming_the_key(make_app, tmp_path, fhir_server):
-    client = loopback_client(make_app, tmp_path)
+    client = loopback_client(make_app, tmp_path, fhir_server)
     body, _ = without_prefetch(FETCH_SCENARIOS[0], fhir_server)
     fhir_server.add("Observation", status=401,
                     json=operation_outcome("error", "login", "invalid access token"))
@@ -230,7 +230,7 @@ def test_fhir_server_401_is_412_naming_the_key(make_app, tmp_path, fhir_server):
 
 
 def test_missing_egfr_without_a_token_is_412(make_app, tmp_path, fhir_server):
-    client = loopback_client(make_app, tmp_path)
+    client = loopback_client(make_app, tmp_path, fhir_server)
     body, _ = without_prefetch(FETCH_SCENARIOS[1], fhir_server, token=None)
 
     response = post(client, "/cds-services/nephrotoxic-order-check", body)
@@ -240,7 +240,7 @@ def test_missing_egfr_without_a_token_is_412(make_app, tmp_path, fhir_server):
 
 
 def test_fhir_server_slower_than_the_site_deadline_is_412(make_app, tmp_path, fhir_server):
-    client = loopback_client(make_app, tmp_path, "deadline_seconds: 0.3")
+    client = loopback_client(make_app, tmp_path, fhir_server, "deadline_seconds: 0.3")
     body, bundle = without_prefetch(FETCH_SCENARIOS[0], fhir_server)
     fhir_server.add("Observation", json=bundle, delay=5)
 
@@ -253,7 +253,7 @@ def test_fhir_server_slower_than_the_site_deadline_is_412(make_app, tmp_path, fh
 
 
 def test_rate_limit_with_retry_after_0_is_retried(make_app, tmp_path, fhir_server):
-    client = loopback_client(make_app, tmp_path)
+    client = loopback_client(make_app, tmp_path, fhir_server)
     scenario = FETCH_SCENARIOS[0]
     body, bundle = without_prefetch(scenario, fhir_server)
     fhir_server.add("Observation", json=bundle)
@@ -273,7 +273,7 @@ NESTED_100K = b"[" * 100_000 + b"]" * 100_000  # json.loads: RecursionError, not
 def test_fhir_answer_nested_too_deep_is_data_unavailable(make_app, tmp_path, fhir_server, caplog):
     # `uacr` is optional for kidney-risk: unusable, it is missing data, as when the FHIR server
     # fails; the card says so instead of the call failing.
-    client = loopback_client(make_app, tmp_path)
+    client = loopback_client(make_app, tmp_path, fhir_server)
     body = load(FETCH_SCENARIOS[0] / "request.json")
     del body["prefetch"]["uacr"]
     body["fhirServer"] = fhir_server.url
@@ -293,7 +293,7 @@ def test_fhir_answer_nested_too_deep_is_data_unavailable(make_app, tmp_path, fhi
 
 def test_required_fhir_answer_nested_too_deep_is_412_naming_the_key(make_app, tmp_path,
                                                                     fhir_server):
-    client = loopback_client(make_app, tmp_path)
+    client = loopback_client(make_app, tmp_path, fhir_server)
     body, _ = without_prefetch(FETCH_SCENARIOS[0], fhir_server)
     fhir_server.add("Observation", body=NESTED_100K)
 
@@ -312,7 +312,7 @@ def test_without_any_prefetch_every_key_is_read_from_the_fhir_server(make_app, t
     # declares is then made with the bearer token, and the answer is the same card.
     from cds_service.prefetch import render_template
 
-    client = loopback_client(make_app, tmp_path)
+    client = loopback_client(make_app, tmp_path, fhir_server)
     body = load(scenario / "request.json")
     prefetched = body.pop("prefetch")
     body["fhirServer"] = fhir_server.url

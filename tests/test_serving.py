@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_JWKS, ROOT, demo_signer
+from tests.conftest import DEMO_JWKS, ROOT, demo_signer, fhir_servers_yaml
 from tests.fhir_server import fhir_server  # noqa: F401 - fixture
 from tests.test_metrics import golden_request
 from tests.test_serve import Server, request
@@ -22,12 +22,14 @@ from tests.test_serve import Server, request
 SLOW_S = 2.0
 
 
-def demo_site(tmp_path: Path, prefetch: str = "") -> Path:
-    """The demo site, trusting the demo key by absolute path, with extra prefetch settings."""
+def demo_site(tmp_path: Path, prefetch: str = "", fhir_servers: tuple[str, ...] = ()) -> Path:
+    """The demo site, trusting the demo key by absolute path, with extra prefetch settings and
+    the FHIR bases its calls may read from."""
     text = (ROOT / "site_config" / "demo-hospital.yaml").read_text(encoding="utf-8")
     text = text.replace("../var/dev-keys/demo-hospital.jwks.json", str(DEMO_JWKS))
     block = re.search(r"\nprefetch:\n(  .*\n)+", text)
     text = text.replace(block.group(0), "\nprefetch:\n" + prefetch)
+    text += fhir_servers_yaml(fhir_servers)
     site = tmp_path / "site.yaml"
     site.write_text(text, encoding="utf-8")
     return site
@@ -43,7 +45,8 @@ def timed(url: str, body: dict) -> tuple[int, float, float]:
 def test_a_call_stuck_on_a_slow_fhir_server_does_not_delay_another_on_the_same_worker(
         tmp_path, fhir_server, threads):
     demo_signer()
-    site = demo_site(tmp_path, "  deadline_seconds: 5\n  allow_http_loopback: true\n")
+    site = demo_site(tmp_path, "  deadline_seconds: 5\n  allow_http_loopback: true\n",
+                     (fhir_server.url,))
     server = Server(tmp_path, "--workers", "1", "--threads", str(threads),
                     env={"CDS_SITE_CONFIG": str(site)})
     try:

@@ -15,7 +15,8 @@ TOKEN = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.c2lnbmF0dXJl"
 def test_token_never_in_logs_bodies_or_store(make_app, tmp_path, caplog, fhir_server):  # noqa: F811
     fhir_server.add("Patient/p1", json={"resourceType": "Patient", "id": "p1",
                                         "name": [{"given": ["Ada"]}]})
-    app = make_app(SITE_YAML="prefetch:\n  allow_http_loopback: true\n")
+    app = make_app(SITE_YAML="prefetch:\n  allow_http_loopback: true\n",
+                   FHIR_SERVERS=[fhir_server.url])
     client = app.test_client()
     caplog.set_level(logging.DEBUG)
     body = {
