@@ -148,6 +148,7 @@ def make_app(tmp_path, site_file):
         """`SITE_YAML="..."` appends site keys to the trusted test site."""
         config.setdefault("DATABASE_URL", f"sqlite:///{tmp_path / 'cds.sqlite3'}")
         config.setdefault("REPLAY_CACHE_URL", f"sqlite:///{tmp_path / 'replay.sqlite3'}")
+        config.setdefault("SPOOL_DIR", str(tmp_path / f"spool-{len(apps)}"))
         config.setdefault("SERVICES", TEST_SERVICES)
         extra = config.pop("SITE_YAML", "")
         if "SITE_CONFIG" not in config and "CDS_SITE_CONFIG" not in os.environ:
