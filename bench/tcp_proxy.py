@@ -81,10 +81,11 @@ class TcpProxy:
         with self._lock:
             connections, self._connections = self._connections, set()
         for sock in connections:
+            # Shut down, not closed: a pump blocked in recv() on it wakes and closes it. Closing
+            # under a blocked recv() would not wake it, and the descriptor's number, reused by
+            # the next connection, would hand that connection's bytes to the old pump.
             try:
-                # SO_LINGER 0: close with RST, as a restarting server's kernel would.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
