@@ -414,7 +414,9 @@ class Call:
 
 
 class Recorder:
-    """Writes calls' records on a background thread, many calls per transaction.
+    """Writes calls' records on a background thread, many calls per transaction: in processes
+    without a spool (CLI tools, tests). A serving worker spools them first
+    (`cds_service.spool.SpoolRecorder`), so neither a crash nor an outage loses them.
 
     A call's audit record, issued cards and predictions used to cost three committed
     transactions (three fsyncs on SQLite) before the answer left; Epic waits for that answer.
