@@ -27,10 +27,11 @@ from cds_service.spool import SpoolRecorder, encode
 from cds_service.store import Call, Store
 from hooks import SERVICES
 from tests.conftest import ROOT
-from tests.storage_fixtures import postgres_schema_url
 from tests.test_api import post
 from tests.test_serve import request, serve, worker_pids  # noqa: F401 - serve: fixture
 from tests.test_services import DATA, FROZEN_NOW, GOLDEN_SITE, load
+
+pytest_plugins = ["tests.storage_fixtures"]
 
 KIDNEY = DATA / "kidney-risk" / "egfr-28-g4-warning"
 NOW = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
@@ -57,16 +58,15 @@ def count(url: str, table: str, where: str = "") -> int:
 
 
 @pytest.fixture
-def pg_behind_proxy():
+def pg_behind_proxy(postgresql_store_url):
     """(URL straight to a fresh schema, URL to it through a proxy, the proxy)."""
-    with postgres_schema_url() as direct:
-        url = make_url(direct)
-        proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432)).start()
-        proxied = url.set(port=proxy.port).update_query_dict({"connect_timeout": "2"})
-        try:
-            yield direct, proxied.render_as_string(hide_password=False), proxy
-        finally:
-            proxy.close()
+    url = make_url(postgresql_store_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432)).start()
+    proxied = url.set(port=proxy.port).update_query_dict({"connect_timeout": "2"})
+    try:
+        yield postgresql_store_url, proxied.render_as_string(hide_password=False), proxy
+    finally:
+        proxy.close()
 
 
 def kidney_request() -> dict:
