@@ -13,10 +13,16 @@ looks like a JWT, a long opaque token, a `...token=` / `password=` pair or seria
 URLs go through `strip_url_secrets` first, so a fetched URL that carried `access_token=...` is
 stored without it. These checks are heuristics backing the structural guarantee (no field takes a
 token or a resource): callers still pass identifiers only.
+
+A call's record is never dropped for what the caller sent: `lenient_record` first makes every
+value one the record can hold (`safe_text`: a token- or resource-like value is replaced by a
+marker naming a short sha256 of it, a long one truncated, control characters escaped, a
+non-string named by its type), so the strict checks above pass and the access is on record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -127,6 +133,40 @@ def _check_text(name: str, value: object, limit: int = MAX_TEXT) -> None:
         raise ValueError(f"AuditRecord.{name}: looks like FHIR resource contents")
 
 
+# C0 and C1 controls (tab and newline too: one record, one line in `audit show`), and lone
+# UTF-16 surrogates, which no database text column holds.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _digest(value: str) -> str:
+    # 12 hex digits: enough to match a withheld value against one a reviewer holds, far too few
+    # to be the value. surrogatepass: a lone surrogate must hash, not raise.
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def safe_text(value: object, limit: int = MAX_TEXT) -> str:
+    """`value` as an audit field can hold it (`_check_text` passes), keeping what is safe to keep.
+
+    A string that looks like a token or a credential becomes `[token-like value withheld
+    sha256:…]`, one that looks like FHIR resource contents `[resource-like value withheld …]`;
+    control characters and lone surrogates are escaped (`\\x00`); a value over `limit` keeps
+    its start and says how long it was. Anything but a string is named by its type only.
+    Deterministic: the same value always gives the same text, so it still correlates.
+    """
+    if not isinstance(value, str):
+        return f"[{type(value).__name__} value withheld]"
+    text = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                            else f"\\u{ord(m.group()):04x}", value)
+    if _JWT.search(text) or _OPAQUE_TOKEN.search(text) or _CREDENTIAL_PAIR.search(text):
+        return f"[token-like value withheld sha256:{_digest(value)}]"
+    if _RESOURCE_JSON.search(text):
+        return f"[resource-like value withheld sha256:{_digest(value)}]"
+    if len(text) > limit:
+        marker = f"…[truncated, {len(value)} characters, sha256:{_digest(value)}]"
+        text = text[:limit - len(marker)] + marker
+    return text
+
+
 @dataclass(frozen=True, kw_only=True)
 class AuditRecord:
     """Who accessed which patient's data, when, through which service; validated on creation.
@@ -196,6 +236,37 @@ class AuditRecord:
 
 
 AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
+
+
+def _safe_items(name: str, values: object) -> tuple[str, ...]:
+    if not isinstance(values, tuple | list):
+        return (safe_text(values),)
+    items = []
+    for value in values[:MAX_ITEMS]:
+        if name in _URL_FIELDS and isinstance(value, str):
+            value = strip_url_secrets(value)
+        item = safe_text(value, MAX_URL if name in _URL_FIELDS else MAX_TEXT)
+        if name == "prefetch_keys_used" and not _PREFETCH_KEY_USED.fullmatch(item):
+            item = f"withheld:sha256-{_digest(item)}"
+        items.append(item)
+    return tuple(items)
+
+
+def lenient_record(*, kind: str, time: datetime, status: int, **values: object) -> AuditRecord:
+    """An `AuditRecord` of a call whatever the caller sent: each field through `safe_text`
+    (tuple fields item by item, at most MAX_ITEMS), `None` values left out. `kind`, `time` and
+    `status` are ours and stay strict."""
+    safe: dict[str, object] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in TUPLE_FIELDS:
+            safe[name] = _safe_items(name, value)
+        elif name in _URL_FIELDS and isinstance(value, str):
+            safe[name] = safe_text(strip_url_secrets(value))
+        else:
+            safe[name] = safe_text(value)
+    return AuditRecord(kind=kind, time=time, status=status, **safe)
 
 
 # What an access review reads first, in this order (`cds-service audit show --format table`).

@@ -129,10 +129,12 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(StoreUnavailable)
     def _store_down(error: StoreUnavailable):
-        # 503 + Retry-After tells the EHR to resend the feedback batch later; nothing was stored.
+        # 503 + Retry-After tells the EHR to resend the feedback batch later. A write that timed
+        # out may still complete; the resend is then stored once (dedupe key), so either way
+        # nothing is lost or doubled.
         log.error("store unavailable on %s %s: %s", request.method, request.path, error)
-        issue = Issue("The feedback store is unavailable; nothing was stored. Retry later.",
-                      code="transient")
+        issue = Issue("The feedback store did not take the feedback in time. Retry later: a "
+                      "repeat is stored once.", code="transient")
         return outcome_response(operation_outcome([issue]), 503, {"Retry-After": "30"})
 
     @app.errorhandler(Exception)

@@ -84,6 +84,22 @@ FEEDBACK = Counter(
 STORE_WRITE_FAILURES = Counter(
     "cds_store_write_failures",
     "Calls whose audit record, issued cards and predictions could not be written.")
+STORE_UP = Gauge(
+    "cds_store_up",
+    "1 when this worker's last use of the shared store (PostgreSQL or SQLite) succeeded, 0 when "
+    "it failed or timed out. The lowest of the live workers.", multiprocess_mode="livemin")
+SPOOL_BACKLOG = Gauge(
+    "cds_spool_backlog",
+    "Call records spooled on local disk and not yet in the store (this worker's, and those of "
+    "dead workers it is replaying). Summed over live workers.", multiprocess_mode="livesum")
+SPOOL_REJECTED = Counter(
+    "cds_spool_rejected",
+    "Call records the store refused for good (not an outage): moved to the spool's rejected/ "
+    "directory, never retried.")
+SUPPRESSION_FAIL_OPEN = Counter(
+    "cds_suppression_fail_open",
+    "Calls whose cards were shown unsuppressed because the override lookup failed or took "
+    "longer than its deadline.", ("site", "service"))
 MODEL_INFO = Gauge(
     "cds_model_info", "Models loaded by live workers (value 1).",
     ("model_id", "model_version", "sha256"), multiprocess_mode="livemax")
@@ -256,6 +272,18 @@ def count_feedback(site: str, service: str, new, store) -> None:
         topics = {}
     for item in new:
         _child(FEEDBACK, site, service, item.outcome, topics.get(item.card, UNKNOWN)).inc()
+
+
+def store_up(up: bool) -> None:
+    STORE_UP.set(1 if up else 0)
+
+
+def spool_backlog(records: int) -> None:
+    SPOOL_BACKLOG.set(records)
+
+
+def suppression_failed_open(site: str, service: str) -> None:
+    _child(SUPPRESSION_FAIL_OPEN, site, service).inc()
 
 
 def rejected(site: str | None, reason: str) -> None:

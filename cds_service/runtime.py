@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import jwt
 from flask import Flask, Request, current_app, g
 
-from cds_service import metrics
+from cds_service import metrics, spool
 from cds_service.auth import (
     AuthError,
     AuthSettings,
@@ -238,7 +238,7 @@ def build_runtime(app: Flask, deployment) -> CdsRuntime:
         services=deployment.services,
         sites=deployment.sites,
         default_site=deployment.default_site,
-        store=Store(url),
+        store=Store(url, spool_dir=app.config["SPOOL_DIR"] or spool.default_directory(url)),
         store_url_redacted=redacted_url(url),
         fhir_max_workers=int(app.config["FHIR_MAX_WORKERS"]),
     )

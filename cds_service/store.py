@@ -29,9 +29,12 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,12 @@ log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_CONNECT_TIMEOUT_S = 5
+# libpq `tcp_user_timeout` (ms): a query sent into a network that drops packets fails after this
+# instead of waiting out the kernel's retransmissions (about 15 minutes on Linux).
+PG_TCP_USER_TIMEOUT_MS = 15_000
+# Store calls on the answer path (`Store.within`) run on this many threads per worker; when all
+# are waiting on the database, further calls fail at once instead of queueing behind them.
+BOUNDED_THREADS = 8
 # pg_advisory_xact_lock key serialising create_all across worker processes starting together
 # (concurrent CREATE TABLE of the same name fails in PostgreSQL). Arbitrary constant.
 _PG_SCHEMA_LOCK_KEY = 0x0CD5_F00D_BACC
@@ -202,6 +211,16 @@ issued_cards_table = sa.Table(
     sa.Column("topic_code", sa.Text),
     sa.Column("indicator", sa.String(16)),
     sa.Index(None, "site", "patient_id", "user_id", "topic_code"),
+)
+
+# The id of every call whose records (audit, issued cards, predictions) are stored, written in the
+# same transaction: a call replayed from the spool after a crash or an outage is stored once.
+# Purged with the audit log.
+call_records_table = sa.Table(
+    "call_records",
+    metadata,
+    sa.Column("record_id", sa.String(32), primary_key=True),
+    sa.Column("time", UtcDateTime, nullable=False, index=True),
 )
 
 # One row per override of a card we issued, with the card's user, patient, topic and indicator
@@ -399,15 +418,26 @@ def _audit_row(record: AuditRecord) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Call:
     """What one CDS call leaves in the store besides feedback: its audit record, the cards it
-    issued (`issued_cards_table` rows) and the predictions made (`predictions_table` rows)."""
+    issued (`issued_cards_table` rows) and the predictions made (`predictions_table` rows).
+    `id` makes storing it idempotent (`call_records_table`)."""
 
     audit: AuditRecord | None
     issued_cards: Sequence[dict[str, Any]] = ()
     predictions: Sequence[dict[str, Any]] = ()
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def time(self) -> datetime:
+        if self.audit is not None:
+            return self.audit.time
+        rows = [*self.issued_cards, *self.predictions]
+        return rows[0]["time"] if rows else datetime.now(UTC)
 
 
 class Recorder:
-    """Writes calls' records on a background thread, many calls per transaction.
+    """Writes calls' records on a background thread, many calls per transaction: in processes
+    without a spool (CLI tools, tests). A serving worker spools them first
+    (`cds_service.spool.SpoolRecorder`), so neither a crash nor an outage loses them.
 
     A call's audit record, issued cards and predictions used to cost three committed
     transactions (three fsyncs on SQLite) before the answer left; Epic waits for that answer.
@@ -449,6 +479,7 @@ class Recorder:
                 self._cond.notify_all()
 
     def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every call submitted is written (or `timeout`)."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._unwritten == 0, timeout):
                 log.error("store writer: %d call record(s) still unwritten after %.0f s",
@@ -510,7 +541,9 @@ class Override:
 class Store:
     """Feedback and audit-log storage on one SQLAlchemy engine (SQLite file or PostgreSQL)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, spool_dir: str | Path | None = None) -> None:
+        """`spool_dir`: spool calls' records there before writing them (`cds_service.spool`,
+        what a serving worker does); without it they are queued in memory (`Recorder`)."""
         self._url = _normalize_url(url)
         self._secrets = _secrets(self._url)
         self.url = redacted_url(self._url)
@@ -518,13 +551,26 @@ class Store:
         self._engine = self._create_engine()
         self._schema_lock = threading.Lock()
         self._schema_ready = False
-        self.recorder = Recorder(self.add_calls)
+        self._slots = threading.BoundedSemaphore(BOUNDED_THREADS)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid: int | None = None
         try:
             self._ensure_schema()
+            up = True
         except StoreUnavailable as exc:
-            # Start anyway: /readyz reports the outage (ping() retries table creation), and
-            # workers do not crash-loop while the database restarts.
+            # Start anyway: calls are answered and their records spooled, /healthz/detail and
+            # cds_store_up report the outage, and workers do not crash-loop while the database
+            # restarts. Tables are created on the first successful use.
             log.warning("%s; tables will be created on first successful use", exc)
+            up = False
+        if spool_dir is None:
+            self.recorder = Recorder(self.add_calls)
+        else:
+            from cds_service import metrics
+            from cds_service.spool import SpoolRecorder
+
+            metrics.store_up(up)
+            self.recorder = SpoolRecorder(self.add_calls, self.ping, spool_dir)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -550,6 +596,8 @@ class Store:
         connect_args: dict[str, Any] = {}
         if "connect_timeout" not in self._url.query:
             connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        if "tcp_user_timeout" not in self._url.query:
+            connect_args["tcp_user_timeout"] = PG_TCP_USER_TIMEOUT_MS
         if "application_name" not in self._url.query:
             connect_args["application_name"] = "cds-service"
         return sa.create_engine(
@@ -599,6 +647,51 @@ class Store:
         with self._unavailable_on_error(), self._engine.connect() as conn:
             conn.execute(sa.select(1)).scalar_one()
 
+    def within(self, seconds: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` (a method of this store), given at most `seconds`: on the answer
+        path, where a database that does not answer (a network dropping packets: no error, no
+        reply) must not hold the call. Raises StoreUnavailable when it takes longer, or at once
+        when BOUNDED_THREADS earlier calls are all still waiting on the database. A call that
+        times out still runs to its end in the background."""
+        from cds_service import metrics
+
+        if not self._slots.acquire(blocking=False):
+            metrics.store_up(False)
+            raise StoreUnavailable(f"database {self.url} unavailable: {BOUNDED_THREADS} calls "
+                                   "already waiting on it")
+
+        def run() -> Any:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._slots.release()
+
+        try:
+            future = self._bounded_pool().submit(run)
+        except RuntimeError:  # the pool is shut down: the store is being disposed
+            self._slots.release()
+            raise StoreUnavailable(f"database {self.url} unavailable: store closed") from None
+        try:
+            result = future.result(timeout=seconds)
+        except FutureTimeout:
+            metrics.store_up(False)
+            raise StoreUnavailable(
+                f"database {self.url} unavailable: no answer within {seconds:g} s") from None
+        except StoreUnavailable:
+            metrics.store_up(False)
+            raise
+        metrics.store_up(True)
+        return result
+
+    def _bounded_pool(self) -> ThreadPoolExecutor:
+        # Threads do not survive a fork: a worker forked from a process that used it makes its own.
+        if self._pool is None or self._pool_pid != os.getpid():
+            with self._schema_lock:
+                if self._pool is None or self._pool_pid != os.getpid():
+                    self._pool = ThreadPoolExecutor(BOUNDED_THREADS, thread_name_prefix="store")
+                    self._pool_pid = os.getpid()
+        return self._pool
+
     def add_feedback(self, site: str, service_id: str, items: Sequence[FeedbackItem], *,
                      received_at: datetime | None = None) -> int:
         """Store `items` in one transaction, committed before returning; return how many are new.
@@ -614,7 +707,9 @@ class Store:
                         received_at: datetime | None = None) -> set[str]:
         """As `add_feedback`, returning the dedupe keys of the items actually inserted; `keys`:
         the items' `dedupe_key`s when the caller has them already."""
-        self.recorder.flush()  # the cards this feedback is about are on record first
+        # The cards this feedback is about are on record first, if the writer can do it in time
+        # (if not, whichever of the two is stored second records the override).
+        self.recorder.flush(timeout=1.0)
         if received_at is None:
             received_at = datetime.now(UTC)
         rows: dict[str, dict[str, Any]] = {}
@@ -691,19 +786,29 @@ class Store:
         with self._unavailable_on_error(), self._write() as conn:
             return conn.execute(stmt, row).scalar_one()
 
-    def add_calls(self, calls: Sequence[Call]) -> None:
+    def add_calls(self, calls: Sequence[Call]) -> int:
         """Append the records of several calls (audit, issued cards, predictions) in one committed
-        transaction: what the background `recorder` writes."""
-        audit = [_audit_row(c.audit) for c in calls if c.audit is not None]
-        issued = [row for c in calls for row in c.issued_cards]
-        predictions = [row for c in calls for row in c.predictions]
+        transaction: what the background `recorder` writes. A call already stored (same `id`: a
+        replay from the spool) is skipped; return how many were new."""
+        if not calls:
+            return 0
         self._ensure_schema()
+        ids = _INSERT[self.dialect](call_records_table).on_conflict_do_nothing(
+            index_elements=[call_records_table.c.record_id]
+        ).returning(call_records_table.c.record_id)
         with self._unavailable_on_error(), self._write() as conn:
+            new = set(conn.execute(ids, [{"record_id": c.id, "time": c.time}
+                                         for c in {c.id: c for c in calls}.values()]).scalars())
+            calls = [c for c in calls if c.id in new]
+            audit = [_audit_row(c.audit) for c in calls if c.audit is not None]
+            issued = [row for c in calls for row in c.issued_cards]
+            predictions = [row for c in calls for row in c.predictions]
             for table, rows in ((audit_log_table, audit), (issued_cards_table, issued),
                                 (predictions_table, predictions)):
                 if rows:
                     conn.execute(sa.insert(table), rows)
             _overrides_stored_first(conn, issued)
+        return len(calls)
 
     def record(self, call: Call) -> None:
         """Queue a call's records for the background writer; returns at once (see `Recorder`)."""
@@ -861,18 +966,19 @@ class Store:
         overrides = self._purge_older(overrides_table, older_than)
         log.info("purged %d card override record(s) older than %s", overrides,
                  older_than.isoformat())
+        self._purge_older(call_records_table, older_than, key="record_id")
         return total
 
-    def _purge_older(self, table: sa.Table, older_than: datetime) -> int:
+    def _purge_older(self, table: sa.Table, older_than: datetime, key: str = "id") -> int:
         """Delete rows of `table` with `time` before `older_than` in committed batches; count."""
         batch = (
-            sa.select(table.c.id)
+            sa.select(table.c[key])
             .where(table.c.time < older_than)
-            .order_by(table.c.id)
+            .order_by(table.c[key])
             .limit(AUDIT_PURGE_BATCH)
             .scalar_subquery()
         )
-        stmt = sa.delete(table).where(table.c.id.in_(batch))
+        stmt = sa.delete(table).where(table.c[key].in_(batch))
         total = 0
         while True:
             with self._unavailable_on_error(), self._write() as conn:
@@ -885,4 +991,6 @@ class Store:
     def dispose(self) -> None:
         """Write what is queued, then close all pooled connections."""
         self.recorder.close()
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=False, cancel_futures=True)
         self._engine.dispose()

@@ -21,10 +21,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cds_service import metrics
 from cds_service.cards import Card, severity
 from cds_service.config import DEFAULT_OVERRIDE_WINDOW, Site
 
 log = logging.getLogger(__name__)
+
+# The override lookup runs on every call with cards, on the clinician's time: a store slower than
+# this (PostgreSQL down or unreachable) shows the cards unsuppressed rather than hold the answer.
+# An indexed lookup takes about a millisecond when the store is well.
+LOOKUP_TIMEOUT_S = 0.25
 
 
 # CDS Hooks 2.0 §Extensions: response-level, key in reverse-domain notation. Ours is the reverse
@@ -84,11 +90,12 @@ def apply(cards: Sequence[Card], *, store, site: Site, service_id: str, user_id:
             or not isinstance(patient_id, str) or not patient_id):
         return Decision(tuple(cards))
     try:
-        overrides = store.recent_overrides(site=site.id, service_id=service_id,
-                                           user_id=user_id, patient_id=patient_id,
-                                           topics=topics, since=now - window)
-    except Exception:  # noqa: BLE001 - never withhold guidance because the store is down
-        log.exception("override lookup failed; cards shown unsuppressed")
+        overrides = store.within(LOOKUP_TIMEOUT_S, store.recent_overrides, site=site.id,
+                                 service_id=service_id, user_id=user_id, patient_id=patient_id,
+                                 topics=topics, since=now - window)
+    except Exception as exc:  # noqa: BLE001 - never withhold guidance because the store is down
+        metrics.suppression_failed_open(site.id, service_id)
+        log.warning("override lookup failed (%s); cards shown unsuppressed", exc)
         return Decision(tuple(cards), ("suppression skipped: feedback store unavailable",))
     kept, notes, withheld = [], [], []
     hours = f"{window.total_seconds() / 3600:g}h"

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from flask import Response, g, json, request
 
 from cds_service import metrics, suppression
-from cds_service.audit import MAX_TEXT, AuditRecord, prefetch_key_sources
+from cds_service.audit import MAX_TEXT, AuditRecord, lenient_record, prefetch_key_sources, safe_text
 from cds_service.cards import render_response
 from cds_service.errors import RequestInvalid, ServiceNotFound
 from cds_service.feedback import FeedbackRequestSchema
@@ -27,9 +27,13 @@ from cds_service.schemas import (
     DiscoverySchema,
     FeedbackAckSchema,
 )
-from cds_service.store import Call
+from cds_service.store import Call, StoreUnavailable
 
 log = logging.getLogger("cds_service.views")
+
+# Feedback is committed before its 200; a store that has not answered in this long gets the EHR
+# a 503 to retry on (a repeat is stored once), not a call held open until its own timeout.
+FEEDBACK_STORE_TIMEOUT_S = 3.0
 
 blp = Blueprint(
     "cds-hooks", __name__, description="CDS Hooks 2.0: discovery, services and feedback."
@@ -57,6 +61,13 @@ def _authenticate_and_precheck():
     service_id = (request.view_args or {}).get("service_id")
     if service_id is not None:
         site_service(service_id)
+
+
+def _safe_id(context: dict, key: str) -> str | None:
+    """A context id as the store records it (`audit.safe_text`: an id too long or token-like
+    is replaced by a marker, the same one every time, so suppression still matches it)."""
+    value = context.get(key)
+    return safe_text(value) if isinstance(value, str) else None
 
 
 def site_service(service_id: str):
@@ -140,8 +151,9 @@ def invoke(body: dict, service_id: str):
     with metrics.stage("cards"):  # the handler's own feature and model time is taken out below
         cards = service.handler(hook_request)
         decision = suppression.apply(cards, store=runtime().store, site=site,
-                                     service_id=service.id, user_id=context.get("userId"),
-                                     patient_id=context.get("patientId"), now=hook_request.now)
+                                     service_id=service.id, user_id=_safe_id(context, "userId"),
+                                     patient_id=_safe_id(context, "patientId"),
+                                     now=hook_request.now)
         rendered = render_response(decision.kept, epic=site.epic_compatibility,
                                    extension=decision.extension())
     metrics.count_cards(site.id, service.id, cards, decision.kept)
@@ -177,12 +189,17 @@ def feedback(items: list, service_id: str):
     g.audit.update(feedback_cards=tuple(item.card for item in items))
     store = runtime().store
     keys = [item.dedupe_key(site.id, service_id) for item in items]
-    new_keys = store.insert_feedback(site.id, service_id, items, keys=keys,
-                                     received_at=runtime().clock())
-    stored = len(new_keys)
-    metrics.count_feedback(site.id, service_id,
-                           [item for item, key in zip(items, keys, strict=True) if key in new_keys],
-                           store)
+    received_at = runtime().clock()
+
+    def store_feedback() -> set[str]:  # on a store thread: no app context
+        new = store.insert_feedback(site.id, service_id, items, keys=keys,
+                                    received_at=received_at)
+        metrics.count_feedback(site.id, service_id,
+                               [item for item, key in zip(items, keys, strict=True) if key in new],
+                               store)
+        return new
+
+    stored = len(store.within(FEEDBACK_STORE_TIMEOUT_S, store_feedback))
     g.audit.update(outcome=f"received={len(items)} stored={stored}")
     log.info("feedback service=%s site=%s received=%d stored=%d",
              service_id, site.id, len(items), stored)
@@ -241,30 +258,42 @@ def _audit(response):
     kind = "feedback" if request.path.endswith("/feedback") else "invoke"
     fields.setdefault("outcome", str(response.status_code))
     now = datetime.now(UTC)
-    try:
-        record = AuditRecord(kind=kind, time=now, status=response.status_code,
-                             **{k: v for k, v in fields.items() if v is not None})
-    except Exception:  # noqa: BLE001 - the clinician's answer must not wait on the audit log
-        log.exception("audit record not built for %s %s", request.method, request.path)
-        record = None
+    record = _audit_record(kind, now, response.status_code, fields)
     issued = getattr(g, "issued_cards", None) if response.status_code == 200 else None
     binding = getattr(g, "model_binding", None)
-    runtime().store.record(Call(
-        audit=record,
-        issued_cards=[{**card, "time": now, "site": fields["site"],
-                       "service_id": fields["service_id"],
-                       "hook_instance": fields.get("hook_instance"),
-                       "user_id": fields.get("user_id"), "patient_id": fields.get("patient_id")}
-                      for card in issued or ()],
-        predictions=_prediction_rows(fields, binding.recorded, now) if binding else (),
-    ))
+    # The call's ids as its audit record holds them, so the three tables join.
+    ids = {"hook_instance": record.hook_instance, "user_id": record.user_id,
+           "patient_id": record.patient_id}
+    try:
+        runtime().store.record(Call(
+            audit=record,
+            issued_cards=[{**card, "time": now, "site": fields["site"],
+                           "service_id": fields["service_id"], **ids}
+                          for card in issued or ()],
+            predictions=_prediction_rows(fields, ids, binding.recorded, now) if binding else (),
+        ))
+    except Exception:  # noqa: BLE001 - the clinician's answer must not wait on the audit log
+        log.exception("call record not spooled for %s %s", request.method, request.path)
     return response
 
 
-def _prediction_rows(fields: dict, recorded, now: datetime) -> list[dict]:
+def _audit_record(kind: str, now: datetime, status: int, fields: dict) -> AuditRecord:
+    """The call's audit record, whatever the caller sent (`audit.lenient_record`); if even that
+    fails (our bug), a record of the access with what is certainly safe, saying so."""
+    try:
+        return lenient_record(kind=kind, time=now, status=status, **fields)
+    except Exception as exc:  # noqa: BLE001 - an access is never left off the record
+        log.exception("audit record for %s %s: fields withheld", request.method, request.path)
+        return AuditRecord(kind=kind, time=now, status=status,
+                           site=safe_text(fields.get("site")),
+                           service_id=safe_text(fields.get("service_id")),
+                           detail=f"audit fields withheld: {type(exc).__name__}")
+
+
+def _prediction_rows(fields: dict, ids: dict, recorded, now: datetime) -> list[dict]:
     return [{
         "time": now, "site": fields["site"], "service_id": fields["service_id"],
-        "hook_instance": fields["hook_instance"], "role": role,
+        "hook_instance": ids["hook_instance"], "role": role,
         "model_id": p.model_id, "model_version": p.model_version, "sha256": p.sha256,
         "output": p.output, "score": p.score, "indicator": p.indicator,
         "unavailable": p.unavailable, "missing": list(p.missing), "imputed": list(p.imputed),
@@ -282,25 +311,54 @@ def healthz():
     return {"status": "ok"}
 
 
-@health.route("/readyz", methods=["GET"])
-def readyz():
-    """Readiness: configuration valid, store reachable, services loaded."""
+# /healthz/detail waits this long for the store's answer.
+DETAIL_STORE_TIMEOUT_S = 2.0
+
+
+def _local_checks() -> dict[str, dict]:
+    """What this pod needs to answer hooks: its configuration, services, models and a writable
+    spool. Not the shared store: while it is down calls are answered and records spooled, and
+    every pod failing readiness at once would take the whole service away."""
     rt = runtime()
-    checks: dict[str, dict] = {
+    recorder = rt.store.recorder
+    spool_check = {"status": "ok"}
+    if hasattr(recorder, "writable"):
+        spool_check = {"status": "ok" if recorder.writable() else "fail",
+                       "directory": str(recorder.directory), "backlog": recorder.backlog}
+        if recorder.write_error:
+            spool_check["error"] = recorder.write_error
+    return {
         "config": {"status": "ok", "sites": sorted(rt.sites)},
         "services": {"status": "ok" if rt.services else "fail",
                      "ids": [s.id for s in rt.services.values()]},
+        "models": {"status": "ok", "loaded": rt.models.describe()},
+        "spool": spool_check,
     }
-    checks["models"] = {"status": "ok", "loaded": rt.models.describe()}
-    try:
-        rt.store.ping()
-        checks["store"] = {"status": "ok", "url": rt.store_url_redacted}
-    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-        log.warning("readiness: store unreachable: %s", exc)
-        checks["store"] = {"status": "fail", "url": rt.store_url_redacted,
-                           "error": type(exc).__name__}
+
+
+@health.route("/readyz", methods=["GET"])
+def readyz():
+    """Readiness: configuration valid, services and models loaded, call-record spool writable."""
+    checks = _local_checks()
     ready = all(c["status"] == "ok" for c in checks.values())
     return {"status": "ok" if ready else "fail", "checks": checks}, (200 if ready else 503)
+
+
+@health.route("/healthz/detail", methods=["GET"])
+def healthz_detail():
+    """Readiness checks plus the shared store: reachable, and how many records wait for it.
+    Always 200 with `status` ok or degraded: for people and dashboards, not for probes."""
+    rt = runtime()
+    checks = _local_checks()
+    try:
+        rt.store.within(DETAIL_STORE_TIMEOUT_S, rt.store.ping)
+        checks["store"] = {"status": "ok", "url": rt.store_url_redacted}
+    except StoreUnavailable as exc:
+        log.warning("health: store unreachable: %s", exc)
+        checks["store"] = {"status": "fail", "url": rt.store_url_redacted,
+                           "error": type(exc.__cause__ or exc).__name__}
+    healthy = all(c["status"] == "ok" for c in checks.values())
+    return {"status": "ok" if healthy else "degraded", "checks": checks}
 
 
 @health.route("/metrics", methods=["GET"])

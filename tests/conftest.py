@@ -154,6 +154,7 @@ def make_app(tmp_path, site_file):
         lists the FHIR bases its calls may read from (a local test server's, say)."""
         config.setdefault("DATABASE_URL", f"sqlite:///{tmp_path / 'cds.sqlite3'}")
         config.setdefault("REPLAY_CACHE_URL", f"sqlite:///{tmp_path / 'replay.sqlite3'}")
+        config.setdefault("SPOOL_DIR", str(tmp_path / f"spool-{len(apps)}"))
         config.setdefault("SERVICES", TEST_SERVICES)
         # The test client's own URL: SigningClient signs `aud` = http://localhost/<path>.
         config.setdefault("PUBLIC_URL", "http://localhost")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import uuid
 
 import pytest
@@ -399,17 +400,35 @@ def test_health_and_readiness(client):
     assert ready.status_code == 200
     body = ready.get_json()
     assert body["status"] == "ok"
-    assert body["checks"]["store"]["status"] == "ok"
+    assert body["checks"]["spool"]["status"] == "ok"
     assert body["checks"]["services"]["ids"] == ["echo", "greeter", "broken"]
+    detail = client.get("/healthz/detail").get_json()
+    assert detail["status"] == "ok" and detail["checks"]["store"]["status"] == "ok"
 
 
-def test_readiness_fails_when_the_store_is_unreachable(make_app):
+def test_readiness_ignores_the_shared_store_and_detail_reports_it(make_app):
+    """Every pod failing readiness at once over the shared store would empty the Service: the
+    store's state is in /healthz/detail and cds_store_up instead."""
     app = make_app(DATABASE_URL="postgresql+psycopg://nobody:s3cret@127.0.0.1:1/none"
                                 "?connect_timeout=1")
+    assert app.test_client().get("/readyz").status_code == 200
+    response = app.test_client().get("/healthz/detail")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "degraded"
+    assert body["checks"]["store"]["status"] == "fail"
+    assert body["checks"]["spool"]["status"] == "ok"
+    assert "s3cret" not in response.get_data(as_text=True)
+
+
+def test_readiness_fails_when_the_spool_cannot_be_written(make_app, tmp_path):
+    spool = tmp_path / "spool-gone"
+    app = make_app(SPOOL_DIR=str(spool))
+    shutil.rmtree(spool)  # a volume unmounted under the pod: root or not, nothing is written
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
-    assert response.get_json()["checks"]["store"]["status"] == "fail"
-    assert "s3cret" not in response.get_data(as_text=True)
+    assert response.get_json()["checks"]["spool"] == {
+        "status": "fail", "directory": str(spool), "backlog": 0}
 
 
 def test_openapi_document_and_docs_ui(client):

@@ -15,7 +15,9 @@ from cds_service.audit import (
     MAX_ITEMS,
     MAX_TEXT,
     AuditRecord,
+    lenient_record,
     prefetch_key_sources,
+    safe_text,
     strip_url_secrets,
 )
 from cds_service.store import Store, StoreUnavailable
@@ -403,3 +405,63 @@ def test_unavailable_database_raises_store_unavailable():
             assert "s3cr3t" not in str(info.value)
     finally:
         store.dispose()
+
+
+# --- hostile values: the record is written, the value is not --------------------------------
+
+LONG_ID = "a" * 100  # passes the request schema (1-128 of [A-Za-z0-9._:-]), trips the guard
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("d1577c69-dfbe-44ad-ba6d-3e05e953b2ea", "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea"),
+    (LONG_ID, "[token-like value withheld sha256:"),
+    (JWT, "[token-like value withheld sha256:"),
+    (f"Bearer {JWT}", "[token-like value withheld sha256:"),
+    (OPAQUE, "[token-like value withheld sha256:"),
+    ("x?password=hunter2", "[token-like value withheld sha256:"),
+    ('{"resourceType": "Patient", "name": "Zed"}', "[resource-like value withheld sha256:"),
+    ("line\nbreak\x00nul\x1b[31m\x85", "line\\x0abreak\\x00nul\\x1b[31m\\x85"),
+    ("lone \ud800 surrogate", "lone \\ud800 surrogate"),
+    ("word " * 200, "word word"),
+    (12345, "[int value withheld]"),
+    ({"resourceType": "Patient"}, "[dict value withheld]"),
+    (["a"], "[list value withheld]"),
+])
+def test_safe_text_keeps_what_is_safe_and_withholds_the_rest(value, expected):
+    text = safe_text(value)
+    assert text.startswith(expected)
+    assert len(text) <= MAX_TEXT
+    AuditRecord(kind="invoke", time=NOW, status=200, detail=text)  # the strict guard passes
+    assert safe_text(value) == text  # deterministic: still correlates
+    if isinstance(value, str) and len(value) > 64:
+        assert value not in text
+
+
+def test_a_long_value_keeps_its_start_and_says_how_long_it_was():
+    text = safe_text("word " * 200)
+    assert text.startswith("word word") and "…[truncated, 1000 characters, sha256:" in text
+
+
+@pytest.mark.parametrize("field", TEXT_FIELDS)
+@pytest.mark.parametrize("value", [LONG_ID, JWT, OPAQUE, "nul\x00", 7, {"a": 1}, "x" * 5000])
+def test_lenient_record_is_always_built_and_holds_no_secret(field, value):
+    record = lenient_record(**{**dataclasses.asdict(invoke()), field: value})
+    stored = getattr(record, field)
+    assert isinstance(stored, str)
+    if isinstance(value, str) and value != "nul\x00":
+        assert value not in stored
+
+
+def test_lenient_record_tuple_fields():
+    record = lenient_record(kind="invoke", time=NOW, status=200, user_id=None,
+                            fhir_urls_fetched=[f"Observation?access_token={OPAQUE}", JWT],
+                            card_uuids="not-a-list",
+                            suggestion_uuids=[str(n) for n in range(MAX_ITEMS + 5)],
+                            prefetch_keys_used=["egfr:prefetch", "not a key"])
+    assert record.user_id is None
+    assert record.fhir_urls_fetched[0] == "Observation"
+    assert record.fhir_urls_fetched[1].startswith("[token-like value withheld")
+    assert record.card_uuids == ("not-a-list",)
+    assert len(record.suggestion_uuids) == MAX_ITEMS
+    assert record.prefetch_keys_used[0] == "egfr:prefetch"
+    assert record.prefetch_keys_used[1].startswith("withheld:sha256-")

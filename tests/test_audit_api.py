@@ -166,3 +166,31 @@ def test_show_command_reads_the_log_for_an_access_review(store_url, monkeypatch,
 
     assert main(["audit", "show", "--since", "1d", "--until", "7d"]) == 2
     assert "--since must be before --until" in capsys.readouterr().err
+
+
+HOSTILE_JWT = "eyJhbGciOiJSUzM4NCJ9.eyJzdWIiOiJzZWNyZXQifQ.c2lnbmF0dXJl"
+
+
+@pytest.mark.parametrize(("hook_instance", "user_id"), [
+    ("a" * 100, "PractitionerRole/123"),  # the finding: 65-128 characters dropped the record
+    ("b" * 128, "PractitionerRole/" + "c" * 200),
+    (str(uuid.uuid4()), f"PractitionerRole/{HOSTILE_JWT}"),
+    (HOSTILE_JWT, "Practitioner/ok"),
+])
+def test_hostile_ids_are_withheld_from_the_audit_record_not_the_record(audited, hook_instance,
+                                                                        user_id):
+    body = copy.deepcopy(PATIENT_VIEW)
+    body["hookInstance"] = hook_instance
+    body["context"]["userId"] = user_id
+    body["prefetch"] = {"patient": {"resourceType": "Patient", "id": body["context"]["patientId"],
+                                    "name": [{"given": ["Ada"]}]}}
+    response = post(audited.test_client(), "/cds-services/greeter", body)
+    assert response.status_code == 200, response.get_json()
+
+    [record] = records(audited)
+    assert record["status"] == 200 and record["outcome"] == "cards=1"
+    dumped = json.dumps(record, default=str)
+    for value in (hook_instance, user_id):
+        if len(value) > 64 or value.count(".") == 2:
+            assert value not in dumped and HOSTILE_JWT not in dumped
+    assert "withheld sha256:" in dumped

@@ -29,6 +29,7 @@ KINDS = {
     "service.yaml": ("v1", "Service"),
     "hpa.yaml": ("autoscaling/v2", "HorizontalPodAutoscaler"),
     "pdb.yaml": ("policy/v1", "PodDisruptionBudget"),
+    "spool-pvc.yaml": ("v1", "PersistentVolumeClaim"),
     "kustomization.yaml": ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
     SECRET: ("v1", "Secret"),
 }
@@ -208,3 +209,15 @@ def test_the_site_config_map_is_a_valid_site_mounted_where_the_service_reads(tmp
     env = {e["name"]: e.get("value") for e in container["env"]}
     [mount] = [m for m in container["volumeMounts"] if m["name"] == "site-config"]
     assert env["CDS_SITE_CONFIG"] == mount["mountPath"] and mount["readOnly"] is True
+
+
+def test_the_spool_outlives_the_pod(deployment, container):
+    """Records spooled during a PostgreSQL outage must survive the pod (an emptyDir does not),
+    and be readable by the other pods, which replay a lost pod's segments."""
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == env["CDS_SPOOL_DIR"]]
+    [volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"]
+                if v["name"] == mount["name"]]
+    claim = manifest("spool-pvc.yaml")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
