@@ -100,8 +100,8 @@ class Server(BaseApplication):
 
     def load_config(self) -> None:
         binds = [f"{self.args.host}:{self.args.port}"]
-        ops_port = self.deployment.config.get("OPS_PORT")
-        if ops_port:
+        ops_port = self.deployment.config.get("OPS_PORT") if self.deployment else None
+        if ops_port:  # (the bench's floor app runs this Server with no deployment)
             # Same address: a pod's scraper reaches it; listeners.py routes by the local port.
             binds.append(f"{self.args.host}:{ops_port}")
         settings = {

@@ -30,8 +30,9 @@ def on_ops(client, path: str):
 def test_metrics_and_the_full_readiness_answer_on_the_ops_port(client):
     assert on_ops(client, "/metrics").status_code == 200
     ready = on_ops(client, "/readyz")
-    assert ready.status_code == 200 and set(ready.get_json()["checks"]) >= {"config", "store"}
+    assert ready.status_code == 200 and set(ready.get_json()["checks"]) >= {"config", "spool"}
     assert on_ops(client, "/healthz").status_code == 200
+    assert on_ops(client, "/healthz/detail").get_json()["checks"]["store"]["status"] == "ok"
 
 
 @pytest.mark.parametrize("path", [*OPS_PATHS, "/metrics/", "/metrics/x"])
