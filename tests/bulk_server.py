@@ -9,6 +9,8 @@ verifies client assertions for real, Group `$export`, status polling, file downl
     server.expires_in = 2               # access token lifetime, seconds
     server.requires_access_token = False                          # pre-signed file URLs
     server.broken_files = {"Observation.ndjson"}                  # 403 until removed
+    server.file_script["Patient.ndjson"] = [(503, {"Retry-After": "0"})]   # then the file
+    server.token_script = [(429, {"Retry-After": "0"})]           # then a real token answer
     server.revoke_tokens()              # every token issued so far now gets 401
 
 What arrived is recorded: `kickoffs` (query and headers), `assertions` (verified claims and
@@ -53,6 +55,8 @@ class BulkDataServer:
         self.medications: dict[str, dict] = {}
         self.status_script: list[tuple[int, dict[str, str]]] = []
         self.broken_files: set[str] = set()
+        self.file_script: dict[str, list[tuple[int, dict[str, str]]]] = {}
+        self.token_script: list[tuple[int, dict[str, str]]] = []
         self.lock = threading.Lock()
         self.tokens: dict[str, float] = {}  # token → expiry (time.time())
         self.seen_jti: set[str] = set()
@@ -176,6 +180,11 @@ class BulkDataServer:
                         parse_qs(self.rfile.read(length).decode()).items()}
                 if urlsplit(self.path).path != "/auth/token":
                     return self.send(404)
+                with server.lock:
+                    step = server.token_script.pop(0) if server.token_script else None
+                if step:
+                    return self.send(step[0], {"error": "temporarily_unavailable"}, step[1],
+                                     content_type="application/json")
                 status, body = server.issue_token(form)
                 self.send(status, body, content_type="application/json")
 
@@ -232,6 +241,11 @@ class BulkDataServer:
                     return
                 if name in server.broken_files:
                     return self.send(403)
+                with server.lock:
+                    script = server.file_script.get(name)
+                    step = script.pop(0) if script else None
+                if step:
+                    return self.send(step[0], headers=step[1])
                 if name == "errors.ndjson":
                     resources = server.errors
                 elif name in server.files:

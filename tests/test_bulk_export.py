@@ -141,6 +141,38 @@ def test_group_export_writes_ndjson_hydrates_medications_and_logs(server, pem_fi
     assert lines[-1].startswith("Done: 11 resources")
 
 
+def test_busy_token_endpoint_and_file_server_are_waited_for(server, pem_file, tmp_path):
+    server.token_script = [(429, {"Retry-After": "0"})]
+    server.file_script["Patient.ndjson"] = [(503, {"Retry-After": "0"}),
+                                            (429, {"Retry-After": "0"})]
+    waits: list[float] = []
+
+    summary = run(server, tmp_path / "out", pem_file, sleep=waits.append)
+
+    assert summary.counts()["Patient"] == 2
+    assert [name for name, _ in server.file_requests].count("Patient.ndjson") == 3
+    assert len(server.assertions) == 1 and waits == [0, 0, 0]
+
+
+def test_a_server_busy_for_too_long_stops_the_export_for_a_rerun(server, pem_file, tmp_path):
+    server.status_script = [(503, {"Retry-After": "0"})] * 5  # 4 in this run, 1 in the next
+
+    with pytest.raises(ExportError, match=r"status: 503, 4 times in a row; rerun later"):
+        run(server, tmp_path / "out", pem_file)
+
+    run(server, tmp_path / "out", pem_file)
+    assert len(server.kickoffs) == 1
+
+
+def test_a_failed_kickoff_leaves_the_directory_to_a_rerun(server, pem_file, tmp_path):
+    server.kid = "not-yet-registered"
+    with pytest.raises(AuthFailed):
+        run(server, tmp_path / "out", pem_file)
+
+    server.kid = KID
+    assert run(server, tmp_path / "out", pem_file).completed_at
+
+
 def test_token_is_refreshed_before_it_expires_during_a_long_poll(server, pem_file, tmp_path):
     # Tokens last 2 s here; the export takes 3 s of polling. A client that waits for the 401
     # would get one: refreshing ahead of expiry, it never does.

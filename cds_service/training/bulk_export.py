@@ -219,8 +219,10 @@ class FhirSession:
                 continue
             if response.status_code in TRANSIENT_STATUSES:
                 attempt += 1
-                response.close()
-                self.wait_retry(response, what, attempt)
+                try:
+                    self.wait_retry(response, what, attempt)
+                finally:
+                    response.close()
                 continue
             return response
 
@@ -325,6 +327,7 @@ def export(request: ExportRequest, out_dir: Path, *, client_id: str, private_key
     if summary.completed_at:
         report(f"{out_dir}: export already complete ({summary.completed_at})")
         return summary
+    state.save()  # from now on the directory is this export's, even if the kick-off fails
     http = FhirSession(request.fhir_url, session or requests.Session(), waits=waits,
                        allow_http_loopback=allow_http_loopback, report=report, sleep=sleep)
     http.check(request.fhir_url, what="FHIR server")
