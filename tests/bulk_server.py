@@ -11,6 +11,7 @@ verifies client assertions for real, Group `$export`, status polling, file downl
     server.broken_files = {"Observation.ndjson"}                  # 403 until removed
     server.file_script["Patient.ndjson"] = [(503, {"Retry-After": "0"})]   # then the file
     server.token_script = [(429, {"Retry-After": "0"})]           # then a real token answer
+    server.truncate_once.add("Patient.ndjson")   # connection drops mid-file, once
     server.revoke_tokens()              # every token issued so far now gets 401
 
 What arrived is recorded: `kickoffs` (query and headers), `assertions` (verified claims and
@@ -57,6 +58,7 @@ class BulkDataServer:
         self.broken_files: set[str] = set()
         self.file_script: dict[str, list[tuple[int, dict[str, str]]]] = {}
         self.token_script: list[tuple[int, dict[str, str]]] = []
+        self.truncate_once: set[str] = set()
         self.lock = threading.Lock()
         self.tokens: dict[str, float] = {}  # token → expiry (time.time())
         self.seen_jti: set[str] = set()
@@ -253,6 +255,16 @@ class BulkDataServer:
                 else:
                     return self.send(404)
                 body = "".join(json.dumps(r) + "\n" for r in resources).encode()
+                with server.lock:
+                    truncate = name in server.truncate_once
+                    server.truncate_once.discard(name)
+                if truncate:  # promise more than is sent, then hang up
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body) + 1000))
+                    self.end_headers()
+                    self.wfile.write(body[: len(body) // 2])
+                    self.close_connection = True
+                    return
                 self.send(200, body, content_type="application/fhir+ndjson")
 
         return Handler

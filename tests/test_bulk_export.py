@@ -154,6 +154,16 @@ def test_busy_token_endpoint_and_file_server_are_waited_for(server, pem_file, tm
     assert len(server.assertions) == 1 and waits == [0, 0, 0]
 
 
+def test_a_download_that_breaks_off_is_fetched_again_whole(server, pem_file, tmp_path):
+    server.truncate_once.add("Patient.ndjson")
+
+    run(server, tmp_path / "out", pem_file)
+
+    assert [name for name, _ in server.file_requests].count("Patient.ndjson") == 2
+    assert ndjson_ids(tmp_path / "out" / "Patient.000.ndjson.gz") == ["p1", "p2"]
+    assert not list((tmp_path / "out").glob("*.part"))
+
+
 def test_a_server_busy_for_too_long_stops_the_export_for_a_rerun(server, pem_file, tmp_path):
     server.status_script = [(503, {"Retry-After": "0"})] * 5  # 4 in this run, 1 in the next
 

@@ -105,7 +105,9 @@ class ExportSummary:
     kicked_off_at: str | None = None
     transaction_time: str | None = None
     completed_at: str | None = None
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # url → {path, type, count}
+    # local name → {url, kind, type, count}. Keyed by name, not URL: names follow the manifest's
+    # order, while a server may sign its file URLs afresh on every status answer.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
     medications: dict[str, int] | None = None  # referenced, fetched, missing
     tokens: int = 0
 
@@ -365,12 +367,12 @@ def _run(request: ExportRequest, out_dir: Path, state: ExportState, http: FhirSe
         log.event("status_complete", {"transactionTime": summary.transaction_time})
     requires_token = bool(manifest.get("requiresAccessToken"))
     entries = list(_manifest_files(manifest))
-    todo = [e for e in entries if e[0] not in summary.files]
+    todo = [e for e in entries if e[3] not in summary.files]
     http.report(f"Export ready: {len(entries)} files ({len(entries) - len(todo)} already "
                 "downloaded)")
     for url, kind, resource_type, name in todo:
         count = _download(url, out_dir / name, http, with_token=requires_token)
-        summary.files[url] = {"path": name, "kind": kind, "type": resource_type, "count": count}
+        summary.files[name] = {"url": url, "kind": kind, "type": resource_type, "count": count}
         log.event("download_complete", {"fileUrl": url, "resourceCount": count,
                                         "fileSize": (out_dir / name).stat().st_size})
         http.report(f"  {name}: {count} resources")
@@ -463,8 +465,10 @@ def _download(url: str, path: Path, http: FhirSession, *, with_token: bool) -> i
                                 with_token=with_token,
                                 headers={"Accept": "application/fhir+ndjson"})
         if response.status_code != 200:
-            raise ServerError(f"download: {url} answered {response.status_code}"
-                              f"{_outcome_text(response)}; rerun to resume")
+            detail = _outcome_text(response)  # reads the (small) error body before closing
+            response.close()
+            raise ServerError(f"download: {url} answered {response.status_code}{detail}; "
+                              "rerun to resume")
         try:
             count = _write_ndjson(response.iter_content(chunk_size=1 << 16), partial)
         except requests.RequestException as exc:  # the connection broke mid-file
@@ -526,13 +530,13 @@ def _fetch_medications(out_dir: Path, summary: ExportSummary, http: FhirSession
     not contain, one GET each, into `Medication.referenced.ndjson.gz`."""
     exported: set[str] = set()
     wanted: dict[str, None] = {}  # ordered, for a stable output file
-    for entry in summary.files.values():
+    for name, entry in summary.files.items():
         if entry["kind"] != "output":
             continue
         if entry["type"] == "Medication":
-            exported.update(r.get("id") for r in read_ndjson(out_dir / entry["path"]))
+            exported.update(r.get("id") for r in read_ndjson(out_dir / name))
         elif entry["type"] in MEDICATION_REFERRERS:
-            for resource in read_ndjson(out_dir / entry["path"]):
+            for resource in read_ndjson(out_dir / name):
                 ref = (resource.get("medicationReference") or {}).get("reference")
                 med = medication_id(ref, http.fhir_url)
                 if med:
