@@ -13,7 +13,7 @@ import jwt
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 
 from cds_service.cli import main
@@ -316,6 +316,18 @@ def test_client_assertion_claims(private_key):
     assert claims["iss"] == claims["sub"] == CLIENT_ID
     assert 0 < claims["exp"] - 1_000_000 <= 300
     assert claims["jti"] != jwt.decode(second, options={"verify_signature": False})["jti"]
+
+
+def test_a_key_of_the_wrong_kind_for_the_algorithm_is_named(server, tmp_path):
+    ec_pem = tmp_path / "keys" / "ec.pem"
+    ec_pem.parent.mkdir()
+    ec_pem.write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+
+    with pytest.raises(AuthFailed, match="cannot sign RS384"):
+        run(server, tmp_path / "out", ec_pem)
+    assert not server.assertions
 
 
 def test_plain_http_to_a_non_loopback_host_is_refused_before_any_request(pem_file, tmp_path):

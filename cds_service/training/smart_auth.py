@@ -131,9 +131,13 @@ class BackendServicesToken:
         now = int(self._clock())
         claims = {"iss": self._client_id, "sub": self._client_id, "aud": self.token_url,
                   "iat": now, "exp": now + ASSERTION_LIFETIME_S, "jti": str(uuid.uuid4())}
-        # The EHR looks the public key up by this kid: always send the registered one.
-        return jwt.encode(claims, self._key, algorithm=self._algorithm,
-                          headers={"kid": self._kid, "typ": "JWT"})
+        try:
+            # The EHR looks the public key up by this kid: always send the registered one.
+            return jwt.encode(claims, self._key, algorithm=self._algorithm,
+                              headers={"kid": self._kid, "typ": "JWT"})
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:  # e.g. an EC key for RS384
+            raise AuthFailed(f"bulk_export: the private key cannot sign {self._algorithm} "
+                             f"({type(exc).__name__}); check bulk_export.algorithm") from exc
 
     def _fetch(self) -> str:
         renewing = self.issued > 0
