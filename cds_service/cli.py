@@ -16,6 +16,7 @@ stable (the parser's description below is what they read in `--help`).
     cds-service models evaluate models/ID --ndjson DIR --labels CSV
     cds-service models validate models/ID [models/ID ...]
     cds-service models explain models/ID --bundle FILE [--now ISO]
+    cds-service data export SITE --out DIR [--group ID] [--since DATE] [--type Patient,...]
 """
 
 from __future__ import annotations
@@ -132,6 +133,36 @@ def _site_check(args: argparse.Namespace) -> int:
         return 2
     print(render(report, as_json=args.json))  # noqa: T201
     return report.exit_code
+
+
+def _data_export(args: argparse.Namespace) -> int:
+    from cds_service.config import load_sites
+    from cds_service.registry import index_services
+    from cds_service.training.bulk_export import export_site
+    from cds_service.training.errors import ExportError
+    from hooks import SERVICES
+
+    try:
+        path = os.environ.get("CDS_SITE_CONFIG")
+        sites = load_sites(path, index_services(SERVICES))
+        if args.site not in sites:
+            raise ConfigError(f"no site {args.site!r} in {path or 'the built-in defaults'} "
+                              f"(configured: {', '.join(sites)})")
+        summary = export_site(sites[args.site], Path(args.out), group=args.group,
+                              since=args.since, types=args.type)
+    except ConfigError as exc:
+        print(f"data export: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except ExportError as exc:
+        print(f"data export: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    except KeyboardInterrupt:
+        print("data export: interrupted; run the same command again to resume",  # noqa: T201
+              file=sys.stderr)
+        return 130
+    print(json.dumps({"out": summary.out_dir, "group": summary.group,  # noqa: T201
+                      "server": summary.server, "counts": summary.counts()}, indent=2))
+    return 0
 
 
 def _store_command(func):
@@ -515,6 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--bundle", required=True, help="FHIR Bundle (JSON) with the patient")
     ex.add_argument("--now", help="as-of time, ISO 8601 (default: now)")
     ex.set_defaults(func=_models_command(_models_explain))
+
+    data = sub.add_parser("data", help="real data for models: Bulk FHIR export")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    export = data_sub.add_parser(
+        "export", help="Group-level Bulk Data $export with SMART Backend Services into DIR "
+                       "(NDJSON.gz + log); rerun the same command to resume (docs/export.md)")
+    export.add_argument("site", metavar="SITE", help="site id with a `bulk_export` section")
+    export.add_argument("--out", required=True, metavar="DIR",
+                        help="new or empty directory, or the one of an export to resume")
+    export.add_argument("--group", metavar="ID", help="FHIR Group id (default: "
+                                                     "bulk_export.group)")
+    export.add_argument("--since", metavar="DATE",
+                        help="only resources changed since: 2024-01-31 (midnight UTC) or a "
+                             "date-time with offset")
+    export.add_argument("--type", metavar="TYPES",
+                        help="comma-separated resource types (default: Patient,Condition,"
+                             "Observation,MedicationRequest,Procedure,Encounter)")
+    site_config_option(export)
+    export.set_defaults(func=_data_export)
     return parser
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import jwt
@@ -38,6 +38,9 @@ from cds_service.models.manifest import MODEL_ID, Threshold, ordered_thresholds,
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
 from cds_service.schemas import describe_errors
+
+if TYPE_CHECKING:
+    from cds_service.training.export_settings import BulkExportSettings
 
 DEFAULTS: dict[str, Any] = {
     # Path to one site YAML file or a directory of them; None = one built-in site ("default")
@@ -167,6 +170,8 @@ class Site:
     fhir_server: str | None = None
     # `sandbox`: serve the developer sandbox page at /sandbox (cds_service/sandbox.py).
     sandbox: bool = False
+    # `bulk_export`: the SMART Backend Services client for `cds-service data export`.
+    bulk_export: BulkExportSettings | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -284,6 +289,8 @@ class _SiteSchema(SiteSection):
     sandbox = fields.Boolean(load_default=False)
     # Validated by the feature engine (`parse_code_map`).
     code_mappings = fields.Raw(allow_none=True)
+    # Validated by `cds_service.training.export_settings`.
+    bulk_export = fields.Raw(allow_none=True)
 
 
 def _service_settings(service: CdsService, raw: Mapping[str, Any] | None, source: str
@@ -379,6 +386,11 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         max_total_bytes=_bytes(p, "max_total_mib", PrefetchSettings.max_total_bytes),
         max_parallel_reads=p.get("max_parallel_reads", PrefetchSettings.max_parallel_reads),
     )
+    # Imported here: that module builds on this one (its schema is a SiteSection).
+    from cds_service.training.export_settings import parse_bulk_export
+
+    bulk_export = parse_bulk_export(parsed.get("bulk_export"), source,
+                                    allow_http_loopback=settings.allow_http_loopback)
     return Site(
         id=parsed["site"],
         source=source,
@@ -397,6 +409,7 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
             "override_window_hours", DEFAULT_OVERRIDE_WINDOW.total_seconds() / 3600)),
         fhir_server=parsed.get("fhir_server"),
         sandbox=parsed["sandbox"],
+        bulk_export=bulk_export,
         raw=MappingProxyType(data),
     )
 
