@@ -23,7 +23,6 @@ from typing import Any
 
 import yaml
 
-from cds_service import metrics
 from cds_service.features import (
     LOINC,
     CodeMap,
@@ -455,7 +454,7 @@ def assess_request(request: Any) -> tuple[KidneyStatus, Any]:
     equation does not apply (`KidneyStatus.risk_exclusions`)."""
     resources = [v for v in request.prefetch.values() if v is not None]
     model = request.model
-    with metrics.stage("features"):
+    with request.stage("features"):
         status = assess(resources, now=request.now, code_map=request.site.code_map)
     if model is None or status.latest is None or status.risk_exclusions():
         return status, None
