@@ -7,6 +7,7 @@ Services live in `hooks/` (one module each) and are listed, in order, in the lit
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -41,6 +42,10 @@ class HookRequest:
     settings: Mapping[str, Any] = field(default_factory=dict)
     # "Now" for look-back windows and ages (the runtime clock; tests freeze it).
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Times a named stage of this call: the view passes `metrics.stage`; untimed elsewhere. A
+    # service marks its stages through it and imports no metrics (timing is the caller's job).
+    stage: Callable[[str], AbstractContextManager[None]] = field(
+        default=lambda name: nullcontext())
 
 
 Handler = Callable[[HookRequest], "Sequence[Card]"]

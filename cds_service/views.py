@@ -144,6 +144,7 @@ def invoke(body: dict, service_id: str):
         model=runtime().model_binding(site, enabled),
         settings=enabled.settings,
         now=runtime().clock(),
+        stage=metrics.stage,
     )
     g.model_binding = hook_request.model
     g.audit.update(prefetch_keys_used=prefetch_key_sources(prefetch.sources),

@@ -18,11 +18,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
 
-from cds_service import metrics
 from cds_service.features import (
     LOINC,
     CodeMap,
@@ -152,6 +152,28 @@ UACR_FAMILIES = ("uacr_mass", "uacr_molar", "uacr_timed")
 def search_codes(*families: str) -> str:
     """The `code` parameter of an Observation search for these families."""
     return ",".join(family_codes(*families))
+
+
+def observation_search(*families: str) -> str:
+    """A prefetch template: the patient's Observations in these families."""
+    return "Observation?patient={{context.patientId}}&code=" + search_codes(*families)
+
+
+# Prefetch keys both kidney services read, with their templates: each service names the ones it
+# asks for, so a key means the same data in either. No `_sort` or `_count`: Epic documents no
+# `_sort` for Observation search, and an R4 server ignores what it does not support, so `_count`
+# would page the server's order and could cut off the newest result. The newest is taken by its
+# date from whatever comes back (cds_service/features.py); site_config/README.md, "Readiness
+# check before go-live".
+PREFETCH: Mapping[str, str] = MappingProxyType({
+    "egfr": observation_search(*EGFR_FAMILIES),
+    "creatinine": observation_search(*CREATININE_FAMILIES),
+    "uacr": observation_search(*UACR_FAMILIES),
+    "patient": "Patient/{{context.patientId}}",
+    # CKD, dialysis, transplant, pregnancy and AKI on the problem list.
+    "conditions": "Condition?patient={{context.patientId}}&clinical-status=active",
+    "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
+})
 
 
 def _inputs() -> tuple[Any, ...]:
@@ -432,7 +454,7 @@ def assess_request(request: Any) -> tuple[KidneyStatus, Any]:
     equation does not apply (`KidneyStatus.risk_exclusions`)."""
     resources = [v for v in request.prefetch.values() if v is not None]
     model = request.model
-    with metrics.stage("features"):
+    with request.stage("features"):
         status = assess(resources, now=request.now, code_map=request.site.code_map)
     if model is None or status.latest is None or status.risk_exclusions():
         return status, None

@@ -37,15 +37,12 @@ from cds_service.config import SiteSection
 from cds_service.models.registry import Prediction
 from cds_service.registry import CdsService, HookRequest
 from hooks._kidney import (
-    CREATININE_FAMILIES,
-    EGFR_FAMILIES,
-    UACR_FAMILIES,
+    PREFETCH,
     KidneyStatus,
     assess_request,
     factor_label,
     factor_text,
     risk_text,
-    search_codes,
 )
 from hooks._medications import active_medications
 from hooks._prescribing import TOPIC_SYSTEM, Patient, evaluate
@@ -280,23 +277,18 @@ SERVICE = CdsService(
     model="kfre-4var",
     settings_schema=Settings,
     orderables=ORDERABLES,
-    # No `_sort` or `_count`: Epic documents no `_sort` for Observation search, and an R4 server
-    # ignores what it does not support, so `_count` would page the server's order and could cut
-    # off the newest result. The newest is taken by its date from whatever comes back
-    # (cds_service/features.py); site_config/README.md, "Readiness check before go-live".
     prefetch={
-        "egfr": "Observation?patient={{context.patientId}}&code=" + search_codes(*EGFR_FAMILIES),
-        "creatinine": "Observation?patient={{context.patientId}}&code="
-                      + search_codes(*CREATININE_FAMILIES),
-        "patient": "Patient/{{context.patientId}}",
-        "uacr": "Observation?patient={{context.patientId}}&code=" + search_codes(*UACR_FAMILIES),
+        "egfr": PREFETCH["egfr"],
+        "creatinine": PREFETCH["creatinine"],
+        "patient": PREFETCH["patient"],
+        "uacr": PREFETCH["uacr"],
         # HbA1c as NGSP % and IFCC mmol/mol (the progression model reads it).
         "hba1c": "Observation?patient={{context.patientId}}&code=http://loinc.org|4548-4,"
                  "http://loinc.org|17856-6,http://loinc.org|59261-8",
         "bp": "Observation?patient={{context.patientId}}"
               "&code=http://loinc.org|85354-9,http://loinc.org|8480-6",
-        "conditions": "Condition?patient={{context.patientId}}&clinical-status=active",
-        "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
+        "conditions": PREFETCH["conditions"],
+        "medications": PREFETCH["medications"],
     },
     # The eGFR search decides whether there is a card; everything else improves it when Epic
     # sends it, and its absence is said on the card instead of failing the call.

@@ -29,14 +29,11 @@ from cds_service.cards import (
 from cds_service.registry import CdsService, HookRequest
 from hooks._kidney import (
     COMPARATOR_TEXT,
-    CREATININE_FAMILIES,
-    EGFR_FAMILIES,
-    UACR_FAMILIES,
+    PREFETCH,
     KidneyStatus,
     assess_request,
     creatinine_clearance,
     risk_text,
-    search_codes,
 )
 from hooks._medications import (
     Medication,
@@ -193,17 +190,14 @@ SERVICE = CdsService(
     handler=handle,
     model="kfre-4var",
     orderables=ORDERABLES,
-    # No `_sort`/`_count`, as in kidney_risk.py: the newest result is picked by its date.
     prefetch={
-        "egfr": "Observation?patient={{context.patientId}}&code=" + search_codes(*EGFR_FAMILIES),
-        "creatinine": "Observation?patient={{context.patientId}}&code="
-                      + search_codes(*CREATININE_FAMILIES),
-        "uacr": "Observation?patient={{context.patientId}}&code=" + search_codes(*UACR_FAMILIES),
-        "patient": "Patient/{{context.patientId}}",
-        "medications": "MedicationRequest?patient={{context.patientId}}&status=active",
-        # CKD, dialysis, transplant, pregnancy and AKI on the problem list; weight for
-        # Cockcroft-Gault (LOINC 29463-7 Body weight, 3141-9 Body weight Measured).
-        "conditions": "Condition?patient={{context.patientId}}&clinical-status=active",
+        "egfr": PREFETCH["egfr"],
+        "creatinine": PREFETCH["creatinine"],
+        "uacr": PREFETCH["uacr"],
+        "patient": PREFETCH["patient"],
+        "medications": PREFETCH["medications"],
+        "conditions": PREFETCH["conditions"],
+        # Weight for Cockcroft-Gault (LOINC 29463-7 Body weight, 3141-9 Body weight Measured).
         "weight": "Observation?patient={{context.patientId}}"
                   "&code=http://loinc.org|29463-7,http://loinc.org|3141-9",
     },

@@ -1,0 +1,94 @@
+"""The walls (issue 17): feature extraction and the services' clinical logic import nothing from
+the HTTP layer, the FHIR client, prefetch, the store or metrics; timing is the caller's job
+(`HookRequest.stage`).
+
+Read from the source with `ast`, so an import inside a function or an `if TYPE_CHECKING:` block
+counts too. A module is matched by its dotted parts, not its full path, so the rule holds for
+the flat `cds_service` and for its packages (`cds_service.ops.metrics`, `cds_service.data.fhir`,
+`cds_service.protocol.views`, ...).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Last dotted parts of cds_service modules on the far side of the wall.
+FORBIDDEN = frozenset({"metrics", "store", "fhir", "prefetch", "views", "http", "spool"})
+WALLED = sorted(
+    {*(ROOT / "hooks").glob("*.py"),  # the services and their shared _ modules
+     *(ROOT / "cds_service").glob("features*.py"),
+     *(ROOT / "cds_service" / "features").rglob("*.py")})
+
+
+def imported(path: Path, root: Path = ROOT) -> set[str]:
+    """Every module named by an import in `path` (under `root`), absolute; `from a import b`
+    gives a and a.b (b may be a module)."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    package = parts[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def crosses_wall(module: str) -> bool:
+    top, *rest = module.split(".")
+    return top == "flask" or (top == "cds_service" and bool(FORBIDDEN & set(rest)))
+
+
+@pytest.mark.parametrize(("module", "crosses"), [
+    ("flask", True),
+    ("flask.g", True),
+    ("cds_service.metrics", True),
+    ("cds_service.ops.metrics", True),
+    ("cds_service.ops.metrics.stage", True),
+    ("cds_service.store.Call", True),
+    ("cds_service.records.store", True),
+    ("cds_service.fhir", True),
+    ("cds_service.data.fhir", True),
+    ("cds_service.data.prefetch.Prefetch", True),
+    ("cds_service.protocol.views", True),
+    ("cds_service.protocol.http", True),
+    ("cds_service.records.spool", True),
+    ("cds_service.features", False),
+    ("cds_service.features.codes", False),
+    ("cds_service.cards", False),
+    ("cds_service.protocol.cards", False),
+    ("cds_service.registry", False),
+    ("cds_service.data.units", False),
+    ("metrics", False),  # not ours: a third-party module of that name
+    ("hooks._kidney", False),
+])
+def test_the_wall_is_drawn_by_module_name(module, crosses):
+    assert crosses_wall(module) is crosses
+
+
+def test_relative_imports_are_resolved(tmp_path):
+    package = tmp_path / "cds_service" / "features"
+    package.mkdir(parents=True)
+    (package / "engine.py").write_text("from ..ops import metrics\nfrom . import codes\n")
+    names = imported(package / "engine.py", root=tmp_path)
+    assert {"cds_service.ops.metrics", "cds_service.features.codes"} <= names
+    assert crosses_wall("cds_service.ops.metrics")
+
+
+def test_the_walled_modules_are_found():
+    names = {path.relative_to(ROOT).as_posix() for path in WALLED}
+    assert {"hooks/_kidney.py", "hooks/_medications.py", "hooks/_prescribing.py",
+            "hooks/kidney_risk.py", "hooks/nephrotoxic_order_check.py"} <= names
+    assert any(name.startswith("cds_service/features") for name in names)
+
+
+@pytest.mark.parametrize("path", WALLED, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_clinical_code_imports_nothing_past_the_wall(path):
+    assert sorted(m for m in imported(path) if crosses_wall(m)) == []
