@@ -1,7 +1,7 @@
 """`cds-service data export`: Group-level Bulk Data export with SMART Backend Services, against
-a real Bulk Data server on loopback (tests/bulk_server.py) whose token endpoint verifies every
-client assertion. Keys are generated here; waits are zero (`Waits(minimum=0)`) except where a
-test needs real time to pass (a token expiring mid-export)."""
+a real Bulk Data server on loopback (tests/helpers/bulk_server.py) whose token endpoint verifies
+every client assertion. Keys are generated here; waits are zero (`Waits(minimum=0)`) except where
+a test needs real time to pass (a token expiring mid-export)."""
 
 from __future__ import annotations
 
