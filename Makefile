@@ -44,7 +44,7 @@ test-shifted: $(STAMP) test-tools
 
 # System tools tests run as subprocesses, from Debian packages; one `command -v X || install` line
 # each. promtool (package prometheus) checks ops/prometheus/; chromium runs the browser tests
-# (tests/browser.py: the sandbox and /docs pages) through Playwright.
+# (tests/helpers/browser.py: the sandbox and /docs pages) through Playwright.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 apt_install = $(APT_GET) install -y --no-install-recommends $(1) \

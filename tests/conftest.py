@@ -21,7 +21,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from flask.testing import FlaskClient
 
 from cds_service import create_app
-from tests.services import TEST_SERVICES
+from tests.helpers.services import TEST_SERVICES
+
+# Fixtures shared by several test modules; a test module never imports a fixture by hand.
+pytest_plugins = [
+    "tests.helpers.browser",
+    "tests.helpers.fhir_server",
+    "tests.helpers.jwks",
+    "tests.helpers.servers",
+    "tests.helpers.storage",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 # Published CDS Hooks and Epic example payloads, copied in (the folder's README names each source).

@@ -15,7 +15,7 @@ import pytest
 from cds_service import create_app
 from cds_service.errors import ConfigError
 from tests.conftest import ROOT, make_jwt
-from tests.test_serve import CLI, Server, free_port, request, token_for
+from tests.helpers.servers import CLI, Server, free_port, request, token_for
 
 PUBLIC = "https://cds.example.org"
 SITE_AUDIENCE = "https://cds.hospital.example.org/cds-services"

@@ -1,5 +1,5 @@
 """PHI-access audit log: AuditRecord guards, strip_url_secrets, and the store on SQLite and the
-local PostgreSQL (both for real; see storage_fixtures)."""
+local PostgreSQL (both for real; see tests/helpers/storage.py)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ from cds_service.audit import (
     strip_url_secrets,
 )
 from cds_service.store import Store, StoreUnavailable
-
-pytest_plugins = ["tests.storage_fixtures"]
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.c2lnbmF0dXJl"
 OPAQUE = "Nxfve4q3H9TKs5F5vf6kRYAZqzK7j9LHvrg1Bw7fU_07_FdV9aRzLCI1GxOn20LuO2Ahl5RkRnz-p8u1MeYWqA"

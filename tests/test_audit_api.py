@@ -14,16 +14,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.conftest import make_jwt
-from tests.fhir_server import fhir_server  # noqa: F401 - fixture
-from tests.test_api import PATIENT_VIEW, post
-
-pytest_plugins = ["tests.storage_fixtures"]
+from tests.helpers.http import PATIENT_VIEW, post
 
 TOKEN = "opaque-ehr-access-token-a1b2c3"
 
 
 @pytest.fixture
-def audited(store_url, make_app, fhir_server):  # noqa: F811 - apps close (and write their
+def audited(store_url, make_app, fhir_server):  # apps close (and write their
     # queue) before the store goes
     return make_app(DATABASE_URL=store_url, SITE_YAML="prefetch:\n  allow_http_loopback: true\n",
                     FHIR_SERVERS=[fhir_server.url])
@@ -33,7 +30,7 @@ def records(app, **filters):
     return app.extensions["cds"].store.list_audit(**filters)
 
 
-def test_invocation_with_fallback_fetch_is_audited(audited, fhir_server):  # noqa: F811
+def test_invocation_with_fallback_fetch_is_audited(audited, fhir_server):
     fhir_server.add("Patient/p-77", json={"resourceType": "Patient", "id": "p-77",
                                           "name": [{"given": ["Secret-Name-Zed"]}]})
     body = copy.deepcopy(PATIENT_VIEW)
@@ -95,7 +92,7 @@ def test_purge_command_removes_records_past_retention(store_url, tmp_path):
 
     from cds_service.audit import AuditRecord
     from cds_service.store import Store
-    from tests.test_serve import CLI
+    from tests.helpers.servers import CLI
 
     now = datetime.now(UTC)
     with Store(store_url) as store:

@@ -20,7 +20,7 @@ from cds_service.auth import (
 )
 from cds_service.replay import MemoryReplayCache
 from tests.conftest import example
-from tests.jwt_helpers import (
+from tests.helpers.jwks import (
     AUD,
     ISS,
     FakeClock,
@@ -29,7 +29,6 @@ from tests.jwt_helpers import (
     b64url,
     ec_key,
     jwks,
-    jwks_server,  # noqa: F401 - fixture
     make_jwt,
     recording_session,
     rsa_key,
@@ -69,7 +68,7 @@ def make_cache(clock):
 
 
 @pytest.fixture
-def make_verifier(jwks_server, make_cache):  # noqa: F811
+def make_verifier(jwks_server, make_cache):
     def _make(
         *,
         jku: tuple[str, ...] | None = None,
@@ -107,7 +106,7 @@ def refused(verifier: TokenVerifier, token_or_header: str | None, endpoint: str 
 
 
 @pytest.mark.parametrize("key_name", ["rs", "es"])
-def test_valid_token_via_jku(request, key_name, jwks_server, make_verifier):  # noqa: F811
+def test_valid_token_via_jku(request, key_name, jwks_server, make_verifier):
     key = request.getfixturevalue(key_name)
     jwks_server.publish(request.getfixturevalue("rs"), request.getfixturevalue("es"))
     verifier = make_verifier()
@@ -123,7 +122,7 @@ def test_valid_token_via_jku(request, key_name, jwks_server, make_verifier):  # 
 
 
 @pytest.mark.parametrize("key_name", ["rs", "es"])
-def test_valid_token_via_out_of_band_jwks(request, key_name, jwks_server,  # noqa: F811
+def test_valid_token_via_out_of_band_jwks(request, key_name, jwks_server,
                                           make_verifier):
     key = request.getfixturevalue(key_name)
     verifier = make_verifier(jwks_set=jwks(request.getfixturevalue("rs"),
@@ -146,7 +145,7 @@ def test_epic_timing_nbf_300_s_before_iat_and_15_minute_lifetime(rs, make_verifi
     assert caller.claims["nbf"] == now - 300
 
 
-def test_epic_header_and_payload_shape(jwks_server, make_verifier):  # noqa: F811
+def test_epic_header_and_payload_shape(jwks_server, make_verifier):
     """epic-jwt-header.json / epic-jwt-payload.json, with {{Base URL}} pointed at loopback and
     the times moved to now: RS384, a jku on the EHR, a standard-base64 kid, sub and nbf, no
     tenant, and an aud the hospital typed in."""
@@ -172,7 +171,7 @@ def test_epic_header_and_payload_shape(jwks_server, make_verifier):  # noqa: F81
     assert caller.iss == claims["iss"]
 
 
-def test_kid_is_compared_as_an_exact_string(jwks_server, make_verifier):  # noqa: F811
+def test_kid_is_compared_as_an_exact_string(jwks_server, make_verifier):
     key = rsa_key(kid=EPIC_KID)
     jwks_server.publish(key)
     verifier = make_verifier()
@@ -183,7 +182,7 @@ def test_kid_is_compared_as_an_exact_string(jwks_server, make_verifier):  # noqa
                                       headers={"jku": jwks_server.url})) == "kid"
 
 
-def test_rsa_jwk_without_alg_verifies_rs384(jwks_server, make_verifier):  # noqa: F811
+def test_rsa_jwk_without_alg_verifies_rs384(jwks_server, make_verifier):
     key = rsa_key()
     published = {k: v for k, v in key.public_jwk.items() if k != "alg"}
     jwks_server.publish(published)
@@ -191,7 +190,7 @@ def test_rsa_jwk_without_alg_verifies_rs384(jwks_server, make_verifier):  # noqa
     assert caller.alg == "RS384"
 
 
-def test_issuer_with_jku_and_jwks_uses_the_jku_when_the_token_names_one(jwks_server,  # noqa: F811
+def test_issuer_with_jku_and_jwks_uses_the_jku_when_the_token_names_one(jwks_server,
                                                                         make_verifier):
     out_of_band, published = rsa_key(), rsa_key()
     jwks_server.publish(published)
@@ -228,7 +227,7 @@ def test_typ_jwt_in_any_case(rs, make_verifier, typ):
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", ""])
-def test_alg_none_refused_before_any_key_lookup(rs, jwks_server, make_verifier, alg):  # noqa: F811
+def test_alg_none_refused_before_any_key_lookup(rs, jwks_server, make_verifier, alg):
     jwks_server.publish(rs)
     token = make_jwt(None, headers={"alg": alg, "kid": rs.kid, "jku": jwks_server.url})
     assert refused(make_verifier(), token) == "alg"
@@ -236,7 +235,7 @@ def test_alg_none_refused_before_any_key_lookup(rs, jwks_server, make_verifier, 
 
 
 @pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
-def test_hmac_keyed_with_the_rsa_public_key_is_refused(rs, jwks_server, make_verifier,  # noqa: F811
+def test_hmac_keyed_with_the_rsa_public_key_is_refused(rs, jwks_server, make_verifier,
                                                        alg):
     """The classic confusion: the verifier's own public key PEM used as an HMAC secret."""
     jwks_server.publish(rs)
@@ -408,7 +407,7 @@ def test_configured_audience_is_accepted(rs, make_verifier):
     assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, aud=typed_in)) == "aud"
 
 
-def test_unknown_issuer(rs, jwks_server, make_verifier):  # noqa: F811
+def test_unknown_issuer(rs, jwks_server, make_verifier):
     jwks_server.publish(rs)
     verifier = make_verifier()
     for iss in ("https://evil.example.org/api/FHIR/R4", ISS + "/", None, ["x"]):
@@ -491,7 +490,7 @@ def test_embedded_jwk_header_is_never_used(rs, make_verifier):
 # -- jku allow-list -------------------------------------------------------------------------
 
 
-def test_jku_not_allow_listed_is_never_fetched(rs, jwks_server, make_verifier):  # noqa: F811
+def test_jku_not_allow_listed_is_never_fetched(rs, jwks_server, make_verifier):
     jwks_server.publish(rs)
     jwks_server.publish(rs, path="/attacker/jwks")
     verifier = make_verifier()
@@ -518,7 +517,7 @@ def test_http_jku_is_refused_without_any_request(rs, make_cache):
     assert adapter.sent == []
 
 
-def test_issuer_with_only_jku_refuses_a_token_without_jku(rs, jwks_server,  # noqa: F811
+def test_issuer_with_only_jku_refuses_a_token_without_jku(rs, jwks_server,
                                                           make_verifier):
     jwks_server.publish(rs)
     assert refused(make_verifier(), make_jwt(rs)) == "jku"
@@ -528,7 +527,7 @@ def test_issuer_with_only_jku_refuses_a_token_without_jku(rs, jwks_server,  # no
 # -- JWK Set cache --------------------------------------------------------------------------
 
 
-def test_unknown_kid_refetches_once_then_is_rate_limited(rs, jwks_server, make_verifier,  # noqa: F811
+def test_unknown_kid_refetches_once_then_is_rate_limited(rs, jwks_server, make_verifier,
                                                          clock):
     jwks_server.publish(rs)
     verifier = make_verifier()
@@ -547,7 +546,7 @@ def test_unknown_kid_refetches_once_then_is_rate_limited(rs, jwks_server, make_v
     assert jwks_server.count == 2
 
 
-def test_key_rotation(rs, jwks_server, make_verifier, clock):  # noqa: F811
+def test_key_rotation(rs, jwks_server, make_verifier, clock):
     jwks_server.publish(rs)
     verifier = make_verifier()
     jku = {"jku": jwks_server.url}
@@ -562,7 +561,7 @@ def test_key_rotation(rs, jwks_server, make_verifier, clock):  # noqa: F811
     assert jwks_server.count == 2
 
 
-def test_ttl_expiry_refetches_and_stale_keys_survive_a_failing_endpoint(rs, jwks_server,  # noqa: F811
+def test_ttl_expiry_refetches_and_stale_keys_survive_a_failing_endpoint(rs, jwks_server,
                                                                         make_verifier, clock):
     jwks_server.publish(rs)
     verifier = make_verifier()
@@ -581,7 +580,7 @@ def test_ttl_expiry_refetches_and_stale_keys_survive_a_failing_endpoint(rs, jwks
     assert jwks_server.count == 4
 
 
-def test_concurrent_cold_lookups_fetch_once(rs, jwks_server, make_cache):  # noqa: F811
+def test_concurrent_cold_lookups_fetch_once(rs, jwks_server, make_cache):
     jwks_server.answer(JwksServer.DEFAULT_PATH, body=json.dumps(jwks(rs)).encode(), delay=0.2)
     cache = make_cache()
     results: list[object] = []
@@ -611,7 +610,7 @@ def test_concurrent_cold_lookups_fetch_once(rs, jwks_server, make_cache):  # noq
     ],
     ids=["500", "404", "not-json", "not-a-jwk-set", "too-large", "redirect", "timeout"],
 )
-def test_jwks_fetch_failures(rs, jwks_server, make_cache, answer):  # noqa: F811
+def test_jwks_fetch_failures(rs, jwks_server, make_cache, answer):
     jwks_server.answer(JwksServer.DEFAULT_PATH, **answer)
     jwks_server.publish(rs, path="/elsewhere")
     settings = AuthSettings(allow_http_loopback_jku=True, jwks_timeout_s=0.3)
@@ -629,7 +628,7 @@ def test_jwks_fetch_failures(rs, jwks_server, make_cache, answer):  # noqa: F811
     [{"d": "AQAB"}, {"kty": "oct", "k": "c2VjcmV0"}, {"use": "enc"}, {"alg": "HS256"}],
     ids=["private", "symmetric", "encryption-key", "hmac-alg"],
 )
-def test_fetched_keys_that_cannot_verify_are_skipped(rs, jwks_server, make_cache,  # noqa: F811
+def test_fetched_keys_that_cannot_verify_are_skipped(rs, jwks_server, make_cache,
                                                       member):
     jwks_server.publish(rs.public_jwk | member, rsa_key())
     cache = make_cache()
@@ -638,7 +637,7 @@ def test_fetched_keys_that_cannot_verify_are_skipped(rs, jwks_server, make_cache
     assert info.value.reason == "kid"
 
 
-def test_duplicate_kids_in_a_fetched_set_are_not_used(rs, jwks_server, make_cache):  # noqa: F811
+def test_duplicate_kids_in_a_fetched_set_are_not_used(rs, jwks_server, make_cache):
     jwks_server.publish(rs, rsa_key(kid=rs.kid))
     with pytest.raises(AuthError) as info:
         make_cache().key(jwks_server.url, rs.kid, "RS384")
@@ -718,7 +717,7 @@ def _rejections(rs: TestKey, server: JwksServer) -> dict[str, tuple[str, str]]:
     "unknown-iss", "jku-not-listed", "unknown-kid", "bad-signature", "typ", "no-jti", "lifetime",
     "replay",
 ])
-def test_token_never_logged(rs, jwks_server, make_verifier, caplog, case):  # noqa: F811
+def test_token_never_logged(rs, jwks_server, make_verifier, caplog, case):
     jwks_server.publish(rs)
     verifier = make_verifier()
     if case == "replay":

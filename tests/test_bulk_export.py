@@ -1,7 +1,7 @@
 """`cds-service data export`: Group-level Bulk Data export with SMART Backend Services, against
-a real Bulk Data server on loopback (tests/bulk_server.py) whose token endpoint verifies every
-client assertion. Keys are generated here; waits are zero (`Waits(minimum=0)`) except where a
-test needs real time to pass (a token expiring mid-export)."""
+a real Bulk Data server on loopback (tests/helpers/bulk_server.py) whose token endpoint verifies
+every client assertion. Keys are generated here; waits are zero (`Waits(minimum=0)`) except where
+a test needs real time to pass (a token expiring mid-export)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from cds_service.training.bulk_export import (
 )
 from cds_service.training.errors import AuthFailed, ExportError, OutDirInUse, UnsafeUrl
 from cds_service.training.smart_auth import BackendServicesToken, default_scope
-from tests.bulk_server import BulkDataServer
-from tests.services import TEST_SERVICES
+from tests.helpers.bulk_server import BulkDataServer
+from tests.helpers.services import TEST_SERVICES
 
 CLIENT_ID = "cds-bulk-client"
 KID = "d3bmo5HzW61TUgikHZH+A8Tx4UOXz2iOs4KvVU4eLY0="  # Epic-style: standard base64

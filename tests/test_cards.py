@@ -18,8 +18,8 @@ from cds_service.cards import (
     render_response,
 )
 from cds_service.errors import ServiceFault
-from cds_service.validator import validate_response
 from tests.conftest import EXAMPLES
+from tests.helpers.validator import validate_response
 
 SOURCE = Source("Renal dosing service")
 MED_REQUEST = {

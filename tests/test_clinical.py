@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from hooks import SERVICES
-from tests.charts import (
+from tests.helpers.charts import (
     ICD10CM,
     NOW,
     call,
@@ -26,7 +26,7 @@ EGFR = "mL/min/{1.73_m2}"
 
 @pytest.fixture
 def client(make_app):
-    from tests.test_services import GOLDEN_SITE
+    from tests.helpers.golden import GOLDEN_SITE
 
     return make_app(SERVICES=SERVICES, CLOCK=lambda: NOW, SITE_YAML=GOLDEN_SITE).test_client()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_api import PATIENT_VIEW
+from tests.helpers.http import PATIENT_VIEW
 
 SANDBOX = "https://sandbox.cds-hooks.org"
 

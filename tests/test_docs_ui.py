@@ -11,9 +11,8 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 
 from cds_service import swagger_ui
-from tests.browser import ARTIFACTS, browser  # noqa: F401 - fixture
 from tests.conftest import ROOT
-from tests.test_serve import serve  # noqa: F401 - fixture
+from tests.helpers.browser import ARTIFACTS
 
 CONTENT_TYPES = {".css": {"text/css"}, ".js": {"text/javascript", "application/javascript"}}
 
@@ -76,7 +75,7 @@ def test_the_served_swagger_ui_is_the_pinned_release():
     assert shipped == f"v{version('flask-swagger-ui')}"
 
 
-def test_docs_renders_in_chromium_with_the_network_off(serve, browser):  # noqa: F811
+def test_docs_renders_in_chromium_with_the_network_off(serve, browser):
     server = serve("--workers", "1", "--site-config", str(ROOT / "site_config"))
     blocked: list[str] = []
 

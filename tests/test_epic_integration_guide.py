@@ -25,7 +25,7 @@ from cds_service.invoke import build_request, load_bundle, signing_token
 from cds_service.registry import index_services
 from hooks import SERVICES
 from tests.conftest import ROOT
-from tests.test_serve import free_port, request
+from tests.helpers.servers import free_port, request
 
 GUIDE = ROOT / "docs" / "epic-integration.md"
 DOC_PORT = "8001"

@@ -1,7 +1,7 @@
 """`POST /cds-services/{id}/feedback` end to end, on SQLite and the real local PostgreSQL.
 
 Rules 98-105 and Epic §3.5 of the conformance checklist. Every test runs once per backend
-(`store_url` from tests/storage_fixtures.py: a SQLite file, or a fresh PostgreSQL schema that is
+(`store_url` from tests/helpers/storage.py: a SQLite file, or a fresh PostgreSQL schema that is
 dropped afterwards; an unreachable PostgreSQL fails the test, never skips it).
 """
 
@@ -19,10 +19,8 @@ from cds_service.feedback import (
 )
 from cds_service.jsonlimit import MAX_DEPTH
 from tests.conftest import example, make_jwt
-from tests.test_api import assert_outcome, nested, post
-from tests.test_feedback_schema import EXAMPLE_CASES
-
-pytest_plugins = ["tests.storage_fixtures"]
+from tests.helpers.feedback_examples import EXAMPLE_CASES
+from tests.helpers.http import assert_outcome, nested, post
 
 SERVICE = "echo"
 URL = f"/cds-services/{SERVICE}/feedback"

@@ -1,8 +1,5 @@
-"""Fallback reads against a real local FHIR server (tests/fhir_server.py): URLs, the bearer
+"""Fallback reads against a real local FHIR server (tests/helpers/fhir_server.py): URLs, the bearer
 header, GET only, deadlines, rate limits, redirects, pagination, and token hygiene."""
-
-# Fixtures imported from tests.fhir_server are "redefined" as test arguments.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -29,12 +26,7 @@ from cds_service.fhir import (
     parse_retry_after,
 )
 from cds_service.prefetch import PrefetchSettings, resolve_prefetch
-from tests.fhir_server import (  # noqa: F401 - fixtures, used as test arguments
-    fhir_server,
-    fhir_server_factory,
-    operation_outcome,
-    searchset,
-)
+from tests.helpers.fhir_server import operation_outcome, searchset
 
 # Distinctive, so a leak anywhere is found by a substring search.
 TOKEN = "tok-" + secrets.token_urlsafe(24)

@@ -1,9 +1,6 @@
 """Which FHIR servers a call may read from (`fhir_servers`), and how much a read may cost: the
 deadline over every byte, the byte caps, freed threads. Real loopback servers throughout
-(tests/fhir_server.py, bench/hostile_fhir.py); time bounds are generous, never exact."""
-
-# Fixtures imported from tests.fhir_server are "redefined" as test arguments.
-# ruff: noqa: F811
+(tests/helpers/fhir_server.py, bench/hostile_fhir.py); time bounds are generous, never exact."""
 
 from __future__ import annotations
 
@@ -22,10 +19,8 @@ from cds_service.errors import ConfigError, FhirAccessError
 from cds_service.fhir import FhirBase, allowed_by, origin_for_audit
 from cds_service.prefetch import REFUSED_SERVER, PrefetchSettings, resolve_prefetch
 from cds_service.store import Store
-from tests.fhir_server import fhir_server, searchset  # noqa: F401 - fixture
-from tests.test_api import PATIENT_VIEW, post
-
-pytest_plugins = ["tests.storage_fixtures"]
+from tests.helpers.fhir_server import searchset
+from tests.helpers.http import PATIENT_VIEW, post
 
 TOKEN = "opaque-ehr-access-token-f00d"
 CONTEXT = {"patientId": "123", "userId": "PractitionerRole/456"}

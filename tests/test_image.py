@@ -14,7 +14,7 @@ import pytest
 
 from cds_service.errors import ConfigError
 from tests.conftest import ROOT
-from tests.test_serve import CLI, free_port
+from tests.helpers.servers import CLI, free_port
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
 # A second issuer for the test site (conftest `site_file`), signing with a development key.

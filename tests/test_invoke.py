@@ -21,10 +21,10 @@ from cds_service.invoke import (
     signing_token,
 )
 from cds_service.registry import index_services
-from cds_service.validator import validate_response
 from hooks import SERVICES
 from tests.conftest import ROOT
-from tests.test_serve import CLI, request, serve  # noqa: F401 - fixture
+from tests.helpers.servers import CLI, request
+from tests.helpers.validator import validate_response
 
 BUNDLE = ROOT / "examples" / "bundles" / "ckd-patient-nsaid.json"
 
@@ -77,7 +77,7 @@ def test_token_has_epic_shape(demo_site):
     assert claims["iss"] == demo_site.issuers[0].iss
 
 
-def test_invoke_against_the_running_demo(serve, tmp_path):  # noqa: F811
+def test_invoke_against_the_running_demo(serve, tmp_path):
     server = serve("--workers", "1", "--site-config", str(ROOT / "site_config"))
     env_args = {"cwd": tmp_path, "capture_output": True, "text": True, "timeout": 60}
     common = ["--bundle", str(BUNDLE), "--url", server.base, "--site-config",
@@ -99,7 +99,7 @@ def test_invoke_against_the_running_demo(serve, tmp_path):  # noqa: F811
                       "resourceId": "MedicationRequest/draft-ibuprofen-1"}
 
 
-def test_a_withheld_card_is_explained_until_its_suppression_is_cleared(serve, tmp_path):  # noqa: F811
+def test_a_withheld_card_is_explained_until_its_suppression_is_cleared(serve, tmp_path):
     server = serve("--workers", "1", "--site-config", str(ROOT / "site_config"))
     run = {"cwd": tmp_path, "capture_output": True, "text": True, "timeout": 60,
            "env": {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}"}}

@@ -1,9 +1,6 @@
 """The JWK Set cache shared through Redis: two `JwksCache`s stand for two hosts (or workers), on
 the local Redis, against a real JWK Set server on loopback that counts the fetches it answers."""
 
-# Fixtures imported from tests.jwt_helpers are "redefined" as test arguments.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import hashlib
@@ -24,18 +21,17 @@ from cds_service.auth import (
 )
 from cds_service.errors import ConfigError
 from cds_service.replay import MemoryReplayCache
-from tests.jwt_helpers import (
+from tests.helpers.jwks import (
     AUD,
     ISS,
     FakeClock,
     JwksServer,
     TestKey,
     jwks,
-    jwks_server,  # noqa: F401 - fixture
     make_jwt,
     rsa_key,
 )
-from tests.storage_fixtures import REDIS_URL, redis_prefix  # noqa: F401 - fixture
+from tests.helpers.storage import REDIS_URL
 
 CLOSED_PORT_URL = "redis://:s3cret-pass@127.0.0.1:1/0"  # nothing listens on port 1
 SETTINGS = AuthSettings(allow_http_loopback_jku=True)

@@ -1,9 +1,6 @@
 """Structured logs: JSON lines correlated by request id, site, service and hookInstance, with no
 token and no patient id; and `cds-service serve` emitting them for gunicorn's own lines too."""
 
-# Fixtures imported from tests.fhir_server are "redefined" as test arguments.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import io
@@ -14,9 +11,7 @@ import logging.config
 import pytest
 
 from cds_service import logs
-from tests.fhir_server import fhir_server  # noqa: F401 - fixture
-from tests.test_api import post
-from tests.test_services import (
+from tests.helpers.golden import (
     FETCH_SCENARIOS,
     TOKEN,
     assert_matches_golden,
@@ -24,6 +19,7 @@ from tests.test_services import (
     loopback_client,
     without_prefetch,
 )
+from tests.helpers.http import post
 
 
 @pytest.fixture

@@ -1,9 +1,6 @@
 """Prometheus metrics (cds_service/metrics.py): values and labels scraped from `/metrics` of a real
 gunicorn with two workers, and in-process for FHIR fallback reads and shadow models."""
 
-# Fixtures imported from tests.fhir_server are "redefined" as test arguments.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
@@ -19,13 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cds_service.suppression import WITHHELD_EXTENSION
 from tests.conftest import ROOT, demo_signer, make_jwt
-from tests.fhir_server import fhir_server  # noqa: F401 - fixture
-from tests.test_api import post
-from tests.test_serve import Server, request
-from tests.test_services import DATA, as_of_today, load, loopback_client, without_prefetch
+from tests.helpers.golden import EGFR_28, golden_request, load, loopback_client, without_prefetch
+from tests.helpers.http import post
+from tests.helpers.servers import Server, request
 
 SITE = "demo-hospital"
-GOLDEN = DATA / "kidney-risk" / "egfr-28-g4-warning"
+GOLDEN = EGFR_28
 
 
 def scrape(base: str) -> dict[tuple[str, frozenset], float]:
@@ -40,13 +36,6 @@ def value(samples: dict, name: str, **labels) -> float:
     """Sum of the samples called `name` whose labels include `labels`."""
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
-
-
-def golden_request(patient: str) -> dict:
-    body = as_of_today(load(GOLDEN / "request.json"))
-    body["hookInstance"] = str(uuid.uuid4())
-    body["context"]["patientId"] = patient
-    return body
 
 
 def post_raw(url: str, body: dict, authorization: str | None) -> tuple[int, dict, dict]:

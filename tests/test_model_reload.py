@@ -23,8 +23,8 @@ import yaml
 
 from cds_service.store import Store
 from tests.conftest import DEMO_JWKS, ROOT, demo_signer
-from tests.test_serve import CLI, Server, free_port, request, worker_pids
-from tests.test_services import as_of_today
+from tests.helpers.golden import as_of_today
+from tests.helpers.servers import CLI, Server, free_port, request, worker_pids
 
 PATIENT_VIEW = json.loads(
     (ROOT / "tests" / "data" / "kidney-risk" / "egfr-28-g4-warning" / "request.json")

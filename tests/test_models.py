@@ -21,10 +21,10 @@ from cds_service.models.errors import ModelError
 from cds_service.models.manifest import Threshold
 from cds_service.models.registry import indicator_for, load_model, runtime_versions
 from hooks import SERVICES
-from tests.test_api import post
+from tests.helpers.golden import patient_request
+from tests.helpers.http import post
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
-REQUEST = Path(__file__).parent / "data" / "kidney-risk" / "egfr-28-g4-warning" / "request.json"
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,6 @@ def kfre():
 @pytest.fixture(scope="module")
 def lr():
     return load_model(SHIPPED_MODELS_DIR / "ckd-progression-lr")
-
-
-def patient_request() -> dict:
-    body = json.loads(REQUEST.read_text(encoding="utf-8"))
-    body.pop("fhirServer")
-    body.pop("fhirAuthorization")
-    body["hookInstance"] = str(uuid.uuid4())
-    return body
 
 
 def patient_resources() -> list:
@@ -431,7 +423,7 @@ def test_model_configuration_errors_stop_start_up_naming_file_and_key(make_app, 
 
 
 def test_a_model_for_a_service_without_one_stops_start_up(make_app):
-    # tests/services.py: `echo` scores with no model.
+    # tests/helpers/services.py: `echo` scores with no model.
     with pytest.raises(ConfigError, match=r"services\.echo\.model: this service uses no model"):
         make_app(SITE_YAML="services:\n  echo:\n    model: kfre-4var\n")
 

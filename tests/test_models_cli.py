@@ -16,8 +16,9 @@ from cds_service.cli import main
 from cds_service.errors import ConfigError
 from cds_service.models.registry import load_model
 from hooks import SERVICES
-from tests.test_api import post
-from tests.test_models import NOW, patient_request
+from tests.helpers.charts import NOW
+from tests.helpers.golden import patient_request
+from tests.helpers.http import post
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "models" / "README.md"

@@ -13,7 +13,7 @@ import pytest
 from cds_service.errors import ConfigError
 from cds_service.listeners import OPS_PATHS
 from tests.conftest import ROOT
-from tests.test_serve import Server, free_port
+from tests.helpers.servers import Server, free_port
 
 OPS = 9100
 

@@ -9,7 +9,7 @@ import yaml
 from hooks._kidney import assess
 from hooks._medications import Medication
 from hooks._prescribing import DATA_FILE, RULES, Patient, evaluate, load_rules
-from tests.charts import NOW, obs, patient
+from tests.helpers.charts import NOW, obs, patient
 
 
 def medication(*ingredients: str, route: str | None = "oral") -> Medication:

@@ -27,11 +27,9 @@ from cds_service.spool import SpoolRecorder, encode
 from cds_service.store import Call, Store
 from hooks import SERVICES
 from tests.conftest import ROOT
-from tests.test_api import post
-from tests.test_serve import request, serve, worker_pids  # noqa: F401 - serve: fixture
-from tests.test_services import DATA, FROZEN_NOW, GOLDEN_SITE, load
-
-pytest_plugins = ["tests.storage_fixtures"]
+from tests.helpers.golden import DATA, FROZEN_NOW, GOLDEN_SITE, load
+from tests.helpers.http import post
+from tests.helpers.servers import request, worker_pids
 
 KIDNEY = DATA / "kidney-risk" / "egfr-28-g4-warning"
 NOW = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
@@ -171,7 +169,7 @@ def test_records_the_store_refuses_go_to_rejected_and_the_rest_are_stored(tmp_pa
         store.dispose()
 
 
-def test_kill_9_of_a_worker_under_load_loses_no_record(serve, tmp_path):  # noqa: F811
+def test_kill_9_of_a_worker_under_load_loses_no_record(serve, tmp_path):
     database = tmp_path / "serve.sqlite3"
     server = serve("--workers", "2", "--threads", "4", "--site-config",
                    str(ROOT / "site_config"), env={"CDS_SPOOL_DIR": str(tmp_path / "spool")})

@@ -1,8 +1,5 @@
 """jti replay caches (rule 126): one winner per (iss, jti), across threads, processes and hosts."""
 
-# Fixtures imported from tests.storage_fixtures are "redefined" as test arguments.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import multiprocessing
@@ -23,8 +20,8 @@ from cds_service.replay import (
     SqliteReplayCache,
     replay_cache_from_url,
 )
-from tests.jwt_helpers import AUD, ISS, jwks, make_jwt, rsa_key
-from tests.storage_fixtures import REDIS_URL, redis_prefix  # noqa: F401 - fixture
+from tests.helpers.jwks import AUD, ISS, jwks, make_jwt, rsa_key
+from tests.helpers.storage import REDIS_URL
 
 SPAWN = multiprocessing.get_context("spawn")  # no fork of a threaded pytest process
 

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from cds_service.validator import validate_action, validate_response
 from tests.conftest import example
+from tests.helpers.validator import validate_action, validate_response
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,15 @@
 """End to end: the sandbox page in Debian's Chromium, driven by Playwright, against a real
 `cds-service serve` of the demo site. Screenshots of each step: tests/artifacts/sandbox/*.png.
 
-Needs Chromium and Playwright (tests/browser.py).
+Needs Chromium and Playwright (tests/helpers/browser.py).
 """
 
 from __future__ import annotations
 
 from cds_service.invoke import load_bundle
 from cds_service.store import Store
-from tests.browser import ARTIFACTS as ALL_ARTIFACTS
-from tests.browser import browser  # noqa: F401 - fixture
 from tests.conftest import ROOT
-from tests.test_serve import serve  # noqa: F401 - fixture
+from tests.helpers.browser import ARTIFACTS as ALL_ARTIFACTS
 
 ARTIFACTS = ALL_ARTIFACTS / "sandbox"
 KIDNEY_SUMMARY = "Kidney failure risk 8% at 2 years, 24% at 5 years (eGFR 27, urine ACR 380 mg/g)"
@@ -24,7 +22,7 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def test_sandbox_patient_view_accept_and_order_select_in_chromium(serve, browser,  # noqa: F811
+def test_sandbox_patient_view_accept_and_order_select_in_chromium(serve, browser,
                                                                   tmp_path):
     server = serve("--workers", "1", "--site-config",
                    str(ROOT / "site_config" / "demo-hospital.yaml"))

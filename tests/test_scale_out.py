@@ -7,9 +7,6 @@ Both instances start at the same moment against an empty schema: their four work
 create the tables (`Store._ensure_schema` serialises that with a PostgreSQL advisory lock).
 """
 
-# Fixtures imported from tests.jwt_helpers are "redefined" as test arguments.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import copy
@@ -29,11 +26,9 @@ from sqlalchemy.pool import NullPool
 from cds_service.auth import RedisJwksStore
 from cds_service.store import Store, metadata
 from cds_service.suppression import WITHHELD_EXTENSION
-from tests.jwt_helpers import ISS, jwks_server, make_jwt, rsa_key  # noqa: F401 - fixture
-from tests.test_serve import Server, request
-from tests.test_services import DATA, DATE_KEYS, FROZEN_NOW, GOLDEN_SITE, load
-
-pytest_plugins = ["tests.storage_fixtures"]
+from tests.helpers.golden import DATA, DATE_KEYS, FROZEN_NOW, GOLDEN_SITE, load
+from tests.helpers.jwks import ISS, make_jwt, rsa_key
+from tests.helpers.servers import Server, request
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 KIDNEY = DATA / "kidney-risk" / "egfr-28-g4-warning"

@@ -1,76 +1,39 @@
 """The shipped services (`hooks.SERVICES`) end to end: golden scenarios from tests/data, and the
 `egfr` prefetch read from a real local FHIR server when the EHR did not send it."""
 
-# Fixtures imported from tests.fhir_server are "redefined" as test arguments.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
-import copy
 import json
-import secrets
 import time
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 
 import pytest
 
-from cds_service.invoke import shift_dates
-from cds_service.validator import validate_response
 from hooks import SERVICES
 from hooks._kidney import EGFR_FAMILIES, search_codes
 from tests.conftest import demo_signer
-from tests.fhir_server import fhir_server, operation_outcome  # noqa: F401 - fixture
-from tests.test_api import assert_outcome, post, walk
+from tests.helpers.fhir_server import operation_outcome
+from tests.helpers.golden import (
+    DATA,
+    DATE_KEYS,
+    FETCH_SCENARIOS,
+    FROZEN_NOW,
+    GOLDEN_SITE,
+    TOKEN,
+    assert_matches_golden,
+    load,
+    loopback_client,
+    scenario_id,
+    without_prefetch,
+    without_volatile,
+)
+from tests.helpers.http import assert_outcome, post, walk
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
 SCENARIOS = sorted(path.parent for path in DATA.glob("*/*/request.json"))
 # README.md's quickstart posts this one to `make run` (site_config/).
 README_SCENARIO = DATA / "nephrotoxic-order-check" / "nsaid-low-egfr"
-# Keys holding dates the services compare with the request time (results dated after it are
-# ignored as data errors).
-DATE_KEYS = ("effectiveDateTime", "issued", "authoredOn")
-
-
-def load(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def without_volatile(body: dict) -> dict:
-    """The response without card and suggestion `uuid`s (fresh on every call)."""
-    body = copy.deepcopy(body)
-    for card in body.get("cards", []):
-        card.pop("uuid", None)
-        for suggestion in card.get("suggestions", []):
-            suggestion.pop("uuid", None)
-    return body
-
-
-def uuids(body: dict) -> list[str]:
-    found = []
-    for card in body["cards"]:
-        found.append(card.get("uuid"))
-        found.extend(s.get("uuid") for s in card.get("suggestions", []))
-    return found
-
-
-def scenario_id(path: Path) -> str:
-    return f"{path.parent.name}/{path.name}"
-
-
-# Models see ages and look-back windows as of this instant, so golden cards do not age.
-FROZEN_NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
-
-
-def as_of_today(body: dict) -> dict:
-    """A golden request with every date moved as far as today is from FROZEN_NOW: what a server
-    that runs on the real clock (a subprocess, where CLOCK cannot reach) must be sent."""
-    return shift_dates(body, (datetime.now(UTC).date() - FROZEN_NOW.date()).days)
-
-
-# The golden site: orderables, local code mappings and a SMART link (tests/data/site.yaml).
-GOLDEN_SITE = (DATA / "site.yaml").read_text(encoding="utf-8")
 
 
 @pytest.fixture
@@ -79,25 +42,11 @@ def shipped_client(make_app):
                     SITE_YAML=GOLDEN_SITE).test_client()
 
 
-def assert_matches_golden(response, expected: dict) -> dict:
-    assert response.status_code == 200, response.get_json()
-    body = response.get_json()
-    assert validate_response(body, epic=True) == []
-    ids = uuids(body)
-    assert all(isinstance(i, str) and i for i in ids), ids
-    assert len(set(ids)) == len(ids), ids
-    actual = without_volatile(body)
-    assert actual == expected, "actual response (uuids dropped):\n" + json.dumps(
-        actual, indent=2, ensure_ascii=False
-    )
-    return body
-
-
 # --- golden scenarios ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=scenario_id)
-def test_scenario(shipped_client, scenario, fhir_server):  # noqa: F811
+def test_scenario(shipped_client, scenario, fhir_server):
     request = load(scenario / "request.json")
     # Each scenario carries Epic's fhirServer and token; its prefetch is complete, so the
     # local stand-in for Epic's FHIR server must see no request at all.
@@ -146,35 +95,8 @@ def test_readme_scenario_on_the_demo_site(make_app):
 
 # --- the egfr prefetch read from a real local FHIR server ----------------------------------
 
-# Distinctive, so a leak into a response is found by a substring search.
-TOKEN = "tok-" + secrets.token_urlsafe(24)
 # Every eGFR LOINC family of hooks/data/loinc_kidney.yaml, in one `code` parameter.
 EGFR_QUERY = {"code": [search_codes(*EGFR_FAMILIES)]}
-FETCH_SCENARIOS = [
-    DATA / "kidney-risk" / "egfr-28-g4-warning",
-    DATA / "nephrotoxic-order-check" / "order-select-ibuprofen-egfr-38",
-]
-
-
-def loopback_client(make_app, tmp_path, server, *extra_prefetch_settings: str):
-    head = "prefetch:\n  allow_http_loopback: true\n"
-    assert GOLDEN_SITE.count(head) == 1
-    settings = "".join(f"  {setting}\n" for setting in extra_prefetch_settings)
-    return make_app(SERVICES=SERVICES, CLOCK=lambda: FROZEN_NOW, FHIR_SERVERS=[server.url],
-                    SITE_YAML=GOLDEN_SITE.replace(head, head + settings)).test_client()
-
-
-def without_prefetch(scenario: Path, server, token: str | None = TOKEN) -> tuple[dict, dict]:
-    """The scenario's request without its `egfr` prefetch (other keys stay prefetched) and
-    pointed at `server`, and the egfr searchset it had prefetched."""
-    body = load(scenario / "request.json")
-    bundle = body["prefetch"].pop("egfr")
-    body["fhirServer"] = server.url
-    if token is None:
-        body.pop("fhirAuthorization")
-    else:
-        body["fhirAuthorization"]["access_token"] = token
-    return body, bundle
 
 
 @pytest.mark.parametrize("scenario", FETCH_SCENARIOS, ids=scenario_id)

@@ -2,9 +2,6 @@
 answering while one call waits on a slow FHIR server, and a recycled worker serves the
 configuration the master validated, not whatever the files on disk say now."""
 
-# Fixtures imported from tests.fhir_server are "redefined" as test arguments.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import re
@@ -15,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DEMO_JWKS, ROOT, demo_signer, fhir_servers_yaml
-from tests.fhir_server import fhir_server  # noqa: F401 - fixture
-from tests.test_metrics import golden_request
-from tests.test_serve import Server, request
+from tests.helpers.golden import golden_request
+from tests.helpers.servers import Server, request
 
 SLOW_S = 2.0
 

@@ -1,8 +1,6 @@
-"""`cds-service site check SITE` against a real local FHIR server (tests/fhir_server.py) serving
-CapabilityStatements and JWK Sets, with real site YAML files and the registered services."""
-
-# Fixtures imported from tests.fhir_server are "redefined" as test arguments.
-# ruff: noqa: F811
+"""`cds-service site check SITE` against a real local FHIR server
+(tests/helpers/fhir_server.py) serving CapabilityStatements and JWK Sets, with real site YAML
+files and the registered services."""
 
 from __future__ import annotations
 
@@ -19,11 +17,7 @@ from cds_service.config import IssuerSpec, Site
 from cds_service.sitecheck import FAIL, OK, WARN, Capabilities, SiteCheckError, check_template
 from cds_service.sitecheck import fhir_bases as bases_of
 from tests.conftest import TEST_ISS
-from tests.fhir_server import (  # noqa: F401 - fixtures, used as test arguments
-    fhir_server,
-    fhir_server_factory,
-    operation_outcome,
-)
+from tests.helpers.fhir_server import operation_outcome
 
 CLI = str(Path(sys.executable).parent / "cds-service")
 

@@ -1,4 +1,5 @@
-"""Feedback storage on SQLite and on the local PostgreSQL (both for real; see storage_fixtures)."""
+"""Feedback storage on SQLite and on the local PostgreSQL (both for real; see
+tests/helpers/storage.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ from cds_service.errors import ConfigError
 from cds_service.feedback import FeedbackItem, FeedbackRequestSchema
 from cds_service.store import Store, StoreUnavailable, redacted_url
 from tests.conftest import example
-
-pytest_plugins = ["tests.storage_fixtures"]
 
 EXAMPLE_FILES = [
     "cdshooks-2.0-feedback-accepted.json",

@@ -11,12 +11,10 @@ from datetime import datetime, timedelta
 import pytest
 
 from cds_service.suppression import WITHHELD_EXTENSION
-from cds_service.validator import validate_response
 from hooks import SERVICES
-from tests.test_api import assert_outcome, post
-from tests.test_services import DATA, FROZEN_NOW, GOLDEN_SITE, assert_matches_golden, load
-
-pytest_plugins = ["tests.storage_fixtures"]
+from tests.helpers.golden import DATA, FROZEN_NOW, GOLDEN_SITE, assert_matches_golden, load
+from tests.helpers.http import assert_outcome, post
+from tests.helpers.validator import validate_response
 
 KIDNEY = DATA / "kidney-risk" / "egfr-28-g4-warning"
 NSAID = DATA / "nephrotoxic-order-check" / "nsaid-low-egfr"

@@ -1,6 +1,6 @@
 """Storage for alert-fatigue suppression: issued cards joined to override feedback.
 
-Runs on SQLite and on the local PostgreSQL (both for real; see storage_fixtures).
+Runs on SQLite and on the local PostgreSQL (both for real; see tests/helpers/storage.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from cds_service import store as store_module
 from cds_service.audit import AuditRecord
 from cds_service.feedback import FeedbackItem
 from cds_service.store import Override, Store, StoreUnavailable, issued_cards_table
-
-pytest_plugins = ["tests.storage_fixtures"]
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 SINCE = NOW - timedelta(days=1)

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hooks import SERVICES
 from tests.conftest import TEST_ISS, make_jwt
-from tests.test_api import PATIENT_VIEW, assert_outcome
+from tests.helpers.http import PATIENT_VIEW, assert_outcome
 
 B_ISS = "https://hospital-b.example.org/api/FHIR/R4"
 B_KID = "b-key-1"

@@ -6,13 +6,12 @@ import json
 import logging
 import uuid
 
-from tests.fhir_server import fhir_server  # noqa: F401 - fixture
-from tests.test_api import post
+from tests.helpers.http import post
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.c2lnbmF0dXJl"
 
 
-def test_token_never_in_logs_bodies_or_store(make_app, tmp_path, caplog, fhir_server):  # noqa: F811
+def test_token_never_in_logs_bodies_or_store(make_app, tmp_path, caplog, fhir_server):
     fhir_server.add("Patient/p1", json={"resourceType": "Patient", "id": "p1",
                                         "name": [{"given": ["Ada"]}]})
     app = make_app(SITE_YAML="prefetch:\n  allow_http_loopback: true\n",

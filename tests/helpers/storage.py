@@ -6,8 +6,7 @@ where it looked. Set `CDS_TEST_POSTGRES_URL` to use another server than the loca
 
 Isolation: each test gets its own schema (`test_store_<uuid4>`), selected through the libpq
 `options=-csearch_path=...` URL parameter, and dropped afterwards; parallel runs never share one.
-Use from a test module with `pytest_plugins = ["tests.storage_fixtures"]`, or import the fixtures
-in conftest.
+tests/conftest.py loads these fixtures for every test module (`pytest_plugins`).
 """
 
 from __future__ import annotations

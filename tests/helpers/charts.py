@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-# The request time the tests' app clock is frozen at (tests/test_services.py FROZEN_NOW).
+# The request time the tests' app clock is frozen at (tests/helpers/golden.py FROZEN_NOW).
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
