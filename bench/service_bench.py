@@ -81,8 +81,8 @@ import yaml
 
 from bench import load, write_results
 from bench.payloads import Payload, build, describe, new_hook_instance
-from cds_service.devkeys import ALGORITHM, ensure_dev_keypair, load_signing_key
 from cds_service.serving import SETTINGS
+from cds_service.trust.devkeys import ALGORITHM, ensure_dev_keypair, load_signing_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results"

@@ -24,7 +24,6 @@ import jwt
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate
 
-from cds_service.devkeys import ensure_dev_keypair
 from cds_service.errors import ConfigError
 from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
 from cds_service.fhir import (
@@ -38,6 +37,7 @@ from cds_service.models.manifest import MODEL_ID, Threshold, ordered_thresholds,
 from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
 from cds_service.schemas import describe_errors
+from cds_service.trust.devkeys import ensure_dev_keypair
 
 if TYPE_CHECKING:
     from cds_service.training.export_settings import BulkExportSettings

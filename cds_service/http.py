@@ -17,11 +17,11 @@ from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
 from cds_service import jsonlimit
-from cds_service.auth import AuthError
 from cds_service.errors import CdsError, Issue, operation_outcome
-from cds_service.replay import ReplayCacheError
 from cds_service.schemas import OperationOutcomeSchema, messages_to_issues
 from cds_service.store import StoreUnavailable
+from cds_service.trust.auth import AuthError
+from cds_service.trust.replay import ReplayCacheError
 
 log = logging.getLogger("cds_service.http")
 

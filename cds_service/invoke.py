@@ -23,9 +23,9 @@ import requests
 
 from cds_service import jsonlimit
 from cds_service.config import Site
-from cds_service.devkeys import ALGORITHM, load_signing_key, private_key_path
 from cds_service.prefetch import is_search, render_template
 from cds_service.suppression import WITHHELD_EXTENSION
+from cds_service.trust.devkeys import ALGORITHM, load_signing_key, private_key_path
 
 ORDER_TYPES = ("MedicationRequest", "ServiceRequest")
 # HL7 v3 ActReason HTEST, "test health data": the tag on our synthetic example Bundles.

@@ -60,7 +60,7 @@ FHIR_SECONDS = Histogram(
     "cds_fhir_request_duration_seconds", "FHIR fallback reads, by outcome class.",
     ("site", "status_class"), buckets=_LATENCY)
 JWT_REJECTIONS = Counter(
-    "cds_jwt_rejections", "Refused JWTs by reason (cds_service.auth).", ("site", "reason"))
+    "cds_jwt_rejections", "Refused JWTs by reason (cds_service.trust.auth).", ("site", "reason"))
 MODEL_SECONDS = Histogram(
     "cds_model_inference_seconds", "Model scoring time (features excluded).",
     ("model_id", "model_version", "role"), buckets=_LATENCY)

@@ -22,15 +22,6 @@ import jwt
 from flask import Flask, Request, current_app, g
 
 from cds_service import metrics, spool
-from cds_service.auth import (
-    AuthError,
-    AuthSettings,
-    JwksCache,
-    RedisJwksStore,
-    TokenVerifier,
-    TrustedIssuer,
-    VerifiedCaller,
-)
 from cds_service.config import Site, SiteService
 from cds_service.errors import ConfigError
 from cds_service.models.binding import ModelBinding
@@ -42,8 +33,17 @@ from cds_service.models.registry import (
     load_model_by_id,
 )
 from cds_service.registry import CdsService
-from cds_service.replay import replay_cache_from_url
 from cds_service.store import Store, redacted_url
+from cds_service.trust.auth import (
+    AuthError,
+    AuthSettings,
+    JwksCache,
+    RedisJwksStore,
+    TokenVerifier,
+    TrustedIssuer,
+    VerifiedCaller,
+)
+from cds_service.trust.replay import replay_cache_from_url
 
 log = logging.getLogger("cds_service.runtime")
 

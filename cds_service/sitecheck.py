@@ -40,13 +40,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cds_service.auth import (
-    AuthSettings,
-    JwksCache,
-    _FetchFailed,
-    _KeySet,
-    check_jku_url,
-)
 from cds_service.config import Site, SiteService
 from cds_service.fhir import (
     FhirRequestError,
@@ -55,6 +48,13 @@ from cds_service.fhir import (
     check_fhir_server_url,
 )
 from cds_service.prefetch import is_search
+from cds_service.trust.auth import (
+    AuthSettings,
+    JwksCache,
+    _FetchFailed,
+    _KeySet,
+    check_jku_url,
+)
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 DEFAULT_TIMEOUT_S = 10.0

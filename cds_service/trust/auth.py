@@ -21,9 +21,9 @@ belongs to, the JWK Set URLs (`jku`) it may point at and/or a JWK Set exchanged 
    "jti");
 7. last, the jti replay cache, so a forged token cannot burn a jti ("replay").
 
-Each refusal is logged once at WARNING on `cds_service.auth` with the reason and the (unverified)
-iss/kid/jti — never the token or any part of it (best practices §JWT: never store, share or log
-JWTs).
+Each refusal is logged once at WARNING on `cds_service.trust.auth` with the reason and the
+(unverified) iss/kid/jti — never the token or any part of it (best practices §JWT: never store,
+share or log JWTs).
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ import redis
 import requests
 
 from cds_service.fhir import is_loopback_host
-from cds_service.replay import ReplayCache
+from cds_service.trust.replay import ReplayCache
 
-logger = logging.getLogger("cds_service.auth")
+logger = logging.getLogger("cds_service.trust.auth")
 
 # CDS Hooks 2.0 §JWT Signing Algorithm: JWTs "SHALL NOT be signed using the `none` algorithm" nor
 # "any symmetric algorithm"; ES384 and RS384 are RECOMMENDED (Epic signs with RS384).
