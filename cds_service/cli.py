@@ -37,14 +37,14 @@ PIDFILE = "var/cds-service.pid"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cds_service import logs, serving
+    from cds_service.ops import logs, serving
 
     logs.configure(fmt=args.log_format)
     return serving.run(args, logs.logconfig(args.log_format, access_log=args.access_log))
 
 
 def _reload(args: argparse.Namespace) -> int:
-    from cds_service.serving import ReloadError, request_reload
+    from cds_service.ops.serving import ReloadError, request_reload
 
     try:
         status = request_reload(args.pidfile, timeout=args.timeout)
@@ -113,8 +113,8 @@ def _invoke(args: argparse.Namespace) -> int:
 
 def _site_check(args: argparse.Namespace) -> int:
     from cds_service.config import load_sites
+    from cds_service.ops.sitecheck import SiteCheckError, check_site, render
     from cds_service.registry import index_services
-    from cds_service.sitecheck import SiteCheckError, check_site, render
     from hooks import SERVICES
 
     try:
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "ops_port", None):
         os.environ["CDS_OPS_PORT"] = str(args.ops_port)
     if args.func is not _serve:  # serve configures logging for gunicorn too
-        from cds_service import logs
+        from cds_service.ops import logs
 
         logs.configure(fmt="text")
     try:

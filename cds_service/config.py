@@ -72,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
     # development deployment turns them on (`make run` does). A site that asks for one while
     # this is false stops start-up: whoever holds that private key could call as the EHR.
     "ALLOW_DEV_KEYS": False,
-    # A second listening port for /metrics and detailed health (cds_service/listeners.py); then
+    # A second listening port for /metrics and detailed health (cds_service/ops/listeners.py); then
     # they answer 404 on the public port. None: everything on the one port.
     "OPS_PORT": None,
     # Clock skew allowed on exp/iat/nbf. Epic sends nbf = iat - 300 and exp = iat + 900.

@@ -45,7 +45,8 @@ from fhirpy.base.utils import AttrDict, encode_params, remove_prefix
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from cds_service import jsonlimit, metrics
+from cds_service import jsonlimit
+from cds_service.ops import metrics
 
 logger = logging.getLogger("cds_service.fhir")
 

@@ -56,7 +56,6 @@ from urllib.parse import quote
 
 import requests
 
-from cds_service import metrics
 from cds_service.errors import FhirAccessError, Issue, PrefetchUnavailable
 from cds_service.fhir import (
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -71,6 +70,7 @@ from cds_service.fhir import (
     allowed_by,
     bounded_session,
 )
+from cds_service.ops import metrics
 
 logger = logging.getLogger("cds_service.prefetch")
 
@@ -643,7 +643,7 @@ def _run_jobs(
 
     # At most `parallel` reads at a time: one call cannot take every executor thread, so a slow
     # server holds back its own calls only. Each read runs in a copy of the caller's context, so
-    # its log lines carry the request's correlation fields (cds_service.logs).
+    # its log lines carry the request's correlation fields (cds_service.ops.logs).
     waiting = list(jobs)
     futures: dict[concurrent.futures.Future, _Job] = {}
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import jwt
 from flask import Flask, Request, current_app, g
 
-from cds_service import metrics, spool
+from cds_service import spool
 from cds_service.config import Site, SiteService
 from cds_service.errors import ConfigError
 from cds_service.models.binding import ModelBinding
@@ -32,6 +32,7 @@ from cds_service.models.registry import (
     check_use,
     load_model_by_id,
 )
+from cds_service.ops import metrics
 from cds_service.registry import CdsService
 from cds_service.store import Store, redacted_url
 from cds_service.trust.auth import (

@@ -37,9 +37,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cds_service import metrics
 from cds_service.audit import AuditRecord
 from cds_service.errors import ConfigError
+from cds_service.ops import metrics
 from cds_service.store import Call, StoreUnavailable
 
 log = logging.getLogger(__name__)

@@ -522,7 +522,7 @@ class Recorder:
         try:
             self._write(batch)
         except Exception:  # noqa: BLE001 - a lost record is logged and counted, never raised
-            from cds_service import metrics
+            from cds_service.ops import metrics
 
             metrics.STORE_WRITE_FAILURES.inc(len(batch))
             log.exception("store writer: %d call record(s) not written", len(batch))
@@ -566,7 +566,7 @@ class Store:
         if spool_dir is None:
             self.recorder = Recorder(self.add_calls)
         else:
-            from cds_service import metrics
+            from cds_service.ops import metrics
             from cds_service.spool import SpoolRecorder
 
             metrics.store_up(up)
@@ -653,7 +653,7 @@ class Store:
         reply) must not hold the call. Raises StoreUnavailable when it takes longer, or at once
         when BOUNDED_THREADS earlier calls are all still waiting on the database. A call that
         times out still runs to its end in the background."""
-        from cds_service import metrics
+        from cds_service.ops import metrics
 
         if not self._slots.acquire(blocking=False):
             metrics.store_up(False)

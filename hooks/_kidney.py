@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 
-from cds_service import metrics
 from cds_service.features import (
     LOINC,
     CodeMap,
@@ -33,6 +32,7 @@ from cds_service.features import (
     parse_features,
     readings_many,
 )
+from cds_service.ops import metrics
 
 DATA = Path(__file__).parent / "data"
 

@@ -13,7 +13,7 @@ import logging.config
 
 import pytest
 
-from cds_service import logs
+from cds_service.ops import logs
 from tests.fhir_server import fhir_server  # noqa: F401 - fixture
 from tests.test_api import post
 from tests.test_services import (

@@ -1,5 +1,5 @@
-"""Prometheus metrics (cds_service/metrics.py): values and labels scraped from `/metrics` of a real
-gunicorn with two workers, and in-process for FHIR fallback reads and shadow models."""
+"""Prometheus metrics (cds_service/ops/metrics.py): values and labels scraped from `/metrics` of a
+real gunicorn with two workers, and in-process for FHIR fallback reads and shadow models."""
 
 # Fixtures imported from tests.fhir_server are "redefined" as test arguments.
 # ruff: noqa: F811
@@ -221,6 +221,6 @@ def test_metrics_endpoint_needs_no_token_and_names_the_catalogue(client):
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain")
     text = response.get_data(as_text=True)
-    catalogue = Path(ROOT / "cds_service" / "metrics.py").read_text()
+    catalogue = Path(ROOT / "cds_service" / "ops" / "metrics.py").read_text()
     for name in ("cds_requests", "cds_stage_duration_seconds", "cds_jwt_rejections"):
         assert f'"{name}"' in catalogue and f"# HELP {name}" in text

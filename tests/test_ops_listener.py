@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from cds_service.errors import ConfigError
-from cds_service.listeners import OPS_PATHS
+from cds_service.ops.listeners import OPS_PATHS
 from tests.conftest import ROOT
 from tests.test_serve import Server, free_port
 

@@ -90,11 +90,11 @@ def logconfig(fmt: str = "json", level: str = "INFO", *, access_log: bool = Fals
                                 "qualname": "gunicorn.access"},
             "urllib3": {"level": "WARNING"},
         },
-        "filters": {"request": {"()": "cds_service.logs.RequestContext"}},
+        "filters": {"request": {"()": "cds_service.ops.logs.RequestContext"}},
         "handlers": {"console": {"class": "logging.StreamHandler", "formatter": fmt,
                                  "filters": ["request"], "stream": "ext://sys.stderr"}},
         "formatters": {
-            "json": {"()": "cds_service.logs.json_formatter"},
+            "json": {"()": "cds_service.ops.logs.json_formatter"},
             "text": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s %(message)s"},
         },
     }

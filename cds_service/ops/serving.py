@@ -41,7 +41,7 @@ from gunicorn.arbiter import Arbiter
 
 from cds_service.errors import ConfigError
 
-log = logging.getLogger("cds_service.serving")
+log = logging.getLogger("cds_service.ops.serving")
 
 SETTINGS: dict[str, Any] = {
     "worker_class": "gthread",
@@ -84,7 +84,7 @@ def _worker_exit(server: Arbiter, worker: Any) -> None:
 
 
 def _child_exit(server: Arbiter, worker: Any) -> None:
-    from cds_service import metrics
+    from cds_service.ops import metrics
 
     metrics.worker_exited(worker.pid)
 
