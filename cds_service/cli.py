@@ -171,7 +171,7 @@ def _store_command(func):
 
     def run(args: argparse.Namespace) -> int:
         from cds_service.app import resolve_config
-        from cds_service.store import Store, StoreUnavailable
+        from cds_service.records.store import Store, StoreUnavailable
 
         config = resolve_config()
         try:
@@ -219,7 +219,7 @@ def _print_rows(rows, columns: Sequence[str], output: str) -> None:
 
 
 def _audit_show(args: argparse.Namespace, store, config) -> int:
-    from cds_service.audit import REVIEW_COLUMNS
+    from cds_service.records.audit import REVIEW_COLUMNS
 
     if args.since and args.until and args.since >= args.until:
         print("audit: --since must be before --until", file=sys.stderr)  # noqa: T201
@@ -241,8 +241,8 @@ SUPPRESSION_COLUMNS = ("time", "expires", "site", "service_id", "user_id", "pati
 
 def _suppressions(args: argparse.Namespace, store, config) -> int:
     from cds_service.config import load_sites
+    from cds_service.records.suppression import active_overrides
     from cds_service.registry import index_services
-    from cds_service.suppression import active_overrides
     from hooks import SERVICES
 
     filters = {column: value for column, value in (

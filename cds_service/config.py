@@ -78,8 +78,9 @@ DEFAULTS: dict[str, Any] = {
     # Clock skew allowed on exp/iat/nbf. Epic sends nbf = iat - 300 and exp = iat + 900.
     "JWT_LEEWAY_SECONDS": 30,
     # Where each worker spools its calls' audit records, issued cards and predictions before
-    # they reach the store (cds_service/spool.py); None = `spool/` beside a SQLite store's file,
-    # `var/spool` with PostgreSQL. Give it a volume that outlives the process (docs/operations.md).
+    # they reach the store (cds_service/records/spool.py); None = `spool/` beside a SQLite
+    # store's file, `var/spool` with PostgreSQL. Give it a volume that outlives the process
+    # (docs/operations.md).
     "SPOOL_DIR": None,
     # Audit records older than this are removed by `cds-service audit purge`.
     "AUDIT_RETENTION_DAYS": 2190,

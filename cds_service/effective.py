@@ -21,7 +21,7 @@ from flask import Flask
 from cds_service.config import SHIPPED_MODELS_DIR, Site, SiteService
 from cds_service.fhir import MIB
 from cds_service.models.registry import ModelRegistry
-from cds_service.store import redacted_url
+from cds_service.records.store import redacted_url
 
 
 def effective_config(app: Flask) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import requests
 from cds_service import jsonlimit
 from cds_service.config import Site
 from cds_service.prefetch import is_search, render_template
-from cds_service.suppression import WITHHELD_EXTENSION
+from cds_service.records.suppression import WITHHELD_EXTENSION
 from cds_service.trust.devkeys import ALGORITHM, load_signing_key, private_key_path
 
 ORDER_TYPES = ("MedicationRequest", "ServiceRequest")

@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 import jwt
 from flask import Flask, Request, current_app, g
 
-from cds_service import spool
 from cds_service.config import Site, SiteService
 from cds_service.errors import ConfigError
 from cds_service.models.binding import ModelBinding
@@ -33,8 +32,9 @@ from cds_service.models.registry import (
     load_model_by_id,
 )
 from cds_service.ops import metrics
+from cds_service.records import spool
+from cds_service.records.store import Store, redacted_url
 from cds_service.registry import CdsService
-from cds_service.store import Store, redacted_url
 from cds_service.trust.auth import (
     AuthError,
     AuthSettings,

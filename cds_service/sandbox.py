@@ -33,7 +33,6 @@ import requests
 from flask import Blueprint, Flask, current_app, render_template, request
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from cds_service import suppression
 from cds_service.config import Site, SiteService
 from cds_service.errors import CdsError, RequestInvalid
 from cds_service.http import require_json_body
@@ -45,6 +44,7 @@ from cds_service.invoke import (
     dated_today,
     signing_token,
 )
+from cds_service.records import suppression
 from cds_service.runtime import runtime
 from cds_service.schemas import messages_to_issues
 

@@ -225,7 +225,8 @@ class CardsResponseSchema(Schema):
 
     cards = fields.List(fields.Dict(), required=True)
     systemActions = fields.List(fields.Dict())
-    # Cards withheld by alert-fatigue suppression (cds_service.suppression.WITHHELD_EXTENSION).
+    # Cards withheld by alert-fatigue suppression
+    # (cds_service.records.suppression.WITHHELD_EXTENSION).
     extension = fields.Dict()
 
 

@@ -11,15 +11,22 @@ from datetime import UTC, datetime
 
 from flask import Response, g, json, request
 
-from cds_service import suppression
-from cds_service.audit import MAX_TEXT, AuditRecord, lenient_record, prefetch_key_sources, safe_text
 from cds_service.cards import render_response
 from cds_service.errors import RequestInvalid, ServiceNotFound
-from cds_service.feedback import FeedbackRequestSchema
 from cds_service.fhir import origin_for_audit
 from cds_service.http import Blueprint, require_json_body
 from cds_service.ops import metrics
 from cds_service.prefetch import resolve_prefetch
+from cds_service.records import suppression
+from cds_service.records.audit import (
+    MAX_TEXT,
+    AuditRecord,
+    lenient_record,
+    prefetch_key_sources,
+    safe_text,
+)
+from cds_service.records.feedback import FeedbackRequestSchema
+from cds_service.records.store import Call, StoreUnavailable
 from cds_service.registry import HookRequest
 from cds_service.runtime import runtime
 from cds_service.schemas import (
@@ -28,7 +35,6 @@ from cds_service.schemas import (
     DiscoverySchema,
     FeedbackAckSchema,
 )
-from cds_service.store import Call, StoreUnavailable
 
 log = logging.getLogger("cds_service.views")
 

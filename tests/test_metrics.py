@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from cds_service.suppression import WITHHELD_EXTENSION
+from cds_service.records.suppression import WITHHELD_EXTENSION
 from tests.conftest import ROOT, demo_signer, make_jwt
 from tests.fhir_server import fhir_server  # noqa: F401 - fixture
 from tests.test_api import post

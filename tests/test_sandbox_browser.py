@@ -7,7 +7,7 @@ Needs Chromium and Playwright (tests/browser.py).
 from __future__ import annotations
 
 from cds_service.invoke import load_bundle
-from cds_service.store import Store
+from cds_service.records.store import Store
 from tests.browser import ARTIFACTS as ALL_ARTIFACTS
 from tests.browser import browser  # noqa: F401 - fixture
 from tests.conftest import ROOT

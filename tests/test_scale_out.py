@@ -26,8 +26,8 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from cds_service.store import Store, metadata
-from cds_service.suppression import WITHHELD_EXTENSION
+from cds_service.records.store import Store, metadata
+from cds_service.records.suppression import WITHHELD_EXTENSION
 from cds_service.trust.auth import RedisJwksStore
 from tests.jwt_helpers import ISS, jwks_server, make_jwt, rsa_key  # noqa: F401 - fixture
 from tests.test_serve import Server, request

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cds_service.store import Store
+from cds_service.records.store import Store
 from tests.conftest import ROOT, demo_signer, example, make_jwt
 
 CLI = str(Path(sys.executable).parent / "cds-service")

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from cds_service.suppression import WITHHELD_EXTENSION
+from cds_service.records.suppression import WITHHELD_EXTENSION
 from cds_service.validator import validate_response
 from hooks import SERVICES
 from tests.test_api import assert_outcome, post

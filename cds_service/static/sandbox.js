@@ -7,7 +7,7 @@ const $ = (id) => document.getElementById(id);
 const api = document.body.dataset;
 const state = { services: [], upload: null, uploadName: "" };
 const INDICATOR_LABEL = { info: "Info", warning: "Warning", critical: "Critical" };
-// Cards withheld by alert-fatigue suppression, listed in the response (cds_service/suppression.py).
+// Cards withheld by alert-fatigue suppression, listed in the response (cds_service/records/suppression.py).
 const WITHHELD_EXTENSION = "org.example.cds.withheld-cards";
 
 // ---------------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ pooled connection is shared between processes).
   rewritten). Put the tables in a schema of your choosing with the libpq `options` parameter:
   `postgresql://user@host/db?options=-csearch_path%3Dcds`.
 
-The audit log (`cds_service.audit`) is append-only: the store inserts, reads and purges by age,
-and has no update. A deployment can enforce that in PostgreSQL by granting the service role only
-INSERT, SELECT and DELETE on `audit_log`. `issued_cards` (the cards we issued, for alert-fatigue
-suppression) is kept for the same retention and needs the same three privileges.
+The audit log (`cds_service.records.audit`) is append-only: the store inserts, reads and purges by
+age, and has no update. A deployment can enforce that in PostgreSQL by granting the service role
+only INSERT, SELECT and DELETE on `audit_log`. `issued_cards` (the cards we issued, for
+alert-fatigue suppression) is kept for the same retention and needs the same three privileges.
 
 There are no migrations yet: `create_all` at start-up creates missing tables and never alters
 existing ones, except for nullable columns added since, listed in `_ADDED_COLUMNS` and added by a
@@ -47,9 +47,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
-from cds_service.audit import TEXT_FIELDS, TUPLE_FIELDS, AuditRecord
 from cds_service.errors import ConfigError
-from cds_service.feedback import OVERRIDDEN, FeedbackItem
+from cds_service.records.audit import TEXT_FIELDS, TUPLE_FIELDS, AuditRecord
+from cds_service.records.feedback import OVERRIDDEN, FeedbackItem
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ class Call:
 class Recorder:
     """Writes calls' records on a background thread, many calls per transaction: in processes
     without a spool (CLI tools, tests). A serving worker spools them first
-    (`cds_service.spool.SpoolRecorder`), so neither a crash nor an outage loses them.
+    (`cds_service.records.spool.SpoolRecorder`), so neither a crash nor an outage loses them.
 
     A call's audit record, issued cards and predictions used to cost three committed
     transactions (three fsyncs on SQLite) before the answer left; Epic waits for that answer.
@@ -542,7 +542,7 @@ class Store:
     """Feedback and audit-log storage on one SQLAlchemy engine (SQLite file or PostgreSQL)."""
 
     def __init__(self, url: str, *, spool_dir: str | Path | None = None) -> None:
-        """`spool_dir`: spool calls' records there before writing them (`cds_service.spool`,
+        """`spool_dir`: spool calls' records there before writing them (`cds_service.records.spool`,
         what a serving worker does); without it they are queued in memory (`Recorder`)."""
         self._url = _normalize_url(url)
         self._secrets = _secrets(self._url)
@@ -567,7 +567,7 @@ class Store:
             self.recorder = Recorder(self.add_calls)
         else:
             from cds_service.ops import metrics
-            from cds_service.spool import SpoolRecorder
+            from cds_service.records.spool import SpoolRecorder
 
             metrics.store_up(up)
             self.recorder = SpoolRecorder(self.add_calls, self.ping, spool_dir)
