@@ -24,17 +24,17 @@ import jwt
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate
 
-from cds_service.errors import ConfigError
-from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
-from cds_service.fhir import (
+from cds_service.data.fhir import (
     MIB,
     FhirBase,
     InsecureFhirServer,
     check_fhir_server_url,
     is_loopback_host,
 )
+from cds_service.data.prefetch import PrefetchSettings, lint_template
+from cds_service.errors import ConfigError
+from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
 from cds_service.models.manifest import MODEL_ID, Threshold, ordered_thresholds, thresholds_field
-from cds_service.prefetch import PrefetchSettings, lint_template
 from cds_service.registry import CdsService
 from cds_service.schemas import describe_errors
 from cds_service.trust.devkeys import ensure_dev_keypair

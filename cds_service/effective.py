@@ -19,7 +19,7 @@ import yaml
 from flask import Flask
 
 from cds_service.config import SHIPPED_MODELS_DIR, Site, SiteService
-from cds_service.fhir import MIB
+from cds_service.data.fhir import MIB
 from cds_service.models.registry import ModelRegistry
 from cds_service.records.store import redacted_url
 

@@ -16,7 +16,7 @@ from marshmallow import missing
 from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
-from cds_service import jsonlimit
+from cds_service.data import jsonlimit
 from cds_service.errors import CdsError, Issue, operation_outcome
 from cds_service.records.store import StoreUnavailable
 from cds_service.schemas import OperationOutcomeSchema, messages_to_issues

@@ -21,9 +21,9 @@ from typing import Any
 import jwt
 import requests
 
-from cds_service import jsonlimit
 from cds_service.config import Site
-from cds_service.prefetch import is_search, render_template
+from cds_service.data import jsonlimit
+from cds_service.data.prefetch import is_search, render_template
 from cds_service.records.suppression import WITHHELD_EXTENSION
 from cds_service.trust.devkeys import ALGORITHM, load_signing_key, private_key_path
 

@@ -12,11 +12,11 @@ from datetime import UTC, datetime
 from flask import Response, g, json, request
 
 from cds_service.cards import render_response
+from cds_service.data.fhir import origin_for_audit
+from cds_service.data.prefetch import resolve_prefetch
 from cds_service.errors import RequestInvalid, ServiceNotFound
-from cds_service.fhir import origin_for_audit
 from cds_service.http import Blueprint, require_json_body
 from cds_service.ops import metrics
-from cds_service.prefetch import resolve_prefetch
 from cds_service.records import suppression
 from cds_service.records.audit import (
     MAX_TEXT,

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cds_service.jsonlimit import MAX_DEPTH
+from cds_service.data.jsonlimit import MAX_DEPTH
 from cds_service.records.feedback import (
     EPIC_REASON_CATEGORY,
     EPIC_REASON_DISPLAY,

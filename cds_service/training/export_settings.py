@@ -16,8 +16,8 @@ from typing import Any
 from marshmallow import ValidationError, fields, validate
 
 from cds_service.config import SiteSection
+from cds_service.data.fhir import InsecureFhirServer, check_fhir_server_url
 from cds_service.errors import ConfigError
-from cds_service.fhir import InsecureFhirServer, check_fhir_server_url
 from cds_service.schemas import describe_errors
 
 # SMART App Launch 2.x, Backend Services §Authenticating: servers SHALL support RS384 and ES384;

@@ -45,7 +45,7 @@ import jwt
 import redis
 import requests
 
-from cds_service.fhir import is_loopback_host
+from cds_service.data.fhir import is_loopback_host
 from cds_service.trust.replay import ReplayCache
 
 logger = logging.getLogger("cds_service.trust.auth")

@@ -32,7 +32,7 @@ connect). Where that leaves a required key missing the 412 reads the same whatev
 port or scheme: the answer and its timing must not tell the caller what listens where.
 
 All fallback reads run on the caller's executor, at most `max_parallel_reads` at a time for one
-call, under one `ReadBudget` (cds_service.fhir): a deadline measured from the call's start and
+call, under one `ReadBudget` (cds_service.data.fhir): a deadline measured from the call's start and
 byte caps per answer and per call. When the call stops waiting, reads still in flight are cut
 off, so their threads are free for other calls at the deadline. Failures become
 `FhirAccessError` (412) naming each key and the reason class; missing data without FHIR access
@@ -56,8 +56,7 @@ from urllib.parse import quote
 
 import requests
 
-from cds_service.errors import FhirAccessError, Issue, PrefetchUnavailable
-from cds_service.fhir import (
+from cds_service.data.fhir import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_TOTAL_BYTES,
     FhirInvalidResponse,
@@ -70,9 +69,10 @@ from cds_service.fhir import (
     allowed_by,
     bounded_session,
 )
+from cds_service.errors import FhirAccessError, Issue, PrefetchUnavailable
 from cds_service.ops import metrics
 
-logger = logging.getLogger("cds_service.prefetch")
+logger = logging.getLogger("cds_service.data.prefetch")
 
 USER_TOKENS: Mapping[str, str] = {
     "userPractitionerId": "Practitioner",

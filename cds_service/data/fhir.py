@@ -8,7 +8,7 @@ share, or log the access token").
 
 Which servers: a request names its own `fhirServer`, so a validly signed call could point the
 service (and the EHR's token) at any host, internal ones included. A site lists the FHIR bases
-its calls may use (`FhirBase`, `allowed_by`); `cds_service.prefetch` never contacts any other.
+its calls may use (`FhirBase`, `allowed_by`); `cds_service.data.prefetch` never contacts any other.
 
 How much: one hook call's reads share a `ReadBudget`: one deadline covering connect, TLS, every
 page and every byte, a byte cap per response and per call, both enforced while the body streams
@@ -17,7 +17,7 @@ server frees its thread at the deadline instead of holding it for as long as it 
 
 Errors are typed (`FhirRequestError` subclasses) with a `reason` that is safe to show to the
 caller: it names the failure class and status, never the token, the query string or resource
-contents. `cds_service.prefetch` turns them into `FhirAccessError` naming the prefetch key.
+contents. `cds_service.data.prefetch` turns them into `FhirAccessError` naming the prefetch key.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from fhirpy.base.utils import AttrDict, encode_params, remove_prefix
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from cds_service import jsonlimit
+from cds_service.data import jsonlimit
 from cds_service.ops import metrics
 
-logger = logging.getLogger("cds_service.fhir")
+logger = logging.getLogger("cds_service.data.fhir")
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_TIMEOUT_S = 10.0
