@@ -19,7 +19,8 @@ from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 from cds_service.data import jsonlimit
 from cds_service.errors import CdsError, Issue, operation_outcome
 from cds_service.records.store import StoreUnavailable
-from cds_service.schemas import OperationOutcomeSchema, messages_to_issues
+from cds_service.schema_errors import messages_to_issues
+from cds_service.schemas import OperationOutcomeSchema
 from cds_service.trust.auth import AuthError
 from cds_service.trust.replay import ReplayCacheError
 

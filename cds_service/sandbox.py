@@ -46,7 +46,7 @@ from cds_service.invoke import (
 )
 from cds_service.records import suppression
 from cds_service.runtime import runtime
-from cds_service.schemas import messages_to_issues
+from cds_service.schema_errors import messages_to_issues
 
 log = logging.getLogger("cds_service.sandbox")
 

@@ -20,7 +20,6 @@ from marshmallow import (
     validates_schema,
 )
 
-from cds_service.errors import Issue
 from cds_service.registry import HOOKS
 
 # FHIR R4 id charset (https://hl7.org/fhir/R4/datatypes.html#id). Its 64-character limit is not
@@ -160,45 +159,6 @@ class CdsRequestSchema(Schema):
         data.setdefault("extension", {})
         data["prefetch"] = data.get("prefetch") or {}
         return data
-
-
-def describe_errors(error: ValidationError, prefix: str = "") -> str:
-    """A schema error as one line naming each bad key (under `prefix`, for a nested section),
-    for configuration-file messages."""
-    return "; ".join(issue.diagnostics for issue in messages_to_issues(error.messages, prefix))
-
-
-def messages_to_issues(messages: Any, prefix: str = "") -> list[Issue]:
-    """Flatten marshmallow/webargs error messages into OperationOutcome issues with paths."""
-    if isinstance(messages, dict):
-        issues: list[Issue] = []
-        for key, value in messages.items():
-            if key in ("json", "_schema") and not prefix:
-                issues += messages_to_issues(value, prefix)
-                continue
-            if key == "value" and isinstance(value, dict):
-                issues += messages_to_issues(value, prefix)
-                continue
-            if isinstance(key, int):
-                path = f"{prefix}[{key}]"
-            elif key == "_schema":
-                path = prefix
-            else:
-                path = f"{prefix}.{key}" if prefix else str(key)
-            issues += messages_to_issues(value, path)
-        return issues
-    if isinstance(messages, list | tuple):
-        if all(isinstance(m, str) for m in messages):
-            code = "required" if any("Missing data" in m for m in messages) else "invalid"
-            text = " ".join(messages)
-            where = prefix or "request body"
-            return [Issue(f"{where}: {text}", code=code, expression=(prefix,) if prefix else ())]
-        issues = []
-        for item in messages:
-            issues += messages_to_issues(item, prefix)
-        return issues
-    where = prefix or "request body"
-    return [Issue(f"{where}: {messages}", expression=(prefix,) if prefix else ())]
 
 
 # --- discovery (rules 7-16) --------------------------------------------------------------

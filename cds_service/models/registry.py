@@ -33,7 +33,7 @@ from cds_service.models.manifest import (
     check_thresholds,
     load_manifest,
 )
-from cds_service.schemas import describe_errors
+from cds_service.schema_errors import describe_errors
 
 log = logging.getLogger(__name__)
 

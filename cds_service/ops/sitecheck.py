@@ -347,7 +347,7 @@ def check_models(site: Site, models_dir: str | Path) -> list[Check]:
 
     from cds_service.models.errors import ModelError
     from cds_service.models.manifest import check_thresholds, load_manifest
-    from cds_service.schemas import describe_errors
+    from cds_service.schema_errors import describe_errors
 
     rows = []
     for service_id, enabled in site.services.items():
