@@ -9,12 +9,12 @@ from typing import Any
 
 from flask import Config, Flask
 
-from cds_service import swagger_ui
 from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_default_site, load_sites
-from cds_service.errors import ConfigError
-from cds_service.http import Api, JsonProvider, register_error_handlers
 from cds_service.models.registry import ModelRegistry
 from cds_service.ops import listeners, logs
+from cds_service.protocol import swagger_ui
+from cds_service.protocol.errors import ConfigError
+from cds_service.protocol.http import Api, JsonProvider, register_error_handlers
 from cds_service.registry import CdsService, index_services
 from cds_service.runtime import build_models, build_runtime, check_audiences, check_public_url
 
@@ -109,7 +109,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     app.extensions["cds_api"] = api
     register_error_handlers(app)
 
-    from cds_service.views import blp, health
+    from cds_service.protocol.views import blp, health
 
     api.register_blueprint(blp)
     api.register_blueprint(health)

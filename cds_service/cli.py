@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 
 # The gunicorn master's pid, relative to the working directory as the default SQLite store is.
 PIDFILE = "var/cds-service.pid"

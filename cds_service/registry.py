@@ -13,10 +13,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cds_service.cards import Card
     from cds_service.config import Site
     from cds_service.data.prefetch import Prefetch
     from cds_service.models.binding import ModelBinding
+    from cds_service.protocol.cards import Card
 
 # The hooks Epic supports (CDS Hooks Library STU1; Epic tutorial: "As of Epic version May 2021,
 # Epic primarily supports three standard hooks").

@@ -22,7 +22,6 @@ import jwt
 from flask import Flask, Request, current_app, g
 
 from cds_service.config import Site, SiteService
-from cds_service.errors import ConfigError
 from cds_service.models.binding import ModelBinding
 from cds_service.models.errors import ModelError
 from cds_service.models.registry import (
@@ -32,6 +31,7 @@ from cds_service.models.registry import (
     load_model_by_id,
 )
 from cds_service.ops import metrics
+from cds_service.protocol.errors import ConfigError
 from cds_service.records import spool
 from cds_service.records.store import Store, redacted_url
 from cds_service.registry import CdsService

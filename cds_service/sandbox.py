@@ -34,8 +34,6 @@ from flask import Blueprint, Flask, current_app, render_template, request
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from cds_service.config import Site, SiteService
-from cds_service.errors import CdsError, RequestInvalid
-from cds_service.http import require_json_body
 from cds_service.invoke import (
     INVOKE_USER,
     ORDER_TYPES,
@@ -44,6 +42,8 @@ from cds_service.invoke import (
     dated_today,
     signing_token,
 )
+from cds_service.protocol.errors import CdsError, RequestInvalid
+from cds_service.protocol.http import require_json_body
 from cds_service.records import suppression
 from cds_service.runtime import runtime
 from cds_service.schema_errors import messages_to_issues

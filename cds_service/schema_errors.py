@@ -12,7 +12,7 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from cds_service.errors import Issue
+from cds_service.protocol.errors import Issue
 
 
 def describe_errors(error: ValidationError, prefix: str = "") -> str:

@@ -23,7 +23,9 @@ import json
 
 from marshmallow import fields, validate
 
-from cds_service.cards import (
+from cds_service.config import SiteSection
+from cds_service.models.registry import Prediction
+from cds_service.protocol.cards import (
     Action,
     Card,
     Coding,
@@ -33,8 +35,6 @@ from cds_service.cards import (
     draft_order,
     severity,
 )
-from cds_service.config import SiteSection
-from cds_service.models.registry import Prediction
 from cds_service.registry import CdsService, HookRequest
 from hooks._kidney import (
     CREATININE_FAMILIES,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
-from cds_service.cards import (
+from cds_service.protocol.cards import (
     RESOURCE_ID,
     Action,
     Card,

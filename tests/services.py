@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cds_service.cards import Action, Card, Source, Suggestion
+from cds_service.protocol.cards import Action, Card, Source, Suggestion
 from cds_service.registry import CdsService, HookRequest
 
 

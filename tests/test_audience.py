@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from cds_service import create_app
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 from tests.conftest import ROOT, make_jwt
 from tests.test_serve import CLI, Server, free_port, request, token_for
 

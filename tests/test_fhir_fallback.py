@@ -28,7 +28,7 @@ from cds_service.data.fhir import (
     parse_retry_after,
 )
 from cds_service.data.prefetch import PrefetchSettings, resolve_prefetch
-from cds_service.errors import FhirAccessError, PrefetchUnavailable
+from cds_service.protocol.errors import FhirAccessError, PrefetchUnavailable
 from tests.fhir_server import (  # noqa: F401 - fixtures, used as test arguments
     fhir_server,
     fhir_server_factory,

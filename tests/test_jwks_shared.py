@@ -13,7 +13,7 @@ import logging
 import pytest
 import redis
 
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 from cds_service.trust.auth import (
     SHARED_JWKS_PREFIX,
     AuthError,

@@ -20,7 +20,7 @@ from cds_service.data.prefetch import (
     render_template,
     resolve_prefetch,
 )
-from cds_service.errors import FhirAccessError, PrefetchUnavailable
+from cds_service.protocol.errors import FhirAccessError, PrefetchUnavailable
 
 CONTEXT = {"patientId": "123", "encounterId": "E1", "userId": "PractitionerRole/456"}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 from cds_service.records.feedback import FeedbackItem, FeedbackRequestSchema
 from cds_service.records.store import Store, StoreUnavailable, redacted_url
 from tests.conftest import example

@@ -69,8 +69,8 @@ from cds_service.data.fhir import (
     allowed_by,
     bounded_session,
 )
-from cds_service.errors import FhirAccessError, Issue, PrefetchUnavailable
 from cds_service.ops import metrics
+from cds_service.protocol.errors import FhirAccessError, Issue, PrefetchUnavailable
 
 logger = logging.getLogger("cds_service.data.prefetch")
 

@@ -39,7 +39,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 
 log = logging.getLogger("cds_service.ops.serving")
 

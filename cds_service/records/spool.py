@@ -37,8 +37,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cds_service.errors import ConfigError
 from cds_service.ops import metrics
+from cds_service.protocol.errors import ConfigError
 from cds_service.records.audit import AuditRecord
 from cds_service.records.store import Call, StoreUnavailable
 

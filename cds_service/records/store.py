@@ -47,7 +47,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 from cds_service.records.audit import TEXT_FIELDS, TUPLE_FIELDS, AuditRecord
 from cds_service.records.feedback import OVERRIDDEN, FeedbackItem
 

@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from cds_service.cards import Card, severity
 from cds_service.config import DEFAULT_OVERRIDE_WINDOW, Site
 from cds_service.ops import metrics
+from cds_service.protocol.cards import Card, severity
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from marshmallow import ValidationError, fields, validate
 
 from cds_service.config import SiteSection
 from cds_service.data.fhir import InsecureFhirServer, check_fhir_server_url
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 from cds_service.schema_errors import describe_errors
 
 # SMART App Launch 2.x, Backend Services §Authenticating: servers SHALL support RS384 and ES384;

@@ -17,14 +17,14 @@ from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
 from cds_service.data import jsonlimit
-from cds_service.errors import CdsError, Issue, operation_outcome
+from cds_service.protocol.errors import CdsError, Issue, operation_outcome
+from cds_service.protocol.schemas import OperationOutcomeSchema
 from cds_service.records.store import StoreUnavailable
 from cds_service.schema_errors import messages_to_issues
-from cds_service.schemas import OperationOutcomeSchema
 from cds_service.trust.auth import AuthError
 from cds_service.trust.replay import ReplayCacheError
 
-log = logging.getLogger("cds_service.http")
+log = logging.getLogger("cds_service.protocol.http")
 
 # FHIR issue type per HTTP status, for errors raised by Flask/werkzeug themselves.
 _ISSUE_CODE = {

@@ -11,12 +11,18 @@ from datetime import UTC, datetime
 
 from flask import Response, g, json, request
 
-from cds_service.cards import render_response
 from cds_service.data.fhir import origin_for_audit
 from cds_service.data.prefetch import resolve_prefetch
-from cds_service.errors import RequestInvalid, ServiceNotFound
-from cds_service.http import Blueprint, require_json_body
 from cds_service.ops import metrics
+from cds_service.protocol.cards import render_response
+from cds_service.protocol.errors import RequestInvalid, ServiceNotFound
+from cds_service.protocol.http import Blueprint, require_json_body
+from cds_service.protocol.schemas import (
+    CardsResponseSchema,
+    CdsRequestSchema,
+    DiscoverySchema,
+    FeedbackAckSchema,
+)
 from cds_service.records import suppression
 from cds_service.records.audit import (
     MAX_TEXT,
@@ -29,14 +35,8 @@ from cds_service.records.feedback import FeedbackRequestSchema
 from cds_service.records.store import Call, StoreUnavailable
 from cds_service.registry import HookRequest
 from cds_service.runtime import runtime
-from cds_service.schemas import (
-    CardsResponseSchema,
-    CdsRequestSchema,
-    DiscoverySchema,
-    FeedbackAckSchema,
-)
 
-log = logging.getLogger("cds_service.views")
+log = logging.getLogger("cds_service.protocol.views")
 
 # Feedback is committed before its 200; a store that has not answered in this long gets the EHR
 # a 503 to retry on (a repeat is stored once), not a call held open until its own timeout.

@@ -177,7 +177,8 @@ class DiscoverySchema(Schema):
     services = fields.List(fields.Nested(DiscoveryServiceSchema), required=True)
 
 
-# --- response documentation (bodies are rendered by cds_service.cards, not dumped) ---------
+# --- response documentation (bodies are rendered by cds_service.protocol.cards, not dumped)
+# ---------
 
 
 class CardsResponseSchema(Schema):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from cds_service.errors import ServiceFault
+from cds_service.protocol.errors import ServiceFault
 
 INDICATORS = frozenset({"info", "warning", "critical"})
 # Least to most urgent; None is "no card".

@@ -1,7 +1,7 @@
 """Exception hierarchy, and the one OperationOutcome shape every error response uses.
 
-Each exception knows its HTTP status and its FHIR issue type; `cds_service.http` translates them
-to responses in exactly one place. Messages must be safe to show to the caller: never include a
+Each exception knows its HTTP status and its FHIR issue type; `cds_service.protocol.http` translates
+them to responses in exactly one place. Messages must be safe to show to the caller: never include a
 token, a stack trace, or resource contents.
 
 CDS Hooks 3.0 ballot (rule 111): "services SHOULD return an OperationOutcome body on non-2xx".
