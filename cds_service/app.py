@@ -118,7 +118,9 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     listeners.init_app(app)  # /metrics and detailed health on the ops port, when there is one
     # A sandbox site has a dev_keypair issuer, which loads only with ALLOW_DEV_KEYS: both hold.
     if app.config["ALLOW_DEV_KEYS"] and any(site.sandbox for site in deployment.sites.values()):
-        from cds_service import sandbox  # a developer tool: mounted only where a site enables it
+        from cds_service.tools import (
+            sandbox,  # a developer tool: mounted only where a site enables it
+        )
 
         sandbox.init_app(app, deployment.sites)
     return app

@@ -79,8 +79,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _invoke(args: argparse.Namespace) -> int:
     from cds_service.config import choose_default_site, load_sites
-    from cds_service.invoke import InvokeError, build_request, format_cards, load_bundle, send
     from cds_service.registry import index_services
+    from cds_service.tools.invoke import InvokeError, build_request, format_cards, load_bundle, send
     from hooks import SERVICES
 
     try:
@@ -334,9 +334,9 @@ def _models_validate(args: argparse.Namespace) -> int:
 def _models_explain(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from cds_service.invoke import InvokeError, load_bundle
     from cds_service.models.errors import ModelError
     from cds_service.models.registry import load_model
+    from cds_service.tools.invoke import InvokeError, load_bundle
 
     model = load_model(Path(args.model))
     try:

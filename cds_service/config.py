@@ -169,7 +169,7 @@ class Site:
     # The site's FHIR R4 base (`fhir_server`), read by `cds-service site check`; calls use the
     # fhirServer each carries, when `prefetch_settings.fhir_servers` allows it.
     fhir_server: str | None = None
-    # `sandbox`: serve the developer sandbox page at /sandbox (cds_service/sandbox.py).
+    # `sandbox`: serve the developer sandbox page at /sandbox (cds_service/tools/sandbox.py).
     sandbox: bool = False
     # `bulk_export`: the SMART Backend Services client for `cds-service data export`.
     bulk_export: BulkExportSettings | None = None

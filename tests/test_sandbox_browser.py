@@ -6,8 +6,8 @@ Needs Chromium and Playwright (tests/browser.py).
 
 from __future__ import annotations
 
-from cds_service.invoke import load_bundle
 from cds_service.records.store import Store
+from cds_service.tools.invoke import load_bundle
 from tests.browser import ARTIFACTS as ALL_ARTIFACTS
 from tests.browser import browser  # noqa: F401 - fixture
 from tests.conftest import ROOT
@@ -15,7 +15,7 @@ from tests.test_serve import serve  # noqa: F401 - fixture
 
 ARTIFACTS = ALL_ARTIFACTS / "sandbox"
 KIDNEY_SUMMARY = "Kidney failure risk 8% at 2 years, 24% at 5 years (eGFR 27, urine ACR 380 mg/g)"
-# The indicator bands in cds_service/static/sandbox.css, as computed colours.
+# The indicator bands in cds_service/tools/static/sandbox.css, as computed colours.
 BAND = {"warning": "rgb(217, 122, 0)", "critical": "rgb(196, 38, 29)"}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cds_service.invoke import shift_dates
+from cds_service.tools.invoke import shift_dates
 from cds_service.validator import validate_response
 from hooks import SERVICES
 from hooks._kidney import EGFR_FAMILIES, search_codes

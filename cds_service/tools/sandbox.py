@@ -3,9 +3,9 @@
 Like the CDS Hooks sandbox (https://sandbox.cds-hooks.org), but with this deployment's services,
 models and site settings. Pick a bundled synthetic patient or upload a FHIR Bundle, pick a service
 and hook (and for order hooks the medications to draft); the page shows the exact request, signed
-with the site's development key the way Epic signs (`cds_service.invoke`), the response, the cards
-rendered as Epic shows them, and the model's score with its top factors. Accept and override send
-real feedback, so an overridden card is then withheld (alert-fatigue suppression), and shown as
+with the site's development key the way Epic signs (`cds_service.tools.invoke`), the response, the
+cards rendered as Epic shows them, and the model's score with its top factors. Accept and override
+send real feedback, so an overridden card is then withheld (alert-fatigue suppression), and shown as
 such; "Reset" ends the suppressions the sandbox's own clinician caused for the patient chosen.
 
 Every call goes over HTTP to this server's own `/cds-services/...`, so authentication, replay
@@ -34,7 +34,12 @@ from flask import Blueprint, Flask, current_app, render_template, request
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from cds_service.config import Site, SiteService
-from cds_service.invoke import (
+from cds_service.protocol.errors import CdsError, RequestInvalid
+from cds_service.protocol.http import require_json_body
+from cds_service.records import suppression
+from cds_service.runtime import runtime
+from cds_service.schema_errors import messages_to_issues
+from cds_service.tools.invoke import (
     INVOKE_USER,
     ORDER_TYPES,
     InvokeError,
@@ -42,19 +47,14 @@ from cds_service.invoke import (
     dated_today,
     signing_token,
 )
-from cds_service.protocol.errors import CdsError, RequestInvalid
-from cds_service.protocol.http import require_json_body
-from cds_service.records import suppression
-from cds_service.runtime import runtime
-from cds_service.schema_errors import messages_to_issues
 
-log = logging.getLogger("cds_service.sandbox")
+log = logging.getLogger("cds_service.tools.sandbox")
 
 bp = Blueprint("sandbox", __name__, url_prefix="/sandbox", template_folder="templates",
                static_folder="static")
 
 # Bundled synthetic patients; `SANDBOX_BUNDLES_DIR` (CDS_SANDBOX_BUNDLES_DIR) points elsewhere.
-BUNDLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "bundles"
+BUNDLES_DIR = Path(__file__).resolve().parents[2] / "examples" / "bundles"
 # A call back into this same server needs a free gunicorn thread (gthread: 4 per worker).
 TIMEOUT_S = 20.0
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"

@@ -1,4 +1,4 @@
-// CDS Hooks sandbox page (cds_service/sandbox.py). Vanilla JS, no build step, nothing fetched
+// CDS Hooks sandbox page (cds_service/tools/sandbox.py). Vanilla JS, no build step, nothing fetched
 // from outside this server. Card text is rendered with the small markdown renderer below, which
 // escapes all HTML first (CDS Hooks 2.0 §Card: `detail` is GitHub-flavoured markdown).
 "use strict";
