@@ -62,7 +62,7 @@ import numpy as np
 from bench import write_results
 from cds_service.features import LOINC, UCUM, extract, group_by_patient
 from cds_service.models.cohort import generate_cohort
-from cds_service.models.registry import LoadedModel, load_model
+from cds_service.models.loaded import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"

@@ -10,13 +10,13 @@ from typing import Any
 from flask import Config, Flask
 
 from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_default_site, load_sites
-from cds_service.models.registry import ModelRegistry
+from cds_service.models.loaded import ModelSet
 from cds_service.ops import listeners, logs
 from cds_service.protocol import swagger_ui
 from cds_service.protocol.errors import ConfigError
 from cds_service.protocol.http import Api, JsonProvider, register_error_handlers
-from cds_service.registry import CdsService, index_services
 from cds_service.runtime import build_models, build_runtime, check_audiences, check_public_url
+from cds_service.service import CdsService, index_services
 
 OPENAPI = {
     "API_TITLE": "CDS Hooks service",
@@ -44,7 +44,7 @@ class Deployment:
     services: Mapping[str, CdsService]
     sites: Mapping[str, Site]
     default_site: Site | None  # None: authentication on, several sites
-    models: ModelRegistry
+    models: ModelSet
 
 
 def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _invoke(args: argparse.Namespace) -> int:
     from cds_service.config import choose_default_site, load_sites
-    from cds_service.registry import index_services
+    from cds_service.service import index_services
     from cds_service.tools.invoke import InvokeError, build_request, format_cards, load_bundle, send
     from hooks import SERVICES
 
@@ -114,7 +114,7 @@ def _invoke(args: argparse.Namespace) -> int:
 def _site_check(args: argparse.Namespace) -> int:
     from cds_service.config import load_sites
     from cds_service.ops.sitecheck import SiteCheckError, check_site, render
-    from cds_service.registry import index_services
+    from cds_service.service import index_services
     from hooks import SERVICES
 
     try:
@@ -137,7 +137,7 @@ def _site_check(args: argparse.Namespace) -> int:
 
 def _data_export(args: argparse.Namespace) -> int:
     from cds_service.config import load_sites
-    from cds_service.registry import index_services
+    from cds_service.service import index_services
     from cds_service.training.bulk_export import export_site
     from cds_service.training.errors import ExportError
     from hooks import SERVICES
@@ -242,7 +242,7 @@ SUPPRESSION_COLUMNS = ("time", "expires", "site", "service_id", "user_id", "pati
 def _suppressions(args: argparse.Namespace, store, config) -> int:
     from cds_service.config import load_sites
     from cds_service.records.suppression import active_overrides
-    from cds_service.registry import index_services
+    from cds_service.service import index_services
     from hooks import SERVICES
 
     filters = {column: value for column, value in (
@@ -313,7 +313,7 @@ def _models_train(args: argparse.Namespace) -> int:
 
 
 def _models_evaluate(args: argparse.Namespace) -> int:
-    from cds_service.models.registry import load_model
+    from cds_service.models.loaded import load_model
     from cds_service.models.training import evaluate
 
     report = evaluate(load_model(Path(args.model)), Path(args.ndjson), Path(args.labels))
@@ -322,7 +322,7 @@ def _models_evaluate(args: argparse.Namespace) -> int:
 
 
 def _models_validate(args: argparse.Namespace) -> int:
-    from cds_service.models.registry import load_model
+    from cds_service.models.loaded import load_model
 
     for directory in args.models:
         model = load_model(Path(directory))
@@ -335,7 +335,7 @@ def _models_explain(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from cds_service.models.errors import ModelError
-    from cds_service.models.registry import load_model
+    from cds_service.models.loaded import load_model
     from cds_service.tools.invoke import InvokeError, load_bundle
 
     model = load_model(Path(args.model))

@@ -35,8 +35,8 @@ from cds_service.data.prefetch import PrefetchSettings, lint_template
 from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
 from cds_service.models.manifest import MODEL_ID, Threshold, ordered_thresholds, thresholds_field
 from cds_service.protocol.errors import ConfigError
-from cds_service.registry import CdsService
 from cds_service.schema_errors import describe_errors
+from cds_service.service import CdsService
 from cds_service.trust.devkeys import ensure_dev_keypair
 
 if TYPE_CHECKING:

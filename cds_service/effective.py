@@ -20,7 +20,7 @@ from flask import Flask
 
 from cds_service.config import SHIPPED_MODELS_DIR, Site, SiteService
 from cds_service.data.fhir import MIB
-from cds_service.models.registry import ModelRegistry
+from cds_service.models.loaded import ModelSet
 from cds_service.records.store import redacted_url
 
 
@@ -50,7 +50,7 @@ def effective_config(app: Flask) -> dict[str, Any]:
             "sites": {site.id: _site(site, rt.models) for site in rt.sites.values()}}
 
 
-def _site(site: Site, models: ModelRegistry) -> dict[str, Any]:
+def _site(site: Site, models: ModelSet) -> dict[str, Any]:
     p = site.prefetch_settings
     return {
         "source": site.source,
@@ -85,7 +85,7 @@ def _site(site: Site, models: ModelRegistry) -> dict[str, Any]:
     }
 
 
-def _service(enabled: SiteService, models: ModelRegistry) -> dict[str, Any]:
+def _service(enabled: SiteService, models: ModelSet) -> dict[str, Any]:
     service = enabled.service
     model = models.get(enabled.model) if enabled.model else None
     shadow = models.get(enabled.shadow_model) if enabled.shadow_model else None

@@ -24,7 +24,7 @@ import json
 from marshmallow import fields, validate
 
 from cds_service.config import SiteSection
-from cds_service.models.registry import Prediction
+from cds_service.models.loaded import Prediction
 from cds_service.protocol.cards import (
     Action,
     Card,
@@ -35,7 +35,7 @@ from cds_service.protocol.cards import (
     draft_order,
     severity,
 )
-from cds_service.registry import CdsService, HookRequest
+from cds_service.service import CdsService, HookRequest
 from hooks._kidney import (
     CREATININE_FAMILIES,
     EGFR_FAMILIES,

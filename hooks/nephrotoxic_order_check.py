@@ -26,7 +26,7 @@ from cds_service.protocol.cards import (
     Suggestion,
     draft_order,
 )
-from cds_service.registry import CdsService, HookRequest
+from cds_service.service import CdsService, HookRequest
 from hooks._kidney import (
     COMPARATOR_TEXT,
     CREATININE_FAMILIES,

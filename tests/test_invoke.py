@@ -12,7 +12,7 @@ import jwt
 import pytest
 
 from cds_service.config import load_sites
-from cds_service.registry import index_services
+from cds_service.service import index_services
 from cds_service.tools.invoke import (
     InvokeError,
     build_request,

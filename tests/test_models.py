@@ -17,8 +17,8 @@ from cds_service.config import SHIPPED_MODELS_DIR
 from cds_service.features import extract
 from cds_service.models import binding as binding_module
 from cds_service.models.errors import ModelError
+from cds_service.models.loaded import indicator_for, load_model, runtime_versions
 from cds_service.models.manifest import Threshold
-from cds_service.models.registry import indicator_for, load_model, runtime_versions
 from cds_service.protocol.errors import ConfigError
 from hooks import SERVICES
 from tests.test_api import post

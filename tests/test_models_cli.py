@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cds_service.cli import main
-from cds_service.models.registry import load_model
+from cds_service.models.loaded import load_model
 from cds_service.protocol.errors import ConfigError
 from hooks import SERVICES
 from tests.test_api import post

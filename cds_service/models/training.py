@@ -32,8 +32,8 @@ from cds_service.models import artifact
 from cds_service.models.errors import ModelError
 from cds_service.models.estimators import KidneyFailureRiskEquation, LogColumns
 from cds_service.models.explain import default_method
+from cds_service.models.loaded import LoadedModel, load_model, runtime_versions
 from cds_service.models.manifest import Manifest, write_manifest
-from cds_service.models.registry import LoadedModel, load_model, runtime_versions
 
 ARTIFACT_FILE = "model.skops"
 

@@ -20,7 +20,7 @@ from marshmallow import (
     validates_schema,
 )
 
-from cds_service.registry import HOOKS
+from cds_service.service import HOOKS
 
 # FHIR R4 id charset (https://hl7.org/fhir/R4/datatypes.html#id). Its 64-character limit is not
 # enforced: Epic's draft-order ids run to ~194 characters (Epic tutorial, draftOrders example).

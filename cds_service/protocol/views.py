@@ -33,8 +33,8 @@ from cds_service.records.audit import (
 )
 from cds_service.records.feedback import FeedbackRequestSchema
 from cds_service.records.store import Call, StoreUnavailable
-from cds_service.registry import HookRequest
 from cds_service.runtime import runtime
+from cds_service.service import HookRequest
 
 log = logging.getLogger("cds_service.protocol.views")
 

@@ -1,4 +1,4 @@
-"""Loaded models: one `ModelRegistry` per worker, built at start-up, read-only afterwards.
+"""Loaded models: one `ModelSet` per worker, built at start-up, read-only afterwards.
 
 Loading checks, in order, and refuses the model with a message naming the file when any fails:
 the manifest schema and feature contract; the runtime's library versions against the ones the
@@ -311,7 +311,7 @@ def load_model_by_id(models_dir: str | Path, model_id: str) -> LoadedModel:
     return model
 
 
-class ModelRegistry:
+class ModelSet:
     """The models a worker serves, by id."""
 
     def __init__(self, models: Mapping[str, LoadedModel] | None = None):
