@@ -286,7 +286,7 @@ def _moment(text: str) -> datetime:
 
 
 def _models_generate_cohort(args: argparse.Namespace) -> int:
-    from cds_service.models.cohort import generate_cohort, write_cohort
+    from cds_service.training.cohort import generate_cohort, write_cohort
 
     cohort = generate_cohort(n_patients=args.patients, seed=args.seed)
     paths = write_cohort(cohort, Path(args.out))
@@ -300,7 +300,7 @@ def _models_generate_cohort(args: argparse.Namespace) -> int:
 
 def _models_train(args: argparse.Namespace) -> int:
     from cds_service.models.manifest import load_spec
-    from cds_service.models.training import train
+    from cds_service.training.training import train
 
     result = train(load_spec(Path(args.spec)), Path(args.ndjson), Path(args.labels),
                    Path(args.out))
@@ -314,7 +314,7 @@ def _models_train(args: argparse.Namespace) -> int:
 
 def _models_evaluate(args: argparse.Namespace) -> int:
     from cds_service.models.loaded import load_model
-    from cds_service.models.training import evaluate
+    from cds_service.training.training import evaluate
 
     report = evaluate(load_model(Path(args.model)), Path(args.ndjson), Path(args.labels))
     print(json.dumps(report, indent=2))  # noqa: T201

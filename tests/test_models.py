@@ -84,7 +84,7 @@ def test_shipped_models_load_with_their_manifest_contract(model_id):
 def test_the_trained_model_says_plainly_it_is_synthetic(lr):
     m = lr.manifest
     assert "SYNTHETIC" in m.intended_use and "NOT CLINICALLY VALIDATED" in m.intended_use
-    assert m.training_data["cohort"]["generator"] == "cds_service.models.cohort"
+    assert m.training_data["cohort"]["generator"] == "cds_service.training.cohort"
     assert len(m.features) > 4
 
 

@@ -709,7 +709,7 @@ def _metadata(n: int, seed: int, index_date: date, pop: _Population, risk: np.nd
         defects.append({"name": name, "description": description, "rate": rate,
                         "denominator_of": over, "denominator": denominator, "count": count})
     return {
-        "generator": "cds_service.models.cohort",
+        "generator": "cds_service.training.cohort",
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "n_patients": n,
