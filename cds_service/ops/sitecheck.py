@@ -62,7 +62,7 @@ DEFAULT_TIMEOUT_S = 10.0
 FHIR, ORDERABLES, ISSUERS, MODELS = "fhir", "orderables", "issuers", "models"
 
 # The services take the newest result by its date from whatever a search returns
-# (cds_service/features.py), so the server's order matters only where `_count` cuts it.
+# (cds_service/features/values.py), so the server's order matters only where `_count` cuts it.
 IGNORED_SORT = ("not listed: ignored, results come in the server's order; harmless (the "
                 "services take the newest by date), but drop it so the template says what the "
                 "server does")
