@@ -63,8 +63,9 @@ def _site(site: Site, models: ModelSet) -> dict[str, Any]:
         "cors_origins": list(site.cors_origins),
         "epic_compatibility": site.epic_compatibility,
         "fhir_server": site.fhir_server,
-        # fhir.py: the token Epic hands over goes only to the origin of the request's fhirServer,
-        # over https (or plain http to a loopback host when allowed), and is never logged.
+        # data/fhir.py: the token Epic hands over goes only to the origin of the request's
+        # fhirServer, over https (or plain http to a loopback host when allowed), and is never
+        # logged.
         "fhir_token": "sent to the request's fhirServer only, over https"
                       + (" or plain http to a loopback host" if p.allow_http_loopback else "")
                       + ", when fhir_servers allows it",
