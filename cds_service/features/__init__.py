@@ -100,6 +100,7 @@ __all__ = [
     "parse_features",
     "readings",
     "readings_many",
+    # Private, re-exported for the tests that inspect the caches through this package.
     "_compiled",
     "_ucum_factor",
 ]
