@@ -4,7 +4,7 @@ fixed card, served by gunicorn with the service's own settings.
 What the service does beyond this floor (JWT verification, prefetch, features, model, cards,
 audit) is what a service/floor ratio measures; HTTP parsing, gunicorn's gthread workers and
 Flask routing are common to both. The gunicorn application is `cds-service serve`'s own
-(`cds_service.serving.Server`): `SETTINGS` plus the same bind, workers, threads,
+(`cds_service.ops.serving.Server`): `SETTINGS` plus the same bind, workers, threads,
 `max_requests`, logging dictionary and server hooks, so a change there moves both. (gunicorn
 writes an access line per request whenever a logging dictionary is set, `--access-log` or not;
 the floor does too.)
@@ -23,8 +23,8 @@ import time
 
 from flask import Flask, Response, g, request
 
-from cds_service.logs import logconfig
-from cds_service.serving import SETTINGS, Server
+from cds_service.ops.logs import logconfig
+from cds_service.ops.serving import SETTINGS, Server
 
 # One warning card shaped like kidney-risk's (2.3 KB as JSON, about what the service answers
 # for the bench's patient-view payloads).
@@ -102,7 +102,7 @@ def create_app() -> Flask:
 
 
 class FloorServer(Server):
-    """`cds-service serve`'s own gunicorn application (`cds_service.serving.Server`: SETTINGS,
+    """`cds-service serve`'s own gunicorn application (`cds_service.ops.serving.Server`: SETTINGS,
     bind, workers, threads, max_requests, logging, server hooks), loading this app instead."""
 
     def __init__(self, args: argparse.Namespace):

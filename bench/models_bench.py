@@ -11,7 +11,7 @@ versions, platform, CPU count, date) and ``DIR/models.md`` (a short table), and 
 
 Inputs (deterministic: a fixed cohort seed and fixed generator seeds):
 
-- *typical*: 50 patients of the synthetic cohort (`cds_service.models.cohort`; ~15 Observations
+- *typical*: 50 patients of the synthetic cohort (`cds_service.training.cohort`; ~15 Observations
   and a few Conditions each), each shaped as a CDS Hooks prefetch: the Patient plus an
   Observation and a Condition searchset Bundle. Calls cycle through the patients.
 - *100 obs* / *1,000 obs* ("large prefetch"): one of those patients, whose Observations are
@@ -61,8 +61,8 @@ import numpy as np
 
 from bench import write_results
 from cds_service.features import LOINC, UCUM, extract, group_by_patient
-from cds_service.models.cohort import generate_cohort
-from cds_service.models.registry import LoadedModel, load_model
+from cds_service.models.loaded import LoadedModel, load_model
+from cds_service.training.cohort import generate_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
@@ -272,7 +272,7 @@ def build_inputs(models: Sequence[LoadedModel]) -> Inputs:
     for size in LARGE_SIZES:
         large[size], large_desc[f"obs_{size}"] = large_prefetch(groups[base], size, now=now)
     description = {
-        "cohort": {"generator": "cds_service.models.cohort.generate_cohort",
+        "cohort": {"generator": "cds_service.training.cohort.generate_cohort",
                    "n_patients": TYPICAL_PATIENTS, "seed": COHORT_SEED,
                    "index_date": d.isoformat(), "now": now.isoformat()},
         "typical": {"patients": len(ids), "shape": "Patient + Observation searchset Bundle + "

@@ -81,8 +81,8 @@ import yaml
 
 from bench import load, write_results
 from bench.payloads import Payload, build, describe, new_hook_instance
-from cds_service.devkeys import ALGORITHM, ensure_dev_keypair, load_signing_key
-from cds_service.serving import SETTINGS
+from cds_service.ops.serving import SETTINGS
+from cds_service.trust.devkeys import ALGORITHM, ensure_dev_keypair, load_signing_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results"
@@ -597,7 +597,7 @@ def run(settings: Settings, *, client_mode: str = "threads", groups: Sequence[Gr
             "requests": {f"{p} x{c}": n for (p, c), n in settings.counts.items()},
             "warmup": {f"{p} x{c}": n for (p, c), n in settings.warmup.items()},
             "concurrent_client": client_mode,
-            "gunicorn": "cds_service.serving.Server settings: gthread, 4 threads, keepalive "
+            "gunicorn": "cds_service.ops.serving.Server settings: gthread, 4 threads, keepalive "
                         "75 s, --max-requests 0 (no recycling), loopback",
             "request_timeout_s": REQUEST_TIMEOUT_S,
             "log_level": LOG_LEVEL,

@@ -9,13 +9,14 @@ from typing import Any
 
 from flask import Config, Flask
 
-from cds_service import listeners, logs, swagger_ui
 from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_default_site, load_sites
-from cds_service.errors import ConfigError
-from cds_service.http import Api, JsonProvider, register_error_handlers
-from cds_service.models.registry import ModelRegistry
-from cds_service.registry import CdsService, index_services
+from cds_service.models.loaded import ModelSet
+from cds_service.ops import listeners, logs
+from cds_service.protocol import swagger_ui
+from cds_service.protocol.errors import ConfigError
+from cds_service.protocol.http import Api, JsonProvider, register_error_handlers
 from cds_service.runtime import build_models, build_runtime, check_audiences, check_public_url
+from cds_service.service import CdsService, index_services
 
 OPENAPI = {
     "API_TITLE": "CDS Hooks service",
@@ -43,7 +44,7 @@ class Deployment:
     services: Mapping[str, CdsService]
     sites: Mapping[str, Site]
     default_site: Site | None  # None: authentication on, several sites
-    models: ModelRegistry
+    models: ModelSet
 
 
 def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     app.extensions["cds_api"] = api
     register_error_handlers(app)
 
-    from cds_service.views import blp, health
+    from cds_service.protocol.views import blp, health
 
     api.register_blueprint(blp)
     api.register_blueprint(health)
@@ -117,7 +118,9 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     listeners.init_app(app)  # /metrics and detailed health on the ops port, when there is one
     # A sandbox site has a dev_keypair issuer, which loads only with ALLOW_DEV_KEYS: both hold.
     if app.config["ALLOW_DEV_KEYS"] and any(site.sandbox for site in deployment.sites.values()):
-        from cds_service import sandbox  # a developer tool: mounted only where a site enables it
+        from cds_service.tools import (
+            sandbox,  # a developer tool: mounted only where a site enables it
+        )
 
         sandbox.init_app(app, deployment.sites)
     return app

@@ -30,21 +30,21 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 
 # The gunicorn master's pid, relative to the working directory as the default SQLite store is.
 PIDFILE = "var/cds-service.pid"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cds_service import logs, serving
+    from cds_service.ops import logs, serving
 
     logs.configure(fmt=args.log_format)
     return serving.run(args, logs.logconfig(args.log_format, access_log=args.access_log))
 
 
 def _reload(args: argparse.Namespace) -> int:
-    from cds_service.serving import ReloadError, request_reload
+    from cds_service.ops.serving import ReloadError, request_reload
 
     try:
         status = request_reload(args.pidfile, timeout=args.timeout)
@@ -79,8 +79,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _invoke(args: argparse.Namespace) -> int:
     from cds_service.config import choose_default_site, load_sites
-    from cds_service.invoke import InvokeError, build_request, format_cards, load_bundle, send
-    from cds_service.registry import index_services
+    from cds_service.service import index_services
+    from cds_service.tools.invoke import InvokeError, build_request, format_cards, load_bundle, send
     from hooks import SERVICES
 
     try:
@@ -113,8 +113,8 @@ def _invoke(args: argparse.Namespace) -> int:
 
 def _site_check(args: argparse.Namespace) -> int:
     from cds_service.config import load_sites
-    from cds_service.registry import index_services
-    from cds_service.sitecheck import SiteCheckError, check_site, render
+    from cds_service.ops.sitecheck import SiteCheckError, check_site, render
+    from cds_service.service import index_services
     from hooks import SERVICES
 
     try:
@@ -137,7 +137,7 @@ def _site_check(args: argparse.Namespace) -> int:
 
 def _data_export(args: argparse.Namespace) -> int:
     from cds_service.config import load_sites
-    from cds_service.registry import index_services
+    from cds_service.service import index_services
     from cds_service.training.bulk_export import export_site
     from cds_service.training.errors import ExportError
     from hooks import SERVICES
@@ -171,7 +171,7 @@ def _store_command(func):
 
     def run(args: argparse.Namespace) -> int:
         from cds_service.app import resolve_config
-        from cds_service.store import Store, StoreUnavailable
+        from cds_service.records.store import Store, StoreUnavailable
 
         config = resolve_config()
         try:
@@ -219,7 +219,7 @@ def _print_rows(rows, columns: Sequence[str], output: str) -> None:
 
 
 def _audit_show(args: argparse.Namespace, store, config) -> int:
-    from cds_service.audit import REVIEW_COLUMNS
+    from cds_service.records.audit import REVIEW_COLUMNS
 
     if args.since and args.until and args.since >= args.until:
         print("audit: --since must be before --until", file=sys.stderr)  # noqa: T201
@@ -241,8 +241,8 @@ SUPPRESSION_COLUMNS = ("time", "expires", "site", "service_id", "user_id", "pati
 
 def _suppressions(args: argparse.Namespace, store, config) -> int:
     from cds_service.config import load_sites
-    from cds_service.registry import index_services
-    from cds_service.suppression import active_overrides
+    from cds_service.records.suppression import active_overrides
+    from cds_service.service import index_services
     from hooks import SERVICES
 
     filters = {column: value for column, value in (
@@ -286,7 +286,7 @@ def _moment(text: str) -> datetime:
 
 
 def _models_generate_cohort(args: argparse.Namespace) -> int:
-    from cds_service.models.cohort import generate_cohort, write_cohort
+    from cds_service.training.cohort import generate_cohort, write_cohort
 
     cohort = generate_cohort(n_patients=args.patients, seed=args.seed)
     paths = write_cohort(cohort, Path(args.out))
@@ -300,7 +300,7 @@ def _models_generate_cohort(args: argparse.Namespace) -> int:
 
 def _models_train(args: argparse.Namespace) -> int:
     from cds_service.models.manifest import load_spec
-    from cds_service.models.training import train
+    from cds_service.training.training import train
 
     result = train(load_spec(Path(args.spec)), Path(args.ndjson), Path(args.labels),
                    Path(args.out))
@@ -313,8 +313,8 @@ def _models_train(args: argparse.Namespace) -> int:
 
 
 def _models_evaluate(args: argparse.Namespace) -> int:
-    from cds_service.models.registry import load_model
-    from cds_service.models.training import evaluate
+    from cds_service.models.loaded import load_model
+    from cds_service.training.training import evaluate
 
     report = evaluate(load_model(Path(args.model)), Path(args.ndjson), Path(args.labels))
     print(json.dumps(report, indent=2))  # noqa: T201
@@ -322,7 +322,7 @@ def _models_evaluate(args: argparse.Namespace) -> int:
 
 
 def _models_validate(args: argparse.Namespace) -> int:
-    from cds_service.models.registry import load_model
+    from cds_service.models.loaded import load_model
 
     for directory in args.models:
         model = load_model(Path(directory))
@@ -334,9 +334,9 @@ def _models_validate(args: argparse.Namespace) -> int:
 def _models_explain(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from cds_service.invoke import InvokeError, load_bundle
     from cds_service.models.errors import ModelError
-    from cds_service.models.registry import load_model
+    from cds_service.models.loaded import load_model
+    from cds_service.tools.invoke import InvokeError, load_bundle
 
     model = load_model(Path(args.model))
     try:
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "ops_port", None):
         os.environ["CDS_OPS_PORT"] = str(args.ops_port)
     if args.func is not _serve:  # serve configures logging for gunicorn too
-        from cds_service import logs
+        from cds_service.ops import logs
 
         logs.configure(fmt="text")
     try:

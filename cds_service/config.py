@@ -10,37 +10,35 @@ documented in `site_config/README.md`. Nothing here is read inside a request.
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
 import yaml
-from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate
+from marshmallow import ValidationError, fields, validate
 
-from cds_service.devkeys import ensure_dev_keypair
-from cds_service.errors import ConfigError
-from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
-from cds_service.fhir import (
+from cds_service.data.fhir import (
     MIB,
     FhirBase,
     InsecureFhirServer,
     check_fhir_server_url,
     is_loopback_host,
 )
+from cds_service.data.prefetch import PrefetchSettings, lint_template
+from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
 from cds_service.models.manifest import MODEL_ID, Threshold, ordered_thresholds, thresholds_field
-from cds_service.prefetch import PrefetchSettings, lint_template
-from cds_service.registry import CdsService
-from cds_service.schemas import describe_errors
-
-if TYPE_CHECKING:
-    from cds_service.training.export_settings import BulkExportSettings
+from cds_service.protocol.errors import ConfigError
+from cds_service.schema_errors import describe_errors
+from cds_service.service import CdsService
+from cds_service.site_section import SiteSection
+from cds_service.training.export_settings import BulkExportSettings, parse_bulk_export
+from cds_service.trust.devkeys import ensure_dev_keypair
 
 DEFAULTS: dict[str, Any] = {
     # Path to one site YAML file or a directory of them; None = one built-in site ("default")
@@ -72,14 +70,15 @@ DEFAULTS: dict[str, Any] = {
     # development deployment turns them on (`make run` does). A site that asks for one while
     # this is false stops start-up: whoever holds that private key could call as the EHR.
     "ALLOW_DEV_KEYS": False,
-    # A second listening port for /metrics and detailed health (cds_service/listeners.py); then
+    # A second listening port for /metrics and detailed health (cds_service/ops/listeners.py); then
     # they answer 404 on the public port. None: everything on the one port.
     "OPS_PORT": None,
     # Clock skew allowed on exp/iat/nbf. Epic sends nbf = iat - 300 and exp = iat + 900.
     "JWT_LEEWAY_SECONDS": 30,
     # Where each worker spools its calls' audit records, issued cards and predictions before
-    # they reach the store (cds_service/spool.py); None = `spool/` beside a SQLite store's file,
-    # `var/spool` with PostgreSQL. Give it a volume that outlives the process (docs/operations.md).
+    # they reach the store (cds_service/records/spool.py); None = `spool/` beside a SQLite
+    # store's file, `var/spool` with PostgreSQL. Give it a volume that outlives the process
+    # (docs/operations.md).
     "SPOOL_DIR": None,
     # Audit records older than this are removed by `cds-service audit purge`.
     "AUDIT_RETENTION_DAYS": 2190,
@@ -168,46 +167,11 @@ class Site:
     # The site's FHIR R4 base (`fhir_server`), read by `cds-service site check`; calls use the
     # fhirServer each carries, when `prefetch_settings.fhir_servers` allows it.
     fhir_server: str | None = None
-    # `sandbox`: serve the developer sandbox page at /sandbox (cds_service/sandbox.py).
+    # `sandbox`: serve the developer sandbox page at /sandbox (cds_service/tools/sandbox.py).
     sandbox: bool = False
     # `bulk_export`: the SMART Backend Services client for `cds-service data export`.
     bulk_export: BulkExportSettings | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
-
-
-# Keys starting with this are the site team's annotations (who changed what, a ticket number),
-# ignored at every level of a site file.
-ANNOTATION_PREFIX = "x-"
-
-
-def unknown_key(key: Any, known: Sequence[str]) -> str:
-    """The error for a key no schema reads, with the closest valid one."""
-    # difflib's default cutoff (0.6) offers `cors` for `colour`; a typo scores 0.8 and more.
-    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
-    if close:
-        return f"unknown key; did you mean `{close[0]}`?"
-    return f"unknown key (valid keys: {', '.join(sorted(known))})"
-
-
-class SiteSection(Schema):
-    """A mapping in a site file. A key it does not read is an error naming the closest valid
-    one: a typo (`code_mapings`) would otherwise silently drop the setting and, with it, the
-    cards it feeds. `x-…` keys are annotations and are dropped before loading."""
-
-    class Meta:
-        unknown = RAISE
-
-    @pre_load
-    def _only_known_keys(self, data: Any, **kwargs: Any) -> Any:
-        if not isinstance(data, Mapping):
-            return data  # the field's own type error
-        known = [f.data_key or name for name, f in self.load_fields.items()]
-        annotation = [k for k in data if isinstance(k, str) and k.startswith(ANNOTATION_PREFIX)]
-        errors = {key: [unknown_key(key, known)] for key in data
-                  if key not in known and key not in annotation}
-        if errors:
-            raise ValidationError(errors)
-        return {k: v for k, v in data.items() if k not in annotation}
 
 
 class _PrefetchSettingsSchema(SiteSection):
@@ -386,9 +350,6 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         max_total_bytes=_bytes(p, "max_total_mib", PrefetchSettings.max_total_bytes),
         max_parallel_reads=p.get("max_parallel_reads", PrefetchSettings.max_parallel_reads),
     )
-    # Imported here: that module builds on this one (its schema is a SiteSection).
-    from cds_service.training.export_settings import parse_bulk_export
-
     bulk_export = parse_bulk_export(parsed.get("bulk_export"), source,
                                     allow_http_loopback=settings.allow_http_loopback)
     return Site(

@@ -19,9 +19,9 @@ import yaml
 from flask import Flask
 
 from cds_service.config import SHIPPED_MODELS_DIR, Site, SiteService
-from cds_service.fhir import MIB
-from cds_service.models.registry import ModelRegistry
-from cds_service.store import redacted_url
+from cds_service.data.fhir import MIB
+from cds_service.models.loaded import ModelSet
+from cds_service.records.store import redacted_url
 
 
 def effective_config(app: Flask) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def effective_config(app: Flask) -> dict[str, Any]:
             "sites": {site.id: _site(site, rt.models) for site in rt.sites.values()}}
 
 
-def _site(site: Site, models: ModelRegistry) -> dict[str, Any]:
+def _site(site: Site, models: ModelSet) -> dict[str, Any]:
     p = site.prefetch_settings
     return {
         "source": site.source,
@@ -63,8 +63,9 @@ def _site(site: Site, models: ModelRegistry) -> dict[str, Any]:
         "cors_origins": list(site.cors_origins),
         "epic_compatibility": site.epic_compatibility,
         "fhir_server": site.fhir_server,
-        # fhir.py: the token Epic hands over goes only to the origin of the request's fhirServer,
-        # over https (or plain http to a loopback host when allowed), and is never logged.
+        # data/fhir.py: the token Epic hands over goes only to the origin of the request's
+        # fhirServer, over https (or plain http to a loopback host when allowed), and is never
+        # logged.
         "fhir_token": "sent to the request's fhirServer only, over https"
                       + (" or plain http to a loopback host" if p.allow_http_loopback else "")
                       + ", when fhir_servers allows it",
@@ -85,7 +86,7 @@ def _site(site: Site, models: ModelRegistry) -> dict[str, Any]:
     }
 
 
-def _service(enabled: SiteService, models: ModelRegistry) -> dict[str, Any]:
+def _service(enabled: SiteService, models: ModelSet) -> dict[str, Any]:
     service = enabled.service
     model = models.get(enabled.model) if enabled.model else None
     shadow = models.get(enabled.shadow_model) if enabled.shadow_model else None

@@ -21,8 +21,21 @@ from urllib.parse import urlsplit
 import jwt
 from flask import Flask, Request, current_app, g
 
-from cds_service import metrics, spool
-from cds_service.auth import (
+from cds_service.config import Site, SiteService
+from cds_service.models.binding import ModelBinding
+from cds_service.models.errors import ModelError
+from cds_service.models.loaded import (
+    ModelSet,
+    check_site_thresholds,
+    check_use,
+    load_model_by_id,
+)
+from cds_service.ops import metrics
+from cds_service.protocol.errors import ConfigError
+from cds_service.records import spool
+from cds_service.records.store import Store, redacted_url
+from cds_service.service import CdsService
+from cds_service.trust.auth import (
     AuthError,
     AuthSettings,
     JwksCache,
@@ -31,19 +44,7 @@ from cds_service.auth import (
     TrustedIssuer,
     VerifiedCaller,
 )
-from cds_service.config import Site, SiteService
-from cds_service.errors import ConfigError
-from cds_service.models.binding import ModelBinding
-from cds_service.models.errors import ModelError
-from cds_service.models.registry import (
-    ModelRegistry,
-    check_site_thresholds,
-    check_use,
-    load_model_by_id,
-)
-from cds_service.registry import CdsService
-from cds_service.replay import replay_cache_from_url
-from cds_service.store import Store, redacted_url
+from cds_service.trust.replay import replay_cache_from_url
 
 log = logging.getLogger("cds_service.runtime")
 
@@ -58,7 +59,7 @@ class CdsRuntime:
     verifier: TokenVerifier | None = None  # None only when AUTH_REQUIRED is explicitly false
     # PUBLIC_URL, checked: the base of the endpoint URL a token's `aud` may name.
     public_url: str | None = None
-    models: ModelRegistry = field(default_factory=ModelRegistry)
+    models: ModelSet = field(default_factory=ModelSet)
     # "Now" for models (ages, look-back windows). Tests pass CLOCK to freeze it.
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     fhir_max_workers: int = 16
@@ -200,7 +201,7 @@ def build_verifier(app: Flask, sites: Mapping[str, Site]) -> TokenVerifier | Non
         raise ConfigError(f"issuers: {exc}") from exc
 
 
-def build_models(models_dir: str | Path, sites: Mapping[str, Site]) -> ModelRegistry:
+def build_models(models_dir: str | Path, sites: Mapping[str, Site]) -> ModelSet:
     """Load every model any site names, once; a bad one stops start-up naming site and key."""
     wanted: dict[str, str] = {}
     for site in sites.values():
@@ -224,7 +225,7 @@ def build_models(models_dir: str | Path, sites: Mapping[str, Site]) -> ModelRegi
                 check_site_thresholds(loaded[enabled.model], enabled.thresholds, where)
             if enabled.shadow_model:
                 check_use(loaded[enabled.shadow_model], "shadow", f"{where}.shadow_model")
-    return ModelRegistry(loaded)
+    return ModelSet(loaded)
 
 
 def build_runtime(app: Flask, deployment) -> CdsRuntime:

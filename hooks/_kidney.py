@@ -163,7 +163,7 @@ def observation_search(*families: str) -> str:
 # asks for, so a key means the same data in either. No `_sort` or `_count`: Epic documents no
 # `_sort` for Observation search, and an R4 server ignores what it does not support, so `_count`
 # would page the server's order and could cut off the newest result. The newest is taken by its
-# date from whatever comes back (cds_service/features.py); site_config/README.md, "Readiness
+# date from whatever comes back (cds_service/features/); site_config/README.md, "Readiness
 # check before go-live".
 PREFETCH: Mapping[str, str] = MappingProxyType({
     "egfr": observation_search(*EGFR_FAMILIES),

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
-from cds_service.cards import Coding, severity
-from cds_service.schemas import describe_errors
+from cds_service.protocol.cards import Coding, severity
+from cds_service.schema_errors import describe_errors
 from hooks._kidney import KidneyStatus, at_least, creatinine_clearance
 from hooks._medications import TERMINOLOGY, Medication
 

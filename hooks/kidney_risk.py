@@ -23,7 +23,8 @@ import json
 
 from marshmallow import fields, validate
 
-from cds_service.cards import (
+from cds_service.models.loaded import Prediction
+from cds_service.protocol.cards import (
     Action,
     Card,
     Coding,
@@ -33,9 +34,8 @@ from cds_service.cards import (
     draft_order,
     severity,
 )
-from cds_service.config import SiteSection
-from cds_service.models.registry import Prediction
-from cds_service.registry import CdsService, HookRequest
+from cds_service.service import CdsService, HookRequest
+from cds_service.site_section import SiteSection
 from hooks._kidney import (
     PREFETCH,
     KidneyStatus,

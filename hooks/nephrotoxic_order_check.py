@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
-from cds_service.cards import (
+from cds_service.protocol.cards import (
     RESOURCE_ID,
     Action,
     Card,
@@ -26,7 +26,7 @@ from cds_service.cards import (
     Suggestion,
     draft_order,
 )
-from cds_service.registry import CdsService, HookRequest
+from cds_service.service import CdsService, HookRequest
 from hooks._kidney import (
     COMPARATOR_TEXT,
     PREFETCH,

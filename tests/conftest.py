@@ -117,7 +117,7 @@ DEMO_JWKS = ROOT / "var" / "dev-keys" / "demo-hospital.jwks.json"
 
 def demo_signer():
     """Sign as the bundled demo site's issuer, with its generated development key."""
-    from cds_service.devkeys import ensure_dev_keypair, load_signing_key
+    from cds_service.trust.devkeys import ensure_dev_keypair, load_signing_key
 
     ensure_dev_keypair(DEMO_JWKS)
     key, kid = load_signing_key(DEMO_JWKS)

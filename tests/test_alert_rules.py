@@ -123,7 +123,7 @@ def test_metric_names_reads_metrics_and_recorded_series_only(expr, names):
 def test_catalogue_lists_every_metric_with_its_type():
     from prometheus_client.metrics import MetricWrapperBase
 
-    from cds_service import metrics
+    from cds_service.ops import metrics
 
     known = catalogue()
     exported = {}

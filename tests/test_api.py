@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from cds_service.jsonlimit import MAX_DEPTH
+from cds_service.data.jsonlimit import MAX_DEPTH
 from hooks import SERVICES
 from tests.conftest import example
 from tests.helpers.http import PATIENT_VIEW, assert_outcome, nested, post, walk
@@ -44,7 +44,7 @@ def test_discovery_with_no_services_is_an_empty_list(make_app):
 
 
 def test_discovery_of_the_shipped_registry_uses_lintable_templates(make_app):
-    from cds_service.prefetch import lint_template
+    from cds_service.data.prefetch import lint_template
     from hooks import SERVICES
 
     client = make_app(SERVICES=SERVICES).test_client()

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from cds_service import create_app
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 from tests.conftest import ROOT, make_jwt
 from tests.helpers.servers import CLI, Server, free_port, request, token_for
 
@@ -35,7 +35,7 @@ def call(client, aud: str, path: str = "/cds-services/echo", **headers):
 
 
 def refusal(caplog) -> str:
-    [line] = [r.getMessage() for r in caplog.records if r.name == "cds_service.auth"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "cds_service.trust.auth"]
     return line.split("reason=")[1].split()[0]
 
 
@@ -68,7 +68,7 @@ def test_the_configured_endpoint_url_and_the_sites_audiences_are_accepted(client
     (f"{PUBLIC}/cds-services/echo/feedback", {}),
 ])
 def test_an_audience_only_the_request_headers_vouch_for_is_refused(client, caplog, aud, headers):
-    caplog.set_level(logging.WARNING, "cds_service.auth")
+    caplog.set_level(logging.WARNING, "cds_service.trust.auth")
     assert call(client, aud, **headers).status_code == 401
     assert refusal(caplog) == "aud"
 
@@ -80,7 +80,7 @@ def test_the_feedback_endpoint_is_its_own_audience(client):
 
 
 def test_a_token_with_a_critical_extension_is_refused_over_http(client, caplog):
-    caplog.set_level(logging.WARNING, "cds_service.auth")
+    caplog.set_level(logging.WARNING, "cds_service.trust.auth")
     token = make_jwt(f"{PUBLIC}/cds-services/echo",
                      headers={"crit": ["urn:example:ext"], "urn:example:ext": True})
     response = client.post("/cds-services/echo", json=BODY,

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from cds_service import store as store_module
-from cds_service.audit import (
+from cds_service.records import store as store_module
+from cds_service.records.audit import (
     MAX_ITEMS,
     MAX_TEXT,
     AuditRecord,
@@ -20,7 +20,7 @@ from cds_service.audit import (
     safe_text,
     strip_url_secrets,
 )
-from cds_service.store import Store, StoreUnavailable
+from cds_service.records.store import Store, StoreUnavailable
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.c2lnbmF0dXJl"
 OPAQUE = "Nxfve4q3H9TKs5F5vf6kRYAZqzK7j9LHvrg1Bw7fU_07_FdV9aRzLCI1GxOn20LuO2Ahl5RkRnz-p8u1MeYWqA"

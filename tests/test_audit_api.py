@@ -90,8 +90,8 @@ def test_discovery_reads_no_phi_and_is_not_audited(audited):
 def test_purge_command_removes_records_past_retention(store_url, tmp_path):
     import subprocess
 
-    from cds_service.audit import AuditRecord
-    from cds_service.store import Store
+    from cds_service.records.audit import AuditRecord
+    from cds_service.records.store import Store
     from tests.helpers.servers import CLI
 
     now = datetime.now(UTC)
@@ -110,9 +110,9 @@ def test_purge_command_removes_records_past_retention(store_url, tmp_path):
 
 def test_show_command_reads_the_log_for_an_access_review(store_url, monkeypatch, capsys):
 
-    from cds_service.audit import AuditRecord
     from cds_service.cli import main
-    from cds_service.store import Store
+    from cds_service.records.audit import AuditRecord
+    from cds_service.records.store import Store
 
     now = datetime.now(UTC)
     calls = [  # (days ago, patient, user, hookInstance, status, outcome)

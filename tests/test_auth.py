@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from cds_service.auth import (
+from cds_service.trust.auth import (
     AuthError,
     AuthSettings,
     JwksCache,
@@ -18,7 +18,7 @@ from cds_service.auth import (
     TrustedIssuer,
     VerifiedCaller,
 )
-from cds_service.replay import MemoryReplayCache
+from cds_service.trust.replay import MemoryReplayCache
 from tests.conftest import example
 from tests.helpers.jwks import (
     AUD,
@@ -729,7 +729,7 @@ def test_token_never_logged(rs, jwks_server, make_verifier, caplog, case):
 
     assert refused(verifier, token) == reason
 
-    warnings = [r for r in caplog.records if r.name == "cds_service.auth"
+    warnings = [r for r in caplog.records if r.name == "cds_service.trust.auth"
                 and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and f"reason={reason}" in warnings[0].getMessage()
     head, payload, signature = token.split(".")

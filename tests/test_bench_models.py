@@ -48,7 +48,7 @@ def test_quick_run_writes_every_model_and_case(tmp_path: Path, capsys) -> None:
 
 def test_large_prefetch_is_mostly_unrelated_results() -> None:
     from cds_service.features import flatten, group_by_patient
-    from cds_service.models.cohort import generate_cohort
+    from cds_service.training.cohort import generate_cohort
 
     cohort = generate_cohort(3, seed=models_bench.COHORT_SEED)
     groups = group_by_patient(r for v in cohort.resources.values() for r in v)

@@ -18,8 +18,8 @@ from jwt.algorithms import RSAAlgorithm
 
 from cds_service.cli import main
 from cds_service.config import load_sites
-from cds_service.errors import ConfigError
-from cds_service.registry import index_services
+from cds_service.protocol.errors import ConfigError
+from cds_service.service import index_services
 from cds_service.training.bulk_export import (
     ExportRequest,
     Waits,

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from cds_service.cards import (
+from cds_service.protocol.cards import (
     Action,
     Card,
     Coding,
@@ -17,7 +17,7 @@ from cds_service.cards import (
     Suggestion,
     render_response,
 )
-from cds_service.errors import ServiceFault
+from cds_service.protocol.errors import ServiceFault
 from tests.conftest import EXAMPLES
 from tests.helpers.validator import validate_response
 

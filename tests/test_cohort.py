@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cds_service.models import cohort as cohort_module
-from cds_service.models.cohort import (
+from cds_service.training import cohort as cohort_module
+from cds_service.training.cohort import (
     GENERATOR_VERSION,
     Cohort,
     generate_cohort,

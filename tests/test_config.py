@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from cds_service import create_app
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 from hooks import SERVICES
 
 

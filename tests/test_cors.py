@@ -47,7 +47,7 @@ def test_actual_request_from_allowed_and_other_origins(cors_client):
 
 
 def test_wildcard_origin_is_refused_in_configuration(make_app):
-    from cds_service.errors import ConfigError
+    from cds_service.protocol.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cors.origins"):
         make_app(SITE_YAML='cors:\n  origins: ["*"]\n')

@@ -10,7 +10,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
-from cds_service import swagger_ui
+from cds_service.protocol import swagger_ui
 from tests.conftest import ROOT
 from tests.helpers.browser import ARTIFACTS
 

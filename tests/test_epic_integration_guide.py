@@ -21,8 +21,8 @@ import yaml
 
 from cds_service import create_app
 from cds_service.config import load_sites
-from cds_service.invoke import build_request, load_bundle, signing_token
-from cds_service.registry import index_services
+from cds_service.service import index_services
+from cds_service.tools.invoke import build_request, load_bundle, signing_token
 from hooks import SERVICES
 from tests.conftest import ROOT
 from tests.helpers.servers import free_port, request

@@ -13,11 +13,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cds_service.feedback import (
+from cds_service.data.jsonlimit import MAX_DEPTH
+from cds_service.records.feedback import (
     EPIC_REASON_CATEGORY,
     EPIC_REASON_DISPLAY,
 )
-from cds_service.jsonlimit import MAX_DEPTH
 from tests.conftest import example, make_jwt
 from tests.helpers.feedback_examples import EXAMPLE_CASES
 from tests.helpers.http import assert_outcome, nested, post

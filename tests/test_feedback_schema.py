@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from marshmallow import ValidationError
 
-from cds_service.feedback import (
+from cds_service.records.feedback import (
     EPIC_REASON_CATEGORY,
     EPIC_REASON_TITLE,
     MAX_CLOCK_SKEW,

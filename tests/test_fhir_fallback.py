@@ -13,8 +13,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from cds_service.errors import FhirAccessError, PrefetchUnavailable
-from cds_service.fhir import (
+from cds_service.data.fhir import (
     FhirNotFound,
     FhirRedirectRefused,
     InsecureFhirServer,
@@ -25,7 +24,8 @@ from cds_service.fhir import (
     loggable_path,
     parse_retry_after,
 )
-from cds_service.prefetch import PrefetchSettings, resolve_prefetch
+from cds_service.data.prefetch import PrefetchSettings, resolve_prefetch
+from cds_service.protocol.errors import FhirAccessError, PrefetchUnavailable
 from tests.helpers.fhir_server import operation_outcome, searchset
 
 # Distinctive, so a leak anywhere is found by a substring search.
@@ -563,7 +563,7 @@ def test_token_never_logged_nor_in_errors(
     # The URL is named, its ids and parameter values are not (logs.py: patient ids only in the
     # audit log).
     messages = [r.getMessage().replace(fhir_server.url, "<base>") for r in caplog.records
-                if r.name == "cds_service.fhir"]
+                if r.name == "cds_service.data.fhir"]
     assert "FHIR GET <base>/Patient/… -> 200" in " ".join(messages)
     assert "FHIR GET <base>/Encounter/… -> 401" in " ".join(messages)
     assert TOKEN not in caplog.text

@@ -14,11 +14,11 @@ import pytest
 import sqlalchemy as sa
 
 from bench.hostile_fhir import MIB, ConnectionCounter, HostileFhirServer
-from cds_service.audit import AuditRecord
-from cds_service.errors import ConfigError, FhirAccessError
-from cds_service.fhir import FhirBase, allowed_by, origin_for_audit
-from cds_service.prefetch import REFUSED_SERVER, PrefetchSettings, resolve_prefetch
-from cds_service.store import Store
+from cds_service.data.fhir import FhirBase, allowed_by, origin_for_audit
+from cds_service.data.prefetch import REFUSED_SERVER, PrefetchSettings, resolve_prefetch
+from cds_service.protocol.errors import ConfigError, FhirAccessError
+from cds_service.records.audit import AuditRecord
+from cds_service.records.store import Store
 from tests.helpers.fhir_server import searchset
 from tests.helpers.http import PATIENT_VIEW, post
 

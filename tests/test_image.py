@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 from tests.conftest import ROOT
 from tests.helpers.servers import CLI, free_port
 

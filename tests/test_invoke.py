@@ -12,7 +12,8 @@ import jwt
 import pytest
 
 from cds_service.config import load_sites
-from cds_service.invoke import (
+from cds_service.service import index_services
+from cds_service.tools.invoke import (
     InvokeError,
     build_request,
     dated_today,
@@ -20,7 +21,6 @@ from cds_service.invoke import (
     shift_dates,
     signing_token,
 )
-from cds_service.registry import index_services
 from hooks import SERVICES
 from tests.conftest import ROOT
 from tests.helpers.servers import CLI, request

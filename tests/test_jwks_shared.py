@@ -10,7 +10,8 @@ import logging
 import pytest
 import redis
 
-from cds_service.auth import (
+from cds_service.protocol.errors import ConfigError
+from cds_service.trust.auth import (
     SHARED_JWKS_PREFIX,
     AuthError,
     AuthSettings,
@@ -19,8 +20,7 @@ from cds_service.auth import (
     TokenVerifier,
     TrustedIssuer,
 )
-from cds_service.errors import ConfigError
-from cds_service.replay import MemoryReplayCache
+from cds_service.trust.replay import MemoryReplayCache
 from tests.helpers.jwks import (
     AUD,
     ISS,
@@ -212,7 +212,7 @@ def test_garbage_in_redis_is_ignored_and_replaced_by_a_fetch(rs, jwks_server, ho
     planted = rsa_key()
     raw_redis.set(a.store.key(a.jku), garbage(a.jku, rs, planted), px=60_000)
 
-    with caplog.at_level(logging.WARNING, logger="cds_service.auth"):
+    with caplog.at_level(logging.WARNING, logger="cds_service.trust.auth"):
         assert a.verify(rs) == rs.kid
     assert jwks_server.count == 1
     assert "shared JWK Set for" in caplog.text and "ignored" in caplog.text
@@ -226,7 +226,7 @@ def test_garbage_in_redis_is_ignored_and_replaced_by_a_fetch(rs, jwks_server, ho
 def test_redis_down_verifies_from_the_jku_and_warns_once(rs, jwks_server, hosts, clock, caplog):
     jwks_server.publish(rs)
     a, b = hosts(2, url=CLOSED_PORT_URL)
-    with caplog.at_level(logging.WARNING, logger="cds_service.auth"):
+    with caplog.at_level(logging.WARNING, logger="cds_service.trust.auth"):
         assert a.verify(rs) == rs.kid
         assert b.verify(rs) == rs.kid
         clock.advance(TTL + 1)

@@ -10,7 +10,7 @@ import logging.config
 
 import pytest
 
-from cds_service import logs
+from cds_service.ops import logs
 from tests.helpers.golden import (
     FETCH_SCENARIOS,
     TOKEN,
@@ -50,12 +50,12 @@ def test_request_logs_are_json_correlated_and_free_of_tokens_and_patient_ids(
     assert_matches_golden(response, load(scenario / "expected.json"))
     assert response.headers["X-Request-ID"] == "epic-req-42"
     records = captured()[before:]
-    assert {r["logger"] for r in records} >= {"cds_service.fhir", "cds_service.views"}
+    assert {r["logger"] for r in records} >= {"cds_service.data.fhir", "cds_service.protocol.views"}
     for record in records:
         assert {"timestamp", "level", "logger", "message"} <= set(record)
         assert record["request_id"] == "epic-req-42"
         assert record["site"] == "test-site"
-    [done] = [r for r in records if r["logger"] == "cds_service.views"]
+    [done] = [r for r in records if r["logger"] == "cds_service.protocol.views"]
     assert done["service"] == "kidney-risk"
     assert done["hook_instance"] == body["hookInstance"]
     text = json.dumps(records)

@@ -1,5 +1,5 @@
-"""Prometheus metrics (cds_service/metrics.py): values and labels scraped from `/metrics` of a real
-gunicorn with two workers, and in-process for FHIR fallback reads and shadow models."""
+"""Prometheus metrics (cds_service/ops/metrics.py): values and labels scraped from `/metrics` of a
+real gunicorn with two workers, and in-process for FHIR fallback reads and shadow models."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from cds_service.suppression import WITHHELD_EXTENSION
+from cds_service.records.suppression import WITHHELD_EXTENSION
 from tests.conftest import ROOT, demo_signer, make_jwt
 from tests.helpers.golden import EGFR_28, golden_request, load, loopback_client, without_prefetch
 from tests.helpers.http import post
@@ -210,6 +210,6 @@ def test_metrics_endpoint_needs_no_token_and_names_the_catalogue(client):
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain")
     text = response.get_data(as_text=True)
-    catalogue = Path(ROOT / "cds_service" / "metrics.py").read_text()
+    catalogue = Path(ROOT / "cds_service" / "ops" / "metrics.py").read_text()
     for name in ("cds_requests", "cds_stage_duration_seconds", "cds_jwt_rejections"):
         assert f'"{name}"' in catalogue and f"# HELP {name}" in text

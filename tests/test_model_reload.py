@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from cds_service.store import Store
+from cds_service.records.store import Store
 from tests.conftest import DEMO_JWKS, ROOT, demo_signer
 from tests.helpers.golden import as_of_today
 from tests.helpers.servers import CLI, Server, free_port, request, worker_pids

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from cds_service.config import SHIPPED_MODELS_DIR
-from cds_service.errors import ConfigError
 from cds_service.features import extract
 from cds_service.models import binding as binding_module
 from cds_service.models.errors import ModelError
+from cds_service.models.loaded import indicator_for, load_model, runtime_versions
 from cds_service.models.manifest import Threshold
-from cds_service.models.registry import indicator_for, load_model, runtime_versions
+from cds_service.protocol.errors import ConfigError
 from hooks import SERVICES
 from tests.helpers.golden import patient_request
 from tests.helpers.http import post
@@ -76,7 +76,7 @@ def test_shipped_models_load_with_their_manifest_contract(model_id):
 def test_the_trained_model_says_plainly_it_is_synthetic(lr):
     m = lr.manifest
     assert "SYNTHETIC" in m.intended_use and "NOT CLINICALLY VALIDATED" in m.intended_use
-    assert m.training_data["cohort"]["generator"] == "cds_service.models.cohort"
+    assert m.training_data["cohort"]["generator"] == "cds_service.training.cohort"
     assert len(m.features) > 4
 
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from cds_service.cli import main
-from cds_service.errors import ConfigError
-from cds_service.models.registry import load_model
+from cds_service.models.loaded import load_model
+from cds_service.protocol.errors import ConfigError
 from hooks import SERVICES
 from tests.helpers.charts import NOW
 from tests.helpers.golden import patient_request

@@ -14,11 +14,11 @@ from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
 from cds_service.config import SHIPPED_MODELS_DIR
 from cds_service.features import extract, group_by_patient
-from cds_service.models.cohort import generate_cohort
 from cds_service.models.estimators import LogColumns
 from cds_service.models.fast import compile_estimator, verified
-from cds_service.models.registry import load_model
-from cds_service.models.training import as_of
+from cds_service.models.loaded import load_model
+from cds_service.training.cohort import generate_cohort
+from cds_service.training.training import as_of
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
-from cds_service.errors import ConfigError
-from cds_service.listeners import OPS_PATHS
+from cds_service.ops.listeners import OPS_PATHS
+from cds_service.protocol.errors import ConfigError
 from tests.conftest import ROOT
 from tests.helpers.servers import Server, free_port
 

@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cds_service.errors import FhirAccessError, PrefetchUnavailable
-from cds_service.prefetch import (
+from cds_service.data.prefetch import (
     TOKEN_RE,
     Prefetch,
     PrefetchSettings,
@@ -21,6 +20,7 @@ from cds_service.prefetch import (
     render_template,
     resolve_prefetch,
 )
+from cds_service.protocol.errors import FhirAccessError, PrefetchUnavailable
 
 CONTEXT = {"patientId": "123", "encounterId": "E1", "userId": "PractitionerRole/456"}
 

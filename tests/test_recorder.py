@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 from prometheus_client import REGISTRY
 
-from cds_service.audit import AuditRecord
-from cds_service.store import Call, Recorder, Store
+from cds_service.records.audit import AuditRecord
+from cds_service.records.store import Call, Recorder, Store
 
 NOW = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
 

@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 import redis
 
-from cds_service.auth import AuthError, AuthSettings, TokenVerifier, TrustedIssuer
-from cds_service.replay import (
+from cds_service.trust.auth import AuthError, AuthSettings, TokenVerifier, TrustedIssuer
+from cds_service.trust.replay import (
     MemoryReplayCache,
     RedisReplayCache,
     ReplayCacheError,

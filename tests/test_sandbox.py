@@ -17,12 +17,13 @@ import jwt
 import pytest
 import sqlalchemy as sa
 
-from cds_service import create_app, sandbox
-from cds_service.errors import ConfigError
-from cds_service.invoke import INVOKE_USER, load_bundle
-from cds_service.jsonlimit import MAX_DEPTH
-from cds_service.store import overrides_table
-from cds_service.suppression import WITHHELD_EXTENSION
+from cds_service import create_app
+from cds_service.data.jsonlimit import MAX_DEPTH
+from cds_service.protocol.errors import ConfigError
+from cds_service.records.store import overrides_table
+from cds_service.records.suppression import WITHHELD_EXTENSION
+from cds_service.tools import sandbox
+from cds_service.tools.invoke import INVOKE_USER, load_bundle
 from hooks._medications import TERMINOLOGY
 from tests.conftest import DEMO_ISS, DEMO_JWKS, ROOT
 

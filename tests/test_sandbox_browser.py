@@ -6,8 +6,8 @@ Needs Chromium and Playwright (tests/helpers/browser.py).
 
 from __future__ import annotations
 
-from cds_service.invoke import load_bundle
-from cds_service.store import Store
+from cds_service.records.store import Store
+from cds_service.tools.invoke import load_bundle
 from tests.conftest import ROOT
 from tests.helpers.browser import ARTIFACTS as ALL_ARTIFACTS
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cds_service.store import Store
+from cds_service.records.store import Store
 from tests.conftest import ROOT, demo_signer, example, make_jwt
 from tests.helpers.servers import CLI, free_port, request, token_for, worker_pids
 
@@ -52,7 +52,7 @@ def test_serve_two_workers_end_to_end_and_feedback_survives_restart(serve, tmp_p
     output = Path(server.log.name).read_text(encoding="utf-8")
     records = [json.loads(line) for line in output.splitlines() if line.strip()]
     assert any(r["logger"] == "gunicorn.error" for r in records)
-    [invoked] = [r for r in records if r["logger"] == "cds_service.views"
+    [invoked] = [r for r in records if r["logger"] == "cds_service.protocol.views"
                  and r["message"].startswith("hook=")]
     assert invoked["site"] == "demo-hospital" and invoked["service"] == "kidney-risk"
     assert invoked["hook_instance"] == pv["hookInstance"] and len(invoked["request_id"]) == 32

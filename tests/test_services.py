@@ -232,7 +232,7 @@ def test_without_any_prefetch_every_key_is_read_from_the_fhir_server(make_app, t
                                                                      fhir_server, scenario):
     # Epic sends no prefetch when the OPA record has none configured: every search the service
     # declares is then made with the bearer token, and the answer is the same card.
-    from cds_service.prefetch import render_template
+    from cds_service.data.prefetch import render_template
 
     client = loopback_client(make_app, tmp_path, fhir_server)
     body = load(scenario / "request.json")

@@ -1,4 +1,4 @@
-"""gunicorn as `cds-service serve` configures it (cds_service/serving.py): threaded workers keep
+"""gunicorn as `cds-service serve` configures it (cds_service/ops/serving.py): threaded workers keep
 answering while one call waits on a slow FHIR server, and a recycled worker serves the
 configuration the master validated, not whatever the files on disk say now."""
 

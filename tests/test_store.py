@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from cds_service.errors import ConfigError
-from cds_service.feedback import FeedbackItem, FeedbackRequestSchema
-from cds_service.store import Store, StoreUnavailable, redacted_url
+from cds_service.protocol.errors import ConfigError
+from cds_service.records.feedback import FeedbackItem, FeedbackRequestSchema
+from cds_service.records.store import Store, StoreUnavailable, redacted_url
 from tests.conftest import example
 
 EXAMPLE_FILES = [
@@ -162,7 +162,7 @@ def test_ping_ok(store):
 
 def test_ping_unreachable_fails_fast_without_password(caplog):
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="cds_service.store"):
+    with caplog.at_level(logging.WARNING, logger="cds_service.records.store"):
         store = Store(UNREACHABLE_PG)  # starts anyway; the outage is reported by ping
     try:
         with pytest.raises(StoreUnavailable) as info:

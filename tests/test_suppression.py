@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from cds_service.suppression import WITHHELD_EXTENSION
+from cds_service.records.suppression import WITHHELD_EXTENSION
 from hooks import SERVICES
 from tests.helpers.golden import DATA, FROZEN_NOW, GOLDEN_SITE, assert_matches_golden, load
 from tests.helpers.http import assert_outcome, post

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cds_service import metrics
 from cds_service.features import CodeMap, FeatureSpec, FeatureVector, extract, flatten
+from cds_service.models.loaded import LoadedModel, Prediction
 from cds_service.models.manifest import Threshold
-from cds_service.models.registry import LoadedModel, Prediction
+from cds_service.ops import metrics
 
 log = logging.getLogger(__name__)
 

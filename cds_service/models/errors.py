@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cds_service.errors import ConfigError
+from cds_service.protocol.errors import ConfigError
 
 
 class ModelError(ConfigError):

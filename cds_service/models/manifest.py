@@ -21,7 +21,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from cds_service.features import FeatureSpec, FeatureSpecError, parse_features
 from cds_service.models.errors import ModelError
-from cds_service.schemas import describe_errors
+from cds_service.schema_errors import describe_errors
 
 MANIFEST_FILE = "manifest.yaml"
 # Card indicators in rising severity (CDS Hooks 2.0 §Card Attributes).

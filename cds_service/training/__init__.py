@@ -1,2 +1,5 @@
-"""Offline data work for models: Bulk FHIR export (`cds-service data export`), and later cohort
-building and training. Nothing here is imported by the app or its workers."""
+"""Offline data work for models, never run in a worker: the Bulk FHIR export (`bulk_export`,
+`smart_auth`; `cds-service data export`), the synthetic cohort (`cohort`; `cds-service models
+generate-cohort`) and training, evaluation and export of a model (`training`; `cds-service models
+train`). The one exception is `export_settings`, the site file's `bulk_export:` section, which is
+validated with the rest of the site file at start-up."""

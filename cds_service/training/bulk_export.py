@@ -39,7 +39,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import requests
 
 from cds_service.config import Site
-from cds_service.fhir import InsecureFhirServer, check_fhir_server_url, parse_retry_after
+from cds_service.data.fhir import InsecureFhirServer, check_fhir_server_url, parse_retry_after
 from cds_service.training.errors import ExportError, OutDirInUse, ServerError, UnsafeUrl
 from cds_service.training.smart_auth import (
     BackendServicesToken,

@@ -15,10 +15,10 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validate
 
-from cds_service.config import SiteSection
-from cds_service.errors import ConfigError
-from cds_service.fhir import InsecureFhirServer, check_fhir_server_url
-from cds_service.schemas import describe_errors
+from cds_service.data.fhir import InsecureFhirServer, check_fhir_server_url
+from cds_service.protocol.errors import ConfigError
+from cds_service.schema_errors import describe_errors
+from cds_service.site_section import SiteSection
 
 # SMART App Launch 2.x, Backend Services §Authenticating: servers SHALL support RS384 and ES384;
 # Epic registers RS384 keys by default.

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from cds_service.feedback import EPIC_REASON_CATEGORY, EPIC_REASON_DISPLAY, EPIC_REASON_TITLE
+from cds_service.records.feedback import (
+    EPIC_REASON_CATEGORY,
+    EPIC_REASON_DISPLAY,
+    EPIC_REASON_TITLE,
+)
 
 NONE = {
     "accepted_suggestions": (),

@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cds_service.invoke import shift_dates
+from cds_service.tools.invoke import shift_dates
 from hooks import SERVICES
 from tests.helpers.validator import validate_response
 

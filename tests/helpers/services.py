@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cds_service.cards import Action, Card, Source, Suggestion
-from cds_service.registry import CdsService, HookRequest
+from cds_service.protocol.cards import Action, Card, Source, Suggestion
+from cds_service.service import CdsService, HookRequest
 
 
 def _echo(request: HookRequest) -> list[Card]:

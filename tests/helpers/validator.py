@@ -1,6 +1,6 @@
 """Check an arbitrary JSON body against the CDS Hooks 2.0 service-response rules (and Epic's).
 
-Deliberately independent of `cds_service.cards`: it re-states the rules from the sources so
+Deliberately independent of `cds_service.protocol.cards`: it re-states the rules from the sources so
 that tests can catch a bug in the builders. Each problem is a string starting with the JSON path
 of the offending element, e.g. `cards[0].suggestions[1].actions[0].description: missing`.
 Rule numbers refer to shared/reference/cds-hooks-conformance.md.

@@ -1,0 +1,242 @@
+"""The extraction engine: specs compiled once into a (system, code) lookup, each resource
+visited once: `extract`, `extract_many`, `readings` and `readings_many`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from cds_service.features.codes import _MAPPING, CodeMap, _coding_key
+from cds_service.features.compiled import _Compiled, _compiled, _Lookup
+from cds_service.features.resources import (
+    _absent_reason,
+    _as_utc,
+    _concept_codes,
+    _has_value,
+    _instant,
+    _numeric_value,
+    _observation_date,
+    _resource_id,
+    _value_key,
+    flatten,
+)
+from cds_service.features.specs import FUTURE_SKEW, NUMERIC_AGGREGATIONS, FeatureSpec
+from cds_service.features.values import (
+    FeatureVector,
+    Reading,
+    _Acc,
+    _count_feature,
+    _numeric_feature,
+    _ordered,
+    _patient_feature,
+)
+
+# R4 ObservationStatus: entered-in-error never existed, cancelled was never performed.
+_OBS_EXCLUDED_STATUS = frozenset({"entered-in-error", "cancelled"})
+# R4 condition-ver-status / condition-clinical (CodeableConcept; the code is in coding[].code).
+_COND_EXCLUDED_VERIFICATION = frozenset({"entered-in-error", "refuted"})
+_COND_NOT_COUNTED_CLINICAL = frozenset({"inactive", "resolved"})
+
+
+def extract(specs: Sequence[FeatureSpec], resources: Iterable[Any], *, now: datetime,
+            code_map: CodeMap | None = None) -> FeatureVector:
+    """The feature vector of one patient's resources at `now` (see the module docstring)."""
+    compiled = _compiled(tuple(specs))
+    now = _as_utc(now)
+    accs, patient = _collect(compiled, resources, now, code_map)
+    values = []
+    for feature, acc in zip(compiled.features, accs, strict=True):
+        if feature.kind == "patient":
+            values.append(_patient_feature(feature, patient, now))
+        elif feature.kind == "count":
+            values.append(_count_feature(feature, acc))
+        else:
+            values.append(_numeric_feature(feature, acc))
+    return FeatureVector(tuple(values))
+
+
+def readings(spec: FeatureSpec, resources: Iterable[Any], *, now: datetime,
+             code_map: CodeMap | None = None) -> list[Reading]:
+    """Every usable result of one numeric Observation feature, oldest first: the results
+    `extract` aggregates, after the same exclusions (status, date and window, unit,
+    plausibility) and the same de-duplication. Raises ValueError for other kinds of spec."""
+    return readings_many((spec,), resources, now=now, code_map=code_map)[0]
+
+
+def readings_many(specs: Sequence[FeatureSpec], resources: Iterable[Any], *, now: datetime,
+                  code_map: CodeMap | None = None) -> tuple[list[Reading], ...]:
+    """`readings` of several features from a single pass over the resources."""
+    for spec in specs:
+        if spec.resource != "Observation" or spec.aggregation not in NUMERIC_AGGREGATIONS:
+            raise ValueError(f"readings needs a numeric Observation feature; {spec.name!r} is "
+                             f"{spec.resource} {spec.aggregation}")
+    compiled = _compiled(tuple(specs))
+    accs, _ = _collect(compiled, resources, _as_utc(now), code_map)
+    out = []
+    for index, acc in enumerate(accs):
+        out.append([Reading(instant, day, value, comparator,
+                            f"Observation/{rid}" if rid else None,
+                            _matched_code(element.get("code"), compiled.observation, code_map,
+                                          index), notes)
+                    for instant, value, rid, day, notes, comparator, element
+                    in _ordered(acc.items.values())])
+    return tuple(out)
+
+
+def _matched_code(concept: Any, lookup: _Lookup, code_map: Mapping | None,
+                  index: int) -> str | None:
+    """The first coding of a concept (or its code-map target) that feature `index` matches."""
+    codings = concept.get("coding") if isinstance(concept, _MAPPING) else None
+    for coding in codings if isinstance(codings, list) else ():
+        if not isinstance(coding, _MAPPING):
+            continue
+        key = _coding_key(coding.get("system"), coding.get("code"))
+        if key is None:
+            continue
+        for candidate in (key, *((code_map or {}).get(key) or ())):
+            hits: set[int] = set()
+            if isinstance(candidate, tuple) and len(candidate) == 2:
+                lookup._add(candidate, hits)
+            if index in hits:
+                return f"{candidate[0]}|{candidate[1]}"
+    return None
+
+
+def _collect(compiled: _Compiled, resources: Iterable[Any], now: datetime,
+             code_map: CodeMap | None) -> tuple[list[_Acc], Mapping | None]:
+    """The single pass over the resources: what each feature collected, and the Patient."""
+    features = compiled.features
+    accs = [_Acc() for _ in features]
+    starts: list[datetime | None] = []
+    for feature in features:
+        days = feature.spec.lookback_days
+        try:
+            starts.append(now - timedelta(days=days) if days else None)
+        except (OverflowError, TypeError):
+            starts.append(None)
+    wants_observations = bool(compiled.observation.exact or compiled.observation.prefixes)
+    wants_conditions = bool(compiled.condition.exact or compiled.condition.prefixes)
+    patient: Mapping | None = None
+    seen: set[tuple[str, str]] = set()
+    for resource in flatten(resources):
+        rtype = resource.get("resourceType")
+        if rtype == "Observation":
+            if not wants_observations:
+                continue
+        elif rtype == "Condition":
+            if not wants_conditions:
+                continue
+        elif rtype != "Patient" or patient is not None:
+            continue
+        rid = _resource_id(resource)
+        if rid is not None:
+            if (rtype, rid) in seen:
+                continue  # the same resource twice (paged searches overlap, prefetch + read)
+            seen.add((rtype, rid))
+        if rtype == "Observation":
+            _observation(resource, rid, compiled, accs, starts, now, code_map)
+        elif rtype == "Condition":
+            _condition(resource, rid, compiled, accs, starts, now, code_map)
+        else:
+            patient = resource
+    return accs, patient
+
+
+def extract_many(groups: Sequence[Sequence[FeatureSpec]], resources: Iterable[Any], *,
+                 now: datetime, code_map: CodeMap | None = None) -> tuple[FeatureVector, ...]:
+    """One vector per spec list, from a single pass over the resources (a service's own inputs
+    and its model's features: a 1,000-result prefetch is read once, not once per list)."""
+    joined = extract([spec for group in groups for spec in group], resources, now=now,
+                     code_map=code_map)
+    vectors, start = [], 0
+    for group in groups:
+        vectors.append(FeatureVector(joined.values[start:start + len(group)]))
+        start += len(group)
+    return tuple(vectors)
+
+
+def _observation(obs: Mapping, rid: str | None, compiled: _Compiled, accs: list[_Acc],
+                 starts: list[datetime | None], now: datetime, code_map: Mapping | None) -> None:
+    lookup = compiled.observation
+    targets: dict[int, Mapping] = {}
+    components = obs.get("component")
+    if isinstance(components, list):
+        # A panel (e.g. blood pressure 85354-9) carries its values in components: a feature
+        # matching a component's code reads that component; the first matching one wins.
+        for component in reversed(components):
+            if isinstance(component, _MAPPING):
+                for index in lookup.match(component.get("code"), code_map):
+                    targets[index] = component
+    for index in lookup.match(obs.get("code"), code_map):
+        targets[index] = obs
+    if not targets:
+        return
+    status = obs.get("status")
+    if isinstance(status, str) and status in _OBS_EXCLUDED_STATUS:
+        for index in targets:
+            accs[index].counts[f"status:{status}"] += 1
+        return
+    when = _observation_date(obs)
+    for index, element in targets.items():
+        acc, feature, start = accs[index], compiled.features[index], starts[index]
+        if when is None:
+            acc.counts["undated"] += 1
+            continue
+        instant, day = when
+        if instant > now + FUTURE_SKEW:
+            acc.counts["future"] += 1
+            continue
+        if start is not None and instant < start:
+            acc.counts["old"] += 1
+            continue
+        if feature.kind == "numeric":
+            result = _numeric_value(element, feature)
+            if isinstance(result, str):
+                acc.texts[result] += 1
+                continue
+            value, notes, comparator = result
+            acc.add((instant, value), (instant, value, rid, day, notes, comparator, element))
+        else:
+            if (reason := _absent_reason(element)) is not None:
+                acc.texts[f"no value (dataAbsentReason {reason})"] += 1
+                continue
+            if not _has_value(element, element is obs):
+                acc.texts["no value"] += 1
+                continue
+            acc.add((instant, _value_key(element)), (instant, None, rid, day, ()))
+
+
+def _condition(cond: Mapping, rid: str | None, compiled: _Compiled, accs: list[_Acc],
+               starts: list[datetime | None], now: datetime, code_map: Mapping | None) -> None:
+    hits = compiled.condition.match(cond.get("code"), code_map)
+    if not hits:
+        return
+    excluded = sorted(_concept_codes(cond.get("verificationStatus"))
+                      & _COND_EXCLUDED_VERIFICATION)
+    not_counted = sorted(_concept_codes(cond.get("clinicalStatus")) & _COND_NOT_COUNTED_CLINICAL)
+    period = cond.get("onsetPeriod")
+    onset = _instant(cond.get("onsetDateTime"))
+    if onset is None and isinstance(period, _MAPPING):
+        onset = _instant(period.get("start")) or _instant(period.get("end"))
+    recorded = _instant(cond.get("recordedDate"))
+    when = onset or recorded
+    # Recorded after `now` was not known at `now` (training leakage); onset after it is an error.
+    future = any(w is not None and w[0] > now + FUTURE_SKEW for w in (onset, recorded))
+    for index in hits:
+        acc, start = accs[index], starts[index]
+        if excluded:
+            acc.counts[f"status:{excluded[0]}"] += 1
+        elif not_counted:
+            acc.counts[f"clinical:{not_counted[0]}"] += 1
+        elif future:
+            acc.counts["future"] += 1
+        elif start is not None and when is None:
+            acc.counts["undated"] += 1
+        elif start is not None and when[0] < start:
+            acc.counts["old"] += 1
+        else:
+            # Distinct Conditions each count (duplicates by id were dropped before).
+            acc.add(("condition", len(acc.items)),
+                    (when[0] if when else None, None, rid, when[1] if when else None, ()))

@@ -1,0 +1,162 @@
+"""The one place where exceptions become HTTP responses: always an OperationOutcome body.
+
+Never a stack trace in a body (the sandbox reference services leak theirs, peers.md §1), never a
+silent empty success (HealthChain answers `{"cards": []}` when a handler throws).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import flask_smorest
+from flask import Flask, Response, json, request
+from flask.json.provider import DefaultJSONProvider
+from marshmallow import missing
+from webargs.flaskparser import FlaskParser, is_json_request
+from werkzeug.exceptions import HTTPException, UnsupportedMediaType
+
+from cds_service.data import jsonlimit
+from cds_service.protocol.errors import CdsError, Issue, operation_outcome
+from cds_service.protocol.schemas import OperationOutcomeSchema
+from cds_service.records.store import StoreUnavailable
+from cds_service.schema_errors import messages_to_issues
+from cds_service.trust.auth import AuthError
+from cds_service.trust.replay import ReplayCacheError
+
+log = logging.getLogger("cds_service.protocol.http")
+
+# FHIR issue type per HTTP status, for errors raised by Flask/werkzeug themselves.
+_ISSUE_CODE = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    413: "too-long",
+    415: "not-supported",
+    422: "invalid",
+    429: "throttled",
+}
+
+
+def outcome_response(body: dict, status: int, headers: dict | None = None) -> Response:
+    response = Response(json.dumps(body), status=status, mimetype="application/json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+class Api(flask_smorest.Api):
+    """flask-smorest Api whose error bodies are OperationOutcomes instead of its own shape."""
+
+    ERROR_SCHEMA = OperationOutcomeSchema
+
+    def handle_http_exception(self, error: HTTPException):
+        data = getattr(error, "data", None) or {}
+        code = _ISSUE_CODE.get(error.code or 500, "exception")
+        issues: list[Issue] = []
+        if "messages" in data:  # webargs validation errors, with field paths
+            issues = messages_to_issues(data["messages"])
+        if not issues:
+            text = data.get("message") or error.description or error.name
+            if error.code == 405:
+                text = f"{request.method} is not allowed on {request.path}."
+            elif error.code == 404:
+                text = f"No such endpoint: {request.path}."
+            issues = [Issue(str(text), code=code)]
+        # werkzeug's 400/415 for a bad body come first: make them name the problem.
+        status = error.code or 500
+        if status == 422:
+            status = 400
+        headers = dict(data.get("headers") or {})
+        if status == 405 and error.valid_methods:
+            headers["Allow"] = ", ".join(error.valid_methods)
+        return outcome_response(operation_outcome(issues), status, headers)
+
+
+class JsonParser(FlaskParser):
+    """webargs' parser, reading JSON bodies with `jsonlimit.loads` (a nesting limit)."""
+
+    def _raw_load_json(self, req) -> Any:
+        if not is_json_request(req):
+            return missing
+        # As webargs does: UTF-8 only (RFC 8259 §8.1); its UnicodeDecodeError and JSONDecodeError
+        # handling (400 "Invalid JSON body.", an empty body as missing) stays as it was.
+        return jsonlimit.loads(req.get_data(cache=True).decode("utf-8"))
+
+
+class Blueprint(flask_smorest.Blueprint):
+    """flask-smorest Blueprint whose `@arguments` parse JSON bodies with `JsonParser`."""
+
+    ARGUMENTS_PARSER = JsonParser()
+
+
+class JsonProvider(DefaultJSONProvider):
+    """Flask's JSON, with `jsonlimit.loads` behind `request.get_json()` (even `silent=True`:
+    `JsonTooDeep` is no ValueError, so it reaches its handler instead of becoming None)."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return jsonlimit.loads(s, **kwargs)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(jsonlimit.JsonTooDeep)
+    def _too_deep(error: jsonlimit.JsonTooDeep):
+        # Refused before anything walks the body: a RecursionError there would be a 500.
+        log.info("request refused: %s %s -> 400: %s", request.method, request.path, error)
+        issue = Issue(f"request body: {error}; not processed.", code="too-long")
+        return outcome_response(operation_outcome([issue]), 400)
+
+    @app.errorhandler(CdsError)
+    def _cds_error(error: CdsError):
+        log.info("request failed: %s %s -> %s: %s", request.method, request.path,
+                 error.status, error.message)
+        return outcome_response(error.to_operation_outcome(), error.status)
+
+    @app.errorhandler(AuthError)
+    def _unauthorized(error: AuthError):
+        # Best practice (rule 110): the same bare 401 for every reason; the reason is logged by
+        # the verifier (never the token).
+        return outcome_response(UNAUTHORIZED, 401, {"WWW-Authenticate": "Bearer"})
+
+    @app.errorhandler(ReplayCacheError)
+    def _replay_cache_down(error: ReplayCacheError):
+        # Without the replay cache a token cannot be checked for reuse: refuse, retryably.
+        log.error("jti replay cache unavailable on %s %s: %s", request.method, request.path,
+                  error)
+        issue = Issue("Authentication is temporarily unavailable. Retry later.", code="transient")
+        return outcome_response(operation_outcome([issue]), 503, {"Retry-After": "5"})
+
+    @app.errorhandler(StoreUnavailable)
+    def _store_down(error: StoreUnavailable):
+        # 503 + Retry-After tells the EHR to resend the feedback batch later. A write that timed
+        # out may still complete; the resend is then stored once (dedupe key), so either way
+        # nothing is lost or doubled.
+        log.error("store unavailable on %s %s: %s", request.method, request.path, error)
+        issue = Issue("The feedback store did not take the feedback in time. Retry later: a "
+                      "repeat is stored once.", code="transient")
+        return outcome_response(operation_outcome([issue]), 503, {"Retry-After": "30"})
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        if isinstance(error, HTTPException):  # routed here only when smorest is not in charge
+            return app.extensions["cds_api"].handle_http_exception(error)
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return outcome_response(
+            operation_outcome([Issue("Internal error; see the service log.", code="exception")]),
+            500,
+        )
+
+
+UNAUTHORIZED = operation_outcome([Issue("Authentication required.", code="login")])
+
+JSON_MIMETYPES = ("application/json", "application/fhir+json")
+
+
+def require_json_body() -> None:
+    """415 unless the body is declared as JSON (CDS Hooks 2.0 §Use of JSON)."""
+    if request.mimetype not in JSON_MIMETYPES and not request.mimetype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.mimetype or 'missing'}."
+        )

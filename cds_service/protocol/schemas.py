@@ -1,0 +1,201 @@
+"""marshmallow schemas at the HTTP boundary: CDS Hooks requests, hook contexts, discovery.
+
+Rule numbers refer to `cds-hooks-conformance.md`. Requests are parsed leniently where Epic is
+known to deviate (1.0-shaped requests, `draftOrders` with or without `type`, string-valued
+`extension` keys) and strictly where a missing field would make the answer wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import (
+    INCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    pre_load,
+    validate,
+    validates_schema,
+)
+
+from cds_service.service import HOOKS
+
+# FHIR R4 id charset (https://hl7.org/fhir/R4/datatypes.html#id). Its 64-character limit is not
+# enforced: Epic's draft-order ids run to ~194 characters (Epic tutorial, draftOrders example).
+FHIR_ID = r"[A-Za-z0-9\-.]{1,256}"
+# Hook library: userId is "[ResourceType]/[id]" of Practitioner, PractitionerRole, Patient or
+# RelatedPerson (rule 26). Epic sends PractitionerRole/<id>, or Practitioner/<id> for users
+# without a provider record.
+USER_ID = rf"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/{FHIR_ID}$"
+# hookInstance is a UUID (rule 19); it is logged for correlation, so accept only a safe charset.
+HOOK_INSTANCE = r"^[A-Za-z0-9._:\-]{1,128}$"
+
+
+class FhirAuthorizationSchema(Schema):
+    """CDS Hooks 2.0 §Passing the Access Token. Only the token is used; scopes are not parsed
+    because Epic sends proprietary scope names (`Patient.Read (R4)`, `urn:Epic-com:…`)."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    access_token = fields.String(required=True, validate=validate.Length(min=1))
+    token_type = fields.String(required=True)
+    expires_in = fields.Integer()
+    scope = fields.String()
+    subject = fields.String()
+    patient = fields.String()
+
+    @validates_schema
+    def _bearer(self, data, **kwargs):
+        if data.get("token_type", "").lower() != "bearer":
+            raise ValidationError("token_type must be 'Bearer'.", "token_type")
+
+
+def _bundle(value: Any) -> None:
+    # The hook library's published examples omit Bundle.type; Epic and library main send
+    # "collection" (rule 38): accept both, but it must be a Bundle.
+    if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+        raise ValidationError("must be a FHIR Bundle of draft order resources.")
+    if not isinstance(value.get("entry", []), list):
+        raise ValidationError("Bundle.entry must be a list.")
+
+
+class _BaseContextSchema(Schema):
+    class Meta:
+        # Hooks may gain context fields in later versions; unknown fields are kept, not refused.
+        unknown = INCLUDE
+
+    userId = fields.String(
+        required=True,
+        validate=validate.Regexp(USER_ID, error="must be ResourceType/id of the user, e.g. "
+                                 "PractitionerRole/123."),
+    )
+    patientId = fields.String(
+        required=True, validate=validate.Regexp(rf"^{FHIR_ID}$", error="must be a FHIR id.")
+    )
+    encounterId = fields.String(validate=validate.Regexp(rf"^{FHIR_ID}$",
+                                                          error="must be a FHIR id."))
+
+
+# Epic only sends context.draftOrders when the client holds the CDS-Hooks order scope, e.g.
+# "MedicationRequest (Unsigned Order)" (Epic tutorial, Gotchas); say so when it is missing.
+_DRAFT_ORDERS_MISSING = (
+    "Missing data for required field. Epic omits draftOrders unless the client is authorized "
+    "for the unsigned-order scopes (e.g. 'MedicationRequest (Unsigned Order)')."
+)
+
+
+class PatientViewContextSchema(_BaseContextSchema):
+    pass
+
+
+class OrderSignContextSchema(_BaseContextSchema):
+    draftOrders = fields.Raw(
+        required=True, validate=_bundle, error_messages={"required": _DRAFT_ORDERS_MISSING}
+    )
+
+
+class OrderSelectContextSchema(OrderSignContextSchema):
+    # Rule 31: an array of "Type/id" references into draftOrders.
+    selections = fields.List(
+        fields.String(validate=validate.Regexp(rf"^[A-Za-z]+/{FHIR_ID}$",
+                                               error="must be ResourceType/id.")),
+        required=True,
+        validate=validate.Length(min=1),
+    )
+
+
+CONTEXT_SCHEMAS: dict[str, Schema] = {
+    "patient-view": PatientViewContextSchema(),
+    "order-select": OrderSelectContextSchema(),
+    "order-sign": OrderSignContextSchema(),
+}
+assert set(CONTEXT_SCHEMAS) == set(HOOKS)  # noqa: S101 - import-time invariant
+
+
+class CdsRequestSchema(Schema):
+    """CDS Hooks 2.0 §Calling a CDS Service, accepting the 1.0/1.1 shapes Epic sends."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    hook = fields.String(required=True, validate=validate.OneOf(HOOKS))
+    hookInstance = fields.String(
+        required=True,
+        validate=validate.Regexp(HOOK_INSTANCE, error="must be a UUID (letters, digits, '-')."),
+    )
+    fhirServer = fields.Url(schemes={"http", "https"}, require_tld=False)
+    fhirAuthorization = fields.Nested(FhirAuthorizationSchema)
+    context = fields.Dict(required=True)
+    prefetch = fields.Dict(allow_none=True)
+    extension = fields.Raw()
+
+    @pre_load
+    def _ignore_non_object_extension(self, data, **kwargs):
+        # Rule 137: `extension` MUST be an object; a malformed one is ignored, not fatal.
+        if isinstance(data, dict) and "extension" in data and not isinstance(
+            data["extension"], dict
+        ):
+            data = {k: v for k, v in data.items() if k != "extension"}
+        return data
+
+    @validates_schema
+    def _authorization_needs_server(self, data, **kwargs):
+        # Rule 20 / invariant cds-r-1: fhirServer is REQUIRED when fhirAuthorization is given.
+        if "fhirAuthorization" in data and "fhirServer" not in data:
+            raise ValidationError(
+                "fhirServer is required when fhirAuthorization is provided.", "fhirServer"
+            )
+
+    @post_load
+    def _hook_context(self, data, **kwargs):
+        schema = CONTEXT_SCHEMAS[data["hook"]]
+        try:
+            data["context"] = schema.load(data["context"])
+        except ValidationError as exc:
+            raise ValidationError({"context": exc.messages}) from exc
+        data.setdefault("extension", {})
+        data["prefetch"] = data.get("prefetch") or {}
+        return data
+
+
+# --- discovery (rules 7-16) --------------------------------------------------------------
+
+
+class DiscoveryServiceSchema(Schema):
+    hook = fields.String(required=True)
+    id = fields.String(required=True)
+    title = fields.String()
+    description = fields.String(required=True)
+    prefetch = fields.Dict(keys=fields.String(), values=fields.String())
+    usageRequirements = fields.String()
+
+
+class DiscoverySchema(Schema):
+    services = fields.List(fields.Nested(DiscoveryServiceSchema), required=True)
+
+
+# --- response documentation (bodies are rendered by cds_service.protocol.cards, not dumped)
+# ---------
+
+
+class CardsResponseSchema(Schema):
+    """CDS Hooks 2.0 §CDS Service Response: `cards` (possibly empty) and `systemActions`."""
+
+    cards = fields.List(fields.Dict(), required=True)
+    systemActions = fields.List(fields.Dict())
+    # Cards withheld by alert-fatigue suppression
+    # (cds_service.records.suppression.WITHHELD_EXTENSION).
+    extension = fields.Dict()
+
+
+class FeedbackAckSchema(Schema):
+    received = fields.Integer(required=True)
+    stored = fields.Integer(required=True)
+
+
+class OperationOutcomeSchema(Schema):
+    resourceType = fields.String(required=True)
+    issue = fields.List(fields.Dict(), required=True)
