@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cds_service.protocol.errors import CdsError, Issue
+
 # Objects and arrays, counted from the outermost. The deepest JSON this service expects is a
 # CDS Hooks request whose prefetch Bundle carries a resource with extensions on a coding, about
 # 15 levels (request > prefetch > Bundle > entry > [] > resource > code > coding > [] > extension
@@ -20,11 +22,17 @@ from typing import Any
 MAX_DEPTH = 100
 
 
-class JsonTooDeep(Exception):
+class JsonTooDeep(CdsError):
     """JSON nested deeper than `MAX_DEPTH` objects and arrays."""
 
+    # Refused before anything walks the body: a RecursionError there would be a 500.
+    status = 400
+    code = "too-long"
+
     def __init__(self, limit: int = MAX_DEPTH):
-        super().__init__(f"JSON nested deeper than {limit} levels")
+        message = f"JSON nested deeper than {limit} levels"
+        super().__init__(message, issues=[
+            Issue(f"request body: {message}; not processed.", code=self.code)])
         self.limit = limit
 
 

@@ -1,8 +1,11 @@
 """Exception hierarchy, and the one OperationOutcome shape every error response uses.
 
-Each exception knows its HTTP status and its FHIR issue type; `cds_service.protocol.http` translates
-them to responses in exactly one place. Messages must be safe to show to the caller: never include a
-token, a stack trace, or resource contents.
+`CdsError` is the root of every exception a request can end with (auth, replay cache, store, JSON
+depth, ...): each knows its HTTP status, its FHIR issue type and any response headers, and
+`cds_service.protocol.http` translates them to responses in exactly one place. This module imports
+nothing of the project or of Flask, so any layer may raise them. Messages must be safe to show to
+the caller: never include a token, a stack trace, or resource contents; a class whose message is for
+the log only sets `diagnostics`, the text the caller sees instead.
 
 CDS Hooks 3.0 ballot (rule 111): "services SHOULD return an OperationOutcome body on non-2xx".
 Issue types are from http://hl7.org/fhir/valueset-issue-type.html.
@@ -10,8 +13,10 @@ Issue types are from http://hl7.org/fhir/valueset-issue-type.html.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,14 @@ class CdsError(Exception):
 
     status = 500
     code = "exception"
+    diagnostics: str | None = None  # shown instead of the message, which then is for the log only
+    headers: Mapping[str, str] = MappingProxyType({})
+    log_level = logging.INFO
 
     def __init__(self, message: str, *, issues: Sequence[Issue] = ()):
         super().__init__(message)
         self.message = message
-        self.issues = tuple(issues) or (Issue(message, code=self.code),)
+        self.issues = tuple(issues) or (Issue(self.diagnostics or message, code=self.code),)
 
     def to_operation_outcome(self) -> dict:
         return operation_outcome(self.issues)

@@ -19,10 +19,7 @@ from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 from cds_service.data import jsonlimit
 from cds_service.protocol.errors import CdsError, Issue, operation_outcome
 from cds_service.protocol.schemas import OperationOutcomeSchema
-from cds_service.records.store import StoreUnavailable
 from cds_service.schema_errors import messages_to_issues
-from cds_service.trust.auth import AuthError
-from cds_service.trust.replay import ReplayCacheError
 
 log = logging.getLogger("cds_service.protocol.http")
 
@@ -101,42 +98,13 @@ class JsonProvider(DefaultJSONProvider):
 
 
 def register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(jsonlimit.JsonTooDeep)
-    def _too_deep(error: jsonlimit.JsonTooDeep):
-        # Refused before anything walks the body: a RecursionError there would be a 500.
-        log.info("request refused: %s %s -> 400: %s", request.method, request.path, error)
-        issue = Issue(f"request body: {error}; not processed.", code="too-long")
-        return outcome_response(operation_outcome([issue]), 400)
-
     @app.errorhandler(CdsError)
     def _cds_error(error: CdsError):
-        log.info("request failed: %s %s -> %s: %s", request.method, request.path,
-                 error.status, error.message)
-        return outcome_response(error.to_operation_outcome(), error.status)
-
-    @app.errorhandler(AuthError)
-    def _unauthorized(error: AuthError):
-        # Best practice (rule 110): the same bare 401 for every reason; the reason is logged by
-        # the verifier (never the token).
-        return outcome_response(UNAUTHORIZED, 401, {"WWW-Authenticate": "Bearer"})
-
-    @app.errorhandler(ReplayCacheError)
-    def _replay_cache_down(error: ReplayCacheError):
-        # Without the replay cache a token cannot be checked for reuse: refuse, retryably.
-        log.error("jti replay cache unavailable on %s %s: %s", request.method, request.path,
-                  error)
-        issue = Issue("Authentication is temporarily unavailable. Retry later.", code="transient")
-        return outcome_response(operation_outcome([issue]), 503, {"Retry-After": "5"})
-
-    @app.errorhandler(StoreUnavailable)
-    def _store_down(error: StoreUnavailable):
-        # 503 + Retry-After tells the EHR to resend the feedback batch later. A write that timed
-        # out may still complete; the resend is then stored once (dedupe key), so either way
-        # nothing is lost or doubled.
-        log.error("store unavailable on %s %s: %s", request.method, request.path, error)
-        issue = Issue("The feedback store did not take the feedback in time. Retry later: a "
-                      "repeat is stored once.", code="transient")
-        return outcome_response(operation_outcome([issue]), 503, {"Retry-After": "30"})
+        # Every refusal of ours, from a bad body to a store outage: what the caller sees, the
+        # status and the headers (WWW-Authenticate, Retry-After) are the exception's own.
+        log.log(error.log_level, "request failed: %s %s -> %s: %s", request.method, request.path,
+                error.status, error.message)
+        return outcome_response(error.to_operation_outcome(), error.status, dict(error.headers))
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):
@@ -148,8 +116,6 @@ def register_error_handlers(app: Flask) -> None:
             500,
         )
 
-
-UNAUTHORIZED = operation_outcome([Issue("Authentication required.", code="login")])
 
 JSON_MIMETYPES = ("application/json", "application/fhir+json")
 

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -47,7 +48,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.types import TypeDecorator
 
-from cds_service.protocol.errors import ConfigError
+from cds_service.protocol.errors import CdsError, ConfigError
 from cds_service.records.audit import TEXT_FIELDS, TUPLE_FIELDS, AuditRecord
 from cds_service.records.feedback import OVERRIDDEN, FeedbackItem
 
@@ -67,8 +68,18 @@ _PG_SCHEMA_LOCK_KEY = 0x0CD5_F00D_BACC
 _REDACTED = "***"
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(CdsError):
     """The database cannot be reached or is too busy; the message never contains a password."""
+
+    # 503 + Retry-After tells the EHR to resend the feedback batch later. A write that timed out
+    # may still complete; the resend is then stored once (dedupe key), so either way nothing is
+    # lost or doubled.
+    status = 503
+    code = "transient"
+    diagnostics = ("The feedback store did not take the feedback in time. Retry later: a repeat "
+                   "is stored once.")
+    headers = MappingProxyType({"Retry-After": "30"})
+    log_level = logging.ERROR
 
 
 class UtcDateTime(TypeDecorator):

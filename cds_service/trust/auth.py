@@ -46,6 +46,7 @@ import redis
 import requests
 
 from cds_service.data.fhir import is_loopback_host
+from cds_service.protocol.errors import CdsError
 from cds_service.trust.replay import ReplayCache
 
 logger = logging.getLogger("cds_service.trust.auth")
@@ -89,11 +90,18 @@ _DESCRIPTIONS = {
 }
 
 
-class AuthError(Exception):
+class AuthError(CdsError):
     """Token refused; `reason` is a short machine-readable code for logs and metrics.
 
     The message names the reason only: never the token or any part of it.
     """
+
+    # Best practice (rule 110): the same bare 401 for every reason; the verifier logs the reason.
+    status = 401
+    code = "login"
+    diagnostics = "Authentication required."
+    headers = MappingProxyType({"WWW-Authenticate": "Bearer"})
+    log_level = logging.DEBUG
 
     def __init__(self, reason: str):
         super().__init__(f"JWT refused ({reason}): {_DESCRIPTIONS.get(reason, 'invalid token')}")

@@ -18,6 +18,7 @@ refused rather than accepted unchecked (fail closed), and the caller should answ
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import sqlite3
@@ -25,15 +26,25 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from types import MappingProxyType
 from typing import Protocol
 
 import redis
 
+from cds_service.protocol.errors import CdsError
+
 PURGE_INTERVAL_S = 60.0
 
 
-class ReplayCacheError(Exception):
+class ReplayCacheError(CdsError):
     """The replay cache could not be read or written; the token cannot be checked for replay."""
+
+    # Without the replay cache a token cannot be checked for reuse: refuse, retryably.
+    status = 503
+    code = "transient"
+    diagnostics = "Authentication is temporarily unavailable. Retry later."
+    headers = MappingProxyType({"Retry-After": "5"})
+    log_level = logging.ERROR
 
 
 class ReplayCache(Protocol):
