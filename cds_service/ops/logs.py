@@ -19,7 +19,8 @@ from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _TOKEN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# LogRecord attribute ← key of `g.audit` (plain strings, filled as the request is understood)
+# LogRecord attribute ← key of the call's audit fields (`g.call.audit`: plain strings, filled as
+# the request is understood)
 _CONTEXT = (("site", "site"), ("service", "service_id"), ("hook_instance", "hook_instance"))
 FORMATS = ("json", "text")
 
@@ -32,7 +33,8 @@ class RequestContext(logging.Filter):
             request_id = getattr(g, "request_id", None)
             if request_id and not hasattr(record, "request_id"):
                 record.request_id = request_id
-            audit = getattr(g, "audit", None) or {}
+            call = getattr(g, "call", None)
+            audit = call.audit if call is not None else {}
             for attribute, key in _CONTEXT:
                 value = audit.get(key)
                 if isinstance(value, str) and not hasattr(record, attribute):

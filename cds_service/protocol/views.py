@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from flask import Response, g, json, request
 
@@ -24,17 +25,16 @@ from cds_service.protocol.schemas import (
     FeedbackAckSchema,
 )
 from cds_service.records import suppression
-from cds_service.records.audit import (
-    MAX_TEXT,
-    AuditRecord,
-    lenient_record,
-    prefetch_key_sources,
-    safe_text,
-)
+from cds_service.records.audit import FEEDBACK, safe_text
+from cds_service.records.call import CallRecord, kind_of
 from cds_service.records.feedback import FeedbackRequestSchema
-from cds_service.records.store import Call, StoreUnavailable
+from cds_service.records.store import StoreUnavailable
 from cds_service.runtime import runtime
 from cds_service.service import HookRequest
+
+if TYPE_CHECKING:
+    from cds_service.config import Site, SiteService
+    from cds_service.data.prefetch import Prefetch
 
 log = logging.getLogger("cds_service.protocol.views")
 
@@ -52,15 +52,14 @@ def _authenticate_and_precheck():
     metrics.end_call()  # a thread's previous request never lends this one its timer
     if request.method == "OPTIONS":  # CORS preflight carries no credentials
         return
-    g.started = time.perf_counter()
-    g.audit = {"service_id": (request.view_args or {}).get("service_id")}
+    g.call = call = CallRecord(kind=kind_of(request.path), started=time.perf_counter(),
+                               target=f"{request.method} {request.path}",
+                               audit={"service_id": (request.view_args or {}).get("service_id")})
     # Authenticate first: an unauthenticated caller learns nothing, not even which ids exist.
-    g.site, g.caller = runtime().authenticate(request)
-    g.audit.update(site=g.site.id)
+    call.note_caller(*runtime().authenticate(request))
     if request.method == "POST":
-        metrics.start_call(g.site.id, _service_label()).add("auth", time.perf_counter() - g.started)
-    if g.caller is not None:
-        g.audit.update(iss=g.caller.iss, sub=g.caller.sub)
+        metrics.start_call(call.site.id, _service_label()).add(
+            "auth", time.perf_counter() - call.started)
     # Then the cheap, most specific problems, before parsing a (possibly large) body.
     if request.method != "POST":
         return
@@ -78,7 +77,7 @@ def _safe_id(context: dict, key: str) -> str | None:
 
 
 def site_service(service_id: str):
-    site = g.site
+    site = g.call.site
     enabled = site.services.get(service_id)
     if enabled is None:
         raise ServiceNotFound(f"No CDS service {service_id!r} is enabled for this site.")
@@ -89,7 +88,7 @@ def site_service(service_id: str):
 @blp.response(200, DiscoverySchema)
 def discovery():
     """List this site's CDS services (one entry per service and hook) with its prefetch."""
-    site = g.site
+    site = g.call.site
     entries = []
     for site_service_ in site.services.values():
         service = site_service_.service
@@ -121,26 +120,47 @@ def invoke(body: dict, service_id: str):
         raise RequestInvalid(
             f"Service {service_id!r} answers {', '.join(service.hooks)}, not {body['hook']!r}.",
         )
-    context = body["context"]
-    g.audit.update(hook=body["hook"], hook_instance=body["hookInstance"],
-                   user_id=context.get("userId"), patient_id=context.get("patientId"),
-                   encounter_id=context.get("encounterId"))
+    call = g.call
+    call.note_request(body)
+    prefetch = _prefetch_for(body, site, enabled)
+    hook_request = _hook_request(body, site, enabled, prefetch)
+    call.model_binding = hook_request.model
+    call.note_prefetch(prefetch)
+    cards, decision, rendered = _cards_for(service, hook_request)
+    metrics.count_cards(site.id, service.id, cards, decision.kept)
+    call.note_cards(decision, rendered)
+    log.info(
+        "hook=%s service=%s site=%s hookInstance=%s cards=%d elapsed_ms=%.1f",
+        body["hook"], service.id, site.id, body["hookInstance"], len(rendered["cards"]),
+        (time.perf_counter() - started) * 1000,
+    )
+    return Response(json.dumps(rendered), status=200, mimetype="application/json")
+
+
+def _prefetch_for(body: dict, site: Site, enabled: SiteService) -> Prefetch:
+    """The service's prefetch: what the EHR sent, the rest read from its FHIR server (a server
+    the site does not allow is noted on the call's audit record)."""
+    fhir_server = body.get("fhirServer")
     authorization = body.get("fhirAuthorization") or {}
-    if body.get("fhirServer") and not site.prefetch_settings.allows(body["fhirServer"]):
-        g.audit.update(fhir_server_refused=origin_for_audit(body["fhirServer"]))
+    if fhir_server and not site.prefetch_settings.allows(fhir_server):
+        g.call.note(fhir_server_refused=origin_for_audit(fhir_server))
     with metrics.stage("prefetch"):
-        prefetch = resolve_prefetch(
+        return resolve_prefetch(
             enabled.prefetch,
             context=body["context"],
             prefetch=body["prefetch"],
-            fhir_server=body.get("fhirServer"),
+            fhir_server=fhir_server,
             access_token=authorization.get("access_token"),
             settings=site.prefetch_settings,
             executor=runtime().executor,
-            optional=service.optional_prefetch,
+            optional=enabled.service.optional_prefetch,
         )
-    hook_request = HookRequest(
-        service_id=service.id,
+
+
+def _hook_request(body: dict, site: Site, enabled: SiteService, prefetch: Prefetch
+                  ) -> HookRequest:
+    return HookRequest(
+        service_id=enabled.service.id,
         hook=body["hook"],
         hook_instance=body["hookInstance"],
         context=body["context"],
@@ -153,9 +173,11 @@ def invoke(body: dict, service_id: str):
         now=runtime().clock(),
         stage=metrics.stage,
     )
-    g.model_binding = hook_request.model
-    g.audit.update(prefetch_keys_used=prefetch_key_sources(prefetch.sources),
-                   fhir_urls_fetched=tuple(prefetch.fetched))
+
+
+def _cards_for(service, hook_request: HookRequest):
+    """The handler's cards; the decision on which are shown (`suppression`); the response."""
+    site, context = hook_request.site, hook_request.context
     with metrics.stage("cards"):  # the handler's own feature and model time is taken out below
         cards = service.handler(hook_request)
         decision = suppression.apply(cards, store=runtime().store, site=site,
@@ -164,26 +186,7 @@ def invoke(body: dict, service_id: str):
                                      now=hook_request.now)
         rendered = render_response(decision.kept, epic=site.epic_compatibility,
                                    extension=decision.extension())
-    metrics.count_cards(site.id, service.id, cards, decision.kept)
-    g.issued_cards = [
-        {"card_uuid": card.uuid, "indicator": card.indicator,
-         "topic_system": card.source.topic.system if card.source.topic else None,
-         "topic_code": card.source.topic.code if card.source.topic else None}
-        for card in decision.kept]
-    g.audit.update(
-        card_uuids=tuple(c["uuid"] for c in rendered["cards"] if "uuid" in c),
-        suggestion_uuids=tuple(s["uuid"] for c in rendered["cards"]
-                               for s in c.get("suggestions", ()) if "uuid" in s),
-        outcome=f"cards={len(rendered['cards'])}"
-                + (f" suppressed={decision.suppressed}" if decision.suppressed else ""),
-        detail="; ".join(decision.notes)[:MAX_TEXT] or None,
-    )
-    log.info(
-        "hook=%s service=%s site=%s hookInstance=%s cards=%d elapsed_ms=%.1f",
-        body["hook"], service.id, site.id, body["hookInstance"], len(rendered["cards"]),
-        (time.perf_counter() - started) * 1000,
-    )
-    return Response(json.dumps(rendered), status=200, mimetype="application/json")
+    return cards, decision, rendered
 
 
 @blp.route("/cds-services/<service_id>/feedback", methods=["POST"])
@@ -194,7 +197,7 @@ def invoke(body: dict, service_id: str):
 def feedback(items: list, service_id: str):
     """Record clinicians' accept/override outcomes; stored durably before answering 200."""
     site, _ = site_service(service_id)
-    g.audit.update(feedback_cards=tuple(item.card for item in items))
+    g.call.note(feedback_cards=tuple(item.card for item in items))
     store = runtime().store
     keys = [item.dedupe_key(site.id, service_id) for item in items]
     received_at = runtime().clock()
@@ -208,7 +211,7 @@ def feedback(items: list, service_id: str):
         return new
 
     stored = len(store.within(FEEDBACK_STORE_TIMEOUT_S, store_feedback))
-    g.audit.update(outcome=f"received={len(items)} stored={stored}")
+    g.call.note(outcome=f"received={len(items)} stored={stored}")
     log.info("feedback service=%s site=%s received=%d stored=%d",
              service_id, site.id, len(items), stored)
     return {"received": len(items), "stored": stored}
@@ -222,7 +225,8 @@ def _cors(response):
     origin = request.headers.get("Origin")
     if not origin:
         return response
-    site = getattr(g, "site", None)
+    call = g.get("call")
+    site = call.site if call is not None else None
     allowed = site.cors_origins if site is not None else runtime().cors_origins
     if origin not in allowed:
         return response
@@ -243,13 +247,12 @@ def _service_label() -> str:
 @blp.after_request
 def _metrics(response):
     """Request counts and stage times; a refused token counts under the site it claimed."""
-    started = getattr(g, "started", None)
-    if request.method != "POST" or started is None:
+    call = g.get("call")
+    if request.method != "POST" or call is None:
         return response
-    site = g.site.id if getattr(g, "site", None) is not None else g.get("claimed_site")
-    hook = "feedback" if request.path.endswith("/feedback") else (
-        g.audit.get("hook") or metrics.UNKNOWN)
-    elapsed = time.perf_counter() - started
+    site = call.site.id if call.site is not None else g.get("claimed_site")
+    hook = "feedback" if call.kind == FEEDBACK else (call.audit.get("hook") or metrics.UNKNOWN)
+    elapsed = time.perf_counter() - call.started
     metrics.count_request(site or metrics.UNKNOWN, _service_label(), hook,
                           response.status_code, elapsed)
     response.headers["Server-Timing"] = metrics.server_timing(elapsed)
@@ -260,54 +263,14 @@ def _metrics(response):
 @blp.after_request
 def _audit(response):
     """One append-only audit record per invocation and feedback call, whatever its outcome."""
-    fields = getattr(g, "audit", None)
-    if fields is None or request.method != "POST":
+    call = g.get("call")
+    if call is None or request.method != "POST":
         return response
-    kind = "feedback" if request.path.endswith("/feedback") else "invoke"
-    fields.setdefault("outcome", str(response.status_code))
-    now = datetime.now(UTC)
-    record = _audit_record(kind, now, response.status_code, fields)
-    issued = getattr(g, "issued_cards", None) if response.status_code == 200 else None
-    binding = getattr(g, "model_binding", None)
-    # The call's ids as its audit record holds them, so the three tables join.
-    ids = {"hook_instance": record.hook_instance, "user_id": record.user_id,
-           "patient_id": record.patient_id}
     try:
-        runtime().store.record(Call(
-            audit=record,
-            issued_cards=[{**card, "time": now, "site": fields["site"],
-                           "service_id": fields["service_id"], **ids}
-                          for card in issued or ()],
-            predictions=_prediction_rows(fields, ids, binding.recorded, now) if binding else (),
-        ))
+        runtime().store.record(call.to_call(datetime.now(UTC), response.status_code))
     except Exception:  # noqa: BLE001 - the clinician's answer must not wait on the audit log
         log.exception("call record not spooled for %s %s", request.method, request.path)
     return response
-
-
-def _audit_record(kind: str, now: datetime, status: int, fields: dict) -> AuditRecord:
-    """The call's audit record, whatever the caller sent (`audit.lenient_record`); if even that
-    fails (our bug), a record of the access with what is certainly safe, saying so."""
-    try:
-        return lenient_record(kind=kind, time=now, status=status, **fields)
-    except Exception as exc:  # noqa: BLE001 - an access is never left off the record
-        log.exception("audit record for %s %s: fields withheld", request.method, request.path)
-        return AuditRecord(kind=kind, time=now, status=status,
-                           site=safe_text(fields.get("site")),
-                           service_id=safe_text(fields.get("service_id")),
-                           detail=f"audit fields withheld: {type(exc).__name__}")
-
-
-def _prediction_rows(fields: dict, ids: dict, recorded, now: datetime) -> list[dict]:
-    return [{
-        "time": now, "site": fields["site"], "service_id": fields["service_id"],
-        "hook_instance": ids["hook_instance"], "role": role,
-        "model_id": p.model_id, "model_version": p.model_version, "sha256": p.sha256,
-        "output": p.output, "score": p.score, "indicator": p.indicator,
-        "unavailable": p.unavailable, "missing": list(p.missing), "imputed": list(p.imputed),
-        "contributions": [{"name": c.name, "contribution": round(c.contribution, 6)}
-                          for c in p.contributions],
-    } for role, p in recorded]
 
 
 health = Blueprint("health", __name__, description="Liveness and readiness probes.")
