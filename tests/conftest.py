@@ -47,8 +47,11 @@ def _forbid_reading_beside_the_checkout() -> None:
     exempt = {ROOT.name}
     for allowed in (sys.prefix, sys.base_prefix, tempfile.gettempdir()):
         relative = os.path.relpath(allowed, parent)
-        if not relative.startswith(os.pardir):
+        if not relative.startswith(os.pardir) and relative != os.curdir:
             exempt.add(relative.split(os.sep)[0])
+    # A clone made directly in the temp dir (/tmp/x): its siblings are then the tests' own
+    # temporary files, named by pytest (pytest-of-<user>) and tempfile (tmp…).
+    in_tempdir = os.path.samefile(parent, tempfile.gettempdir())
 
     def hook(event: str, args: tuple) -> None:
         if event != "open" or not isinstance(args[0], str | os.PathLike):
@@ -57,6 +60,8 @@ def _forbid_reading_beside_the_checkout() -> None:
         relative = os.path.relpath(path, parent)
         first = relative.split(os.sep)[0]
         if relative.startswith(os.pardir) or first in exempt or first.startswith("."):
+            return
+        if in_tempdir and first.startswith(("pytest-of-", "tmp")):
             return
         raise PermissionError(f"a test opened {path}, outside the repository; copy what it "
                               "needs into tests/data/")
