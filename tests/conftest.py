@@ -51,7 +51,7 @@ def _forbid_reading_beside_the_checkout() -> None:
             exempt.add(relative.split(os.sep)[0])
     # A clone made directly in the temp dir (/tmp/x): its siblings are then the tests' own
     # temporary files, named by pytest (pytest-of-<user>), tempfile (tmp…) and our tools
-    # (cds-service-…, e.g. the bench's work dirs).
+    # (cds-…: the bench's work dirs, the metrics directory).
     in_tempdir = os.path.samefile(parent, tempfile.gettempdir())
 
     def hook(event: str, args: tuple) -> None:
@@ -62,7 +62,7 @@ def _forbid_reading_beside_the_checkout() -> None:
         first = relative.split(os.sep)[0]
         if relative.startswith(os.pardir) or first in exempt or first.startswith("."):
             return
-        if in_tempdir and first.startswith(("pytest-of-", "tmp", "cds-service-")):
+        if in_tempdir and first.startswith(("pytest-of-", "tmp", "cds-")):
             return
         raise PermissionError(f"a test opened {path}, outside the repository; copy what it "
                               "needs into tests/data/")
