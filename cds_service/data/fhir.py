@@ -416,7 +416,7 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-class _BearerAuth(requests.auth.AuthBase):
+class BearerAuth(requests.auth.AuthBase):
     """Sets `Authorization: Bearer …`; passing an auth object also stops requests' .netrc lookup
     from replacing the header. The repr never shows the token."""
 
@@ -430,7 +430,7 @@ class _BearerAuth(requests.auth.AuthBase):
         return r
 
     def __repr__(self) -> str:
-        return "<_BearerAuth ***>"
+        return "<BearerAuth ***>"
 
 
 class ReadOnlyFHIRClient(SyncFHIRClient):
@@ -464,7 +464,7 @@ class ReadOnlyFHIRClient(SyncFHIRClient):
         parts = urlsplit(self.url)
         self._origin = _origin(self.url)
         self._base_path = parts.path.rstrip("/")
-        self._auth = _BearerAuth(access_token) if access_token else None
+        self._auth = BearerAuth(access_token) if access_token else None
         self._owns_session = session is None
         self._session = session if session is not None else bounded_session()
         if budget is None:

@@ -18,6 +18,7 @@ import jwt
 import requests
 from cryptography.hazmat.primitives import serialization
 
+from cds_service.data.fhir import BearerAuth
 from cds_service.training.errors import AuthFailed, ExportError
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -79,21 +80,6 @@ def default_scope(types: tuple[str, ...], smart_configuration: dict[str, Any]) -
     return " ".join(f"system/{t}.{suffix}" for t in types)
 
 
-class BearerToken(requests.auth.AuthBase):
-    """Sets `Authorization: Bearer …`. requests drops it on a redirect to another host, and an
-    auth object also keeps a `.netrc` entry from replacing it. The repr never shows it."""
-
-    def __init__(self, token: str):
-        self._token = token
-
-    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        r.headers["Authorization"] = f"Bearer {self._token}"
-        return r
-
-    def __repr__(self) -> str:
-        return "<BearerToken ***>"
-
-
 class BackendServicesToken:
     """Access tokens from `token_url`, one client assertion each; `auth()` refreshes ahead of
     expiry (a quarter of the lifetime, at most a minute, before it) so a long status poll or
@@ -117,11 +103,11 @@ class BackendServicesToken:
         self._refresh_at = 0.0
         self.issued = 0  # tokens obtained so far (progress, tests)
 
-    def auth(self) -> BearerToken:
+    def auth(self) -> BearerAuth:
         token = self._token
         if token is None or self._clock() >= self._refresh_at:
             token = self._fetch()
-        return BearerToken(token)
+        return BearerAuth(token)
 
     def invalidate(self) -> None:
         """The server refused the token (401): the next `auth()` gets a new one."""
