@@ -449,16 +449,20 @@ def creatinine_clearance(status: KidneyStatus) -> tuple[float | None, str]:
 
 
 def assess_request(request: Any) -> tuple[KidneyStatus, Any]:
-    """(kidney status, the site model's prediction or None) for a hook request. The model sees
-    the eGFR and urine ACR the card shows, and is not run without an eGFR or where the risk
-    equation does not apply (`KidneyStatus.risk_exclusions`)."""
+    """(kidney status, the site model's prediction or None) for a hook request."""
     resources = [v for v in request.prefetch.values() if v is not None]
-    model = request.model
     with request.stage("features"):
         status = assess(resources, now=request.now, code_map=request.site.code_map)
+    return status, risk(status, resources, request.model, now=request.now)
+
+
+def risk(status: KidneyStatus, resources: list[Any], model: Any, *, now: datetime) -> Any:
+    """The model's prediction (a `ModelBinding`'s) for the chart `status` was read from, or None:
+    the model sees the eGFR and urine ACR the card shows, and is not run without an eGFR or
+    where the risk equation does not apply (`KidneyStatus.risk_exclusions`)."""
     if model is None or status.latest is None or status.risk_exclusions():
-        return status, None
-    return status, model.predict([*resources, *status.extra_resources], now=request.now)
+        return None
+    return model.score([*resources, *status.extra_resources], now=now)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import jwt
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from cds_service import create_app
 from cds_service.data.jsonlimit import MAX_DEPTH
@@ -219,6 +220,22 @@ def test_patient_view_sends_a_signed_request_and_returns_cards_and_explanation(d
     assert explanation["model"]["id"] == "kfre-4var"
     assert explanation["score"] == pytest.approx(0.24, abs=0.005)
     assert explanation["contributions"][0]["name"] == "egfr"
+
+
+def test_the_explanation_is_the_score_the_service_served_counted_once(demo):
+    # One scoring path (ModelBinding.score via hooks/_kidney.risk) for the hook and the sandbox;
+    # the sandbox's second scoring stays out of the model metrics.
+    app, client, transport = demo
+    labels = {"model_id": "kfre-4var", "model_version": app.extensions["cds"].models.get(
+        "kfre-4var").version, "role": "active"}
+    before = REGISTRY.get_sample_value("cds_model_score_count", labels) or 0
+    result = invoke(client, patient="ckd-patient-nsaid", service="kidney-risk",
+                    hook="patient-view").get_json()
+    [sent] = transport.calls
+    [served] = app.extensions["cds"].store.list_predictions(
+        hook_instance=sent["body"]["hookInstance"])
+    assert result["explanation"]["score"] == pytest.approx(served["score"], abs=1e-9)
+    assert REGISTRY.get_sample_value("cds_model_score_count", labels) == before + 1
 
 
 def test_a_calculated_egfr_reaches_the_explanation(demo):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cds_service.features import CodeMap, FeatureSpec, FeatureVector, extract, flatten
+from cds_service.features import CodeMap, extract, flatten
 from cds_service.models.loaded import LoadedModel, Prediction
 from cds_service.models.manifest import Threshold
 from cds_service.ops import metrics
@@ -31,38 +31,33 @@ class ModelBinding:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     # (role, prediction) in the order made; the view records them after the response is built.
     recorded: list[tuple[str, Prediction]] = field(default_factory=list)
+    # False for a preview outside a hook call (the sandbox's explanation): the same scoring, but
+    # not counted in the model metrics, which describe the scores the service served.
+    observed: bool = True
 
-    @property
-    def features(self) -> tuple[FeatureSpec, ...]:
-        """The active model's features, for a caller that extracts them with its own inputs."""
-        return self.active.manifest.features
-
-    def predict(self, resources: Iterable[Any], *, now: datetime | None = None,
-                vector: FeatureVector | None = None) -> Prediction:
-        """Score the active model (and the shadow, silently) on the patient's FHIR resources;
-        `vector`: the active model's `features` already extracted from those resources."""
+    def score(self, resources: Iterable[Any], *, now: datetime | None = None) -> Prediction:
+        """The active model's prediction on the patient's FHIR resources (features extracted here,
+        with the site's code mappings and thresholds), and the shadow model's, scored silently."""
         now = now or self.clock()
-        if vector is None or self.shadow is not None:
-            resources = list(flatten(resources))  # once, for the active and the shadow model
-        prediction = self._score("active", self.active, resources, now, self.thresholds, vector)
+        resources = list(flatten(resources))  # once, for the active and the shadow model
+        prediction = self._score("active", self.active, resources, now, self.thresholds)
         if self.shadow is not None:
             try:
-                shadow = self._score("shadow", self.shadow, resources, now, None, None)
-                metrics.observe_shadow(prediction, shadow)
+                shadow = self._score("shadow", self.shadow, resources, now, None)
+                if self.observed:
+                    metrics.observe_shadow(prediction, shadow)
             except Exception:  # noqa: BLE001 - a shadow model never affects the answer
                 log.exception("shadow model %s %s failed", self.shadow.id, self.shadow.version)
         return prediction
 
     def _score(self, role: str, model: LoadedModel, resources: Iterable[Any], now: datetime,
-               thresholds: Mapping[str, Threshold] | None,
-               vector: FeatureVector | None) -> Prediction:
-        if vector is None:
-            with metrics.stage("features"):
-                vector = extract(model.manifest.features, resources, now=now,
-                                 code_map=self.code_map)
+               thresholds: Mapping[str, Threshold] | None) -> Prediction:
+        with metrics.stage("features"):
+            vector = extract(model.manifest.features, resources, now=now, code_map=self.code_map)
         started = time.perf_counter()
         with metrics.stage("model"):
             prediction = model.predict_vector(vector, thresholds)
-        metrics.observe_prediction(role, prediction, time.perf_counter() - started)
+        if self.observed:
+            metrics.observe_prediction(role, prediction, time.perf_counter() - started)
         self.recorded.append((role, prediction))
         return prediction

@@ -34,6 +34,7 @@ from flask import Blueprint, Flask, current_app, render_template, request
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from cds_service.config import Site, SiteService
+from cds_service.models.binding import ModelBinding
 from cds_service.protocol.errors import CdsError, RequestInvalid
 from cds_service.protocol.http import require_json_body
 from cds_service.records import suppression
@@ -385,18 +386,16 @@ def explanation(site: Site, enabled: SiteService, body: Mapping) -> dict | None:
     """The site's model on the request's prefetch, as the service scores it; None without one."""
     if enabled.model is None or enabled.model not in runtime().models:
         return None
-    from hooks._kidney import assess
+    from hooks._kidney import assess, risk
 
     resources = [v for v in body["prefetch"].values() if v is not None]
     now = runtime().clock()
-    # As hooks/_kidney.assess_request: no score where the equation does not apply, and the
-    # model sees the eGFR and urine ACR the card shows.
     status = assess(resources, now=now, code_map=site.code_map)
-    if status.latest is None or status.risk_exclusions():
+    binding = ModelBinding(runtime().models.get(enabled.model), thresholds=enabled.thresholds,
+                           code_map=site.code_map, observed=False)
+    prediction = risk(status, resources, binding, now=now)
+    if prediction is None:
         return None
-    prediction = runtime().models.get(enabled.model).predict(
-        [*resources, *status.extra_resources], now=now, code_map=site.code_map,
-        thresholds=enabled.thresholds)
     return prediction.to_dict()
 
 
