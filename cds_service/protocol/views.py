@@ -25,7 +25,7 @@ from cds_service.protocol.schemas import (
     FeedbackAckSchema,
 )
 from cds_service.records import suppression
-from cds_service.records.audit import FEEDBACK, safe_text
+from cds_service.records.audit import FEEDBACK
 from cds_service.records.call import CallRecord, kind_of
 from cds_service.records.feedback import FeedbackRequestSchema
 from cds_service.records.store import StoreUnavailable
@@ -67,13 +67,6 @@ def _authenticate_and_precheck():
     service_id = (request.view_args or {}).get("service_id")
     if service_id is not None:
         site_service(service_id)
-
-
-def _safe_id(context: dict, key: str) -> str | None:
-    """A context id as the store records it (`audit.safe_text`: an id too long or token-like
-    is replaced by a marker, the same one every time, so suppression still matches it)."""
-    value = context.get(key)
-    return safe_text(value) if isinstance(value, str) else None
 
 
 def site_service(service_id: str):
@@ -181,8 +174,7 @@ def _cards_for(service, hook_request: HookRequest):
     with metrics.stage("cards"):  # the handler's own feature and model time is taken out below
         cards = service.handler(hook_request)
         decision = suppression.apply(cards, store=runtime().store, site=site,
-                                     service_id=service.id, user_id=_safe_id(context, "userId"),
-                                     patient_id=_safe_id(context, "patientId"),
+                                     service_id=service.id, context=context,
                                      now=hook_request.now)
         rendered = render_response(decision.kept, epic=site.epic_compatibility,
                                    extension=decision.extension())
@@ -267,7 +259,7 @@ def _audit(response):
     if call is None or request.method != "POST":
         return response
     try:
-        runtime().store.record(call.to_call(datetime.now(UTC), response.status_code))
+        call.submit(runtime().store, datetime.now(UTC), response.status_code)
     except Exception:  # noqa: BLE001 - the clinician's answer must not wait on the audit log
         log.exception("call record not spooled for %s %s", request.method, request.path)
     return response

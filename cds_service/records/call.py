@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from cds_service.config import Site
     from cds_service.data.prefetch import Prefetch
     from cds_service.models.binding import ModelBinding
+    from cds_service.records.store import Store
     from cds_service.records.suppression import Decision
     from cds_service.trust.auth import VerifiedCaller
 
@@ -82,6 +83,10 @@ class CallRecord:
                     + (f" suppressed={decision.suppressed}" if decision.suppressed else ""),
             detail="; ".join(decision.notes)[:MAX_TEXT] or None,
         )
+
+    def submit(self, store: Store, now: datetime, status: int) -> None:
+        """Hand the finished call to the store's writer (spooled, never awaited)."""
+        store.record(self.to_call(now, status))
 
     def to_call(self, now: datetime, status: int) -> Call:
         """What the store keeps of this call, answered with `status`; cards count as issued only

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from cds_service.config import DEFAULT_OVERRIDE_WINDOW, Site
 from cds_service.ops import metrics
 from cds_service.protocol.cards import Card, severity
+from cds_service.records.audit import safe_text
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,19 @@ class Decision:
         return {WITHHELD_EXTENSION: [w.to_dict() for w in self.withheld]}
 
 
-def apply(cards: Sequence[Card], *, store, site: Site, service_id: str, user_id: object,
-          patient_id: object, now: datetime) -> Decision:
+def _stored_id(context: Mapping, key: str) -> str | None:
+    """A context id as the store records it (`audit.safe_text`: an id too long or token-like
+    is replaced by a marker, the same one every time, so suppression still matches it)."""
+    value = context.get(key)
+    return safe_text(value) if isinstance(value, str) else None
+
+
+def apply(cards: Sequence[Card], *, store, site: Site, service_id: str, context: Mapping,
+          now: datetime) -> Decision:
+    """Which of a call's cards are shown: those the same clinician overrode for the same patient
+    within the site's window are withheld (a card more severe than the override is shown)."""
     window = site.override_window
+    user_id, patient_id = _stored_id(context, "userId"), _stored_id(context, "patientId")
     topics = {c.source.topic.code for c in cards if c.source.topic is not None}
     if (not window or not topics or not isinstance(user_id, str) or not user_id
             or not isinstance(patient_id, str) or not patient_id):
