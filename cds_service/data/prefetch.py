@@ -32,9 +32,9 @@ connect). Where that leaves a required key missing the 412 reads the same whatev
 port or scheme: the answer and its timing must not tell the caller what listens where.
 
 All fallback reads run on the caller's executor, at most `max_parallel_reads` at a time for one
-call, under one `ReadBudget` (cds_service.data.fhir): a deadline measured from the call's start and
-byte caps per answer and per call. When the call stops waiting, reads still in flight are cut
-off, so their threads are free for other calls at the deadline. Failures become
+call, under one `ReadBudget` (cds_service.data.read_budget): a deadline measured from the call's
+start and byte caps per answer and per call. When the call stops waiting, reads still in flight
+are cut off, so their threads are free for other calls at the deadline. Failures become
 `FhirAccessError` (412) naming each key and the reason class; missing data without FHIR access
 becomes `PrefetchUnavailable` (412). The access token is never logged nor put in a message.
 """
@@ -57,16 +57,18 @@ from urllib.parse import quote
 import requests
 
 from cds_service.data.fhir import (
-    DEFAULT_MAX_RESPONSE_BYTES,
-    DEFAULT_MAX_TOTAL_BYTES,
     FhirInvalidResponse,
     FhirNotFound,
     FhirRequestError,
     FhirTimeout,
     InsecureFhirServer,
-    ReadBudget,
-    ReadOnlyFHIRClient,
     allowed_by,
+)
+from cds_service.data.fhir_client import ReadOnlyFHIRClient
+from cds_service.data.read_budget import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_TOTAL_BYTES,
+    ReadBudget,
     bounded_session,
 )
 from cds_service.ops import metrics
