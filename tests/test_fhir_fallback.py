@@ -23,7 +23,8 @@ from cds_service.data.fhir import (
     parse_retry_after,
 )
 from cds_service.data.fhir_client import ReadOnlyFHIRClient, loggable_path
-from cds_service.data.prefetch import PrefetchSettings, resolve_prefetch
+from cds_service.data.prefetch import PrefetchSettings
+from cds_service.data.prefetch_resolve import resolve_prefetch
 from cds_service.protocol.errors import FhirAccessError, PrefetchUnavailable
 from tests.helpers.fhir_server import operation_outcome, searchset
 

@@ -7,11 +7,13 @@ share, or log the access token").
 
 Which servers: a request names its own `fhirServer`, so a validly signed call could point the
 service (and the EHR's token) at any host, internal ones included. A site lists the FHIR bases
-its calls may use (`FhirBase`, `allowed_by`); `cds_service.data.prefetch` never contacts any other.
+its calls may use (`FhirBase`, `allowed_by`); `cds_service.data.prefetch_resolve` never contacts
+any other.
 
 Errors are typed (`FhirRequestError` subclasses) with a `reason` that is safe to show to the
 caller: it names the failure class and status, never the token, the query string or resource
-contents. `cds_service.data.prefetch` turns them into `FhirAccessError` naming the prefetch key.
+contents. `cds_service.data.prefetch_resolve` turns them into `FhirAccessError` naming the
+prefetch key.
 
 The reads themselves: `cds_service.data.fhir_client` (GET only), under a
 `cds_service.data.read_budget.ReadBudget`.
