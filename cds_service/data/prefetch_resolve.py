@@ -54,9 +54,9 @@ def resolve_prefetch(
 ) -> Prefetch:
     """Every key of `templates` resolved from `prefetch` or, failing that, from `fhir_server`.
 
-    See the module docstring for the per-key rules. Raises `PrefetchUnavailable` when required
-    data is missing and there is no FHIR access, `FhirAccessError` when the FHIR server fails
-    or is not one `settings.fhir_servers` allows. `executor` must run callables in threads of
+    See `cds_service.data.prefetch` for the per-key rules. Raises `PrefetchUnavailable` when
+    required data is missing and there is no FHIR access, `FhirAccessError` when the FHIR server
+    fails or is not one `settings.fhir_servers` allows. `executor` must run callables in threads of
     this process (the client holds a session); fetches still running when this returns have
     had their connections shut down and end at once.
     """
