@@ -18,13 +18,13 @@ from cds_service.data.fhir import (
     FhirRedirectRefused,
     InsecureFhirServer,
     OffServerUrl,
-    ReadOnlyFHIRClient,
     WriteRefused,
     check_fhir_server_url,
-    loggable_path,
     parse_retry_after,
 )
-from cds_service.data.prefetch import PrefetchSettings, resolve_prefetch
+from cds_service.data.fhir_client import ReadOnlyFHIRClient, loggable_path
+from cds_service.data.prefetch import PrefetchSettings
+from cds_service.data.prefetch_resolve import resolve_prefetch
 from cds_service.protocol.errors import FhirAccessError, PrefetchUnavailable
 from tests.helpers.fhir_server import operation_outcome, searchset
 

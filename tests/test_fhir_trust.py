@@ -15,7 +15,8 @@ import sqlalchemy as sa
 
 from bench.hostile_fhir import MIB, ConnectionCounter, HostileFhirServer
 from cds_service.data.fhir import FhirBase, allowed_by, origin_for_audit
-from cds_service.data.prefetch import REFUSED_SERVER, PrefetchSettings, resolve_prefetch
+from cds_service.data.prefetch import PrefetchSettings
+from cds_service.data.prefetch_resolve import REFUSED_SERVER, resolve_prefetch
 from cds_service.protocol.errors import ConfigError, FhirAccessError
 from cds_service.records.audit import AuditRecord
 from cds_service.records.store import Store

@@ -15,11 +15,11 @@ from cds_service.data.prefetch import (
     TOKEN_RE,
     Prefetch,
     PrefetchSettings,
-    classify,
     lint_template,
     render_template,
-    resolve_prefetch,
 )
+from cds_service.data.prefetch_resolve import resolve_prefetch
+from cds_service.data.prefetch_values import classify
 from cds_service.protocol.errors import FhirAccessError, PrefetchUnavailable
 
 CONTEXT = {"patientId": "123", "encounterId": "E1", "userId": "PractitionerRole/456"}

@@ -41,12 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from cds_service.config import Site, SiteService
-from cds_service.data.fhir import (
-    FhirRequestError,
-    InsecureFhirServer,
-    ReadOnlyFHIRClient,
-    check_fhir_server_url,
-)
+from cds_service.data.fhir import FhirRequestError, InsecureFhirServer, check_fhir_server_url
+from cds_service.data.fhir_client import ReadOnlyFHIRClient
 from cds_service.data.prefetch import is_search
 from cds_service.trust.auth import (
     AuthSettings,

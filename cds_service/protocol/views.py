@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from flask import Response, g, json, request
 
 from cds_service.data.fhir import origin_for_audit
-from cds_service.data.prefetch import resolve_prefetch
+from cds_service.data.prefetch_resolve import resolve_prefetch
 from cds_service.ops import metrics
 from cds_service.protocol.cards import render_response
 from cds_service.protocol.errors import RequestInvalid, ServiceNotFound
