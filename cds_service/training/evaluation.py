@@ -383,7 +383,7 @@ def _clean(value: Any) -> Any:
 # Bootstrap
 
 
-def _percentile_interval(values: np.ndarray, confidence: float
+def percentile_interval(values: np.ndarray, confidence: float
                          ) -> tuple[float | None, float | None, int]:
     """Bootstrap percentile interval: the (1-c)/2 and (1+c)/2 quantiles of the resampled
     statistic (Efron B, Tibshirani RJ, An Introduction to the Bootstrap, 1993, ch. 13)."""
@@ -396,7 +396,7 @@ def _percentile_interval(values: np.ndarray, confidence: float
 
 
 def _estimate(value: float, resampled: np.ndarray, confidence: float) -> Estimate:
-    lower, upper, count = _percentile_interval(resampled, confidence)
+    lower, upper, count = percentile_interval(resampled, confidence)
     return Estimate(value if math.isfinite(value) else None, lower, upper, count)
 
 
