@@ -30,7 +30,7 @@ CALIBRATION_FILE = "calibration.png"
 DECISION_FILE = "decision_curve.png"
 
 HOW_TO_READ = """\
-**How to read this.** Each number is computed on all patients; the interval beside it is a
+Each number is computed on all patients; the interval beside it is a
 {pct} bootstrap percentile interval (Efron B, Tibshirani RJ, *An Introduction to the Bootstrap*,
 1993, ch. 13): patients were resampled with replacement {n_bootstrap} times (seed {seed}) and
 resamples with a single outcome class were skipped. **AUROC** is the probability that a patient
