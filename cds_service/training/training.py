@@ -34,6 +34,7 @@ from cds_service.models.estimators import KidneyFailureRiskEquation, LogColumns
 from cds_service.models.explain import default_method
 from cds_service.models.loaded import LoadedModel, load_model, runtime_versions
 from cds_service.models.manifest import Manifest, write_manifest
+from cds_service.training.evaluation import calibration
 
 ARTIFACT_FILE = "model.skops"
 
@@ -155,39 +156,6 @@ def impute(features: Sequence[FeatureSpec], observed: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
-def _newton_logistic(design: np.ndarray, y: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """Unpenalised logistic regression by Newton-Raphson (a few well-conditioned parameters)."""
-    beta = np.zeros(design.shape[1])
-    for _ in range(50):
-        eta = design @ beta + offset
-        mu = 1 / (1 + np.exp(-eta))
-        weights = mu * (1 - mu)
-        hessian = design.T @ (design * weights[:, None])
-        step = np.linalg.solve(hessian + 1e-9 * np.eye(len(beta)), design.T @ (y - mu))
-        beta += step
-        if np.max(np.abs(step)) < 1e-10:
-            break
-    return beta
-
-
-def calibration(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
-    """Calibration slope (Cox: logit(P(y)) = a + b·logit(p)) and calibration-in-the-large.
-
-    Slope 1 and intercept 0 are perfect; slope < 1 means predictions too extreme. The intercept is
-    fitted with logit(p) as an offset (slope fixed at 1). Van Calster et al., J Clin Epidemiol
-    2016;74:167 (the calibration hierarchy).
-    """
-    lp = _logit(p)
-    slope = _newton_logistic(np.column_stack([np.ones_like(lp), lp]), y, np.zeros_like(lp))[1]
-    intercept = _newton_logistic(np.ones((len(lp), 1)), y, lp)[0]
-    return float(slope), float(intercept)
 
 
 def evaluate_scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
