@@ -17,354 +17,31 @@ stable (the parser's description below is what they read in `--help`).
     cds-service models validate models/ID [models/ID ...]
     cds-service models explain models/ID --bundle FILE [--now ISO]
     cds-service data export SITE --out DIR [--group ID] [--since DATE] [--type Patient,...]
+
+The parser is built here; each command group's handlers (`run_*`) are in `cds_service.commands`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
-from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-from cds_service.protocol.errors import ConfigError
-
-# The gunicorn master's pid, relative to the working directory as the default SQLite store is.
-PIDFILE = "var/cds-service.pid"
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from cds_service.ops import logs, serving
-
-    logs.configure(fmt=args.log_format)
-    return serving.run(args, logs.logconfig(args.log_format, access_log=args.access_log))
-
-
-def _reload(args: argparse.Namespace) -> int:
-    from cds_service.ops.serving import ReloadError, request_reload
-
-    try:
-        status = request_reload(args.pidfile, timeout=args.timeout)
-    except ReloadError as exc:
-        print(f"reload: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    if status["outcome"] != "reloaded":
-        print(f"reload refused: {status.get('error', status['outcome'])}\n"  # noqa: T201
-              "The running workers keep serving the previous configuration.", file=sys.stderr)
-        return 1
-    print(f"reloaded (master pid {status['pid']}): sites {', '.join(status['sites'])}; "  # noqa: T201
-          f"models {', '.join(status['models']) or 'none'}; "
-          f"workers {', '.join(map(str, status['workers']))}")
-    return 0
-
-
-def _check_config(args: argparse.Namespace) -> int:
-    from cds_service import create_app
-    from cds_service.effective import effective_config, render
-
-    try:
-        app = create_app()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    try:
-        print(render(effective_config(app), as_json=args.json))  # noqa: T201
-    finally:
-        app.extensions["cds"].close()
-    return 0
-
-
-def _invoke(args: argparse.Namespace) -> int:
-    from cds_service.config import choose_default_site, load_sites
-    from cds_service.service import index_services
-    from cds_service.tools.invoke import InvokeError, build_request, format_cards, load_bundle, send
-    from hooks import SERVICES
-
-    try:
-        path = os.environ.get("CDS_SITE_CONFIG")
-        sites = load_sites(path, index_services(SERVICES))
-        if args.site and args.site not in sites:
-            raise InvokeError(f"--site: no site {args.site!r} in "
-                              f"{path or 'the built-in defaults'} (configured: {', '.join(sites)})")
-        if not args.site and not os.environ.get("CDS_DEFAULT_SITE") and len(sites) > 1:
-            raise InvokeError(f"--site: {len(sites)} sites are configured ({', '.join(sites)}); "
-                              "name the one whose development key signs")
-        site = choose_default_site(sites, args.site or os.environ.get("CDS_DEFAULT_SITE"))
-        body = build_request(site, args.service, load_bundle(args.bundle), hook=args.hook,
-                             selections=args.select)
-        response = send(args.url, site, args.service, body,
-                        public_url=os.environ.get("CDS_PUBLIC_URL") or None)
-    except (ConfigError, InvokeError) as exc:
-        print(f"invoke: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = {"text": response.text}
-    if args.json or response.status_code != 200:
-        print(json.dumps(answer, indent=2))  # noqa: T201
-    else:
-        print(format_cards(answer, body["context"]))  # noqa: T201
-    return 0 if response.status_code == 200 else 1
-
-
-def _site_check(args: argparse.Namespace) -> int:
-    from cds_service.config import load_sites
-    from cds_service.ops.sitecheck import SiteCheckError, check_site, render
-    from cds_service.service import index_services
-    from hooks import SERVICES
-
-    try:
-        if not 0 < args.timeout <= 300:
-            raise SiteCheckError("--timeout: give seconds between 0 and 300")
-        path = os.environ.get("CDS_SITE_CONFIG")
-        sites = load_sites(path, index_services(SERVICES))
-        if args.site not in sites:
-            raise SiteCheckError(f"no site {args.site!r} in {path or 'the built-in defaults'} "
-                                 f"(configured: {', '.join(sites)})")
-        report = check_site(sites[args.site], fhir_base=args.fhir_base, timeout=args.timeout)
-    except (ConfigError, SiteCheckError) as exc:
-        print(f"site check: {exc}", file=sys.stderr)  # noqa: T201
-        if args.json:  # scripts read stdout: the reason the check could not run, as JSON
-            print(json.dumps({"site": args.site, "error": str(exc)}, indent=2))  # noqa: T201
-        return 2
-    print(render(report, as_json=args.json))  # noqa: T201
-    return report.exit_code
-
-
-def _data_export(args: argparse.Namespace) -> int:
-    from cds_service.config import load_sites
-    from cds_service.service import index_services
-    from cds_service.training.bulk_export import export_site
-    from cds_service.training.errors import ExportError
-    from hooks import SERVICES
-
-    try:
-        path = os.environ.get("CDS_SITE_CONFIG")
-        sites = load_sites(path, index_services(SERVICES))
-        if args.site not in sites:
-            raise ConfigError(f"no site {args.site!r} in {path or 'the built-in defaults'} "
-                              f"(configured: {', '.join(sites)})")
-        summary = export_site(sites[args.site], Path(args.out), group=args.group,
-                              since=args.since, types=args.type)
-    except ConfigError as exc:
-        print(f"data export: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    except ExportError as exc:
-        print(f"data export: {exc}", file=sys.stderr)  # noqa: T201
-        return 1
-    except KeyboardInterrupt:
-        print("data export: interrupted; run the same command again to resume",  # noqa: T201
-              file=sys.stderr)
-        return 130
-    print(json.dumps({"out": summary.out_dir, "group": summary.group,  # noqa: T201
-                      "server": summary.server, "counts": summary.counts()}, indent=2))
-    return 0
-
-
-def _store_command(func):
-    """Commands on the store named by CDS_DATABASE_URL: an unreachable or misnamed database is
-    said plainly, exit 2."""
-
-    def run(args: argparse.Namespace) -> int:
-        from cds_service.app import resolve_config
-        from cds_service.records.store import Store, StoreUnavailable
-
-        config = resolve_config()
-        try:
-            with Store(config["DATABASE_URL"]) as store:
-                return func(args, store, config)
-        except (ConfigError, StoreUnavailable) as exc:
-            print(f"{args.command}: {exc}", file=sys.stderr)  # noqa: T201
-            return 2
-
-    return run
-
-
-def _audit_purge(args: argparse.Namespace, store, config) -> int:
-    days = args.older_than_days or int(config["AUDIT_RETENTION_DAYS"])
-    cutoff = datetime.now(UTC) - timedelta(days=days)
-    removed = store.purge_audit(cutoff)
-    print(f"removed {removed} audit records older than {cutoff:%Y-%m-%d} ({days} days)")  # noqa: T201
-    return 0
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _print_rows(rows, columns: Sequence[str], output: str) -> None:
-    """Stored rows as JSON lines (every field, times ISO 8601 UTC) or as an aligned table of
-    `columns` (times to the second)."""
-    if output == "jsonl":
-        for row in rows:
-            print(json.dumps({k: _plain(v) for k, v in row.items()}, ensure_ascii=False))  # noqa: T201
-        return
-
-    def cell(value: object) -> str:
-        if isinstance(value, datetime):
-            return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return "-" if value is None else str(value)
-
-    lines = [list(columns), *([cell(row.get(name)) for name in columns] for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
-    for line in lines:
-        print("  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True))  # noqa: T201
-              .rstrip())
-
-
-def _audit_show(args: argparse.Namespace, store, config) -> int:
-    from cds_service.records.audit import REVIEW_COLUMNS
-
-    if args.since and args.until and args.since >= args.until:
-        print("audit: --since must be before --until", file=sys.stderr)  # noqa: T201
-        return 2
-    filters = {column: value for column, value in (
-        ("patient_id", args.patient), ("user_id", args.user), ("hook_instance", args.hook_instance),
-        ("site", args.site), ("service_id", args.service), ("kind", args.kind),
-        ("status", args.status)) if value is not None}
-    rows = store.iter_audit(since=args.since, until=args.until, limit=args.limit,
-                            outcome_contains=args.outcome, **filters)
-    _print_rows(rows, REVIEW_COLUMNS, args.format)
-    return 0
-
-
-# What an operator reads of a suppression: whose, which topic, since and until when.
-SUPPRESSION_COLUMNS = ("time", "expires", "site", "service_id", "user_id", "patient_id",
-                       "topic_code", "indicator", "card_uuid")
-
-
-def _suppressions(args: argparse.Namespace, store, config) -> int:
-    from cds_service.config import load_sites
-    from cds_service.records.suppression import active_overrides
-    from cds_service.service import index_services
-    from hooks import SERVICES
-
-    filters = {column: value for column, value in (
-        ("site", args.site), ("service_id", args.service), ("patient_id", args.patient),
-        ("user_id", args.user)) if value is not None}
-    if args.suppressions_command == "clear" and not filters and not args.all:
-        print("suppressions clear: name whose with --site, --service, --patient or --user, "  # noqa: T201
-              "or give --all", file=sys.stderr)
-        return 2
-    sites = load_sites(config["SITE_CONFIG"], index_services(SERVICES))
-    windows = {site.id: site.override_window for site in sites.values()}
-    active = active_overrides(store, windows, now=datetime.now(UTC), **filters)
-    if args.suppressions_command == "list":
-        if active or args.format == "jsonl":
-            _print_rows(active, SUPPRESSION_COLUMNS, args.format)
-        else:
-            print("no suppressions in force", file=sys.stderr)  # noqa: T201
-        return 0
-    removed = store.delete_overrides([row["id"] for row in active])
-    print(f"cleared {removed} suppression(s)")  # noqa: T201
-    return 0
-
-
-_AGE = re.compile(r"(\d+)([mhd])")
-_AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
-
-
-def _moment(text: str) -> datetime:
-    """--since / --until: an ISO 8601 date or time (UTC unless it names an offset), or an age
-    back from now (30m, 12h, 7d)."""
-    age = _AGE.fullmatch(text.strip())
-    if age:
-        return datetime.now(UTC) - timedelta(**{_AGE_UNITS[age[2]]: int(age[1])})
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither an ISO 8601 date or time (2026-03-01, 2026-03-01T08:00Z) nor "
-            "an age (30m, 12h, 7d)") from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-
-def _models_generate_cohort(args: argparse.Namespace) -> int:
-    from cds_service.training.cohort import generate_cohort, write_cohort
-
-    cohort = generate_cohort(n_patients=args.patients, seed=args.seed)
-    paths = write_cohort(cohort, Path(args.out))
-    labels = cohort.labels
-    print(f"wrote {len(labels)} synthetic patients (seed {args.seed}, "  # noqa: T201
-          f"{sum(y for _, y in labels)} events) to {args.out}:")
-    for name, path in paths.items():
-        print(f"  {name}: {path}")  # noqa: T201
-    return 0
-
-
-def _models_train(args: argparse.Namespace) -> int:
-    from cds_service.models.manifest import load_spec
-    from cds_service.training.training import train
-
-    result = train(load_spec(Path(args.spec)), Path(args.ndjson), Path(args.labels),
-                   Path(args.out))
-    m = result.model
-    print(f"trained {m.id} {m.version} (sha256 {m.sha256})")  # noqa: T201
-    print(json.dumps({"held_out": result.metrics}, indent=2))  # noqa: T201
-    for path in result.files:
-        print(f"  wrote {path}")  # noqa: T201
-    return 0
-
-
-def _models_evaluate(args: argparse.Namespace) -> int:
-    from cds_service.models.loaded import load_model
-    from cds_service.training.training import evaluate
-
-    report = evaluate(load_model(Path(args.model)), Path(args.ndjson), Path(args.labels))
-    print(json.dumps(report, indent=2))  # noqa: T201
-    return 0
-
-
-def _models_validate(args: argparse.Namespace) -> int:
-    from cds_service.models.loaded import load_model
-
-    for directory in args.models:
-        model = load_model(Path(directory))
-        names = ", ".join(model.manifest.feature_names)
-        print(f"ok {model.id} {model.version} sha256 {model.sha256} features [{names}]")  # noqa: T201
-    return 0
-
-
-def _models_explain(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
-    from cds_service.models.errors import ModelError
-    from cds_service.models.loaded import load_model
-    from cds_service.tools.invoke import InvokeError, load_bundle
-
-    model = load_model(Path(args.model))
-    try:
-        bundle = load_bundle(args.bundle)
-    except InvokeError as exc:
-        raise ModelError(str(exc)) from exc
-    now = datetime.fromisoformat(args.now) if args.now else datetime.now(UTC)
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=UTC)
-    prediction = model.predict([bundle], now=now)
-    print(json.dumps(prediction.to_dict(), indent=2))  # noqa: T201
-    return 0
-
-
-def _models_command(func):
-    """Model errors are the user's input: print them plainly, exit 2, no traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        from cds_service.models.errors import ModelError
-
-        try:
-            return func(args)
-        except ModelError as exc:
-            print(f"models: {exc}", file=sys.stderr)  # noqa: T201
-            return 2
-
-    return run
-
+from cds_service.commands.audit import moment, run_audit_purge, run_audit_show
+from cds_service.commands.data import run_data_export
+from cds_service.commands.invoke import run_invoke
+from cds_service.commands.models import (
+    models_command,
+    run_models_evaluate,
+    run_models_explain,
+    run_models_generate_cohort,
+    run_models_train,
+    run_models_validate,
+)
+from cds_service.commands.service import PIDFILE, run_check_config, run_reload, run_serve
+from cds_service.commands.site import run_site_check
+from cds_service.commands.stored import store_command
+from cds_service.commands.suppressions import run_suppressions
 
 DESCRIPTION = ("CDS Hooks decision-support service for Epic: serve and reload it, check and "
                "call it, read its audit log and suppressions, manage its models.")
@@ -411,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: $CDS_PUBLIC_URL): a JWT's aud must name "
                             "URL/cds-services/<id> or one of the site's audiences")
     site_config_option(serve)
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=run_serve)
 
     reload = sub.add_parser(
         "reload", help="load changed site files and models into the running service",
@@ -424,13 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("--timeout", type=float, default=60.0, metavar="S",
                         help="seconds to wait for the outcome (default: 60; the old workers get "
                              "30 to finish their calls)")
-    reload.set_defaults(func=_reload)
+    reload.set_defaults(func=run_reload)
 
     check = sub.add_parser("check-config", help="validate the configuration and print it as "
                            "it takes effect (deployment settings, then each site; secrets masked)")
     check.add_argument("--json", action="store_true", help="print it as JSON")
     site_config_option(check)
-    check.set_defaults(func=_check_config)
+    check.set_defaults(func=run_check_config)
 
     invoke = sub.add_parser("invoke", help="send a signed hook request built from a FHIR Bundle")
     invoke.add_argument("service", help="service id, e.g. kidney-risk")
@@ -442,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--site", help="site whose development key signs (default: the only one)")
     invoke.add_argument("--json", action="store_true", help="print the response JSON")
     site_config_option(invoke)
-    invoke.set_defaults(func=_invoke)
+    invoke.set_defaults(func=run_invoke)
 
     site = sub.add_parser("site", help="per-site checks")
     site_sub = site.add_subparsers(dest="site_command", required=True)
@@ -460,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="print the report as JSON; when the check cannot run (exit 2), "
                                  "{site, error}")
     site_config_option(site_check)
-    site_check.set_defaults(func=_site_check)
+    site_check.set_defaults(func=run_site_check)
 
     audit = sub.add_parser("audit", help="read and purge the audit log (CDS_DATABASE_URL)")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -478,20 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--status", type=int, metavar="CODE", help="HTTP status, e.g. 401")
     show.add_argument("--outcome", metavar="TEXT",
                       help="part of the outcome text, e.g. suppressed, cards=0, 412")
-    show.add_argument("--since", type=_moment, metavar="WHEN",
+    show.add_argument("--since", type=moment, metavar="WHEN",
                       help="from this time on (inclusive): ISO 8601 (UTC unless an offset is "
                            "given) or an age back from now such as 7d, 12h, 30m")
-    show.add_argument("--until", type=_moment, metavar="WHEN",
+    show.add_argument("--until", type=moment, metavar="WHEN",
                       help="before this time (exclusive), same forms as --since")
     show.add_argument("--limit", type=int, metavar="N", help="at most N records")
     show.add_argument("--format", choices=("jsonl", "table"), default="jsonl",
                       help="jsonl: every field, one JSON object per line (default); table: the "
                            "main columns, aligned")
-    show.set_defaults(func=_store_command(_audit_show))
+    show.set_defaults(func=store_command(run_audit_show))
     purge = audit_sub.add_parser("purge", help="delete audit records past the retention period")
     purge.add_argument("--older-than-days", type=int,
                        help="retention in days (default: $CDS_AUDIT_RETENTION_DAYS or 2190)")
-    purge.set_defaults(func=_store_command(_audit_purge))
+    purge.set_defaults(func=store_command(run_audit_purge))
 
     suppressions = sub.add_parser(
         "suppressions", help="cards withheld because the same clinician overrode them",
@@ -514,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--all", action="store_true",
                                  help="every suppression, when no filter is given")
         site_config_option(command)
-        command.set_defaults(func=_store_command(_suppressions))
+        command.set_defaults(func=store_command(run_suppressions))
 
     models = sub.add_parser("models", help="train, evaluate, validate and explain models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -525,27 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how many patients (default: 4000)")
     gen.add_argument("--seed", type=int, default=20261121,
                      help="random seed: the same seed writes the same cohort")
-    gen.set_defaults(func=_models_command(_models_generate_cohort))
+    gen.set_defaults(func=models_command(run_models_generate_cohort))
     tr = models_sub.add_parser("train", help="train, evaluate and export a model directory")
     tr.add_argument("--ndjson", required=True, help="directory of *.ndjson (Bulk Data export)")
     tr.add_argument("--labels", required=True, help="CSV: patient_id,index_date,label")
     tr.add_argument("--spec", required=True, help="training spec (manifest without results)")
     tr.add_argument("--out", required=True, help="model directory to write, e.g. models/my-id")
-    tr.set_defaults(func=_models_command(_models_train))
+    tr.set_defaults(func=models_command(run_models_train))
     ev = models_sub.add_parser("evaluate", help="metrics of a model on a labelled cohort")
     ev.add_argument("model", help="model directory")
     ev.add_argument("--ndjson", required=True, help="directory of *.ndjson (Bulk Data export)")
     ev.add_argument("--labels", required=True, help="CSV: patient_id,index_date,label")
-    ev.set_defaults(func=_models_command(_models_evaluate))
+    ev.set_defaults(func=models_command(run_models_evaluate))
     va = models_sub.add_parser("validate", help="check manifest, artifact, sha256 and a smoke "
                                "prediction, as a worker does at start-up")
     va.add_argument("models", nargs="+", help="model directories")
-    va.set_defaults(func=_models_command(_models_validate))
+    va.set_defaults(func=models_command(run_models_validate))
     ex = models_sub.add_parser("explain", help="one patient's score and contributions")
     ex.add_argument("model", help="model directory")
     ex.add_argument("--bundle", required=True, help="FHIR Bundle (JSON) with the patient")
     ex.add_argument("--now", help="as-of time, ISO 8601 (default: now)")
-    ex.set_defaults(func=_models_command(_models_explain))
+    ex.set_defaults(func=models_command(run_models_explain))
 
     data = sub.add_parser("data", help="real data for models: Bulk FHIR export")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -564,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated resource types (default: Patient,Condition,"
                              "Observation,MedicationRequest,Procedure,Encounter)")
     site_config_option(export)
-    export.set_defaults(func=_data_export)
+    export.set_defaults(func=run_data_export)
     return parser
 
 
@@ -577,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CDS_PUBLIC_URL"] = args.public_url
     if getattr(args, "ops_port", None):
         os.environ["CDS_OPS_PORT"] = str(args.ops_port)
-    if args.func is not _serve:  # serve configures logging for gunicorn too
+    if args.func is not run_serve:  # serve configures logging for gunicorn too
         from cds_service.ops import logs
 
         logs.configure(fmt="text")

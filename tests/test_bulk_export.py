@@ -20,16 +20,12 @@ from cds_service.cli import main
 from cds_service.config import load_sites
 from cds_service.protocol.errors import ConfigError
 from cds_service.service import index_services
-from cds_service.training.bulk_export import (
-    ExportRequest,
-    Waits,
-    export,
-    medication_id,
-    parse_since,
-    parse_types,
-    read_ndjson,
-)
+from cds_service.training.bulk_export import export
 from cds_service.training.errors import AuthFailed, ExportError, OutDirInUse, UnsafeUrl
+from cds_service.training.export_files import read_ndjson
+from cds_service.training.export_http import Waits
+from cds_service.training.export_medications import medication_id
+from cds_service.training.export_request import ExportRequest, parse_since, parse_types
 from cds_service.training.smart_auth import BackendServicesToken, default_scope
 from tests.helpers.bulk_server import BulkDataServer
 from tests.helpers.services import TEST_SERVICES

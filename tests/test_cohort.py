@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cds_service.training import cohort as cohort_module
+from cds_service.training import cohort_defects
 from cds_service.training.cohort import (
     GENERATOR_VERSION,
     Cohort,
@@ -452,8 +452,8 @@ def test_defects_occur_at_their_documented_rates(bulk: Bulk) -> None:
 def test_defects_do_not_touch_the_labels(cohort: Cohort, monkeypatch: pytest.MonkeyPatch) -> None:
     """Labels come from the clean values: with every defect rate set to 0 (the same random draws
     are made, they just never fire) the files are clean and the labels are unchanged."""
-    clean_rates = {name: (0.0, *rest) for name, (_, *rest) in cohort_module.DEFECTS.items()}
-    monkeypatch.setattr(cohort_module, "DEFECTS", clean_rates)
+    clean_rates = {name: (0.0, *rest) for name, (_, *rest) in cohort_defects.DEFECTS.items()}
+    monkeypatch.setattr(cohort_defects, "DEFECTS", clean_rates)
     clean = generate_cohort(N, seed=SEED, index_date=INDEX)
     assert clean.labels == cohort.labels
     assert all(d["count"] == 0 for d in clean.metadata["defects"])
