@@ -18,6 +18,7 @@ logger = logging.getLogger("cds_service.trust.auth")
 
 # CDS Hooks 2.0 §JWT Signing Algorithm: JWTs "SHALL NOT be signed using the `none` algorithm" nor
 # "any symmetric algorithm"; ES384 and RS384 are RECOMMENDED (Epic signs with RS384).
+# In this order in a site file's error messages (`jwt.algorithms`).
 SIGNING_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
                       "PS256", "PS384", "PS512")
 ASYMMETRIC_ALGORITHMS = frozenset(SIGNING_ALGORITHMS)
