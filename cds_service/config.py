@@ -31,7 +31,7 @@ from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
 from cds_service.models.manifest import MODEL_ID, Threshold, ordered_thresholds, thresholds_field
 from cds_service.protocol.errors import ConfigError
 from cds_service.schema_errors import describe_errors
-from cds_service.service import CdsService
+from cds_service.service import CdsService, Orderable
 from cds_service.site_section import SiteSection
 from cds_service.training.export_settings import BulkExportSettings, parse_bulk_export
 from cds_service.trust.site_issuers import (
@@ -109,21 +109,6 @@ class SiteService:
     thresholds: Mapping[str, Threshold] | None = None
     # `services.<id>.settings` as loaded by the service's settings schema (defaults filled in).
     settings: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Orderable:
-    """What a suggestion orders at this site. Epic pends an order from a preference-list item
-    (system `urn:com.epic.cdshooks.action.code.system.preference-list-item`), so the code is the
-    hospital's, never ours (Epic CDS Hooks tutorial, "Creating unsigned orders")."""
-
-    system: str
-    code: str
-    display: str
-
-    def concept(self) -> dict[str, Any]:
-        return {"coding": [{"system": self.system, "code": self.code, "display": self.display}],
-                "text": self.display}
 
 
 # Same user, same patient, same card topic: an override within this window silences the card.
