@@ -10,16 +10,13 @@ documented in `site_config/README.md`. Nothing here is read inside a request.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
-import jwt
 import yaml
 from marshmallow import ValidationError, fields, validate
 
@@ -28,17 +25,22 @@ from cds_service.data.fhir import (
     FhirBase,
     InsecureFhirServer,
     check_fhir_server_url,
-    is_loopback_host,
 )
 from cds_service.data.prefetch import PrefetchSettings, lint_template
 from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
 from cds_service.models.manifest import MODEL_ID, Threshold, ordered_thresholds, thresholds_field
 from cds_service.protocol.errors import ConfigError
 from cds_service.schema_errors import describe_errors
-from cds_service.service import CdsService
+from cds_service.service import CdsService, Orderable
 from cds_service.site_section import SiteSection
 from cds_service.training.export_settings import BulkExportSettings, parse_bulk_export
-from cds_service.trust.devkeys import ensure_dev_keypair
+from cds_service.trust.site_issuers import (
+    DEFAULT_ALGORITHMS,
+    IssuerSchema,
+    IssuerSpec,
+    JwtSchema,
+    parse_issuer,
+)
 
 DEFAULTS: dict[str, Any] = {
     # Path to one site YAML file or a directory of them; None = one built-in site ("default")
@@ -88,12 +90,6 @@ DEFAULTS: dict[str, Any] = {
     "MODELS_DIR": None,
 }
 
-# CDS Hooks 2.0 §JWT Signing Algorithm: asymmetric only; `none` and HMAC are never accepted.
-ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
-                         "PS256", "PS384", "PS512")
-# Epic signs with RS384 by default; the spec recommends ES384 and RS384.
-DEFAULT_ALGORITHMS = ("RS384", "ES384")
-
 BUILTIN_SITE_ID = "default"
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -115,33 +111,8 @@ class SiteService:
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Orderable:
-    """What a suggestion orders at this site. Epic pends an order from a preference-list item
-    (system `urn:com.epic.cdshooks.action.code.system.preference-list-item`), so the code is the
-    hospital's, never ours (Epic CDS Hooks tutorial, "Creating unsigned orders")."""
-
-    system: str
-    code: str
-    display: str
-
-    def concept(self) -> dict[str, Any]:
-        return {"coding": [{"system": self.system, "code": self.code, "display": self.display}],
-                "text": self.display}
-
-
 # Same user, same patient, same card topic: an override within this window silences the card.
 DEFAULT_OVERRIDE_WINDOW = timedelta(hours=24)
-
-
-@dataclass(frozen=True)
-class IssuerSpec:
-    """A JWT issuer this site trusts: its `iss`, allow-listed `jku` URLs and/or a JWK Set."""
-
-    iss: str
-    jku: tuple[str, ...] = ()
-    jwks: Mapping[str, Any] | None = None
-    jwks_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,21 +179,6 @@ class _AlertFatigueSchema(SiteSection):
     override_window_hours = fields.Float(validate=validate.Range(min=0, max=24 * 365))
 
 
-class _IssuerSchema(SiteSection):
-    iss = fields.String(required=True, validate=validate.Length(min=1))
-    jku = fields.List(fields.Url(schemes={"https", "http"}, require_tld=False))
-    jwks_file = fields.String(validate=validate.Length(min=1))
-    # Demo only: generate a development key pair at `jwks_file` on first run (kept out of git).
-    dev_keypair = fields.Boolean(load_default=False)
-
-
-class _JwtSchema(SiteSection):
-    algorithms = fields.List(fields.String(validate=validate.OneOf(ASYMMETRIC_ALGORITHMS)),
-                             validate=validate.Length(min=1))
-    # Tests only: a JWK Set served over plain http from a loopback address.
-    allow_http_loopback_jku = fields.Boolean()
-
-
 class _CorsSchema(SiteSection):
     # Exact origins of browser-based clients (e.g. the CDS Hooks sandbox); never "*".
     origins = fields.List(fields.String(validate=validate.Regexp(
@@ -238,9 +194,9 @@ class _SiteSchema(SiteSection):
     services = fields.Dict(
         keys=fields.String(), values=fields.Nested(_ServiceEntrySchema, allow_none=True)
     )
-    issuers = fields.List(fields.Nested(_IssuerSchema))
+    issuers = fields.List(fields.Nested(IssuerSchema))
     audiences = fields.List(fields.Url(schemes={"https", "http"}, require_tld=False))
-    jwt = fields.Nested(_JwtSchema, load_default=dict)
+    jwt = fields.Nested(JwtSchema, load_default=dict)
     cors = fields.Nested(_CorsSchema, load_default=dict)
     orderables = fields.Dict(
         keys=fields.String(validate=validate.Regexp(
@@ -327,7 +283,7 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
 
     allow_http_jku = parsed["jwt"].get("allow_http_loopback_jku", False)
     issuers = tuple(
-        _issuer(entry, index, source, allow_http_jku, allow_dev_keys)
+        parse_issuer(entry, index, source, allow_http_jku, allow_dev_keys)
         for index, entry in enumerate(parsed.get("issuers") or [])
     )
     if parsed["sandbox"] and not any(i.get("dev_keypair") for i in parsed.get("issuers") or ()):
@@ -406,58 +362,6 @@ def _fhir_base_problem(url: str, allow_http: bool) -> str | None:
         return ("must be https (plain http only to a loopback host, with "
                 "prefetch.allow_http_loopback)")
     return None
-
-
-def _issuer(entry: Mapping[str, Any], index: int, source: str,
-            allow_http_jku: bool, allow_dev_keys: bool = True) -> IssuerSpec:
-    where = f"{source}: issuers[{index}]"
-    if entry.get("dev_keypair") and not allow_dev_keys:
-        raise ConfigError(f"{where}.dev_keypair: development keys are off in this deployment. "
-                          "A development deployment turns them on with CDS_ALLOW_DEV_KEYS=true "
-                          "(`make run` does); a production site trusts its EHR's keys only "
-                          "(`jku` or `jwks_file`)")
-    if not entry.get("jku") and not entry.get("jwks_file"):
-        raise ConfigError(f"{where}: give `jku` (allow-listed JWK Set URLs) or `jwks_file`")
-    for n, url in enumerate(entry.get("jku") or ()):
-        parts = urlsplit(url)
-        if parts.scheme != "https" and not (allow_http_jku and is_loopback_host(parts.hostname)):
-            # Keys fetched over plain http could be swapped in transit (CDS Hooks 2.0 §Security).
-            raise ConfigError(f"{where}.jku[{n}]: {url!r} must be https")
-    jwks = None
-    jwks_file = entry.get("jwks_file")
-    if jwks_file:
-        path = Path(jwks_file)
-        if not path.is_absolute() and not source.startswith("<"):
-            path = Path(source).parent / path  # relative to the site file
-        if entry.get("dev_keypair"):
-            ensure_dev_keypair(path)
-        jwks = _read_jwks(path, f"{where}.jwks_file")
-        jwks_file = str(path)
-    return IssuerSpec(iss=entry["iss"], jku=tuple(entry.get("jku") or ()), jwks=jwks,
-                      jwks_file=jwks_file)
-
-
-def _read_jwks(path: Path, where: str) -> Mapping[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {path} is not JSON: {exc}") from exc
-    keys = data.get("keys") if isinstance(data, dict) else None
-    if not isinstance(keys, list) or not keys:
-        raise ConfigError(f"{where}: {path} is not a JWK Set (no `keys` list)")
-    for n, key in enumerate(keys):
-        if not isinstance(key, dict) or not key.get("kid"):
-            raise ConfigError(f"{where}: {path}: keys[{n}] has no `kid`")
-        if key.get("kty") == "oct" or "d" in key:
-            # A trust store holds public keys only; a symmetric or private key here is a leak.
-            raise ConfigError(f"{where}: {path}: keys[{n}] is a secret or private key")
-        try:
-            jwt.PyJWK(key)
-        except jwt.PyJWTError as exc:
-            raise ConfigError(f"{where}: {path}: keys[{n}] is not a usable JWK: {exc}") from exc
-    return MappingProxyType(data)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -35,16 +35,13 @@ from cds_service.protocol.errors import ConfigError
 from cds_service.records import spool
 from cds_service.records.store import Store, redacted_url
 from cds_service.service import CdsService
-from cds_service.trust.auth import (
-    AuthError,
-    AuthSettings,
-    JwksCache,
-    RedisJwksStore,
-    TokenVerifier,
-    TrustedIssuer,
-    VerifiedCaller,
-)
+from cds_service.trust.auth import TokenVerifier, VerifiedCaller
+from cds_service.trust.errors import AuthError
+from cds_service.trust.issuers import TrustedIssuer
+from cds_service.trust.jwks import JwksCache
+from cds_service.trust.jwks_shared import RedisJwksStore
 from cds_service.trust.replay import replay_cache_from_url
+from cds_service.trust.settings import AuthSettings
 
 log = logging.getLogger("cds_service.runtime")
 

@@ -1,4 +1,5 @@
-"""What a CDS service is: declarative metadata plus one function from a parsed request to cards.
+"""What a CDS service is: declarative metadata plus one function from a parsed request to cards,
+and what it may read of the site it runs for (`SiteView`, `Orderable`).
 
 Services live in `hooks/` (one module each) and are listed, in order, in the literal tuple
 `hooks.SERVICES`. Discovery and routing are both generated from that tuple, so they cannot drift.
@@ -11,17 +12,43 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from cds_service.config import Site
     from cds_service.data.prefetch import Prefetch
+    from cds_service.features import CodeMap
     from cds_service.models.binding import ModelBinding
     from cds_service.protocol.cards import Card
 
 # The hooks Epic supports (CDS Hooks Library STU1; Epic tutorial: "As of Epic version May 2021,
 # Epic primarily supports three standard hooks").
 HOOKS = ("patient-view", "order-select", "order-sign")
+
+
+@dataclass(frozen=True)
+class Orderable:
+    """What a suggestion orders at this site. Epic pends an order from a preference-list item
+    (system `urn:com.epic.cdshooks.action.code.system.preference-list-item`), so the code is the
+    hospital's, never ours (Epic CDS Hooks tutorial, "Creating unsigned orders")."""
+
+    system: str
+    code: str
+    display: str
+
+    def concept(self) -> dict[str, Any]:
+        return {"coding": [{"system": self.system, "code": self.code, "display": self.display}],
+                "text": self.display}
+
+
+class SiteView(Protocol):
+    """What a service reads of its site: a `config.Site` at run time, named here by what is read
+    so that a service never depends on the site configuration module."""
+
+    @property
+    def code_map(self) -> CodeMap: ...
+
+    @property
+    def orderables(self) -> Mapping[str, Orderable]: ...
 
 
 @dataclass(frozen=True)
@@ -33,7 +60,7 @@ class HookRequest:
     hook_instance: str
     context: Mapping[str, Any]
     prefetch: Prefetch
-    site: Site
+    site: SiteView
     extension: Mapping[str, Any] = field(default_factory=dict)
     fhir_server: str | None = None
     # The site's model for this service (None when the service uses none).

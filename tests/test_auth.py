@@ -10,15 +10,12 @@ import uuid
 
 import pytest
 
-from cds_service.trust.auth import (
-    AuthError,
-    AuthSettings,
-    JwksCache,
-    TokenVerifier,
-    TrustedIssuer,
-    VerifiedCaller,
-)
+from cds_service.trust.auth import TokenVerifier, VerifiedCaller
+from cds_service.trust.errors import AuthError
+from cds_service.trust.issuers import TrustedIssuer
+from cds_service.trust.jwks import JwksCache
 from cds_service.trust.replay import MemoryReplayCache
+from cds_service.trust.settings import AuthSettings
 from tests.conftest import example
 from tests.helpers.jwks import (
     AUD,

@@ -11,16 +11,13 @@ import pytest
 import redis
 
 from cds_service.protocol.errors import ConfigError
-from cds_service.trust.auth import (
-    SHARED_JWKS_PREFIX,
-    AuthError,
-    AuthSettings,
-    JwksCache,
-    RedisJwksStore,
-    TokenVerifier,
-    TrustedIssuer,
-)
+from cds_service.trust.auth import TokenVerifier
+from cds_service.trust.errors import AuthError
+from cds_service.trust.issuers import TrustedIssuer
+from cds_service.trust.jwks import JwksCache
+from cds_service.trust.jwks_shared import SHARED_JWKS_PREFIX, RedisJwksStore
 from cds_service.trust.replay import MemoryReplayCache
+from cds_service.trust.settings import AuthSettings
 from tests.helpers.jwks import (
     AUD,
     ISS,

@@ -12,7 +12,9 @@ from collections import Counter
 import pytest
 import redis
 
-from cds_service.trust.auth import AuthError, AuthSettings, TokenVerifier, TrustedIssuer
+from cds_service.trust.auth import TokenVerifier
+from cds_service.trust.errors import AuthError
+from cds_service.trust.issuers import TrustedIssuer
 from cds_service.trust.replay import (
     MemoryReplayCache,
     RedisReplayCache,
@@ -20,6 +22,7 @@ from cds_service.trust.replay import (
     SqliteReplayCache,
     replay_cache_from_url,
 )
+from cds_service.trust.settings import AuthSettings
 from tests.helpers.jwks import AUD, ISS, jwks, make_jwt, rsa_key
 from tests.helpers.storage import REDIS_URL
 

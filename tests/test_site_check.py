@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from cds_service.cli import main
-from cds_service.config import IssuerSpec, Site
+from cds_service.config import Site
 from cds_service.ops.sitecheck import FAIL, OK, WARN, Capabilities, SiteCheckError, check_template
 from cds_service.ops.sitecheck import fhir_bases as bases_of
+from cds_service.trust.site_issuers import IssuerSpec
 from tests.conftest import TEST_ISS
 from tests.helpers.fhir_server import operation_outcome
 

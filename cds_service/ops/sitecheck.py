@@ -44,13 +44,9 @@ from cds_service.config import Site, SiteService
 from cds_service.data.fhir import FhirRequestError, InsecureFhirServer, check_fhir_server_url
 from cds_service.data.fhir_client import ReadOnlyFHIRClient
 from cds_service.data.prefetch import is_search
-from cds_service.trust.auth import (
-    AuthSettings,
-    JwksCache,
-    _FetchFailed,
-    _KeySet,
-    check_jku_url,
-)
+from cds_service.trust.jwks_fetch import FetchFailed, JwksFetcher, check_jku_url
+from cds_service.trust.keys import KeySet
+from cds_service.trust.settings import AuthSettings
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 DEFAULT_TIMEOUT_S = 10.0
@@ -381,7 +377,8 @@ def check_issuers(site: Site, *, timeout: float) -> list[Check]:
         return [Check(ISSUERS, "issuer", "-", "issuers", WARN,
                       "this site trusts no issuer: every call to it is refused with 401")]
     allow_http = site.allow_http_loopback_jku
-    cache = JwksCache(AuthSettings(jwks_timeout_s=timeout, allow_http_loopback_jku=allow_http))
+    fetcher = JwksFetcher(AuthSettings(jwks_timeout_s=timeout,
+                                       allow_http_loopback_jku=allow_http))
     rows = []
     try:
         for issuer in site.issuers:
@@ -389,7 +386,7 @@ def check_issuers(site: Site, *, timeout: float) -> list[Check]:
                 try:
                     # The verifier's own load of an out-of-band set: public signing keys only,
                     # each with a unique kid.
-                    keys = _KeySet.parse(issuer.jwks, strict=True, where="JWK Set")
+                    keys = KeySet.parse(issuer.jwks, strict=True, where="JWK Set")
                 except ValueError as exc:
                     rows.append(Check(ISSUERS, "issuer", issuer.iss, "jwks_file", FAIL,
                                       f"{issuer.jwks_file}: {exc}"))
@@ -397,20 +394,20 @@ def check_issuers(site: Site, *, timeout: float) -> list[Check]:
                     rows.append(Check(ISSUERS, "issuer", issuer.iss, "jwks_file", OK,
                                       f"{issuer.jwks_file}: {_keys(len(keys))}"))
             for n, url in enumerate(issuer.jku):
-                rows.append(_jku_row(cache, issuer.iss, n, url, allow_http))
+                rows.append(_jku_row(fetcher, issuer.iss, n, url, allow_http))
     finally:
-        cache.close()
+        fetcher.close()
     return rows
 
 
-def _jku_row(cache: JwksCache, iss: str, n: int, url: str, allow_http: bool) -> Check:
+def _jku_row(fetcher: JwksFetcher, iss: str, n: int, url: str, allow_http: bool) -> Check:
     problem = check_jku_url(url, allow_http_loopback=allow_http)
     if problem is not None:
         return Check(ISSUERS, "issuer", iss, f"jku[{n}]", FAIL, f"{url} {problem}")
     try:
         # The verifier's fetch: no redirects, size and time limits, unusable members skipped.
-        keys = cache._fetch(url)
-    except _FetchFailed as exc:
+        keys = fetcher.fetch(url)
+    except FetchFailed as exc:
         return Check(ISSUERS, "issuer", iss, f"jku[{n}]", FAIL, f"{url}: {exc}")
     if not len(keys):
         return Check(ISSUERS, "issuer", iss, f"jku[{n}]", FAIL,
