@@ -20,7 +20,9 @@ from cds_service.records.audit import (
     safe_text,
     strip_url_secrets,
 )
-from cds_service.records.store import Store, StoreUnavailable
+from cds_service.records.database import StoreUnavailable
+from cds_service.records.store import Store
+from cds_service.records.tables import audit_log_table
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.c2lnbmF0dXJl"
 OPAQUE = "Nxfve4q3H9TKs5F5vf6kRYAZqzK7j9LHvrg1Bw7fU_07_FdV9aRzLCI1GxOn20LuO2Ahl5RkRnz-p8u1MeYWqA"
@@ -357,7 +359,7 @@ def test_no_token_reaches_the_database(store):
     )
 
     with store._engine.connect() as conn:
-        raw = conn.execute(sa.select(store_module.audit_log_table)).mappings().all()
+        raw = conn.execute(sa.select(audit_log_table)).mappings().all()
     dumped = json.dumps([dict(r) for r in raw], default=str)
     assert "p1" in dumped
     for secret in (OPAQUE, JWT, "shh", "access_token", "client_secret"):

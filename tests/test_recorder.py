@@ -1,4 +1,4 @@
-"""The store's background writer (`store.Recorder`): calls' audit records, issued cards and
+"""The store's background writer (`recorder.Recorder`): calls' audit records, issued cards and
 predictions are written after the answer, many per transaction, and none is lost on a graceful
 stop."""
 
@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from prometheus_client import REGISTRY
 
 from cds_service.records.audit import AuditRecord
-from cds_service.records.store import Call, Recorder, Store
+from cds_service.records.call import Call
+from cds_service.records.recorder import Recorder
+from cds_service.records.store import Store
 
 NOW = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
 

@@ -23,8 +23,9 @@ from sqlalchemy.pool import NullPool
 
 from bench.tcp_proxy import TcpProxy
 from cds_service.records.audit import AuditRecord
+from cds_service.records.call import Call
 from cds_service.records.spool import SpoolRecorder, encode
-from cds_service.records.store import Call, Store
+from cds_service.records.store import Store
 from hooks import SERVICES
 from tests.conftest import ROOT
 from tests.helpers.golden import DATA, FROZEN_NOW, GOLDEN_SITE, load

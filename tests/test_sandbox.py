@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from cds_service import create_app
 from cds_service.data.jsonlimit import MAX_DEPTH
 from cds_service.protocol.errors import ConfigError
-from cds_service.records.store import overrides_table
 from cds_service.records.suppression import WITHHELD_EXTENSION
+from cds_service.records.tables import overrides_table
 from cds_service.tools import sandbox
 from cds_service.tools.invoke import INVOKE_USER, load_bundle
 from hooks._medications import TERMINOLOGY

@@ -23,8 +23,9 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from cds_service.records.store import Store, metadata
+from cds_service.records.store import Store
 from cds_service.records.suppression import WITHHELD_EXTENSION
+from cds_service.records.tables import metadata
 from cds_service.trust.auth import RedisJwksStore
 from tests.helpers.golden import DATA, DATE_KEYS, FROZEN_NOW, GOLDEN_SITE, load
 from tests.helpers.jwks import ISS, make_jwt, rsa_key

@@ -13,8 +13,9 @@ import pytest
 import sqlalchemy as sa
 
 from cds_service.protocol.errors import ConfigError
+from cds_service.records.database import StoreUnavailable, redacted_url
 from cds_service.records.feedback import FeedbackItem, FeedbackRequestSchema
-from cds_service.records.store import Store, StoreUnavailable, redacted_url
+from cds_service.records.store import Store
 from tests.conftest import example
 
 EXAMPLE_FILES = [

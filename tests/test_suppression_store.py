@@ -13,8 +13,11 @@ import sqlalchemy as sa
 
 from cds_service.records import store as store_module
 from cds_service.records.audit import AuditRecord
+from cds_service.records.database import StoreUnavailable
 from cds_service.records.feedback import FeedbackItem
-from cds_service.records.store import Override, Store, StoreUnavailable, issued_cards_table
+from cds_service.records.overrides import Override
+from cds_service.records.store import Store
+from cds_service.records.tables import issued_cards_table
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 SINCE = NOW - timedelta(days=1)
@@ -346,7 +349,7 @@ def test_override_time_is_the_outcome_timestamp_at_the_latest_its_receipt(store,
 
 def test_suppressions_list_and_clear_commands(store, store_url, tmp_path, monkeypatch, capsys):
     from cds_service.cli import main
-    from cds_service.records.store import overrides_table
+    from cds_service.records.tables import overrides_table
 
     now = datetime.now(UTC)
     (tmp_path / "a.yaml").write_text("site: site-a\nalert_fatigue:\n  override_window_hours: 2\n",
