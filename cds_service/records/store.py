@@ -28,7 +28,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from cds_service.records.audit import TEXT_FIELDS, TUPLE_FIELDS, AuditRecord
+from cds_service.records.audit import TEXT_FIELDS, TUPLE_FIELDS
 from cds_service.records.call import Call
 from cds_service.records.database import (
     StoreUnavailable,
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 # are waiting on the database, further calls fail at once instead of queueing behind them.
 BOUNDED_THREADS = 8
 
-# Identifier columns `list_audit` filters on: the record's text fields, less free text.
+# Identifier columns `iter_audit` filters on: the record's text fields, less free text.
 _AUDIT_FILTER_COLUMNS = (
     "kind", *(name for name in TEXT_FIELDS if name not in ("outcome", "detail")), "status",
 )
@@ -198,21 +198,17 @@ class Store:
                     self._pool_pid = os.getpid()
         return self._pool
 
-    def add_feedback(self, site: str, service_id: str, items: Sequence[FeedbackItem], *,
-                     received_at: datetime | None = None) -> int:
-        """Store `items` in one transaction, committed before returning; return how many are new.
-
-        Replays (rule 105: the same feedback may arrive several times) are stored once, within
-        the batch and across calls, by the unique `dedupe_key`. `received_at`: now, unless the
-        caller has its own clock.
-        """
-        return len(self.insert_feedback(site, service_id, items, received_at=received_at))
-
     def insert_feedback(self, site: str, service_id: str, items: Sequence[FeedbackItem], *,
                         keys: Sequence[str] | None = None,
                         received_at: datetime | None = None) -> set[str]:
-        """As `add_feedback`, returning the dedupe keys of the items actually inserted; `keys`:
-        the items' `dedupe_key`s when the caller has them already."""
+        """Store `items` in one transaction, committed before returning; return the dedupe keys
+        of the items actually inserted (the new ones).
+
+        Replays (rule 105: the same feedback may arrive several times) are stored once, within
+        the batch and across calls, by the unique `dedupe_key`. `keys`: the items'
+        `dedupe_key`s when the caller has them already. `received_at`: now, unless the caller
+        has its own clock.
+        """
         # The cards this feedback is about are on record first, if the writer can do it in time
         # (if not, whichever of the two is stored second records the override).
         self.recorder.flush(timeout=1.0)
@@ -271,27 +267,6 @@ class Store:
         with self._unavailable_on_error(), self._engine.connect() as conn:
             return {uuid: topic for uuid, topic in conn.execute(query).all()}
 
-    def list_feedback(
-        self, site: str | None = None, service_id: str | None = None, card: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Stored feedback, oldest first, as plain dicts with JSON fields decoded."""
-        self._ensure_schema()
-        self.recorder.flush()
-        query = sa.select(feedback_table).order_by(feedback_table.c.id)
-        for column, value in (("site", site), ("service_id", service_id), ("card", card)):
-            if value is not None:
-                query = query.where(feedback_table.c[column] == value)
-        with self._unavailable_on_error(), self._engine.connect() as conn:
-            return [dict(row) for row in conn.execute(query).mappings()]
-
-    def add_audit(self, record: AuditRecord) -> int:
-        """Append `record`, committed before returning; return its id."""
-        row = audit_row(record)
-        self._ensure_schema()
-        stmt = sa.insert(audit_log_table).returning(audit_log_table.c.id)
-        with self._unavailable_on_error(), self._write() as conn:
-            return conn.execute(stmt, row).scalar_one()
-
     def add_calls(self, calls: Sequence[Call]) -> int:
         """Append the records of several calls (audit, issued cards, predictions) in one committed
         transaction: what the background `recorder` writes. A call already stored (same `id`: a
@@ -319,38 +294,6 @@ class Store:
     def record(self, call: Call) -> None:
         """Queue a call's records for the background writer; returns at once (see `Recorder`)."""
         self.recorder.submit(call)
-
-    def add_predictions(self, rows: Sequence[dict[str, Any]]) -> int:
-        """Append prediction records (see `predictions_table`) in one committed transaction."""
-        if not rows:
-            return 0
-        self._ensure_schema()
-        with self._unavailable_on_error(), self._write() as conn:
-            conn.execute(sa.insert(predictions_table), list(rows))
-        return len(rows)
-
-    def list_predictions(self, *, hook_instance: str | None = None,
-                         role: str | None = None) -> list[dict[str, Any]]:
-        self.recorder.flush()
-        query = sa.select(predictions_table).order_by(predictions_table.c.id)
-        if hook_instance is not None:
-            query = query.where(predictions_table.c.hook_instance == hook_instance)
-        if role is not None:
-            query = query.where(predictions_table.c.role == role)
-        self._ensure_schema()
-        with self._unavailable_on_error(), self._engine.connect() as conn:
-            return [dict(row) for row in conn.execute(query).mappings()]
-
-    def add_issued_cards(self, rows: Sequence[dict[str, Any]]) -> int:
-        """Record issued cards (keys: `issued_cards_table` columns but `id`) in one committed
-        transaction; return how many."""
-        if not rows:
-            return 0
-        self._ensure_schema()
-        with self._unavailable_on_error(), self._write() as conn:
-            conn.execute(sa.insert(issued_cards_table), list(rows))
-            overrides_stored_first(conn, rows)
-        return len(rows)
 
     def recent_overrides(
         self,
@@ -412,10 +355,6 @@ class Store:
         with self._unavailable_on_error(), self._write() as conn:
             return conn.execute(stmt).rowcount
 
-    def list_audit(self, **query: Any) -> list[dict[str, Any]]:
-        """`iter_audit`, as a list."""
-        return list(self.iter_audit(**query))
-
     def iter_audit(
         self,
         *,
@@ -430,12 +369,12 @@ class Store:
 
         `since` is inclusive, `until` exclusive; `outcome_contains` matches part of the outcome
         text (`suppressed`, `cards=0`); `filters` match columns exactly, e.g.
-        `list_audit(patient_id="p1", kind="invoke", since=start)`. Tuple fields come back as tuples.
+        `iter_audit(patient_id="p1", kind="invoke", since=start)`. Tuple fields come back as tuples.
         """
         self.recorder.flush()
         unknown = sorted(set(filters) - set(_AUDIT_FILTER_COLUMNS))
         if unknown:
-            raise TypeError(f"list_audit: unknown filter(s) {', '.join(unknown)}")
+            raise TypeError(f"iter_audit: unknown filter(s) {', '.join(unknown)}")
         table = audit_log_table
         query = sa.select(table).order_by(table.c.time, table.c.id).limit(limit)
         for column, value in filters.items():
