@@ -58,7 +58,6 @@ class StoreUnavailable(CdsError):
     log_level = logging.ERROR
 
 
-
 def redacted_url(url: str | URL) -> str:
     """`url` with any password (userinfo or `?password=` query parameter) replaced by ***."""
     try:
@@ -73,12 +72,13 @@ def redacted_url(url: str | URL) -> str:
 
 
 def url_secrets(url: URL) -> set[str]:
+    """The passwords in `url` in every form a message may quote them (raw, percent-encoded), for
+    `scrub`."""
     values = [url.password] if url.password else []
     for key, value in url.query.items():
         if "password" in key.lower():
             values.extend([value] if isinstance(value, str) else value)
     return {form for v in values if v for form in (str(v), quote(str(v)), quote_plus(str(v)))}
-
 
 
 def scrub(text: str, secrets: set[str]) -> str:

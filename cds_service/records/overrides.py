@@ -33,7 +33,7 @@ class Override:
 
 
 def record_overrides(conn: Connection, site: str, service_id: str, cards: Collection[str], *,
-                      feedback_keys: Collection[str] | None = None) -> None:
+                     feedback_keys: Collection[str] | None = None) -> None:
     """`card_overrides` rows for the overrides (only `feedback_keys`, when given) of the cards
     `cards` this site and service issued, joined and inserted in one statement. Feedback for a
     card never recorded as issued cannot suppress anything.

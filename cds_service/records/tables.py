@@ -190,7 +190,6 @@ overrides_table = sa.Table(
 )
 
 
-
 def audit_row(record: AuditRecord) -> dict[str, Any]:
     row = {name: getattr(record, name) for name in audit_log_table.c.keys() if name != "id"}
     for name in TUPLE_FIELDS:
