@@ -347,7 +347,8 @@ def test_store_has_no_way_to_update_audit_rows():
 
 
 def test_no_token_reaches_the_database(store):
-    add_audit(store,
+    add_audit(
+        store,
         invoke(
             iss=f"https://u:{OPAQUE}@fhir.example.org/R4",
             fhir_urls_fetched=(
@@ -374,8 +375,9 @@ def test_survives_restart(store_url):
     first.dispose()
 
     with Store(store_url) as second:
-        assert [r["kind"] for r in second.iter_audit()] == ["invoke", "feedback"]
-        assert list(second.iter_audit())[0] == as_row(invoke(), list(second.iter_audit())[0]["id"])
+        rows = list(second.iter_audit())
+        assert [r["kind"] for r in rows] == ["invoke", "feedback"]
+        assert rows[0] == as_row(invoke(), rows[0]["id"])
 
 
 def test_audit_and_feedback_share_the_database(sqlite_store_url):

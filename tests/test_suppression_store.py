@@ -198,7 +198,8 @@ def test_feedback_for_a_card_never_issued_is_ignored(store):
 
 
 def test_latest_override_per_topic_for_several_topics_in_one_query(store):
-    record_issued(store,
+    record_issued(
+        store,
         [
             issued("t1-a", indicator="info"),
             issued("t1-b", indicator="critical"),
@@ -280,7 +281,8 @@ def audit_at(time: datetime) -> AuditRecord:
 
 def test_purge_removes_old_issued_cards(store):
     cutoff = NOW - timedelta(days=365)
-    record_issued(store,
+    record_issued(
+        store,
         [
             issued("ancient", time=cutoff - timedelta(days=400)),
             issued("just-old", time=cutoff - timedelta(microseconds=1)),
@@ -301,7 +303,8 @@ def test_purge_removes_old_issued_cards(store):
 
 def test_purge_removes_old_issued_cards_in_batches(store, monkeypatch):
     monkeypatch.setattr(store_module, "AUDIT_PURGE_BATCH", 3)
-    record_issued(store,
+    record_issued(
+        store,
         [issued(f"old-{i}", time=NOW - timedelta(days=30, minutes=i)) for i in range(10)]
     )
     record_issued(store, [issued("new", time=NOW)])
