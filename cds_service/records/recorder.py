@@ -27,10 +27,11 @@ class Recorder:
     kill (SIGKILL, power loss) can be lost; a graceful stop (SIGTERM, reload, worker recycling)
     writes everything first (`close`). Feedback is not queued: it is committed before its 200.
 
-    Reads that must see this process's own calls (`list_*`, purge, storing feedback, so that a
-    card is on record before an override of it) call `flush()` first. The queue is bounded:
-    a writer that cannot keep up slows callers down instead of growing without limit. A failed
-    write is logged and counted (`cds_store_write_failures_total`); the calls are not retried.
+    Reads that must see this process's own calls (`iter_audit`, `list_overrides`, purge,
+    storing feedback, so that a card is on record before an override of it) call `flush()`
+    first. The queue is bounded: a writer that cannot keep up slows callers down instead of
+    growing without limit. A failed write is logged and counted
+    (`cds_store_write_failures_total`); the calls are not retried.
     """
 
     MAX_QUEUED = 10_000

@@ -191,6 +191,7 @@ overrides_table = sa.Table(
 
 
 def audit_row(record: AuditRecord) -> dict[str, Any]:
+    """The `audit_log` row of `record` (all columns but `id`; tuple fields as lists)."""
     row = {name: getattr(record, name) for name in audit_log_table.c.keys() if name != "id"}
     for name in TUPLE_FIELDS:
         row[name] = list(row[name])
