@@ -4,7 +4,7 @@ Everything a worker runs with once `DEFAULTS`, `CDS_*` variables and the site fi
 the deployment settings, then per site its trust (issuers, audiences, algorithms), FHIR access,
 services with their models, thresholds, settings and prefetch templates, orderables and code
 mappings. Secrets never appear: storage URLs are shown with passwords masked
-(`store.redacted_url`), and trust stores hold public keys only (`site_issuers.read_jwks` refuses
+(`database.redacted_url`), and trust stores hold public keys only (`site_issuers.read_jwks` refuses
 anything else), shown as their key ids. Only the settings named in `DEFAULTS` are shown, so an
 unrelated `CDS_*` variable (or a Flask secret) never reaches the output.
 """
@@ -21,7 +21,7 @@ from flask import Flask
 from cds_service.config import SHIPPED_MODELS_DIR, Site, SiteService
 from cds_service.data.fhir import MIB
 from cds_service.models.loaded import ModelSet
-from cds_service.records.store import redacted_url
+from cds_service.records.database import redacted_url
 
 
 def effective_config(app: Flask) -> dict[str, Any]:

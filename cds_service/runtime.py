@@ -33,7 +33,8 @@ from cds_service.models.loaded import (
 from cds_service.ops import metrics
 from cds_service.protocol.errors import ConfigError
 from cds_service.records import spool
-from cds_service.records.store import Store, redacted_url
+from cds_service.records.database import redacted_url
+from cds_service.records.store import Store
 from cds_service.service import CdsService
 from cds_service.trust.auth import TokenVerifier, VerifiedCaller
 from cds_service.trust.errors import AuthError

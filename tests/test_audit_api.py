@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import make_jwt
 from tests.helpers.http import PATIENT_VIEW, post
+from tests.helpers.store_queries import add_audit
 
 TOKEN = "opaque-ehr-access-token-a1b2c3"
 
@@ -27,7 +28,7 @@ def audited(store_url, make_app, fhir_server):  # apps close (and write their
 
 
 def records(app, **filters):
-    return app.extensions["cds"].store.list_audit(**filters)
+    return list(app.extensions["cds"].store.iter_audit(**filters))
 
 
 def test_invocation_with_fallback_fetch_is_audited(audited, fhir_server):
@@ -97,7 +98,7 @@ def test_purge_command_removes_records_past_retention(store_url, tmp_path):
     now = datetime.now(UTC)
     with Store(store_url) as store:
         for age in (400, 10):
-            store.add_audit(AuditRecord(kind="invoke", time=now - timedelta(days=age),
+            add_audit(store, AuditRecord(kind="invoke", time=now - timedelta(days=age),
                                         status=200, patient_id=f"p-{age}"))
     result = subprocess.run([CLI, "audit", "purge", "--older-than-days", "365"], cwd=tmp_path,
                             env={**os.environ, "CDS_DATABASE_URL": store_url},
@@ -105,7 +106,7 @@ def test_purge_command_removes_records_past_retention(store_url, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "removed 1 audit records" in result.stdout
     with Store(store_url) as store:
-        assert [r["patient_id"] for r in store.list_audit()] == ["p-10"]
+        assert [r["patient_id"] for r in store.iter_audit()] == ["p-10"]
 
 
 def test_show_command_reads_the_log_for_an_access_review(store_url, monkeypatch, capsys):
@@ -122,7 +123,7 @@ def test_show_command_reads_the_log_for_an_access_review(store_url, monkeypatch,
     ]
     with Store(store_url) as store:
         for days, patient, user, hook_instance, status, outcome in calls:
-            store.add_audit(AuditRecord(
+            add_audit(store, AuditRecord(
                 kind="invoke", time=now - timedelta(days=days), status=status, site="site-a",
                 patient_id=patient, user_id=user, hook_instance=hook_instance,
                 hook="patient-view", service_id="kidney-risk", outcome=outcome))

@@ -21,6 +21,7 @@ from cds_service.records.feedback import (
 from tests.conftest import example, make_jwt
 from tests.helpers.feedback_examples import EXAMPLE_CASES
 from tests.helpers.http import assert_outcome, nested, post
+from tests.helpers.store_queries import list_feedback
 
 SERVICE = "echo"
 URL = f"/cds-services/{SERVICE}/feedback"
@@ -75,7 +76,7 @@ def client(app):
 
 
 def rows(app, **filters) -> list[dict]:
-    return app.extensions["cds"].store.list_feedback(**filters)
+    return list_feedback(app.extensions["cds"].store, **filters)
 
 
 def assert_ack(response, received: int, stored: int) -> None:

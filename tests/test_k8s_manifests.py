@@ -16,7 +16,7 @@ import yaml
 from cds_service.config import load_sites
 from cds_service.ops.listeners import OPS_PATHS
 from cds_service.ops.serving import SETTINGS as GUNICORN
-from cds_service.records.store import PG_CONNECT_TIMEOUT_S
+from cds_service.records.database import PG_CONNECT_TIMEOUT_S
 from cds_service.service import index_services
 from hooks import SERVICES
 from tests.conftest import ROOT

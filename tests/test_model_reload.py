@@ -25,6 +25,7 @@ from cds_service.records.store import Store
 from tests.conftest import DEMO_JWKS, ROOT, demo_signer
 from tests.helpers.golden import as_of_today
 from tests.helpers.servers import CLI, Server, free_port, request, worker_pids
+from tests.helpers.store_queries import list_predictions
 
 PATIENT_VIEW = json.loads(
     (ROOT / "tests" / "data" / "kidney-risk" / "egfr-28-g4-warning" / "request.json")
@@ -198,11 +199,11 @@ def run_swap(server: Server, site: Path, tmp_path: Path) -> None:
     with Store(f"sqlite:///{tmp_path / 'serve.sqlite3'}") as store:
         # Predictions are written by the workers' background writers just after each answer.
         answered = {c.hook_instance for c in calls}
-        wait_for(lambda: answered <= {r["hook_instance"] for r in store.list_predictions()}, 10,
+        wait_for(lambda: answered <= {r["hook_instance"] for r in list_predictions(store)}, 10,
                  "every call's predictions", output)
 
         def recorded(call: Call) -> dict[str, tuple[str, str]]:
-            rows = store.list_predictions(hook_instance=call.hook_instance)
+            rows = list_predictions(store, hook_instance=call.hook_instance)
             assert len({r["role"] for r in rows}) == len(rows), rows
             return {r["role"]: (r["model_id"], r["sha256"]) for r in rows}
 

@@ -23,6 +23,7 @@ from cds_service.protocol.errors import ConfigError
 from hooks import SERVICES
 from tests.helpers.golden import patient_request
 from tests.helpers.http import post
+from tests.helpers.store_queries import list_predictions
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
@@ -285,7 +286,7 @@ def test_shadow_model_is_scored_and_recorded_but_never_shown(make_app, kfre, lr)
     assert response.status_code == 200
     text = json.dumps(response.get_json())
     assert "kfre-4var" in text and "ckd-progression-lr" not in text
-    rows = app.extensions["cds"].store.list_predictions(hook_instance=body["hookInstance"])
+    rows = list_predictions(app.extensions["cds"].store, hook_instance=body["hookInstance"])
     assert [(r["role"], r["model_id"], r["sha256"]) for r in rows] == [
         ("active", "kfre-4var", kfre.sha256), ("shadow", "ckd-progression-lr", lr.sha256)]
     assert rows[0]["score"] == pytest.approx(0.2355, abs=5e-4)
@@ -305,7 +306,7 @@ def test_a_failing_shadow_model_never_breaks_the_answer(make_app, monkeypatch, c
     response = post(app.test_client(), "/cds-services/kidney-risk", body)
     assert response.status_code == 200
     assert "24% at 5 years" in response.get_json()["cards"][0]["summary"]
-    rows = app.extensions["cds"].store.list_predictions(hook_instance=body["hookInstance"])
+    rows = list_predictions(app.extensions["cds"].store, hook_instance=body["hookInstance"])
     assert [r["role"] for r in rows] == ["active"]
     assert any("shadow model ckd-progression-lr" in r.getMessage() for r in caplog.records
                if r.name == binding_module.__name__)
@@ -372,7 +373,7 @@ def test_site_thresholds_may_name_the_output_they_read(make_app):
     assert enabled.thresholds["warning"] == Threshold(0.08, "risk_2y", above=True)
     body = patient_request()
     post(app.test_client(), "/cds-services/kidney-risk", body)
-    rows = app.extensions["cds"].store.list_predictions(hook_instance=body["hookInstance"])
+    rows = list_predictions(app.extensions["cds"].store, hook_instance=body["hookInstance"])
     assert [(r["role"], r["indicator"]) for r in rows] == [("active", "warning")]
 
 

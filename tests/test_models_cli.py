@@ -19,6 +19,7 @@ from hooks import SERVICES
 from tests.helpers.charts import NOW
 from tests.helpers.golden import patient_request
 from tests.helpers.http import post
+from tests.helpers.store_queries import list_predictions
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "models" / "README.md"
@@ -110,7 +111,7 @@ def test_the_guide_runs_end_to_end_and_the_result_serves(loop, capsys, make_app)
     loaded = app.test_client().get("/readyz").get_json()["checks"]["models"]["loaded"]
     assert {m["id"]: m["sha256"] for m in loaded}["ckd-progression-lr"] == load_model(
         model_dir).sha256
-    rows = app.extensions["cds"].store.list_predictions(hook_instance=body["hookInstance"])
+    rows = list_predictions(app.extensions["cds"].store, hook_instance=body["hookInstance"])
     assert [(r["role"], r["model_id"]) for r in rows] == [
         ("active", "kfre-4var"), ("shadow", "ckd-progression-lr")]
 

@@ -1,4 +1,4 @@
-"""The store's background writer (`store.Recorder`): calls' audit records, issued cards and
+"""The store's background writer (`recorder.Recorder`): calls' audit records, issued cards and
 predictions are written after the answer, many per transaction, and none is lost on a graceful
 stop."""
 
@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from prometheus_client import REGISTRY
 
 from cds_service.records.audit import AuditRecord
-from cds_service.records.store import Call, Recorder, Store
+from cds_service.records.call import Call
+from cds_service.records.recorder import Recorder
+from cds_service.records.store import Store
 
 NOW = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
 
@@ -32,7 +34,7 @@ def test_queued_calls_are_written_in_batches_and_read_back_after_a_flush(tmp_pat
     for n in range(50):
         store.record(call(n))
     gate.set()
-    rows = store.list_audit(kind="invoke")  # flushes first
+    rows = list(store.iter_audit(kind="invoke"))  # flushes first
     assert [r["hook_instance"] for r in rows] == [f"hi-{n}" for n in range(50)]
     assert sum(batches) == 50 and len(batches) < 50  # several calls per transaction
     assert store.card_topics("s", "svc", {"card-7"}) == {"card-7": "kidneyfunction"}
@@ -50,10 +52,10 @@ def test_dispose_writes_what_is_queued(tmp_path):
     threading.Timer(0.2, gate.set).start()
     store.dispose()  # a graceful stop (gunicorn worker_exit → runtime.close)
     with Store(url) as again:
-        assert len(again.list_audit()) == 20
+        assert len(list(again.iter_audit())) == 20
     store.record(call(99))  # after close: written at once, not queued
     with Store(url) as again:
-        assert len(again.list_audit()) == 21
+        assert len(list(again.iter_audit())) == 21
 
 
 def test_a_failed_write_is_logged_and_counted_never_raised(tmp_path, caplog):

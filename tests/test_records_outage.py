@@ -23,8 +23,9 @@ from sqlalchemy.pool import NullPool
 
 from bench.tcp_proxy import TcpProxy
 from cds_service.records.audit import AuditRecord
+from cds_service.records.call import Call
 from cds_service.records.spool import SpoolRecorder, encode
-from cds_service.records.store import Call, Store
+from cds_service.records.store import Store
 from hooks import SERVICES
 from tests.conftest import ROOT
 from tests.helpers.golden import DATA, FROZEN_NOW, GOLDEN_SITE, load
@@ -139,12 +140,12 @@ def test_a_dead_workers_segment_is_replayed_once_and_a_live_ones_never(tmp_path,
     store = Store(url, spool_dir=spool)
     try:
         wait_for(lambda: not dead.exists(), 10, "the dead segment's replay")
-        assert len(store.list_audit()) == 5
+        assert len(list(store.iter_audit())) == 5
         time.sleep(0.5)
-        assert live.exists() and len(store.list_audit()) == 5
+        assert live.exists() and len(list(store.iter_audit())) == 5
         os.close(holder)  # that worker dies
         wait_for(lambda: not live.exists(), 10, "the second replay")
-        assert [r["hook_instance"] for r in store.list_audit()] == [f"hi-{n}" for n in range(6)]
+        assert [r["hook_instance"] for r in store.iter_audit()] == [f"hi-{n}" for n in range(6)]
     finally:
         store.dispose()
 
@@ -161,7 +162,7 @@ def test_records_the_store_refuses_go_to_rejected_and_the_rest_are_stored(tmp_pa
     store = Store(url, spool_dir=spool)
     try:
         wait_for(lambda: not (spool / "calls-host-1-dead.jsonl").exists(), 10, "the replay")
-        assert [r["hook_instance"] for r in store.list_audit()] == ["hi-1", "hi-2"]
+        assert [r["hook_instance"] for r in store.iter_audit()] == ["hi-1", "hi-2"]
         rejected = (spool / "rejected" / "calls-host-1-dead.jsonl").read_bytes().splitlines()
         assert sorted(rejected) == sorted(line.rstrip(b"\n") for line in lines[1:3] + lines[4:])
         assert REGISTRY.get_sample_value("cds_spool_rejected_total") == before + 3
@@ -206,7 +207,7 @@ def test_kill_9_of_a_worker_under_load_loses_no_record(serve, tmp_path):
 
     def stored() -> list[str]:
         with Store(url) as store:
-            return [r["hook_instance"] for r in store.list_audit(kind="invoke")]
+            return [r["hook_instance"] for r in store.iter_audit(kind="invoke")]
 
     wait_for(lambda: set(answered) <= set(stored()), 30, "every answered call's audit record")
     rows = stored()

@@ -21,12 +21,13 @@ from prometheus_client import REGISTRY
 from cds_service import create_app
 from cds_service.data.jsonlimit import MAX_DEPTH
 from cds_service.protocol.errors import ConfigError
-from cds_service.records.store import overrides_table
 from cds_service.records.suppression import WITHHELD_EXTENSION
+from cds_service.records.tables import overrides_table
 from cds_service.tools import sandbox
 from cds_service.tools.invoke import INVOKE_USER, load_bundle
 from hooks._medications import TERMINOLOGY
 from tests.conftest import DEMO_ISS, DEMO_JWKS, ROOT
+from tests.helpers.store_queries import list_feedback
 
 DEMO_SITE = ROOT / "site_config" / "demo-hospital.yaml"
 KIDNEY_SUMMARY = "Kidney failure risk 8% at 2 years, 24% at 5 years (eGFR 27, urine ACR 380 mg/g)"
@@ -337,7 +338,7 @@ def test_accepting_a_suggestion_stores_feedback(demo):
     assert item["acceptedSuggestions"] == [{"id": suggestion["uuid"]}]
     assert item["outcomeTimestamp"].endswith("Z")
 
-    [row] = app.extensions["cds"].store.list_feedback(site="demo-hospital",
+    [row] = list_feedback(app.extensions["cds"].store, site="demo-hospital",
                                                       service_id="kidney-risk")
     assert row["card"] == card["uuid"] and row["outcome"] == "accepted"
     assert row["accepted_suggestions"] == [suggestion["uuid"]]
@@ -353,7 +354,7 @@ def test_overriding_with_a_reason_stores_it_and_suppresses_the_card(demo):
     assert result["response"]["body"] == {"received": 1, "stored": 1}
     assert result["request"]["body"]["feedback"][0]["overrideReason"] == {
         "reason": reason, "userComment": "seen by renal last week"}
-    [row] = app.extensions["cds"].store.list_feedback(card=card["uuid"])
+    [row] = list_feedback(app.extensions["cds"].store, card=card["uuid"])
     assert (row["override_code"], row["user_comment"]) == (reason["code"],
                                                             "seen by renal last week")
     # Real feedback: the same card for the same user and patient is now silenced.

@@ -10,6 +10,7 @@ from cds_service.records.store import Store
 from cds_service.tools.invoke import load_bundle
 from tests.conftest import ROOT
 from tests.helpers.browser import ARTIFACTS as ALL_ARTIFACTS
+from tests.helpers.store_queries import list_feedback
 
 ARTIFACTS = ALL_ARTIFACTS / "sandbox"
 KIDNEY_SUMMARY = "Kidney failure risk 8% at 2 years, 24% at 5 years (eGFR 27, urine ACR 380 mg/g)"
@@ -81,7 +82,7 @@ def test_sandbox_patient_view_accept_and_order_select_in_chromium(serve, browser
     assert "feedback stored (received 1, stored 1)" in ack.inner_text()
     shot(page, "03-accepted")
     with Store(f"sqlite:///{tmp_path / 'serve.sqlite3'}") as store:
-        [row] = store.list_feedback(site="demo-hospital", service_id="kidney-risk")
+        [row] = list_feedback(store, site="demo-hospital", service_id="kidney-risk")
     assert (row["card"], row["outcome"]) == (card_uuid, "accepted")
     assert row["accepted_suggestions"] == [suggestion_uuid]
 

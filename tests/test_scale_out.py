@@ -23,12 +23,14 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from cds_service.records.store import Store, metadata
+from cds_service.records.store import Store
 from cds_service.records.suppression import WITHHELD_EXTENSION
+from cds_service.records.tables import metadata
 from cds_service.trust.jwks_shared import RedisJwksStore
 from tests.helpers.golden import DATA, DATE_KEYS, FROZEN_NOW, GOLDEN_SITE, load
 from tests.helpers.jwks import ISS, make_jwt, rsa_key
 from tests.helpers.servers import Server, request
+from tests.helpers.store_queries import list_feedback
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 KIDNEY = DATA / "kidney-risk" / "egfr-28-g4-warning"
@@ -148,7 +150,7 @@ def test_two_instances_share_replay_feedback_suppression_audit_and_jwks(
     assert request(kidney_b + "/feedback", feedback, token=token(kidney_b + "/feedback")) == (
         200, {"received": 1, "stored": 1})
     with Store(pg_url) as store:
-        [stored] = store.list_feedback(card=card["uuid"])
+        [stored] = list_feedback(store, card=card["uuid"])
     assert (stored["site"], stored["outcome"], stored["override_code"]) == (
         "scale-out", "overridden", reason["code"])
 
@@ -167,7 +169,7 @@ def test_two_instances_share_replay_feedback_suppression_audit_and_jwks(
     deadline = time.monotonic() + 10
     while True:
         with Store(pg_url) as store:
-            audit = store.list_audit()
+            audit = list(store.iter_audit())
         by_hook = {r["hook_instance"]: r for r in audit if r["kind"] == "invoke"}
         if wanted <= set(by_hook) or time.monotonic() > deadline:
             break

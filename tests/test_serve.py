@@ -13,6 +13,7 @@ import pytest
 from cds_service.records.store import Store
 from tests.conftest import ROOT, demo_signer, example, make_jwt
 from tests.helpers.servers import CLI, free_port, request, token_for, worker_pids
+from tests.helpers.store_queries import list_feedback
 
 
 def test_serve_two_workers_end_to_end_and_feedback_survives_restart(serve, tmp_path):
@@ -63,7 +64,7 @@ def test_serve_two_workers_end_to_end_and_feedback_survives_restart(serve, tmp_p
     assert request(server.base + "/cds-services/kidney-risk/feedback", feedback) == (
         200, {"received": 1, "stored": 0})
     with Store(f"sqlite:///{tmp_path / 'serve.sqlite3'}") as store:
-        rows = store.list_feedback(site="demo-hospital", service_id="kidney-risk")
+        rows = list_feedback(store, site="demo-hospital", service_id="kidney-risk")
     assert [r["override_code"] for r in rows] == ["45"]
 
 

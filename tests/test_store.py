@@ -13,9 +13,12 @@ import pytest
 import sqlalchemy as sa
 
 from cds_service.protocol.errors import ConfigError
+from cds_service.records.call import Call
+from cds_service.records.database import StoreUnavailable, redacted_url
 from cds_service.records.feedback import FeedbackItem, FeedbackRequestSchema
-from cds_service.records.store import Store, StoreUnavailable, redacted_url
+from cds_service.records.store import Store
 from tests.conftest import example
+from tests.helpers.store_queries import list_feedback, list_predictions
 
 EXAMPLE_FILES = [
     "cdshooks-2.0-feedback-accepted.json",
@@ -52,9 +55,9 @@ def make_items(n: int, prefix: str = "card") -> list[FeedbackItem]:
 def test_add_and_list(store):
     items = example_items()
 
-    assert store.add_feedback("site-a", "diabetes", items) == len(items) == 6
+    assert len(store.insert_feedback("site-a", "diabetes", items)) == len(items) == 6
 
-    rows = store.list_feedback()
+    rows = list_feedback(store)
     assert [r["card"] for r in rows] == [i.card for i in items]
     epic_ext = rows[5]
     assert epic_ext["site"] == "site-a"
@@ -76,66 +79,66 @@ def test_add_and_list(store):
 
 
 def test_list_filters(store):
-    store.add_feedback("site-a", "svc-1", make_items(3, "a"))
-    store.add_feedback("site-b", "svc-1", make_items(2, "b"))
-    store.add_feedback("site-a", "svc-2", make_items(1, "a"))
+    store.insert_feedback("site-a", "svc-1", make_items(3, "a"))
+    store.insert_feedback("site-b", "svc-1", make_items(2, "b"))
+    store.insert_feedback("site-a", "svc-2", make_items(1, "a"))
 
-    assert len(store.list_feedback()) == 6
-    assert len(store.list_feedback(site="site-a")) == 4
-    assert len(store.list_feedback(service_id="svc-1")) == 5
-    assert [r["card"] for r in store.list_feedback(site="site-a", service_id="svc-1")] == [
+    assert len(list_feedback(store)) == 6
+    assert len(list_feedback(store, site="site-a")) == 4
+    assert len(list_feedback(store, service_id="svc-1")) == 5
+    assert [r["card"] for r in list_feedback(store, site="site-a", service_id="svc-1")] == [
         "a-0",
         "a-1",
         "a-2",
     ]
-    [row] = store.list_feedback(site="site-a", service_id="svc-2", card="a-0")
+    [row] = list_feedback(store, site="site-a", service_id="svc-2", card="a-0")
     assert row["user_comment"] == "ß✓ non-ASCII"
-    assert store.list_feedback(card="nope") == []
+    assert list_feedback(store, card="nope") == []
 
 
 def test_replay_across_calls_is_stored_once(store):
     items = example_items()
-    store.add_feedback("site-a", "svc", items)
+    store.insert_feedback("site-a", "svc", items)
 
-    assert store.add_feedback("site-a", "svc", items) == 0
-    assert store.add_feedback("site-a", "svc", [*items, *make_items(1)]) == 1
-    assert len(store.list_feedback()) == 7
+    assert len(store.insert_feedback("site-a", "svc", items)) == 0
+    assert len(store.insert_feedback("site-a", "svc", [*items, *make_items(1)])) == 1
+    assert len(list_feedback(store)) == 7
 
 
 def test_replay_within_a_batch_is_stored_once(store):
     a, b = make_items(2)
 
-    assert store.add_feedback("site-a", "svc", [a, b, a, a, b]) == 2
-    assert [r["card"] for r in store.list_feedback()] == ["card-0", "card-1"]
+    assert len(store.insert_feedback("site-a", "svc", [a, b, a, a, b])) == 2
+    assert [r["card"] for r in list_feedback(store)] == ["card-0", "card-1"]
 
 
 def test_same_item_for_another_site_or_service_is_distinct(store):
     items = make_items(1)
-    store.add_feedback("site-a", "svc", items)
+    store.insert_feedback("site-a", "svc", items)
 
-    assert store.add_feedback("site-b", "svc", items) == 1
-    assert store.add_feedback("site-a", "svc-2", items) == 1
+    assert len(store.insert_feedback("site-b", "svc", items)) == 1
+    assert len(store.insert_feedback("site-a", "svc-2", items)) == 1
 
 
 def test_empty_batch(store):
-    assert store.add_feedback("site-a", "svc", []) == 0
+    assert len(store.insert_feedback("site-a", "svc", [])) == 0
 
 
 def test_large_batch(store):
-    assert store.add_feedback("site-a", "svc", make_items(1500)) == 1500
-    assert store.add_feedback("site-a", "svc", make_items(1500)) == 0
-    assert len(store.list_feedback()) == 1500
+    assert len(store.insert_feedback("site-a", "svc", make_items(1500))) == 1500
+    assert len(store.insert_feedback("site-a", "svc", make_items(1500))) == 0
+    assert len(list_feedback(store)) == 1500
 
 
 def test_survives_restart(store_url):
     first = Store(store_url)
-    first.add_feedback("site-a", "svc", example_items())
+    first.insert_feedback("site-a", "svc", example_items())
     first.dispose()
 
     with Store(store_url) as second:
-        rows = second.list_feedback()
+        rows = list_feedback(second)
         assert len(rows) == 6
-        assert second.add_feedback("site-a", "svc", example_items()) == 0
+        assert len(second.insert_feedback("site-a", "svc", example_items())) == 0
 
 
 def test_sqlite_creates_directory_and_is_durable(sqlite_store_url):
@@ -143,7 +146,7 @@ def test_sqlite_creates_directory_and_is_durable(sqlite_store_url):
     assert not path.parent.exists()
 
     with Store(sqlite_store_url) as store:
-        store.add_feedback("site-a", "svc", make_items(1))
+        store.insert_feedback("site-a", "svc", make_items(1))
         with store._engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
@@ -168,7 +171,7 @@ def test_ping_unreachable_fails_fast_without_password(caplog):
         with pytest.raises(StoreUnavailable) as info:
             store.ping()
         with pytest.raises(StoreUnavailable):
-            store.add_feedback("site-a", "svc", make_items(1))
+            store.insert_feedback("site-a", "svc", make_items(1))
     finally:
         store.dispose()
 
@@ -193,7 +196,7 @@ def test_postgres_url_forms_use_psycopg(postgresql_store_url):
 
 def test_postgres_tables_in_the_configured_schema(postgresql_store_url):
     with Store(postgresql_store_url) as store:
-        store.add_feedback("site-a", "svc", make_items(1))
+        store.insert_feedback("site-a", "svc", make_items(1))
         with store._engine.connect() as conn:
             schema = conn.exec_driver_sql(
                 "SELECT table_schema FROM information_schema.tables WHERE table_name = 'feedback'"
@@ -240,7 +243,7 @@ def test_concurrent_sqlite_writers_lose_nothing(sqlite_store_url):
         try:
             for batch in range(20):
                 items = make_items(5, f"w{writer}-b{batch}") + shared
-                new_counts.append(store.add_feedback("site-a", "svc", items))
+                new_counts.append(len(store.insert_feedback("site-a", "svc", items)))
         except Exception as exc:
             errors.append(exc)
 
@@ -252,7 +255,7 @@ def test_concurrent_sqlite_writers_lose_nothing(sqlite_store_url):
     try:
         assert errors == []
         assert sum(new_counts) == 4 * 20 * 5 + 5
-        rows = stores[0].list_feedback()
+        rows = list_feedback(stores[0])
         assert len(rows) == 4 * 20 * 5 + 5
         assert len({r["dedupe_key"] for r in rows}) == len(rows)
     finally:
@@ -305,16 +308,17 @@ def _prediction_row(hook_instance: str, role: str, model_id: str, score: float |
 
 
 def test_predictions_active_and_shadow_round_trip(store):
-    assert store.add_predictions([
+    # Stored as the service stores them: with their call's records (`Store.add_calls`).
+    assert store.add_calls([Call(None, predictions=[
         _prediction_row("h1", "active", "kfre-4var", 0.2355),
         _prediction_row("h1", "shadow", "ckd-progression-lr", None),
         _prediction_row("h2", "active", "kfre-4var", 0.5),
-    ]) == 3
-    rows = store.list_predictions(hook_instance="h1")
+    ])]) == 1
+    rows = list_predictions(store, hook_instance="h1")
     assert [(r["role"], r["model_id"], r["score"]) for r in rows] == [
         ("active", "kfre-4var", 0.2355), ("shadow", "ckd-progression-lr", None)]
     assert rows[1]["missing"] == ["uacr"] and rows[1]["unavailable"] == "missing uacr"
     assert rows[0]["contributions"] == [{"name": "egfr", "contribution": 0.9}]
     assert rows[0]["time"].tzinfo is not None
-    assert [r["hook_instance"] for r in store.list_predictions(role="active")] == ["h1", "h2"]
-    assert store.add_predictions([]) == 0
+    assert [r["hook_instance"] for r in list_predictions(store, role="active")] == ["h1", "h2"]
+    assert store.add_calls([]) == 0

@@ -14,6 +14,7 @@ from cds_service.records.suppression import WITHHELD_EXTENSION
 from hooks import SERVICES
 from tests.helpers.golden import DATA, FROZEN_NOW, GOLDEN_SITE, assert_matches_golden, load
 from tests.helpers.http import assert_outcome, post
+from tests.helpers.store_queries import list_feedback
 from tests.helpers.validator import validate_response
 
 KIDNEY = DATA / "kidney-risk" / "egfr-28-g4-warning"
@@ -89,7 +90,7 @@ def test_overridden_card_is_not_shown_again_to_that_user_for_that_patient(make_c
             == timedelta(hours=24))
 
     store = app.extensions["cds"].store
-    last = store.list_audit(kind="invoke")[-1]
+    last = list(store.iter_audit(kind="invoke"))[-1]
     topic = card["source"]["topic"]["code"]
     assert last["outcome"] == "cards=0 suppressed=1"
     assert last["detail"] == (f"suppressed {topic}: same user overrode card {card['uuid']} at "
@@ -141,7 +142,7 @@ def test_a_more_severe_card_is_shown_again_and_the_audit_says_why(make_client):
                       userId=load(KIDNEY / "request.json")["context"]["userId"])
     assert [c["indicator"] for c in critical["cards"]] == ["critical"]
     assert "extension" not in critical  # shown, so not listed as withheld
-    detail = app.extensions["cds"].store.list_audit(kind="invoke")[-1]["detail"]
+    detail = list(app.extensions["cds"].store.iter_audit(kind="invoke"))[-1]["detail"]
     assert detail.startswith("shown again kidneyfunction: critical after warning overridden at")
 
 
@@ -155,7 +156,7 @@ def test_suppression_fails_open_when_the_store_cannot_answer(make_client, monkey
 
     monkeypatch.setattr(app.extensions["cds"].store, "recent_overrides", broken)
     assert len(invoke(client, KIDNEY)["cards"]) == 1
-    detail = app.extensions["cds"].store.list_audit(kind="invoke")[-1]["detail"]
+    detail = list(app.extensions["cds"].store.iter_audit(kind="invoke"))[-1]["detail"]
     assert detail == "suppression skipped: feedback store unavailable"
 
 
@@ -188,5 +189,5 @@ def test_an_outcome_timestamp_decades_ahead_is_400_and_silences_nothing(make_cli
         "outcomeTimestamp": (clock.now + timedelta(days=365 * 73)).strftime(
             "%Y-%m-%dT%H:%M:%SZ")}]})
     assert_outcome(response, 400, "feedback[0].outcomeTimestamp", "after this server's time")
-    assert app.extensions["cds"].store.list_feedback() == []
+    assert list_feedback(app.extensions["cds"].store) == []
     assert len(invoke(client, KIDNEY)["cards"]) == 1

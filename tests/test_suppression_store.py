@@ -13,8 +13,13 @@ import sqlalchemy as sa
 
 from cds_service.records import store as store_module
 from cds_service.records.audit import AuditRecord
+from cds_service.records.call import Call
+from cds_service.records.database import StoreUnavailable
 from cds_service.records.feedback import FeedbackItem
-from cds_service.records.store import Override, Store, StoreUnavailable, issued_cards_table
+from cds_service.records.overrides import Override
+from cds_service.records.store import Store
+from cds_service.records.tables import issued_cards_table
+from tests.helpers.store_queries import add_audit, list_feedback
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 SINCE = NOW - timedelta(days=1)
@@ -39,7 +44,7 @@ def issued(card_uuid: str, **overrides) -> dict:
 
 
 def item(card: str, at: datetime, outcome: str = "overridden") -> FeedbackItem:
-    # The raw item differs per (card, outcome, time), so add_feedback never dedupes two of them.
+    # The raw item differs per (card, outcome, time), so insert_feedback never dedupes two of them.
     stamp = at.isoformat()
     return FeedbackItem(
         card=card,
@@ -63,29 +68,34 @@ def overrides(store: Store, **kwargs) -> dict[str, Override]:
     return store.recent_overrides(**query)
 
 
+def record_issued(store: Store, rows: list[dict]) -> int:
+    """Store issued cards as the service does: one call's records (`Store.add_calls`)."""
+    return store.add_calls([Call(None, issued_cards=rows)])
+
+
 def issued_card_uuids(store: Store) -> list[str]:
     table = issued_cards_table
     with store._engine.connect() as conn:
         return list(conn.execute(sa.select(table.c.card_uuid).order_by(table.c.id)).scalars())
 
 
-def test_add_issued_cards_round_trip(store):
+def test_issued_cards_round_trip(store):
     rows = [issued("c1"), issued("c2", user_id=None, topic_code=None, indicator=None)]
 
-    assert store.add_issued_cards(rows) == 2
+    assert record_issued(store, rows) == 1  # one call, both cards
 
     with store._engine.connect() as conn:
         stored = [dict(r) for r in conn.execute(sa.select(issued_cards_table)).mappings()]
     assert [{k: v for k, v in r.items() if k != "id"} for r in stored] == rows
     assert stored[0]["time"].tzinfo is UTC
-    assert store.add_issued_cards([]) == 0
+    assert store.add_calls([]) == 0
     assert issued_card_uuids(store) == ["c1", "c2"]
 
 
 def test_override_is_found(store):
-    store.add_issued_cards([issued("c1", indicator="critical")])
+    record_issued(store, [issued("c1", indicator="critical")])
     at = NOW - timedelta(minutes=5)
-    store.add_feedback("site-a", "svc", [item("c1", at)])
+    store.insert_feedback("site-a", "svc", [item("c1", at)])
 
     found = overrides(store)
 
@@ -94,8 +104,8 @@ def test_override_is_found(store):
 
 
 def test_accepted_feedback_is_not_an_override(store):
-    store.add_issued_cards([issued("c1"), issued("c2", indicator="info")])
-    store.add_feedback(
+    record_issued(store, [issued("c1"), issued("c2", indicator="info")])
+    store.insert_feedback(
         "site-a",
         "svc",
         [item("c1", NOW - timedelta(hours=1)), item("c2", NOW, outcome="accepted")],
@@ -108,15 +118,15 @@ def test_accepted_feedback_is_not_an_override(store):
 
 
 def test_only_accepted_feedback_finds_nothing(store):
-    store.add_issued_cards([issued("c1")])
-    store.add_feedback("site-a", "svc", [item("c1", NOW, outcome="accepted")])
+    record_issued(store, [issued("c1")])
+    store.insert_feedback("site-a", "svc", [item("c1", NOW, outcome="accepted")])
 
     assert overrides(store) == {}
 
 
 def test_since_is_inclusive_and_older_overrides_are_ignored(store):
-    store.add_issued_cards([issued("old"), issued("edge", topic_code="T2")])
-    store.add_feedback(
+    record_issued(store, [issued("old"), issued("edge", topic_code="T2")])
+    store.insert_feedback(
         "site-a",
         "svc",
         [item("old", SINCE - timedelta(microseconds=1)), item("edge", SINCE)],
@@ -142,8 +152,8 @@ def test_since_is_inclusive_and_older_overrides_are_ignored(store):
     ids=["another-user", "another-patient", "another-topic"],
 )
 def test_override_about_another_user_patient_or_topic_is_not_matched(store, issued_as, asked_as):
-    store.add_issued_cards([issued("c1", **issued_as)])
-    store.add_feedback("site-a", "svc", [item("c1", NOW)])
+    record_issued(store, [issued("c1", **issued_as)])
+    store.insert_feedback("site-a", "svc", [item("c1", NOW)])
 
     assert overrides(store) == {}
     # The same override is found when asked about its own user / patient / topic.
@@ -157,8 +167,8 @@ def test_override_about_another_user_patient_or_topic_is_not_matched(store, issu
 )
 def test_override_at_another_site_or_service_is_not_matched(store, elsewhere):
     where = {"site": "site-a", "service_id": "svc", **elsewhere}
-    store.add_issued_cards([issued("c1", **where)])
-    store.add_feedback(where["site"], where["service_id"], [item("c1", NOW)])
+    record_issued(store, [issued("c1", **where)])
+    store.insert_feedback(where["site"], where["service_id"], [item("c1", NOW)])
 
     assert overrides(store) == {}
     assert [o.card_uuid for o in overrides(store, **where).values()] == ["c1"]
@@ -170,25 +180,26 @@ def test_override_at_another_site_or_service_is_not_matched(store, elsewhere):
 def test_feedback_joins_the_card_of_its_own_site_and_service(store, site, service_id):
     # Card ids need not be globally unique (Epic sends "123456"): feedback from another site or
     # service about a card with the same id is not an override of ours.
-    store.add_issued_cards([issued("123456")])
-    store.add_feedback(site, service_id, [item("123456", NOW)])
+    record_issued(store, [issued("123456")])
+    store.insert_feedback(site, service_id, [item("123456", NOW)])
 
     assert overrides(store) == {}
-    store.add_feedback("site-a", "svc", [item("123456", NOW - timedelta(hours=1))])
+    store.insert_feedback("site-a", "svc", [item("123456", NOW - timedelta(hours=1))])
     assert overrides(store) == {"T1": Override("T1", NOW - timedelta(hours=1), "warning", "123456")}
 
 
 def test_feedback_for_a_card_never_issued_is_ignored(store):
-    store.add_issued_cards([issued("c1")])
-    store.add_feedback("site-a", "svc", [item("ghost", NOW)])
+    record_issued(store, [issued("c1")])
+    store.insert_feedback("site-a", "svc", [item("ghost", NOW)])
 
     assert overrides(store) == {}
-    store.add_feedback("site-a", "svc", [item("c1", NOW - timedelta(hours=3))])
+    store.insert_feedback("site-a", "svc", [item("c1", NOW - timedelta(hours=3))])
     assert [o.card_uuid for o in overrides(store).values()] == ["c1"]
 
 
 def test_latest_override_per_topic_for_several_topics_in_one_query(store):
-    store.add_issued_cards(
+    record_issued(
+        store,
         [
             issued("t1-a", indicator="info"),
             issued("t1-b", indicator="critical"),
@@ -199,7 +210,7 @@ def test_latest_override_per_topic_for_several_topics_in_one_query(store):
         ]
     )
     # Inserted out of time order; t1-a is overridden twice (the later one counts).
-    store.add_feedback(
+    store.insert_feedback(
         "site-a",
         "svc",
         [
@@ -235,8 +246,8 @@ def test_latest_override_per_topic_for_several_topics_in_one_query(store):
 
 
 def test_empty_topics_finds_nothing(store):
-    store.add_issued_cards([issued("c1")])
-    store.add_feedback("site-a", "svc", [item("c1", NOW)])
+    record_issued(store, [issued("c1")])
+    store.insert_feedback("site-a", "svc", [item("c1", NOW)])
 
     assert overrides(store, topics=[]) == {}
     assert overrides(store, topics=set()) == {}
@@ -246,10 +257,10 @@ def test_empty_topics_finds_nothing(store):
 def test_empty_inputs_never_touch_the_database():
     store = Store(UNREACHABLE_PG)
     try:
-        assert store.add_issued_cards([]) == 0
+        assert store.add_calls([]) == 0
         assert overrides(store, topics=()) == {}
         for call in (
-            lambda: store.add_issued_cards([issued("c1")]),
+            lambda: record_issued(store, [issued("c1")]),
             lambda: overrides(store),
         ):
             with pytest.raises(StoreUnavailable) as info:
@@ -270,7 +281,8 @@ def audit_at(time: datetime) -> AuditRecord:
 
 def test_purge_removes_old_issued_cards(store):
     cutoff = NOW - timedelta(days=365)
-    store.add_issued_cards(
+    record_issued(
+        store,
         [
             issued("ancient", time=cutoff - timedelta(days=400)),
             issued("just-old", time=cutoff - timedelta(microseconds=1)),
@@ -278,23 +290,24 @@ def test_purge_removes_old_issued_cards(store):
             issued("new", time=NOW),
         ]
     )
-    store.add_audit(audit_at(cutoff - timedelta(days=1)))
-    store.add_audit(audit_at(NOW))
+    add_audit(store, audit_at(cutoff - timedelta(days=1)))
+    add_audit(store, audit_at(NOW))
 
     # The return value still counts audit rows only.
     assert store.purge_audit(cutoff) == 1
     assert issued_card_uuids(store) == ["at-cutoff", "new"]
-    assert len(store.list_audit()) == 1
+    assert len(list(store.iter_audit())) == 1
     assert store.purge_audit(cutoff) == 0
     assert issued_card_uuids(store) == ["at-cutoff", "new"]
 
 
 def test_purge_removes_old_issued_cards_in_batches(store, monkeypatch):
     monkeypatch.setattr(store_module, "AUDIT_PURGE_BATCH", 3)
-    store.add_issued_cards(
+    record_issued(
+        store,
         [issued(f"old-{i}", time=NOW - timedelta(days=30, minutes=i)) for i in range(10)]
     )
-    store.add_issued_cards([issued("new", time=NOW)])
+    record_issued(store, [issued("new", time=NOW)])
     batches: list[str] = []
 
     def count(conn, cursor, statement, *args):
@@ -313,12 +326,12 @@ def test_purge_removes_old_issued_cards_in_batches(store, monkeypatch):
 
 def test_an_override_stored_before_its_card_is_recorded_still_counts(store):
     # Epic's feedback reached another worker or host before this one wrote the issued card.
-    store.add_feedback("site-a", "svc", [item("c1", NOW - timedelta(minutes=5))])
+    store.insert_feedback("site-a", "svc", [item("c1", NOW - timedelta(minutes=5))])
     assert overrides(store, topics=("T1",)) == {}
-    store.add_issued_cards([issued("c1", indicator="warning")])
+    record_issued(store, [issued("c1", indicator="warning")])
     assert overrides(store, topics=("T1",)) == {
         "T1": Override("T1", NOW - timedelta(minutes=5), "warning", "c1")}
-    store.add_issued_cards([issued("c2")])  # a later card of the same topic adds nothing
+    record_issued(store, [issued("c2")])  # a later card of the same topic adds nothing
     assert list(overrides(store, topics=("T1",)).values())[0].card_uuid == "c1"
 
 
@@ -333,20 +346,20 @@ def test_an_override_stored_before_its_card_is_recorded_still_counts(store):
 def test_override_time_is_the_outcome_timestamp_at_the_latest_its_receipt(store, stamped, starts,
                                                                           card_first):
     if card_first:
-        store.add_issued_cards([issued("c1")])
-    store.add_feedback("site-a", "svc", [item("c1", stamped)], received_at=NOW)
+        record_issued(store, [issued("c1")])
+    store.insert_feedback("site-a", "svc", [item("c1", stamped)], received_at=NOW)
     if not card_first:
-        store.add_issued_cards([issued("c1")])
+        record_issued(store, [issued("c1")])
 
     assert overrides(store, since=NOW - timedelta(days=1)) == {
         "T1": Override("T1", starts, "warning", "c1")}
-    [row] = store.list_feedback()
+    [row] = list_feedback(store)
     assert (row["outcome_timestamp"], row["received_at"]) == (stamped, NOW)
 
 
 def test_suppressions_list_and_clear_commands(store, store_url, tmp_path, monkeypatch, capsys):
     from cds_service.cli import main
-    from cds_service.records.store import overrides_table
+    from cds_service.records.tables import overrides_table
 
     now = datetime.now(UTC)
     (tmp_path / "a.yaml").write_text("site: site-a\nalert_fatigue:\n  override_window_hours: 2\n",

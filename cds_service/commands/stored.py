@@ -18,7 +18,8 @@ def store_command(func):
 
     def run(args: argparse.Namespace) -> int:
         from cds_service.app import resolve_config
-        from cds_service.records.store import Store, StoreUnavailable
+        from cds_service.records.database import StoreUnavailable
+        from cds_service.records.store import Store
 
         config = resolve_config()
         try:

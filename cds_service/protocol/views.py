@@ -27,8 +27,8 @@ from cds_service.protocol.schemas import (
 from cds_service.records import suppression
 from cds_service.records.audit import FEEDBACK
 from cds_service.records.call import CallRecord, kind_of
+from cds_service.records.database import StoreUnavailable
 from cds_service.records.feedback import FeedbackRequestSchema
-from cds_service.records.store import StoreUnavailable
 from cds_service.runtime import runtime
 from cds_service.service import HookRequest
 

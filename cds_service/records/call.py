@@ -1,7 +1,7 @@
 """One CDS call's record, built as the call goes: who called (site, caller), what was asked
 (hook, hookInstance, context ids), what was read (prefetch keys, FHIR URLs), what was answered
 (cards, suppression) and which models scored; at the end, `to_call` turns it into what the store
-keeps (`store.Call`: the audit record, the issued-card rows and the prediction rows).
+keeps (`Call`: the audit record, the issued-card rows and the prediction rows).
 
 No Flask here: the views keep one `CallRecord` per request and note into it.
 """
@@ -9,8 +9,10 @@ No Flask here: the views keep one `CallRecord` per request and note into it.
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from cds_service.records.audit import (
@@ -22,7 +24,6 @@ from cds_service.records.audit import (
     prefetch_key_sources,
     safe_text,
 )
-from cds_service.records.store import Call
 
 if TYPE_CHECKING:
     from cds_service.config import Site
@@ -33,6 +34,26 @@ if TYPE_CHECKING:
     from cds_service.trust.auth import VerifiedCaller
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one CDS call leaves in the store besides feedback: its audit record, the cards it
+    issued (`tables.issued_cards_table` rows) and the predictions made
+    (`tables.predictions_table` rows). `id` makes storing it idempotent
+    (`tables.call_records_table`)."""
+
+    audit: AuditRecord | None
+    issued_cards: Sequence[dict[str, Any]] = ()
+    predictions: Sequence[dict[str, Any]] = ()
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def time(self) -> datetime:
+        if self.audit is not None:
+            return self.audit.time
+        rows = [*self.issued_cards, *self.predictions]
+        return rows[0]["time"] if rows else datetime.now(UTC)
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """The call-record spool: every call's records reach local disk before its answer leaves, and the
 shared store when it can take them.
 
-A call's audit record, issued cards and predictions (`store.Call`) are appended as one JSON line
+A call's audit record, issued cards and predictions (`call.Call`) are appended as one JSON line
 to this worker's segment file in `SPOOL_DIR` (`calls-<host>-<pid>-<random>.jsonl`) with a plain
 `write()`: once it returns the line is in the kernel's page cache, so a SIGKILL or OOM kill of
 the worker loses nothing; a thread `fsync`s the segment every second, which bounds what a power
 loss or kernel crash can take. A shipper thread writes the lines to the store in batches, in
 order, retrying with back-off while the store is down (connection refused, no answer, locked);
 the answer never waits on the database. Storing is idempotent by the call's id
-(`store.call_records_table`), so a line written twice (a crash between commit and bookkeeping, a
+(`tables.call_records_table`), so a line written twice (a crash between commit and bookkeeping, a
 replay) is stored once.
 
 A segment is `flock`ed by the process that writes it for as long as it lives. Each shipper
@@ -40,7 +40,8 @@ from typing import Any
 from cds_service.ops import metrics
 from cds_service.protocol.errors import ConfigError
 from cds_service.records.audit import AuditRecord
-from cds_service.records.store import Call, StoreUnavailable
+from cds_service.records.call import Call
+from cds_service.records.database import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,13 @@ class Segment:
 
 class SpoolRecorder:
     """The store's writer of call records through the spool (module docstring). Same interface
-    as `store.Recorder`: `submit`, `flush`, `close`."""
+    as `recorder.Recorder`: `submit`, `flush`, `close`."""
 
     BATCH = 500  # calls per transaction
     ROTATE_BYTES = 4 * 1024 * 1024
     FSYNC_S = 1.0
     SCAN_S = 5.0
-    LINGER_S = 0.01  # as `store.Recorder`: let calls queue up into one transaction
+    LINGER_S = 0.01  # as `recorder.Recorder`: let calls queue up into one transaction
     RETRY_S = (0.25, 5.0)  # first and longest wait before writing again after a failure
     CLOSE_S = 20.0  # a graceful stop writes what it can in this long (gunicorn allows 30 s)
 

@@ -23,7 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from cds_service.records.store import Store, redacted_url
+from cds_service.records.database import redacted_url
+from cds_service.records.store import Store
 
 POSTGRES_URL = os.environ.get(
     "CDS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

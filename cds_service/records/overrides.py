@@ -1,0 +1,95 @@
+"""Card overrides: the `card_overrides` rows written when an override or the card it names is
+stored (whichever comes second), and the lookup alert-fatigue suppression runs on every call that
+has cards (`Store.recent_overrides`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from cds_service.records.feedback import OVERRIDDEN
+from cds_service.records.tables import (
+    UtcDateTime,
+    feedback_table,
+    issued_cards_table,
+    overrides_table,
+)
+
+
+@dataclass(frozen=True)
+class Override:
+    """The latest override of an issued card on one topic (see `Store.recent_overrides`)."""
+
+    topic_code: str
+    time: datetime  # outcome timestamp, at the latest when received (record_overrides); UTC
+    indicator: str | None  # the overridden card's indicator, as issued
+    card_uuid: str
+
+
+def record_overrides(conn: Connection, site: str, service_id: str, cards: Collection[str], *,
+                     feedback_keys: Collection[str] | None = None) -> None:
+    """`card_overrides` rows for the overrides (only `feedback_keys`, when given) of the cards
+    `cards` this site and service issued, joined and inserted in one statement. Feedback for a
+    card never recorded as issued cannot suppress anything.
+
+    The override's time, where the suppression window starts, is the EHR's `outcomeTimestamp`
+    but never later than we received the feedback: a timestamp ahead of our clock (skew, within
+    feedback.MAX_CLOCK_SKEW) does not stretch the window, and feedback delivered late (the EHR
+    retrying after an outage) does not restart it. Either way the card comes back sooner, never
+    later, than the clinician's override implies.
+    """
+    f, c = feedback_table.c, issued_cards_table.c
+    override_time = sa.case((f.outcome_timestamp < f.received_at, f.outcome_timestamp),
+                            else_=f.received_at)
+    query = (
+        sa.select(override_time, c.site, c.service_id, c.user_id, c.patient_id,
+                  c.topic_code, c.indicator, c.card_uuid)
+        .select_from(feedback_table.join(issued_cards_table, sa.and_(
+            c.card_uuid == f.card, c.site == f.site, c.service_id == f.service_id)))
+        .where(f.site == site, f.service_id == service_id, f.outcome == OVERRIDDEN,
+               f.card.in_(sorted(cards)))
+    )
+    if feedback_keys is not None:
+        query = query.where(f.dedupe_key.in_(sorted(feedback_keys)))
+    o = overrides_table.c
+    conn.execute(sa.insert(overrides_table).from_select(
+        [o.time, o.site, o.service_id, o.user_id, o.patient_id, o.topic_code, o.indicator,
+         o.card_uuid], query))
+
+
+def overrides_stored_first(conn: Connection, issued: Sequence[dict[str, Any]]) -> None:
+    """Overrides stored before the card they name was recorded: issued cards are written after
+    the answer (by whichever worker or host issued them) while Epic's feedback lands anywhere,
+    so whichever of the two is stored second records the override."""
+    scopes: dict[tuple[str, str], set[str]] = {}
+    for row in issued:
+        scopes.setdefault((row["site"], row["service_id"]), set()).add(row["card_uuid"])
+    for (site, service_id), cards in scopes.items():
+        record_overrides(conn, site, service_id, cards)
+
+
+def _recent_overrides_query() -> sa.Select:
+    """`Store.recent_overrides`, built once (it runs on every call that has cards)."""
+    o = overrides_table.c
+    return (
+        sa.select(o.topic_code, o.time, o.indicator, o.card_uuid)
+        .where(
+            o.site == sa.bindparam("site"),
+            o.service_id == sa.bindparam("service_id"),
+            o.user_id == sa.bindparam("user_id"),
+            o.patient_id == sa.bindparam("patient_id"),
+            o.topic_code.in_(sa.bindparam("topics", expanding=True)),
+            o.time >= sa.bindparam("since", type_=UtcDateTime),
+        )
+        # Newest first; ids break ties so the answer is deterministic.
+        .order_by(o.time.desc(), o.id.desc())
+    )
+
+
+RECENT_OVERRIDES = _recent_overrides_query()
