@@ -21,13 +21,15 @@ from cds_service.training.evaluation import (
     STATUS_OK,
     STATUS_ONE_CLASS,
     NamedThreshold,
+    calibration_bins,
+    evaluate_models,
+    kdigo_thresholds,
+)
+from cds_service.training.measures import (
     auroc,
     average_precision,
     brier,
     calibration,
-    calibration_bins,
-    evaluate_models,
-    kdigo_thresholds,
     net_benefit,
     net_benefit_treat_all,
     observed_expected,

@@ -27,7 +27,7 @@ from cds_service.tools import sandbox
 from cds_service.tools.invoke import INVOKE_USER, load_bundle
 from hooks._medications import TERMINOLOGY
 from tests.conftest import DEMO_ISS, DEMO_JWKS, ROOT
-from tests.helpers.store_queries import list_feedback
+from tests.helpers.store_queries import list_feedback, list_predictions
 
 DEMO_SITE = ROOT / "site_config" / "demo-hospital.yaml"
 KIDNEY_SUMMARY = "Kidney failure risk 8% at 2 years, 24% at 5 years (eGFR 27, urine ACR 380 mg/g)"
@@ -233,8 +233,8 @@ def test_the_explanation_is_the_score_the_service_served_counted_once(demo):
     result = invoke(client, patient="ckd-patient-nsaid", service="kidney-risk",
                     hook="patient-view").get_json()
     [sent] = transport.calls
-    [served] = app.extensions["cds"].store.list_predictions(
-        hook_instance=sent["body"]["hookInstance"])
+    [served] = list_predictions(app.extensions["cds"].store,
+                                hook_instance=sent["body"]["hookInstance"])
     assert result["explanation"]["score"] == pytest.approx(served["score"], abs=1e-9)
     assert REGISTRY.get_sample_value("cds_model_score_count", labels) == before + 1
 

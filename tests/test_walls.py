@@ -102,3 +102,93 @@ def test_the_walled_modules_are_found():
 @pytest.mark.parametrize("path", WALLED, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_clinical_code_imports_nothing_past_the_wall(path):
     assert sorted(m for m in imported(path) if crosses_wall(m)) == []
+
+
+# --- the house: no import cycles, no module over 500 lines, models and trust in their rooms ---
+
+OURS = sorted({*(ROOT / "cds_service").rglob("*.py"), *(ROOT / "hooks").glob("*.py")})
+MAX_LINES = 500
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(paths, root: Path = ROOT) -> dict[str, set[str]]:
+    """Our module → our modules it imports (runtime or type-only: `imported` reads them all)."""
+    modules = {module_name(path, root): path for path in paths}
+    return {name: {m for m in imported(path, root) if m in modules and m != name}
+            for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles: strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_finder_finds_a_type_only_cycle(tmp_path):
+    package = tmp_path / "cds_service"
+    package.mkdir()
+    (package / "config.py").write_text("from cds_service.service import Service\n")
+    (package / "service.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from cds_service.config import Site\n")
+    (package / "app.py").write_text("from cds_service import config\n")
+    graph = import_graph(sorted(package.glob("*.py")), root=tmp_path)
+    assert cycles(graph) == [["cds_service.config", "cds_service.service"]]
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph(OURS)) == []
+
+
+def test_no_module_of_the_service_is_over_500_lines():
+    lengths = {path.relative_to(ROOT).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+               for path in (ROOT / "cds_service").rglob("*.py")}
+    assert {name: n for name, n in lengths.items() if n > MAX_LINES} == {}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "cds_service" / "models").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_models_import_nothing_from_the_http_layer(path):
+    # protocol.errors is the exception root (no Flask in it); the rest of protocol/ is HTTP.
+    http = ("flask", "flask_smorest", "webargs", "werkzeug", "cds_service.protocol.views",
+            "cds_service.protocol.http", "cds_service.protocol.schemas")
+    assert sorted(m for m in imported(path)
+                  if any(m == h or m.startswith(h + ".") for h in http)) == []
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "cds_service" / "trust").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_trust_code_knows_no_clinical_service(path):
+    assert sorted(m for m in imported(path) if m.split(".")[0] == "hooks") == []
+    text = path.read_text(encoding="utf-8")
+    assert not [s for s in ("kidney", "nephrotoxic", "egfr") if s in text.lower()]

@@ -259,7 +259,7 @@ def _audit(response):
     if call is None or request.method != "POST":
         return response
     try:
-        call.submit(runtime().store, datetime.now(UTC), response.status_code)
+        call.submit(runtime().store.record, datetime.now(UTC), response.status_code)
     except Exception:  # noqa: BLE001 - the clinician's answer must not wait on the audit log
         log.exception("call record not spooled for %s %s", request.method, request.path)
     return response

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from cds_service.config import Site
     from cds_service.data.prefetch import Prefetch
     from cds_service.models.binding import ModelBinding
-    from cds_service.records.store import Store
     from cds_service.records.suppression import Decision
     from cds_service.trust.auth import VerifiedCaller
 
@@ -105,9 +104,10 @@ class CallRecord:
             detail="; ".join(decision.notes)[:MAX_TEXT] or None,
         )
 
-    def submit(self, store: Store, now: datetime, status: int) -> None:
-        """Hand the finished call to the store's writer (spooled, never awaited)."""
-        store.record(self.to_call(now, status))
+    def submit(self, record: Callable[[Call], None], now: datetime, status: int) -> None:
+        """Hand the finished call to the store's writer (`Store.record`: spooled, never
+        awaited)."""
+        record(self.to_call(now, status))
 
     def to_call(self, now: datetime, status: int) -> Call:
         """What the store keeps of this call, answered with `status`; cards count as issued only

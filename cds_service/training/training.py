@@ -34,7 +34,7 @@ from cds_service.models.estimators import KidneyFailureRiskEquation, LogColumns
 from cds_service.models.explain import default_method
 from cds_service.models.loaded import LoadedModel, load_model, runtime_versions
 from cds_service.models.manifest import Manifest, write_manifest
-from cds_service.training.evaluation import calibration
+from cds_service.training.measures import calibration
 
 ARTIFACT_FILE = "model.skops"
 
