@@ -98,6 +98,12 @@ class _Connection:
             self.conn = None
 
 
+# How long each connection waits for the others to finish warming up before the measured
+# requests start together. Not the request timeout: a warm-up request may itself take that
+# long, and a forked process on a loaded machine takes a while to start.
+START_TIMEOUT_S = 60.0
+
+
 def _run_share(host: str, port: int, timeout: float, build: BuildRequest, warmup: BuildRequest,
                share: _Share, start: Callable[[], None]) -> tuple[list[Sample], int, int]:
     connection = _Connection(host, port, timeout)
@@ -118,7 +124,7 @@ def _run_share(host: str, port: int, timeout: float, build: BuildRequest, warmup
 def _process_main(pipe, host, port, timeout, build, warmup, share, barrier) -> None:
     try:
         result = _run_share(host, port, timeout, build, warmup, share,
-                            lambda: barrier.wait(timeout))
+                            lambda: barrier.wait(START_TIMEOUT_S))
         pipe.send(("ok", result))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the run
         pipe.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -161,7 +167,7 @@ def _run_threads(host, port, timeout, build, warmup, shares):
     def work(k: int) -> None:
         try:
             parts[k] = _run_share(host, port, timeout, build, warmup, shares[k],
-                                  lambda: barrier.wait(timeout))
+                                  lambda: barrier.wait(START_TIMEOUT_S))
         except BaseException as exc:  # noqa: BLE001 - re-raised below in the caller's thread
             errors.append(f"{type(exc).__name__}: {exc}")
             barrier.abort()
