@@ -16,6 +16,7 @@ stable (the parser's description below is what they read in `--help`).
     cds-service models evaluate models/ID --ndjson DIR --labels CSV
     cds-service models validate models/ID [models/ID ...]
     cds-service models explain models/ID --bundle FILE [--now ISO]
+    cds-service models cohort EXPORT_DIR --spec YAML --out DIR
     cds-service data export SITE --out DIR [--group ID] [--since DATE] [--type Patient,...]
 """
 
@@ -351,6 +352,12 @@ def _models_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_cohort(args: argparse.Namespace) -> int:
+    from cds_service.training.export_cohort import run
+
+    return run(args)
+
+
 def _models_command(func):
     """Model errors are the user's input: print them plainly, exit 2, no traceback."""
 
@@ -546,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--bundle", required=True, help="FHIR Bundle (JSON) with the patient")
     ex.add_argument("--now", help="as-of time, ISO 8601 (default: now)")
     ex.set_defaults(func=_models_command(_models_explain))
+    co = models_sub.add_parser("cohort", help="time-to-event cohort from a Bulk Data export")
+    co.add_argument("export_dir", help="directory of `cds-service data export`")
+    co.add_argument("--spec", required=True, help="training spec; its `cohort:` overrides")
+    co.add_argument("--out", required=True, help="directory for cohort.csv/.json, report.md")
+    co.set_defaults(func=_models_command(_models_cohort))
 
     data = sub.add_parser("data", help="real data for models: Bulk FHIR export")
     data_sub = data.add_subparsers(dest="data_command", required=True)
