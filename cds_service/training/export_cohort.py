@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,12 @@ _NOT_DONE = frozenset({"entered-in-error", "not-done", "refuted"})
 _NO_CONTACT_ENCOUNTER = frozenset({"planned", "cancelled", "entered-in-error"})
 # Clinical date elements of the resource types a Bulk export holds (FHIR R4), whatever the type:
 # the latest one is the resource's contact date (`last contact`).
-_DATE_KEYS = ("effectiveDateTime", "effectiveInstant", "issued", "onsetDateTime",
-              "recordedDate", "abatementDateTime", "performedDateTime", "authoredOn",
-              "occurrenceDateTime", "whenHandedOver", "whenPrepared", "dateAsserted", "date")
-_PERIOD_KEYS = ("effectivePeriod", "onsetPeriod", "performedPeriod", "period",
-                "abatementPeriod", "occurrencePeriod", "effectiveTiming")
+_DATE_KEYS = frozenset({
+    "effectiveDateTime", "effectiveInstant", "issued", "onsetDateTime", "recordedDate",
+    "abatementDateTime", "performedDateTime", "authoredOn", "occurrenceDateTime",
+    "whenHandedOver", "whenPrepared", "dateAsserted", "date"})
+_PERIOD_KEYS = frozenset({"effectivePeriod", "onsetPeriod", "performedPeriod", "period",
+                          "abatementPeriod", "occurrencePeriod", "effectiveTiming"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +178,11 @@ def _matches(concept: Any, matcher: tuple[frozenset, tuple]) -> bool:
 
 def _day(raw: Any) -> date | None:
     """The local calendar date a FHIR date/dateTime states (the engine's parser)."""
+    return _day_of(raw) if isinstance(raw, str) else None
+
+
+@lru_cache(maxsize=65_536)  # bounded: the same dates recur across a patient's resources
+def _day_of(raw: str) -> date | None:
     when = _instant(raw)
     return date.fromisoformat(when[1]) if when else None
 
@@ -196,9 +203,13 @@ def contact_day(resource: Mapping[str, Any]) -> date | None:
     if isinstance(status, str) and (status in _NOT_DONE or status == "cancelled" or (
             resource.get("resourceType") == "Encounter" and status in _NO_CONTACT_ENCOUNTER)):
         return None
-    days = [d for key in _DATE_KEYS if (d := _day(resource.get(key)))]
-    for key in _PERIOD_KEYS:
-        days.extend(_period_days(resource.get(key)))
+    days = []
+    for key, raw in resource.items():
+        if key in _DATE_KEYS:
+            if (day := _day(raw)) is not None:
+                days.append(day)
+        elif key in _PERIOD_KEYS:
+            days.extend(_period_days(raw))
     return max(days) if days else None
 
 
