@@ -468,3 +468,81 @@ def test_export_log_is_summarised(tmp_path):
     assert read_rows(tmp_path / "out")["p"]["followup_days"] == "100"
     assert "log.ndjson" not in document["export"]["files"]
     assert document["format"] == export_cohort.FORMAT
+
+
+def test_creatinine_egfr_is_ckd_epi_2021_at_the_age_of_the_result():
+    # Female born 1960-06-15, 54 on 2015-01-01: 142 x (1.5/0.7)^-1.200 x 0.9938^54 x 1.012
+    # = 142 x 0.40068 x 0.71475 x 1.012 = 41.2 -> 41; 132.6 umol/L is 1.5 mg/dL (/ 88.40).
+    # Male, same age and creatinine: 142 x (1.5/0.9)^-1.200 x 0.9938^54 = 142 x 0.54173 x
+    # 0.71475 = 55.0 -> 55.
+    kidney = export_cohort.Kidney()
+    for gender, expected in (("female", 41.0), ("male", 55.0)):
+        x = Export()
+        x.patient("p", born="1960-06-15", gender=gender)
+        x.obs("p", 0, "2160-0", 1.5, "mg/dL")
+        x.obs("p", 100, "14682-9", 132.6, "umol/L")
+        resources = [r for rs in x.by_type.values() for r in rs]
+        results = kidney.egfrs(resources, resources[0], gender == "female",
+                               as_of(T0 + timedelta(days=200)))
+        assert [(r.day, r.value, r.calculated) for r in results] == [
+            (T0, expected, True), (T0 + timedelta(days=100), expected, True)]
+
+
+def test_sustained_runs_and_bounds():
+    from hooks._kidney import at_least, below
+
+    def run(*results):
+        rs = [export_cohort.Result(T0 + timedelta(days=day), value, cmp, False)
+              for day, value, cmp in results]
+        return export_cohort.sustained(rs, 60, 90, below, at_least)
+
+    # two below 60, 90 days apart: (first, confirming) day
+    assert run((0, 50, None), (90, 55, None)) == (T0, T0 + timedelta(days=90))
+    # 60 exactly is not below 60 and ends the run; the new run from day 100 is confirmed on 190
+    assert run((0, 50, None), (50, 60, None), (100, 50, None), (190, 50, None)) == (
+        T0 + timedelta(days=100), T0 + timedelta(days=190))
+    # ">45" proves nothing against 60: the run from day 0 goes on
+    assert run((0, 50, None), (50, 45, ">"), (90, 50, None)) == (T0, T0 + timedelta(days=90))
+    # ">60" is at least 60: ends the run
+    assert run((0, 50, None), (50, 60, ">"), (90, 50, None)) is None
+    # "<60" is below 60
+    assert run((0, 60, "<"), (95, 59, None)) == (T0, T0 + timedelta(days=95))
+
+
+def test_spilled_export_gives_each_patient_with_referenced_medications(tmp_path):
+    from cds_service.training.export_store import ExportStore, export_files
+
+    x = Export()
+    for pid in ("b", "a"):
+        x.patient(pid)
+        x.egfr(pid, 0, 50)
+    x.add({"resourceType": "MedicationRequest", "subject": {"reference": "Patient/a"},
+           "medicationReference": {"reference": "https://ehr.test/fhir/Medication/m1"}})
+    x.add({"resourceType": "Medication", "id": "m1"})
+    x.add({"resourceType": "Medication", "id": "m2"})
+    x.add({"resourceType": "Group", "id": "g"})        # names no patient: counted, not kept
+    export = x.write(tmp_path / "export")
+    store = ExportStore(tmp_path / "spill.sqlite3", fhir_url="https://ehr.test/fhir")
+    try:
+        summary = store.load(export_files(export))
+        patients = [(pid, sorted(r["resourceType"] for r in rs)) for pid, rs in store.patients()]
+    finally:
+        store.close()
+    assert patients == [("a", ["Medication", "MedicationRequest", "Observation", "Patient"]),
+                        ("b", ["Observation", "Patient"])]
+    assert (summary.patients, summary.medications, dict(summary.without_patient)) == (
+        2, 2, {"Group": 1})
+
+
+def test_cohort_parameters_are_checked(tmp_path):
+    data = yaml.safe_load(KFRE_SPEC.read_text(encoding="utf-8"))
+    for bad, message in (({"sustained_days": 0}, "cohort.sustained_days: must be a positive "
+                                                  "whole number"),
+                         ({"sustained_days": 1.5}, "whole number"),
+                         ({"kidney_failure_egfr_below": 60}, "must be below"),
+                         ([1], "expected a mapping")):
+        data["cohort"] = bad
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump(data), encoding="utf-8")
+        with pytest.raises(export_cohort.ModelError, match=message):
+            export_cohort.load_cohort_spec(spec)
