@@ -464,7 +464,7 @@ def test_export_log_is_summarised(tmp_path):
     assert document["export"]["log"]["transaction_time"] == d(250)
     # the day-300 encounter is after the export was taken (day 250): not a contact; censored
     # at the day-200 encounter, follow-up 100.
-    assert document["counts"]["dates_after_export_ignored"] == 1
+    assert document["counts"]["resources_dated_after_export"] == 1
     assert read_rows(tmp_path / "out")["p"]["followup_days"] == "100"
     assert "log.ndjson" not in document["export"]["files"]
     assert document["format"] == export_cohort.FORMAT

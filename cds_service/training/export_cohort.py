@@ -52,8 +52,8 @@ COLUMNS = ("patient_id", "index_date", "event", "event_date", "followup_days",
 NO_PATIENT = "no Patient resource"
 NO_BIRTH_DATE = "no birth date"
 NO_SEX = "sex not recorded as male or female"
-NO_INDEX = "no index date (no two eGFR < 60 at least 90 days apart)"
-UNDER_AGE = "under 18 at index"
+NO_INDEX = "no index date (CKD not confirmed by eGFR)"
+UNDER_AGE = "younger than min_age at index"
 KF_BEFORE = "kidney failure at or before index"
 DIED_BEFORE = "death at or before index"
 NO_FOLLOW_UP = "no follow-up after index"
@@ -444,14 +444,16 @@ def cohort_row(patient_id: str, resources: list[dict[str, Any]], spec: Manifest,
     patient = next((r for r in resources if r.get("resourceType") == "Patient"), None)
     if patient is None:
         return NO_PATIENT
-    days = []
+    days, kept = [], []
     for resource in resources:
         day = contact_day(resource)
         if day is not None and export_day is not None and day > export_day:
-            tally.after_export += 1  # dated after the export was taken: an error, not contact
+            tally.after_export += 1  # dated after the export was taken: an error, not used
             continue
+        kept.append(resource)
         if day is not None:
             days.append(day)
+    resources = kept
     last_contact = max(days) if days else None
     until = as_of((last_contact or date(1900, 1, 1)) + timedelta(days=1))
     age_now, female = kidney.patient(patient, until)
@@ -580,7 +582,7 @@ def _followup(store: ExportStore, definition: Definition) -> dict[str, Any]:
             "SELECT event, sum(days <= ?), sum(days > ?) FROM followup GROUP BY event",
             (horizon, horizon)).fetchall()
         out["within_horizon"] = {event: within for event, within, _ in rows}
-        out["followed_to_horizon"] = sum(beyond for _, _, beyond in rows)
+        out["followed_beyond_horizon"] = sum(beyond for _, _, beyond in rows)
     return out
 
 
@@ -610,7 +612,7 @@ def _document(spec: Manifest, spec_path: Path, definition: Definition, export_di
             "events_per_1000_person_years": rates,
             "death_dated_by_last_contact": tally.death_dated_by_last_contact,
             "undated_kidney_failure_records": tally.undated_kidney_failure_records,
-            "dates_after_export_ignored": tally.after_export,
+            "resources_dated_after_export": tally.after_export,
             "missing_features": {f.name: tally.missing[f.name] for f in spec.features},
             "missing_required_feature": tally.missing_required,
         },
@@ -642,7 +644,7 @@ DEFINITIONS = {
     "death": "Patient.deceasedDateTime; deceasedBoolean true is dated at the last contact; a "
              "competing event: the earlier of kidney failure and death is the event",
     "censored": "at the last contact: the latest clinical date of any resource of the patient "
-                "(not after the export's transactionTime)",
+                "(a resource dated after the export's transactionTime is an error and not used)",
     "features": "the spec's features, extracted by the service's engine from resources dated "
                 "on or before the index date (Condition: recordedDate), as of 23:59:59 UTC "
                 "that day",
@@ -694,9 +696,9 @@ def report(document: Mapping[str, Any]) -> str:
             within = followup["within_horizon"]
             lines.append(
                 f"Within the {params['horizon_years']:g}-year horizon: kidney failure "
-                f"{within.get('kidney_failure', 0)}, death {within.get('death', 0)}; followed "
-                f"to the horizon without either: {followup['followed_to_horizon']} (rows with "
-                "an event inside the horizon included).")
+                f"{within.get('kidney_failure', 0)}, death {within.get('death', 0)}, censored "
+                f"{within.get('censored', 0)}; followed beyond it: "
+                f"{followup['followed_beyond_horizon']}.")
     lines += ["", "## Features as of the index date", "", "| feature | missing |", "|---|---|"]
     lines += [f"| {name} | {n} |" for name, n in counts["missing_features"].items()]
     lines += ["", f"Patients missing a required feature: {counts['missing_required_feature']} "
