@@ -16,6 +16,7 @@ stable (the parser's description below is what they read in `--help`).
     cds-service models evaluate models/ID --ndjson DIR --labels CSV
     cds-service models validate models/ID [models/ID ...]
     cds-service models explain models/ID --bundle FILE [--now ISO]
+    cds-service models cohort EXPORT_DIR --spec YAML --out DIR
     cds-service data export SITE --out DIR [--group ID] [--since DATE] [--type Patient,...]
 
 The parser is built here; each command group's handlers (`run_*`) are in `cds_service.commands`.
@@ -32,6 +33,7 @@ from cds_service.commands.data import run_data_export
 from cds_service.commands.invoke import run_invoke
 from cds_service.commands.models import (
     models_command,
+    run_models_cohort,
     run_models_evaluate,
     run_models_explain,
     run_models_generate_cohort,
@@ -223,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--bundle", required=True, help="FHIR Bundle (JSON) with the patient")
     ex.add_argument("--now", help="as-of time, ISO 8601 (default: now)")
     ex.set_defaults(func=models_command(run_models_explain))
+    co = models_sub.add_parser("cohort", help="time-to-event cohort from a Bulk Data export")
+    co.add_argument("export_dir", help="directory of `cds-service data export`")
+    co.add_argument("--spec", required=True, help="training spec; its `cohort:` overrides")
+    co.add_argument("--out", required=True, help="directory for cohort.csv/.json, report.md")
+    co.set_defaults(func=models_command(run_models_cohort))
 
     data = sub.add_parser("data", help="real data for models: Bulk FHIR export")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -88,3 +88,10 @@ def run_models_explain(args: argparse.Namespace) -> int:
     prediction = model.predict([bundle], now=now)
     print(json.dumps(prediction.to_dict(), indent=2))  # noqa: T201
     return 0
+
+
+def run_models_cohort(args: argparse.Namespace) -> int:
+    from cds_service.training.export_cohort import run
+
+    return run(args)
+

@@ -204,6 +204,8 @@ class _SpecSchema(Schema):
     training = fields.Nested(_Training, required=True)
     citations = fields.List(fields.String(), load_default=list)
     model_card = fields.String(required=True, validate=validate.Length(min=1))
+    # Read by `models cohort` (cds_service/training/export_cohort.py), which validates it.
+    cohort = fields.Dict(keys=fields.String())
     # Written by training; absent from a spec.
     artifact = fields.Nested(_Artifact)
     explanation = fields.Nested(_Explanation)
