@@ -2,7 +2,7 @@
 
 Run from the repository root with the project's virtualenv:
 
-    python -m bench.cohort_scale                         # 20, 2,000 and 20,000 patients
+    python -m bench.cohort_scale                         # 20, 2,000, 20,000 and 100,000 patients
     python -m bench.cohort_scale --patients 500 5000     # other sizes
     python -m bench.cohort_scale --out DIR               # default: bench/results
 
@@ -129,6 +129,7 @@ def generate(directory: Path, n_patients: int, seed: int) -> dict[str, int]:
     files = {t: gzip.open(directory / f"{t}.001.ndjson.gz", "wt", encoding="utf-8",
                           compresslevel=1) for t in TYPES}
     counts = dict.fromkeys(TYPES, 0)
+    counts_bytes = 0
     blocks = list(range(0, n_patients, 1000))
     rng.shuffle(blocks)
     try:
@@ -136,7 +137,9 @@ def generate(directory: Path, n_patients: int, seed: int) -> dict[str, int]:
             for n in range(block, min(block + 1000, n_patients)):
                 for rtype, resources in patient(rng, n).items():
                     for r in resources:
-                        files[rtype].write(json.dumps(r, separators=(",", ":")) + "\n")
+                        line = json.dumps(r, separators=(",", ":")) + "\n"
+                        files[rtype].write(line)
+                        counts_bytes += len(line)
                     counts[rtype] += len(resources)
     finally:
         for fh in files.values():
@@ -147,6 +150,7 @@ def generate(directory: Path, n_patients: int, seed: int) -> dict[str, int]:
                 "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
                             "code": str(197361 + m)}]}}) + "\n")
     counts["Medication"] = 50
+    counts["_ndjson_bytes"] = counts_bytes
     log = [{"eventId": "status_complete", "eventDetail": {"transactionTime": "2024-01-01"}},
            {"eventId": "export_complete", "eventDetail": {
                "_server": "https://bench.invalid/fhir", "_group": "bench",
@@ -175,7 +179,7 @@ def run_one(export: Path, out: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, nargs="+", default=[20, 2000, 20000])
+    parser.add_argument("--patients", type=int, nargs="+", default=[20, 2000, 20000, 100000])
     parser.add_argument("--seed", type=int, default=20261206)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -186,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="cds-cohort-bench-") as work:
             export = Path(work) / "export"
             counts = generate(export, n, args.seed)
+            ndjson_bytes = counts.pop("_ndjson_bytes")
             size = sum(p.stat().st_size for p in export.iterdir())
             measured = run_one(export, Path(work) / "out")
             summary = json.loads((Path(work) / "out" / "cohort.json").read_text())["counts"]
         rows.append({"patients": n, "resources": sum(counts.values()),
                      "resources_by_type": counts, "export_mib_gzipped": round(size / 2**20, 1),
+                     "export_mib_ndjson": round(ndjson_bytes / 2**20, 1),
                      "included": summary["included"], "events": summary["events"], **measured})
         print(f"{n} patients: {rows[-1]['resources']} resources, {measured}", flush=True)  # noqa: T201
     result = {"benchmark": "cohort_scale", "command": "python -m bench.cohort_scale "
@@ -208,14 +214,26 @@ def main(argv: list[str] | None = None) -> int:
              f"{result['platform']}, {result['cpus']} CPUs. Generated exports (bench/"
              "cohort_scale.py docstring), spec ckd-progression-lr; peak RSS of the whole "
              "`build_cohort` process, wall-clock seconds. For this machine only.", "",
-             "| patients | resources | export (gz) MiB | included | peak RSS MiB | seconds |",
-             "|--:|--:|--:|--:|--:|--:|"]
+             "| patients | resources | export (gz) MiB | NDJSON MiB | included | peak RSS MiB | "
+             "seconds | patients/s |",
+             "|--:|--:|--:|--:|--:|--:|--:|--:|"]
     lines += [f"| {r['patients']:,} | {r['resources']:,} | {r['export_mib_gzipped']} | "
-              f"{r['included']:,} | {r['peak_rss_mib']} | {r['seconds']} |" for r in rows]
+              f"{r['export_mib_ndjson']} | {r['included']:,} | {r['peak_rss_mib']} | "
+              f"{r['seconds']} | {r['patients'] / r['seconds']:,.0f} |" for r in rows]
     base, top = rows[0], rows[-1]
     lines += ["", f"From {base['patients']:,} to {top['patients']:,} patients "
               f"({top['patients'] // max(base['patients'], 1):,} times as many) peak RSS went from "
               f"{base['peak_rss_mib']} to {top['peak_rss_mib']} MiB.", ""]
+    # Ten million patients, extrapolated linearly from the largest run: memory does not grow
+    # with patients (above), time does, and the spill (SQLite, deleted at the end) holds each
+    # resource's NDJSON line plus its keys, so it needs about the uncompressed export on disk.
+    rate = top["patients"] / top["seconds"]
+    scale = 10_000_000 / top["patients"]
+    lines += [f"Ten million patients on this machine, extrapolated from the largest run: about "
+              f"{10_000_000 / rate / 3600:.1f} hours single-threaded at {rate:,.0f} patients/s, "
+              f"peak RSS as above, and about {top['export_mib_ndjson'] * scale / 1024:,.0f} GiB "
+              "of disk for the spill (the uncompressed NDJSON), beside "
+              f"{top['export_mib_gzipped'] * scale / 1024:,.0f} GiB of gzipped export.", ""]
     (out / "cohort_scale.md").write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))  # noqa: T201
     return 0
