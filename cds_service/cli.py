@@ -16,7 +16,7 @@ stable (the parser's description below is what they read in `--help`).
     cds-service models evaluate models/ID --ndjson DIR --labels CSV
     cds-service models validate models/ID [models/ID ...]
     cds-service models explain models/ID --bundle FILE [--now ISO]
-    cds-service models cohort EXPORT_DIR --spec YAML --out DIR
+    cds-service models cohort EXPORT_DIR --spec YAML [--spec YAML ...] --out DIR
     cds-service data export SITE --out DIR [--group ID] [--since DATE] [--type Patient,...]
 
 The parser is built here; each command group's handlers (`run_*`) are in `cds_service.commands`.
@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=models_command(run_models_explain))
     co = models_sub.add_parser("cohort", help="time-to-event cohort from a Bulk Data export")
     co.add_argument("export_dir", help="directory of `cds-service data export`")
-    co.add_argument("--spec", required=True, help="training spec; its `cohort:` overrides")
+    co.add_argument("--spec", required=True, action="append", metavar="YAML",
+                    help="training spec; repeat it for a comparator's features too (the union "
+                         "by name; the first spec's `cohort:` section and horizon)")
     co.add_argument("--out", required=True, help="directory for cohort.csv/.json, report.md")
     co.set_defaults(func=models_command(run_models_cohort))
 
