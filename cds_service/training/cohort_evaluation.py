@@ -155,9 +155,9 @@ def evaluate_cohort(model: LoadedModel, cohort_dir: Path, report_dir: Path, *,
                     n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> list[Path]:
     """Score, evaluate and write the validation report; returns the files written (report.md
     first)."""
-    horizon = model.manifest.output.horizon_years
-    thresholds = kdigo_thresholds(horizon) if horizon else ()
     scored, _ = score_cohort(cohort_dir, model, comparator, split)
+    horizon = model.manifest.output.horizon_years
+    thresholds = kdigo_thresholds(horizon)
     subgroups: dict[str, list[Any]] = {
         "sex": [r.sex for r in scored.rows],
         "age at index": [age_band(r.age) for r in scored.rows],
