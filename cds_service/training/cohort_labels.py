@@ -164,8 +164,8 @@ def label_cohort(cohort: Cohort, features: Sequence[FeatureSpec], horizon_years:
         if lacking:
             excluded["missing " + ", ".join(lacking)] += 1
             continue
-        deaths += row.event == "death" and y == 0 and row.followup_days <= (
-            DAYS_PER_YEAR * horizon_years)
+        if row.event == "death" and row.followup_days <= DAYS_PER_YEAR * horizon_years:
+            deaths += 1  # labelled 0: the competing event came first
         kept.append(row)
         ys.append(y)
         matrix.append([math.nan if v is None else v for v in values])
