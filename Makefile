@@ -63,7 +63,7 @@ models: $(STAMP)
 	$(BIN)/cds-service models generate-cohort --out $(COHORT) --patients 4000 --seed 20261121
 	for id in kfre-4var ckd-progression-lr; do \
 	  $(BIN)/cds-service models train --ndjson $(COHORT) --labels $(COHORT)/labels.csv \
-	    --spec models/specs/$$id.yaml --out models/$$id || exit 1; \
+	    --spec models/specs/$$id.yaml --out models/$$id --replace || exit 1; \
 	done
 
 # HTTP benchmark: the service (1 and 2 workers) against a floor Flask app, a few minutes

@@ -12,11 +12,15 @@ stable (the parser's description below is what they read in `--help`).
     cds-service audit purge [--older-than-days N]
     cds-service suppressions list|clear [--site S] [--service ID] [--patient ID] [--user ID] [--all]
     cds-service models generate-cohort --out DIR [--patients N] [--seed S]
-    cds-service models train --ndjson DIR --labels CSV --spec YAML --out models/ID
+    cds-service models train --ndjson DIR --labels CSV --spec YAML --out models/ID [--replace]
+    cds-service models train --cohort DIR --spec YAML --out models/ID [--train-fraction F]
+                             [--replace]
     cds-service models evaluate models/ID --ndjson DIR --labels CSV
+    cds-service models evaluate models/ID --cohort DIR --report DIR [--compare ID|DIR]
+                                [--split all|test] [--bootstrap N] [--seed S]
     cds-service models validate models/ID [models/ID ...]
     cds-service models explain models/ID --bundle FILE [--now ISO]
-    cds-service models cohort EXPORT_DIR --spec YAML --out DIR
+    cds-service models cohort EXPORT_DIR --spec YAML [--spec YAML ...] --out DIR
     cds-service data export SITE --out DIR [--group ID] [--since DATE] [--type Patient,...]
 
 The parser is built here; each command group's handlers (`run_*`) are in `cds_service.commands`.
@@ -206,15 +210,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="random seed: the same seed writes the same cohort")
     gen.set_defaults(func=models_command(run_models_generate_cohort))
     tr = models_sub.add_parser("train", help="train, evaluate and export a model directory")
-    tr.add_argument("--ndjson", required=True, help="directory of *.ndjson (Bulk Data export)")
-    tr.add_argument("--labels", required=True, help="CSV: patient_id,index_date,label")
+    tr.add_argument("--cohort", metavar="DIR",
+                    help="`models cohort` output: labels at the spec's horizon, split in time")
+    tr.add_argument("--ndjson", help="directory of *.ndjson (Bulk Data export), with --labels")
+    tr.add_argument("--labels", help="CSV: patient_id,index_date,label")
     tr.add_argument("--spec", required=True, help="training spec (manifest without results)")
     tr.add_argument("--out", required=True, help="model directory to write, e.g. models/my-id")
+    tr.add_argument("--train-fraction", type=float, metavar="F",
+                    help="--cohort: share of patients, earliest index dates first, that train "
+                         "(default: 0.75; the rest test)")
+    tr.add_argument("--replace", action="store_true",
+                    help="overwrite a model already in --out (refused otherwise)")
     tr.set_defaults(func=models_command(run_models_train))
     ev = models_sub.add_parser("evaluate", help="metrics of a model on a labelled cohort")
     ev.add_argument("model", help="model directory")
-    ev.add_argument("--ndjson", required=True, help="directory of *.ndjson (Bulk Data export)")
-    ev.add_argument("--labels", required=True, help="CSV: patient_id,index_date,label")
+    ev.add_argument("--cohort", metavar="DIR",
+                    help="`models cohort` output, labelled at the model's horizon")
+    ev.add_argument("--ndjson", help="directory of *.ndjson (Bulk Data export), with --labels")
+    ev.add_argument("--labels", help="CSV: patient_id,index_date,label")
+    ev.add_argument("--compare", metavar="ID|DIR",
+                    help="--cohort: comparator on the same patients, a model id (kfre-4var) or "
+                         "directory, at its output of the model's horizon")
+    ev.add_argument("--report", metavar="DIR",
+                    help="--cohort: write report.md, metrics.json and figures here")
+    ev.add_argument("--split", choices=("all", "test"), default="all",
+                    help="--cohort: all patients (default), or only those after the model's "
+                         "training boundary (its test split)")
+    ev.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                    help="bootstrap resamples for the intervals (default: 1000)")
+    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     ev.set_defaults(func=models_command(run_models_evaluate))
     va = models_sub.add_parser("validate", help="check manifest, artifact, sha256 and a smoke "
                                "prediction, as a worker does at start-up")
@@ -227,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=models_command(run_models_explain))
     co = models_sub.add_parser("cohort", help="time-to-event cohort from a Bulk Data export")
     co.add_argument("export_dir", help="directory of `cds-service data export`")
-    co.add_argument("--spec", required=True, help="training spec; its `cohort:` overrides")
+    co.add_argument("--spec", required=True, action="append", metavar="YAML",
+                    help="training spec; repeat it for a comparator's features too (the union "
+                         "by name; the first spec's `cohort:` section and horizon)")
     co.add_argument("--out", required=True, help="directory for cohort.csv/.json, report.md")
     co.set_defaults(func=models_command(run_models_cohort))
 

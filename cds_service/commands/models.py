@@ -37,27 +37,82 @@ def run_models_generate_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_models_train(args: argparse.Namespace) -> int:
-    from cds_service.models.manifest import load_spec
-    from cds_service.training.training import train
+def _one_source(args: argparse.Namespace) -> None:
+    """--cohort, or --ndjson with --labels: exactly one of the two inputs."""
+    from cds_service.models.errors import ModelError
 
-    result = train(load_spec(Path(args.spec)), Path(args.ndjson), Path(args.labels),
-                   Path(args.out))
+    if args.cohort and (args.ndjson or args.labels):
+        raise ModelError("give --cohort, or --ndjson with --labels, not both")
+    if not args.cohort and not (args.ndjson and args.labels):
+        raise ModelError("give --cohort COHORT_DIR (from `models cohort`), or --ndjson DIR "
+                         "with --labels CSV")
+
+
+def run_models_train(args: argparse.Namespace) -> int:
+    from cds_service.models.errors import ModelError
+    from cds_service.models.manifest import load_spec
+
+    _one_source(args)
+    spec = load_spec(Path(args.spec))
+    if args.cohort:
+        from cds_service.training.cohort_training import DEFAULT_TRAIN_FRACTION, train_from_cohort
+
+        result = train_from_cohort(
+            spec, Path(args.cohort), Path(args.out), replace=args.replace,
+            train_fraction=DEFAULT_TRAIN_FRACTION if args.train_fraction is None
+            else args.train_fraction)
+    else:
+        from cds_service.training.training import train
+
+        if args.train_fraction is not None:
+            raise ModelError("--train-fraction is for --cohort (a split in time); --ndjson "
+                             "splits by the spec's training.test_fraction")
+        result = train(spec, Path(args.ndjson), Path(args.labels), Path(args.out),
+                       replace=args.replace)
     m = result.model
     print(f"trained {m.id} {m.version} (sha256 {m.sha256})")  # noqa: T201
-    print(json.dumps({"held_out": result.metrics}, indent=2))  # noqa: T201
+    split = "test_after_boundary" if args.cohort else "held_out"
+    print(json.dumps({split: result.metrics}, indent=2))  # noqa: T201
     for path in result.files:
         print(f"  wrote {path}")  # noqa: T201
     return 0
 
 
 def run_models_evaluate(args: argparse.Namespace) -> int:
+    from cds_service.models.errors import ModelError
     from cds_service.models.loaded import load_model
-    from cds_service.training.training import evaluate
 
-    report = evaluate(load_model(Path(args.model)), Path(args.ndjson), Path(args.labels))
-    print(json.dumps(report, indent=2))  # noqa: T201
+    _one_source(args)
+    model = load_model(Path(args.model))
+    if not args.cohort:
+        from cds_service.training.training import evaluate
+
+        if args.compare or args.report:
+            raise ModelError("--compare and --report need --cohort COHORT_DIR (`models cohort`)")
+        report = evaluate(model, Path(args.ndjson), Path(args.labels))
+        print(json.dumps(report, indent=2))  # noqa: T201
+        return 0
+    from cds_service.training.cohort_evaluation import evaluate_cohort
+
+    if not args.report:
+        raise ModelError("--cohort needs --report OUT_DIR (where report.md goes)")
+    comparator = _comparator(args.compare) if args.compare else None
+    paths = evaluate_cohort(model, Path(args.cohort), Path(args.report), comparator=comparator,
+                            split=args.split, n_bootstrap=args.bootstrap, seed=args.seed)
+    print(paths[0])  # noqa: T201
     return 0
+
+
+def _comparator(name: str):
+    """A model directory (holding manifest.yaml), else a model id in CDS_MODELS_DIR or the
+    shipped models/."""
+    from cds_service.app import resolve_config
+    from cds_service.config import SHIPPED_MODELS_DIR
+    from cds_service.models.loaded import load_model, load_model_by_id
+
+    if (Path(name) / "manifest.yaml").is_file():
+        return load_model(Path(name))
+    return load_model_by_id(resolve_config()["MODELS_DIR"] or SHIPPED_MODELS_DIR, name)
 
 
 def run_models_validate(args: argparse.Namespace) -> int:

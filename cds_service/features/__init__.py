@@ -64,7 +64,7 @@ from cds_service.features.specs import (
     parse_features,
 )
 from cds_service.features.units import _ucum_factor
-from cds_service.features.values import FeatureValue, FeatureVector, Reading
+from cds_service.features.values import FeatureValue, FeatureVector, Reading, vector_from_values
 
 __all__ = [
     "AGE_RANGE",
@@ -100,6 +100,7 @@ __all__ = [
     "parse_features",
     "readings",
     "readings_many",
+    "vector_from_values",
     # Private, re-exported for the tests that inspect the caches through this package.
     "_compiled",
     "_ucum_factor",

@@ -229,6 +229,21 @@ def _resolve(spec: FeatureSpec, observed: float | None, day: str | None, source:
                         required)
 
 
+def vector_from_values(specs: Iterable[FeatureSpec], observed: Mapping[str, float | None],
+                       source: str | None = None) -> FeatureVector:
+    """The vector `extract` would give for features already observed elsewhere (a cohort file's
+    columns): each spec's missing policy applied by the same `_resolve` serving uses, so scoring
+    stored values imputes exactly as scoring a chart does. A name absent from `observed`, or
+    None/NaN, is not observed."""
+    values = []
+    for spec in specs:
+        value = observed.get(spec.name)
+        if value is not None and not math.isfinite(value):
+            value = None
+        values.append(_resolve(spec, value, None, source, 0 if value is None else 1, []))
+    return FeatureVector(tuple(values))
+
+
 def _patient_feature(feature: _Feature, patient: Mapping | None, now: datetime) -> FeatureValue:
     spec = feature.spec
     if patient is None:

@@ -10,6 +10,8 @@ https://skops.readthedocs.io/en/stable/persistence.html
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,9 +77,57 @@ def save(estimator: Any, path: Path, feature_names: Sequence[str]) -> str:
     if path.suffix != SKOPS_SUFFIX:
         raise ModelError(f"{path.name}: model artifacts are written as {SKOPS_SUFFIX} files")
     path.parent.mkdir(parents=True, exist_ok=True)
-    sio.dump({"format": ARTIFACT_FORMAT, "features": list(feature_names),
-              "estimator": estimator}, path)
+    data = sio.dumps({"format": ARTIFACT_FORMAT, "features": list(feature_names),
+                      "estimator": estimator})
+    path.write_bytes(canonical(data))
     return sha256_file(path)
+
+
+def canonical(data: bytes) -> bytes:
+    """The same skops archive with the same bytes for the same estimator.
+
+    skops names each array file and tags each node (`__id__`) with `id()` of the object, a
+    memory address that differs from run to run, and stamps every zip entry with the current
+    time. Renumbering the ids in the order schema.json first mentions them (same id, same number:
+    shared objects stay shared) and fixing the timestamps at the zip epoch makes the artifact,
+    and its sha256, a function of the model alone.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        schema = json.loads(archive.read("schema.json"))
+        numbers: dict[str, int] = {}  # an array file is named by its node's id
+
+        def number(value: Any) -> int:
+            return numbers.setdefault(str(value), len(numbers))
+
+        def walk(node: Any) -> Any:
+            if isinstance(node, dict):
+                out = {}
+                for key, value in node.items():
+                    if key == "__id__":
+                        out[key] = number(value)
+                    elif key == "file" and isinstance(value, str) and value.endswith(".npy"):
+                        out[key] = f"{number(value[:-4])}.npy"
+                    else:
+                        out[key] = walk(value)
+                return out
+            if isinstance(node, list):
+                return [walk(v) for v in node]
+            return node
+
+        schema = walk(schema)
+        renamed = {f"{old}.npy": f"{new}.npy" for old, new in numbers.items()}
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as target:
+            entries = sorted(archive.infolist(), key=lambda i: renamed.get(i.filename, i.filename))
+            for info in entries:
+                name = renamed.get(info.filename, info.filename)
+                body = (json.dumps(schema, indent=2).encode() if name == "schema.json"
+                        else archive.read(info.filename))
+                entry = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                entry.compress_type = info.compress_type
+                entry.external_attr = info.external_attr
+                target.writestr(entry, body)
+    return out.getvalue()
 
 
 def load(path: Path, expected_sha256: str) -> tuple[Any, tuple[str, ...]]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from marshmallow import ValidationError
 
-from cds_service.features import CodeMap, FeatureVector, extract
+from cds_service.features import CodeMap, FeatureVector, extract, vector_from_values
 from cds_service.models import artifact
 from cds_service.models.errors import ModelError
 from cds_service.models.explain import Contribution, additive_terms, explain
@@ -285,6 +285,12 @@ class LoadedModel:
         """Features from FHIR resources (the same engine training used), then the score."""
         vector = extract(self.manifest.features, resources, now=now, code_map=code_map)
         return self.predict_vector(vector, thresholds)
+
+    def predict_values(self, observed: Mapping[str, float | None], *,
+                       source: str | None = None) -> Prediction:
+        """Score features observed elsewhere, by name (a cohort.csv row; None or absent: not
+        observed): the manifest's missing policy as serving applies it, then `predict_vector`."""
+        return self.predict_vector(vector_from_values(self.manifest.features, observed, source))
 
     def describe(self) -> dict[str, str]:
         return {"id": self.id, "version": self.version, "sha256": self.sha256}

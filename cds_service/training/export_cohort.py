@@ -21,17 +21,18 @@ parameters, spec, counts, export summary) and `report.md`. The export is read in
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from cds_service.features import extract
+from cds_service.features import FeatureSpec, extract
 from cds_service.models.errors import ModelError
 from cds_service.models.manifest import Manifest, parse_manifest, read_yaml
 from cds_service.training.export_cohort_output import (
@@ -80,6 +81,36 @@ def load_cohort_spec(path: Path) -> tuple[Manifest, Definition]:
     if clash:
         raise ModelError(f"{path}: features {clash} have the names of cohort.csv's own columns")
     return spec, Definition.from_spec(raw, str(path), spec)
+
+
+def extraction(feature: FeatureSpec) -> dict[str, Any]:
+    """What decides a feature's observed value: its definition without the description and the
+    missing policy (imputation is each model's own, applied after the cohort)."""
+    return {k: v for k, v in feature.to_dict().items() if k not in ("description", "missing")}
+
+
+def load_cohort_specs(paths: Sequence[Path]) -> tuple[Manifest, Definition]:
+    """Several specs, one cohort: the first spec's `cohort:` section and horizon, the features of
+    all by name (a comparator's inputs beside the new model's). The same name must mean the same
+    extraction in every spec, else one column would hold two things; a feature is `required`
+    in the cohort when any spec requires it (for the count of patients missing one)."""
+    spec, definition = load_cohort_spec(paths[0])
+    features: dict[str, tuple[FeatureSpec, Path]] = {f.name: (f, paths[0]) for f in spec.features}
+    for path in paths[1:]:
+        other, _ = load_cohort_spec(path)
+        for feature in other.features:
+            seen = features.get(feature.name)
+            if seen is None:
+                features[feature.name] = (feature, path)
+            elif extraction(seen[0]) != extraction(feature):
+                raise ModelError(f"feature {feature.name!r} is defined differently in {seen[1]} "
+                                 f"and {path}; rename one of them, or make them the same")
+            elif (feature.missing.strategy == "required"
+                  and seen[0].missing.strategy != "required"):
+                features[feature.name] = (dataclasses.replace(seen[0], missing=feature.missing),
+                                          seen[1])
+    merged = dataclasses.replace(spec, features=tuple(f for f, _ in features.values()))
+    return merged, definition
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +207,13 @@ def cohort_row(patient_id: str, resources: list[dict[str, Any]], spec: Manifest,
 # The command
 
 
-def build_cohort(export_dir: Path, spec_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Write cohort.csv, cohort.json and report.md into `out_dir`; return cohort.json."""
-    spec, definition = load_cohort_spec(spec_path)
+def build_cohort(export_dir: Path, spec_path: Path | Sequence[Path], out_dir: Path
+                 ) -> dict[str, Any]:
+    """Write cohort.csv, cohort.json and report.md into `out_dir`; return cohort.json. With
+    several specs, the features of all (`load_cohort_specs`)."""
+    spec_paths = [spec_path] if isinstance(spec_path, Path | str) else list(spec_path)
+    spec_paths = [Path(p) for p in spec_paths]
+    spec, definition = load_cohort_specs(spec_paths)
     files = export_files(export_dir)
     log = read_log(export_dir)
     export_day = parse_day(log.get("transaction_time"))
@@ -214,7 +249,8 @@ def build_cohort(export_dir: Path, spec_path: Path, out_dir: Path) -> dict[str, 
         reasons = "; ".join(f"{n} {why}" for why, n in tally.exclusions.most_common()) or (
             "no patients in the export")
         raise ModelError(f"{export_dir}: no patient meets the cohort definition ({reasons})")
-    document = cohort_document(spec, spec_path, definition, export_dir, spill, log, tally, followup)
+    document = cohort_document(spec, spec_paths, definition, export_dir, spill, log, tally,
+                               followup)
     (out_dir / JSON_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     (out_dir / REPORT_FILE).write_text(report(document), encoding="utf-8")
     return document
@@ -258,8 +294,8 @@ def _followup(store: ExportStore, definition: Definition) -> dict[str, Any]:
 
 
 def run(args: Any) -> int:
-    """`cds-service models cohort EXPORT_DIR --spec YAML --out DIR`."""
-    document = build_cohort(Path(args.export_dir), Path(args.spec), Path(args.out))
+    """`cds-service models cohort EXPORT_DIR --spec YAML [--spec YAML ...] --out DIR`."""
+    document = build_cohort(Path(args.export_dir), [Path(p) for p in args.spec], Path(args.out))
     counts = document["counts"]
     print(f"cohort: {counts['included']} of {counts['patients']} patients; events "  # noqa: T201
           + ", ".join(f"{k} {v}" for k, v in counts["events"].items()))

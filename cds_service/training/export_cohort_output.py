@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -53,16 +53,19 @@ class Tally:
 
 
 
-def cohort_document(spec: Manifest, spec_path: Path, definition: Definition, export_dir: Path,
-              spill: Any, log: Mapping[str, Any], tally: Tally,
-              followup: Mapping[str, Any]) -> dict[str, Any]:
+def cohort_document(spec: Manifest, spec_paths: Sequence[Path], definition: Definition,
+                    export_dir: Path, spill: Any, log: Mapping[str, Any], tally: Tally,
+                    followup: Mapping[str, Any]) -> dict[str, Any]:
+    """`spec`: the first spec with the features of all (`load_cohort_specs`); `spec_paths`: every
+    spec given, the first one's `cohort:` section and horizon in force."""
     years = followup.get("person_years") or 0
     rates = {event: round(1000 * tally.events[event] / years, 2) if years else None
              for event in ("kidney_failure", "death")}
     return {
         "format": FORMAT,
-        "spec": {"id": spec.id, "version": spec.version, "file": str(spec_path),
+        "spec": {"id": spec.id, "version": spec.version, "file": str(spec_paths[0]),
                  "features": [f.to_dict() for f in spec.features]},
+        "spec_files": [str(p) for p in spec_paths],
         "parameters": dataclasses.asdict(definition),
         "definitions": DEFINITIONS,
         "columns": {**COLUMN_MEANINGS, **{f.name: f"feature {f.name} as of the end of the index "
@@ -135,6 +138,8 @@ def report(document: Mapping[str, Any]) -> str:
     counts, params = document["counts"], document["parameters"]
     followup = document["followup"]
     lines = [f"# Cohort for {document['spec']['id']} {document['spec']['version']}", "",
+             "Features of " + ", ".join(f"`{f}`" for f in document["spec_files"]) + "; the "
+             "first one's cohort parameters and horizon.", "",
              f"From `{document['export']['directory']}`: {counts['patients']} patients, "
              f"{sum(document['export']['resources_by_type'].values())} resources. "
              f"Format `{document['format']}` (cohort.json lists every column).", "",

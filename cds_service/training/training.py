@@ -241,8 +241,17 @@ class TrainResult:
     files: list[Path]
 
 
+def check_out_dir(out_dir: Path, replace: bool) -> None:
+    """A model directory is never overwritten by accident: its manifest is what workers load and
+    what a validation report names."""
+    if (out_dir / "manifest.yaml").exists() and not replace:
+        raise ModelError(f"{out_dir}: already holds a model (manifest.yaml); choose another "
+                         "--out, or pass --replace to overwrite it")
+
+
 def train(spec: Manifest, ndjson_dir: Path, labels_csv: Path, out_dir: Path, *,
-          today: date | None = None) -> TrainResult:
+          today: date | None = None, replace: bool = False) -> TrainResult:
+    check_out_dir(out_dir, replace)
     seed = int(spec.training["seed"])
     data = build_dataset(spec.features, ndjson_dir, labels_csv)
     if len(set(data.labels.tolist())) < 2:
@@ -250,12 +259,32 @@ def train(spec: Manifest, ndjson_dir: Path, labels_csv: Path, out_dir: Path, *,
     train_idx, test_idx = train_test_split(
         np.arange(len(data.labels)), test_size=float(spec.training["test_fraction"]),
         random_state=seed, stratify=data.labels)
-    features = fit_imputation(spec.features, data.observed[train_idx])
-    x = impute(features, data.observed)
+    excluded_total = sum(data.excluded.values())
+    training_data = {
+        "source": str(ndjson_dir),
+        "labels": str(labels_csv.name),
+        "cohort": _cohort_summary(ndjson_dir),
+        "patients_labelled": len(data.labels) + excluded_total,
+        "patients_used": len(data.labels),
+        "excluded": dict(sorted(data.excluded.items())),
+    }
+    result, x = fit_export(spec, data.observed, data.labels, train_idx, test_idx, out_dir,
+                           training_data=training_data, split="held-out", today=today)
+    _check_parity(result.model, data, x)
+    return result
+
+
+def fit_export(spec: Manifest, observed: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+               test_idx: np.ndarray, out_dir: Path, *, training_data: Mapping[str, Any],
+               split: str, today: date | None = None) -> tuple[TrainResult, np.ndarray]:
+    """Fit imputation and estimator on the training rows, measure on the test rows, export and
+    reload the directory as a worker would. Returns the result and the imputed rows."""
+    features = fit_imputation(spec.features, observed[train_idx])
+    x = impute(features, observed)
     estimator = build_estimator(spec)
-    estimator.fit(x[train_idx], data.labels[train_idx])
+    estimator.fit(x[train_idx], labels[train_idx])
     p_test = estimator.predict_proba(x[test_idx])[:, 1]
-    metrics = evaluate_scores(data.labels[test_idx], p_test)
+    metrics = evaluate_scores(labels[test_idx], p_test)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sha256 = artifact.save(estimator, out_dir / ARTIFACT_FILE, spec.feature_names)
@@ -269,38 +298,31 @@ def train(spec: Manifest, ndjson_dir: Path, labels_csv: Path, out_dir: Path, *,
     # explained against the median training patient.
     reference = {} if hasattr(estimator, "terms") else {
         f.name: round(float(np.median(x[train_idx, i])), 4) for i, f in enumerate(features)}
-    excluded_total = sum(data.excluded.values())
     manifest = dataclasses.replace(
         spec,
         features=features,
         artifact_file=ARTIFACT_FILE,
         artifact_sha256=sha256,
         explanation={"method": method, "units": units, "reference": reference},
-        metrics={"split": "held-out", **metrics},
+        metrics={"split": split, **metrics},
         training_data={
-            "source": str(ndjson_dir),
-            "labels": str(labels_csv.name),
-            "cohort": _cohort_summary(ndjson_dir),
-            "patients_labelled": len(data.labels) + excluded_total,
-            "patients_used": len(data.labels),
-            "excluded": dict(sorted(data.excluded.items())),
+            **training_data,
             "n_train": len(train_idx),
             "n_test": len(test_idx),
-            "prevalence_train": round(float(data.labels[train_idx].mean()), 4),
-            "missing_rate": {f.name: round(float(np.isnan(data.observed[train_idx, i]).mean()),
+            "prevalence_train": round(float(labels[train_idx].mean()), 4),
+            "missing_rate": {f.name: round(float(np.isnan(observed[train_idx, i]).mean()),
                                            4) for i, f in enumerate(features)},
         },
         requirements=runtime_versions(),
         created=(today or date.today()).isoformat(),
     )
     write_manifest(manifest, out_dir)
-    files = write_plots(data.labels[test_idx], p_test, out_dir, spec.id)
+    files = write_plots(labels[test_idx], p_test, out_dir, spec.id)
     loaded = load_model(out_dir)
     (out_dir / "model_card.md").write_text(model_card(loaded.manifest), encoding="utf-8")
-    _check_parity(loaded, data, x)
     return TrainResult(loaded, metrics, out_dir, [out_dir / "manifest.yaml",
                                                   out_dir / ARTIFACT_FILE,
-                                                  out_dir / "model_card.md", *files])
+                                                  out_dir / "model_card.md", *files]), x
 
 
 def _check_parity(model: LoadedModel, data: Dataset, x: np.ndarray) -> None:
@@ -367,7 +389,8 @@ def model_card(m: Manifest) -> str:
             ("indicator", "card when")),
         "## Features\n\n" + table(feature_rows, ("name", "resource", "aggregation", "unit",
                                                  "look-back", "missing", "codes")),
-        "## Evaluation (held-out split)\n\n" + table(metric_rows, ("metric", "value"))
+        f"## Evaluation ({m.metrics.get('split', 'held-out')} split)\n\n"
+        + table(metric_rows, ("metric", "value"))
         + "\n\n![ROC](roc.png) ![Calibration](calibration.png)",
         "## Training data\n\n" + table(data_rows, ("item", "value")),
         f"## Explanations\n\n{m.explanation.get('method')}: {m.explanation.get('units')}",
