@@ -17,6 +17,7 @@ stable (the parser's description below is what they read in `--help`).
     cds-service models validate models/ID [models/ID ...]
     cds-service models explain models/ID --bundle FILE [--now ISO]
     cds-service models cohort EXPORT_DIR --spec YAML --out DIR
+    cds-service models promote MODEL_DIR --site SITE --evaluation DIR [--role shadow|active]
     cds-service data export SITE --out DIR [--group ID] [--since DATE] [--type Patient,...]
 
 The parser is built here; each command group's handlers (`run_*`) are in `cds_service.commands`.
@@ -40,6 +41,7 @@ from cds_service.commands.models import (
     run_models_train,
     run_models_validate,
 )
+from cds_service.commands.promote import add_parser as add_promote_parser
 from cds_service.commands.service import PIDFILE, run_check_config, run_reload, run_serve
 from cds_service.commands.site import run_site_check
 from cds_service.commands.stored import store_command
@@ -230,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--spec", required=True, help="training spec; its `cohort:` overrides")
     co.add_argument("--out", required=True, help="directory for cohort.csv/.json, report.md")
     co.set_defaults(func=models_command(run_models_cohort))
+    add_promote_parser(models_sub)
 
     data = sub.add_parser("data", help="real data for models: Bulk FHIR export")
     data_sub = data.add_subparsers(dest="data_command", required=True)
