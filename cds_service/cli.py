@@ -18,6 +18,7 @@ stable (the parser's description below is what they read in `--help`).
     cds-service models explain models/ID --bundle FILE [--now ISO]
     cds-service models cohort EXPORT_DIR --spec YAML --out DIR
     cds-service models promote MODEL_DIR --site SITE --evaluation DIR [--role shadow|active]
+    cds-service models monitor [--site SITE] [--since 24h] [--out FILE] [--prom-file FILE]
     cds-service data export SITE --out DIR [--group ID] [--since DATE] [--type Patient,...]
 
 The parser is built here; each command group's handlers (`run_*`) are in `cds_service.commands`.
@@ -41,6 +42,7 @@ from cds_service.commands.models import (
     run_models_train,
     run_models_validate,
 )
+from cds_service.commands.monitor import add_parser as add_monitor_parser
 from cds_service.commands.promote import add_parser as add_promote_parser
 from cds_service.commands.service import PIDFILE, run_check_config, run_reload, run_serve
 from cds_service.commands.site import run_site_check
@@ -233,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", required=True, help="directory for cohort.csv/.json, report.md")
     co.set_defaults(func=models_command(run_models_cohort))
     add_promote_parser(models_sub)
+    add_monitor_parser(models_sub)
 
     data = sub.add_parser("data", help="real data for models: Bulk FHIR export")
     data_sub = data.add_subparsers(dest="data_command", required=True)
