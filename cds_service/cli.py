@@ -17,6 +17,7 @@ stable (the parser's description below is what they read in `--help`).
     cds-service models validate models/ID [models/ID ...]
     cds-service models explain models/ID --bundle FILE [--now ISO]
     cds-service models cohort EXPORT_DIR --spec YAML --out DIR
+    cds-service models provenance EVAL_DIR [LABEL=]MODEL_DIR... --site SITE [--cohort DIR]
     cds-service models promote MODEL_DIR --site SITE --evaluation DIR [--role shadow|active]
     cds-service models monitor [--site SITE] [--since 24h] [--out FILE] [--prom-file FILE]
     cds-service data export SITE --out DIR [--group ID] [--since DATE] [--type Patient,...]

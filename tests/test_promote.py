@@ -201,3 +201,44 @@ def test_an_existing_key_keeps_its_comment_and_quoting_elsewhere():
             "    thresholds:\n      info: 0.03\n  other:\n    model: 'x'\n")
     edited = edit_service_models(text, "kidney-risk", {"model": "new-model"}, "a.yaml")
     assert edited == text.replace("model: kfre-4var  #", "model: new-model  #")
+
+
+def stamp(world, evaluation, server, *models):
+    cohort = evaluation / "cohort"
+    cohort.mkdir(exist_ok=True)
+    (cohort / "cohort.csv").write_text("patient_id,index_date\n")
+    (cohort / "cohort.json").write_text(json.dumps({"export": {"log": {"server": server}}}))
+    return main(["models", "provenance", str(evaluation), *models, "--site", "test-hospital",
+                 "--cohort", str(cohort)])
+
+
+def test_provenance_command_records_the_builds_and_the_export_server(world, tmp_path, capsys):
+    evaluation = tmp_path / "by-command"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps(metrics_doc()))
+    models = (f"candidate={world.candidate}", str(world.models / "kfre-4var"))
+    # Exported from another hospital's FHIR server: not this site's data.
+    assert stamp(world, evaluation, "https://fhir.elsewhere.example/R4", *models) == 0
+    recorded = json.loads((evaluation / "provenance.json").read_text())
+    assert recorded["site"] == "test-hospital"
+    assert recorded["models"]["kfre-4var"]["id"] == "kfre-4var"
+    assert len(recorded["cohort"]["cohort_csv_sha256"]) == 64
+    assert promote(world, evaluation) == 2
+    assert ("the cohort was exported from https://fhir.elsewhere.example/R4, which is not one of "
+            "test-hospital's FHIR servers") in capsys.readouterr().err
+    # The site's own server (trailing slash aside): accepted.
+    assert stamp(world, evaluation, "https://fhir.test-hospital.example/api/FHIR/R4/",
+                 *models) == 0
+    assert promote(world, evaluation) == 0
+
+
+def test_provenance_needs_the_labels_of_metrics_json(world, tmp_path, capsys):
+    evaluation = tmp_path / "labels"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps(metrics_doc()))
+    assert main(["models", "provenance", str(evaluation), str(world.candidate),
+                 "--site", "test-hospital"]) == 2
+    assert ("'ckd-progression-lr' is not among" in capsys.readouterr().err)
+    assert main(["models", "provenance", str(evaluation), f"candidate={world.candidate}",
+                 "--site", "nowhere"]) == 2
+    assert "site 'nowhere' is not configured" in capsys.readouterr().err

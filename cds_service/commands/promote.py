@@ -181,7 +181,54 @@ def run_models_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_models_provenance(args: argparse.Namespace) -> int:
+    """Stamp an evaluation directory with provenance.json: which builds its metrics.json labels
+    are, and whose patients were scored."""
+    from cds_service.app import resolve_config
+    from cds_service.config import ConfigError, load_sites
+    from cds_service.models.errors import ModelError
+    from cds_service.models.loaded import load_model
+    from cds_service.service import index_services
+    from cds_service.training.evidence import METRICS_FILE, read_json, write_provenance
+    from hooks import SERVICES
+
+    try:
+        sites = load_sites(resolve_config()["SITE_CONFIG"], index_services(SERVICES))
+        if args.site not in sites:
+            raise ModelError(f"site {args.site!r} is not configured ({', '.join(sorted(sites))})")
+        out = Path(args.evaluation)
+        labels = read_json(out / METRICS_FILE).get("models") or []
+        models = {}
+        for given in args.models:
+            label, _, directory = given.rpartition("=")
+            model = load_model(Path(directory))
+            label = label or model.id
+            if label not in labels:
+                raise ModelError(f"{given}: {label!r} is not among {out / METRICS_FILE}'s models "
+                                 f"({', '.join(labels)}); write LABEL=MODEL_DIR")
+            models[label] = model
+        path = write_provenance(out, site=args.site, models=models,
+                                cohort_dir=Path(args.cohort) if args.cohort else None)
+    except (ModelError, ConfigError) as exc:
+        print(f"models provenance: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    print(f"wrote {path}")  # noqa: T201
+    return 0
+
+
 def add_parser(models_sub: argparse._SubParsersAction) -> None:
+    pv = models_sub.add_parser(
+        "provenance", help="record in an evaluation directory which model builds were "
+                           "evaluated, on which site's patients (provenance.json)")
+    pv.add_argument("evaluation", metavar="EVAL_DIR", help="directory with metrics.json")
+    pv.add_argument("models", nargs="+", metavar="[LABEL=]MODEL_DIR",
+                    help="each evaluated model; LABEL (default: its id) as in metrics.json")
+    pv.add_argument("--site", required=True, help="the site whose patients were scored")
+    pv.add_argument("--cohort", metavar="DIR", help="the `models cohort` output the labels "
+                    "came from (its digest and export server are recorded)")
+    pv.add_argument("--site-config", metavar="PATH",
+                    help="site YAML file or directory (default: $CDS_SITE_CONFIG)")
+    pv.set_defaults(func=run_models_provenance)
     pr = models_sub.add_parser(
         "promote", help="make a model a site's shadow (default) or active model, if its "
                         "evaluation on the site's data meets the site's model_acceptance")

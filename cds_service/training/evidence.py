@@ -69,7 +69,7 @@ class Evidence:
         return {name: _sha256(self.directory / name) for name in (METRICS_FILE, PROVENANCE_FILE)}
 
 
-def _read_json(path: Path) -> Mapping[str, Any]:
+def read_json(path: Path) -> Mapping[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -82,8 +82,8 @@ def _read_json(path: Path) -> Mapping[str, Any]:
 
 
 def read_evidence(directory: Path) -> Evidence:
-    metrics = _read_json(directory / METRICS_FILE)
-    provenance = _read_json(directory / PROVENANCE_FILE)
+    metrics = read_json(directory / METRICS_FILE)
+    provenance = read_json(directory / PROVENANCE_FILE)
     if provenance.get("format") != FORMAT:
         raise ModelError(f"{directory / PROVENANCE_FILE}: format must be {FORMAT!r}")
     digest = hashlib.sha256()
