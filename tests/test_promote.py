@@ -113,6 +113,19 @@ def test_shadow_then_active_edits_one_key_each_time_and_records_it(world, capsys
     assert "promoted ckd-progression-lr" in capsys.readouterr().out
 
 
+def test_paths_in_the_site_file_stay_relative_to_it(world):
+    # The edited file is checked where it lives: a jwks_file beside it must still be found.
+    from tests.helpers.jwks import jwks, rsa_key
+
+    (world.site_file.parent / "epic-keys.json").write_text(json.dumps(jwks(rsa_key())))
+    world.site_file.write_text(SITE + "issuers:\n  - iss: https://fhir.test-hospital.example/"
+                               "api/FHIR/R4\n    jwks_file: epic-keys.json\n"
+                               "audiences: [https://cds.example/cds-services]\n")
+    assert promote(world, world.evaluation()) == 0
+    assert sorted(p.name for p in world.site_file.parent.iterdir()) == [
+        "epic-keys.json", "test-hospital.yaml", "test-hospital.yaml.promotions.jsonl"]
+
+
 def test_active_needs_the_model_to_be_the_shadow_first(world, capsys):
     assert promote(world, world.evaluation(), "--role", "active") == 2
     assert "must be the site's shadow_model first" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import argparse
 import getpass
 import hashlib
 import json
+import os
 import sys
 import tempfile
 from dataclasses import asdict
@@ -126,10 +127,17 @@ def plan(args: argparse.Namespace, config: dict) -> dict[str, Any]:
     site_file = Path(site.source)
     before = site_file.read_text(encoding="utf-8")
     after = edit_service_models(before, args.service, values, site.source)
-    with tempfile.TemporaryDirectory() as tmp:  # the edited file must load like the rest
-        check = Path(tmp) / site_file.name
-        check.write_text(after, encoding="utf-8")
-        load_sites(check, registry)
+    # The edited file must load like the rest. Checked beside the original, since paths in it
+    # (`jwks_file`, `private_key_file`) are relative to it; the name is hidden and not *.yaml,
+    # so a service loading the directory meanwhile never reads it.
+    fd, name = tempfile.mkstemp(prefix=f".{site_file.name}.", suffix=".check",
+                                dir=site_file.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(after)
+        load_sites(Path(name), registry)
+    finally:
+        Path(name).unlink(missing_ok=True)
     current = {"model": entry.model, "shadow_model": entry.shadow_model}
     return {
         "site_file": site_file, "before": before, "after": after,
