@@ -17,10 +17,13 @@ stable (the parser's description below is what they read in `--help`).
                              [--replace]
     cds-service models evaluate models/ID --ndjson DIR --labels CSV
     cds-service models evaluate models/ID --cohort DIR --report DIR [--compare ID|DIR]
-                                [--split all|test] [--bootstrap N] [--seed S]
+                                [--split all|test] [--bootstrap N] [--seed S] [--site SITE]
     cds-service models validate models/ID [models/ID ...]
     cds-service models explain models/ID --bundle FILE [--now ISO]
     cds-service models cohort EXPORT_DIR --spec YAML [--spec YAML ...] --out DIR
+    cds-service models provenance EVAL_DIR [LABEL=]MODEL_DIR... --site SITE [--cohort DIR]
+    cds-service models promote MODEL_DIR --site SITE --evaluation DIR [--role shadow|active]
+    cds-service models monitor [--site SITE] [--since 24h] [--out FILE] [--prom-file FILE]
     cds-service data export SITE --out DIR [--group ID] [--since DATE] [--type Patient,...]
 
 The parser is built here; each command group's handlers (`run_*`) are in `cds_service.commands`.
@@ -44,6 +47,8 @@ from cds_service.commands.models import (
     run_models_train,
     run_models_validate,
 )
+from cds_service.commands.monitor import add_parser as add_monitor_parser
+from cds_service.commands.promote import add_parser as add_promote_parser
 from cds_service.commands.service import PIDFILE, run_check_config, run_reload, run_serve
 from cds_service.commands.site import run_site_check
 from cds_service.commands.stored import store_command
@@ -239,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                     help="bootstrap resamples for the intervals (default: 1000)")
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    ev.add_argument("--site", help="--cohort: the site whose patients these are; writes "
+                                   "provenance.json for `models promote`")
     ev.set_defaults(func=models_command(run_models_evaluate))
     va = models_sub.add_parser("validate", help="check manifest, artifact, sha256 and a smoke "
                                "prediction, as a worker does at start-up")
@@ -256,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "by name; the first spec's `cohort:` section and horizon)")
     co.add_argument("--out", required=True, help="directory for cohort.csv/.json, report.md")
     co.set_defaults(func=models_command(run_models_cohort))
+    add_promote_parser(models_sub)
+    add_monitor_parser(models_sub)
 
     data = sub.add_parser("data", help="real data for models: Bulk FHIR export")
     data_sub = data.add_subparsers(dest="data_command", required=True)

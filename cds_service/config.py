@@ -28,6 +28,7 @@ from cds_service.data.fhir import (
 )
 from cds_service.data.prefetch import PrefetchSettings, lint_template
 from cds_service.features import CodeMap, FeatureSpecError, parse_code_map
+from cds_service.models.acceptance import Acceptance, AcceptanceSchema, parse_acceptance
 from cds_service.models.manifest import MODEL_ID, Threshold, ordered_thresholds, thresholds_field
 from cds_service.protocol.errors import ConfigError
 from cds_service.schema_errors import describe_errors
@@ -142,6 +143,8 @@ class Site:
     sandbox: bool = False
     # `bulk_export`: the SMART Backend Services client for `cds-service data export`.
     bulk_export: BulkExportSettings | None = None
+    # `model_acceptance`: what `cds-service models promote` requires of an evaluation.
+    acceptance: Acceptance = field(default_factory=Acceptance)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -211,6 +214,7 @@ class _SiteSchema(SiteSection):
     code_mappings = fields.Raw(allow_none=True)
     # Validated by `cds_service.training.export_settings`.
     bulk_export = fields.Raw(allow_none=True)
+    model_acceptance = fields.Nested(AcceptanceSchema, load_default=dict)
 
 
 def _service_settings(service: CdsService, raw: Mapping[str, Any] | None, source: str
@@ -327,6 +331,7 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         fhir_server=parsed.get("fhir_server"),
         sandbox=parsed["sandbox"],
         bulk_export=bulk_export,
+        acceptance=parse_acceptance(parsed["model_acceptance"]),
         raw=MappingProxyType(data),
     )
 

@@ -94,10 +94,18 @@ def catalogue() -> dict[str, str]:
     return dict(re.findall(r"^\| `(cds_\w+)` \| (\w+) \|", text, re.M))
 
 
+def monitor_catalogue() -> dict[str, str]:
+    """The gauges `cds-service models monitor` writes, from docs/operations.md "Model
+    monitoring" (a separate table: a scheduled job exports them, not the service)."""
+    text = section(OPERATIONS.read_text(encoding="utf-8"), "Model monitoring")
+    return dict(re.findall(r"^\| `(cds_\w+)` \| (\w+) \|", text, re.M))
+
+
 def metric_names(expr: str) -> set[str]:
     """Series a PromQL expression reads: `cds_*` metric names and recorded `level:metric:op`
     names. Quoted strings (label values, regexes) are left out."""
     unquoted = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    unquoted = re.sub(r"\[[^\]]*\]", "", unquoted)  # ranges and subqueries: [5m], [7d:1h]
     tokens = re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", unquoted)
     return {t for t in tokens if t.startswith("cds_") or ":" in t}
 
@@ -115,6 +123,7 @@ def catalogued(name: str, known: dict[str, str]) -> bool:
     ("site:cds_requests:rate5m * 300 >= 10 unless on (site) cds_requests_total",
      {"site:cds_requests:rate5m", "cds_requests_total"}),
     ("label_values(cds_requests_total, site)", {"cds_requests_total"}),
+    ("avg_over_time(site:cds_x:24h[7d:1h] offset 1d)", {"site:cds_x:24h"}),
 ])
 def test_metric_names_reads_metrics_and_recorded_series_only(expr, names):
     assert metric_names(expr) == names
@@ -137,6 +146,13 @@ def test_catalogue_lists_every_metric_with_its_type():
     assert catalogued("cds_request_duration_seconds_bucket", known)
     assert not catalogued("cds_requests_total_bucket", known)
     assert not catalogued("cds_request_seconds_count", known)
+
+
+def test_monitor_catalogue_lists_every_gauge_the_monitor_writes():
+    from cds_service.ops.model_monitor import METRICS
+
+    assert monitor_catalogue() == dict.fromkeys(METRICS, "gauge")
+    assert not set(monitor_catalogue()) & set(catalogue())
 
 
 def test_promtool_check_rules(promtool):
@@ -163,7 +179,7 @@ def test_every_site_alert_names_the_site_and_every_alert_links_its_runbook_entry
     doc = OPERATIONS.read_text(encoding="utf-8")
     headings = {heading_anchor(h): h for h in re.findall(r"^### (.+)$", doc, re.M)}
     names = [alert["alert"] for alert in alerts()]
-    assert len(names) == 8
+    assert len(names) == 12
     for alert in alerts():
         name, annotations = alert["alert"], alert["annotations"]
         assert heading_anchor(name) in headings, f"{name}: no '### {name}' in docs/operations.md"
@@ -177,7 +193,7 @@ def test_every_site_alert_names_the_site_and_every_alert_links_its_runbook_entry
 
 
 def test_every_metric_in_rules_and_dashboard_is_catalogued():
-    known = catalogue()
+    known = catalogue() | monitor_catalogue()
     recorded = {rule["record"] for rule in rules() if "record" in rule}
     used = set()
     for expr in [rule["expr"] for rule in rules()] + dashboard_queries() + template_queries():
@@ -192,7 +208,7 @@ def test_every_catalogued_metric_is_on_the_dashboard():
     used = set()
     for expr in dashboard_queries():
         used |= metric_names(expr)
-    missing = sorted(name for name in catalogue()
+    missing = sorted(name for name in catalogue() | monitor_catalogue()
                      if name not in used
                      and not any(name + suffix in used for suffix in HISTOGRAM_SERIES))
     assert missing == []

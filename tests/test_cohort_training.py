@@ -411,9 +411,16 @@ def test_export_to_cohort_to_train_to_evaluate_with_kfre(tmp_path, capsys):
     report = tmp_path / "report"
     code, out, err = run(capsys, ["models", "evaluate", model, "--cohort", cohort,
                                   "--compare", "kfre-4var", "--report", report,
-                                  "--bootstrap", "50", "--split", "test"])
+                                  "--bootstrap", "50", "--split", "test", "--site", "riverside"])
     assert code == 0, err
     assert out.strip() == str(report / "report.md")
+    # The evidence `models promote` checks: which builds, whose patients, which cohort.
+    provenance = json.loads((report / "provenance.json").read_text(encoding="utf-8"))
+    trained = yaml.safe_load((model / "manifest.yaml").read_text(encoding="utf-8"))
+    assert provenance["site"] == "riverside"
+    assert provenance["models"]["ckd-progression-lr"]["sha256"] == trained["artifact"]["sha256"]
+    assert set(provenance["models"]) == {"ckd-progression-lr", "kfre-4var"}
+    assert "cohort" in provenance
     text = (report / "report.md").read_text(encoding="utf-8")
     assert "`ckd-progression-lr`" in text and "`kfre-4var`" in text
     assert "Comparison with `kfre-4var`" in text

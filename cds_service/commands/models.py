@@ -98,7 +98,8 @@ def run_models_evaluate(args: argparse.Namespace) -> int:
         raise ModelError("--cohort needs --report OUT_DIR (where report.md goes)")
     comparator = _comparator(args.compare) if args.compare else None
     paths = evaluate_cohort(model, Path(args.cohort), Path(args.report), comparator=comparator,
-                            split=args.split, n_bootstrap=args.bootstrap, seed=args.seed)
+                            split=args.split, n_bootstrap=args.bootstrap, seed=args.seed,
+                            site=args.site)
     print(paths[0])  # noqa: T201
     return 0
 

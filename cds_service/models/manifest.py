@@ -20,6 +20,7 @@ import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from cds_service.features import FeatureSpec, FeatureSpecError, parse_features
+from cds_service.models.drift import parse_reference
 from cds_service.models.errors import ModelError
 from cds_service.schema_errors import describe_errors
 
@@ -211,6 +212,8 @@ class _SpecSchema(Schema):
     explanation = fields.Nested(_Explanation)
     metrics = fields.Dict(keys=fields.String())
     training_data = fields.Dict(keys=fields.String())
+    # Written by training since issue 18 (cds_service/models/drift.py); older manifests lack it.
+    monitoring_reference = fields.Dict(keys=fields.String())
     requirements = fields.Dict(keys=fields.String(), values=fields.String())
     created = fields.String()
 
@@ -243,6 +246,7 @@ class Manifest:
     explanation: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     training_data: Mapping[str, Any] = field(default_factory=dict)
+    monitoring_reference: Mapping[str, Any] = field(default_factory=dict)
     requirements: Mapping[str, str] = field(default_factory=dict)
     created: str | None = None
     source: str = ""
@@ -301,10 +305,12 @@ def parse_manifest(data: Any, source: str, *, spec: bool = False) -> Manifest:
         explanation=MappingProxyType(loaded.get("explanation") or {}),
         metrics=MappingProxyType(loaded.get("metrics") or {}),
         training_data=MappingProxyType(loaded.get("training_data") or {}),
+        monitoring_reference=MappingProxyType(loaded.get("monitoring_reference") or {}),
         requirements=MappingProxyType(loaded.get("requirements") or {}),
         created=loaded.get("created"),
         source=source,
     )
+    parse_reference(manifest.monitoring_reference, source)
     try:
         check_thresholds(manifest.thresholds, manifest)
     except ValidationError as exc:
@@ -352,6 +358,7 @@ def manifest_document(manifest: Manifest) -> dict[str, Any]:
         "training": dict(manifest.training),
         "training_data": dict(manifest.training_data),
         "metrics": dict(manifest.metrics),
+        "monitoring_reference": dict(manifest.monitoring_reference),
         "explanation": dict(manifest.explanation),
         "requirements": dict(manifest.requirements),
         "artifact": {"file": manifest.artifact_file, "format": "skops",

@@ -38,6 +38,7 @@ from cds_service.training.cohort_labels import (
     read_cohort,
 )
 from cds_service.training.evaluation import DEFAULT_BOOTSTRAP, evaluate_models, kdigo_thresholds
+from cds_service.training.evidence import write_provenance
 from cds_service.training.validation_report import write_report
 
 SPLITS = ("all", "test")
@@ -152,9 +153,11 @@ def _name(model: LoadedModel, models: list[tuple[LoadedModel, str]]) -> str:
 
 def evaluate_cohort(model: LoadedModel, cohort_dir: Path, report_dir: Path, *,
                     comparator: LoadedModel | None = None, split: str = "all",
-                    n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> list[Path]:
+                    n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                    site: str | None = None) -> list[Path]:
     """Score, evaluate and write the validation report; returns the files written (report.md
-    first)."""
+    first). With `site`, also provenance.json: which builds were scored on whose patients, the
+    evidence `models promote` checks."""
     scored, _ = score_cohort(cohort_dir, model, comparator, split)
     horizon = model.manifest.output.horizon_years
     thresholds = kdigo_thresholds(horizon)
@@ -175,4 +178,9 @@ def evaluate_cohort(model: LoadedModel, cohort_dir: Path, report_dir: Path, *,
                              horizon_years=horizon, comparator=names[1] if comparator else None,
                              subgroups=subgroups, n_bootstrap=n_bootstrap, seed=seed)
     title = f"{names[0]} {model.version}" + (f" vs {names[1]}" if comparator else "")
-    return write_report(result, report_dir, title=title, cohort=scored.counts)
+    paths = write_report(result, report_dir, title=title, cohort=scored.counts)
+    if site is not None:
+        models = dict(zip(names, [model, comparator] if comparator else [model], strict=True))
+        paths.append(write_provenance(report_dir, site=site, models=models,
+                                      cohort_dir=cohort_dir))
+    return paths

@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cds_service.features import FeatureSpec, MissingPolicy, extract, group_by_patient
 from cds_service.models import artifact
+from cds_service.models.drift import training_reference
 from cds_service.models.errors import ModelError
 from cds_service.models.estimators import KidneyFailureRiskEquation, LogColumns
 from cds_service.models.explain import default_method
@@ -313,6 +314,8 @@ def fit_export(spec: Manifest, observed: np.ndarray, labels: np.ndarray, train_i
             "missing_rate": {f.name: round(float(np.isnan(observed[train_idx, i]).mean()),
                                            4) for i, f in enumerate(features)},
         },
+        monitoring_reference=training_reference(estimator.predict_proba(x[train_idx])[:, 1],
+                                                observed[train_idx], spec.feature_names),
         requirements=runtime_versions(),
         created=(today or date.today()).isoformat(),
     )
