@@ -123,4 +123,8 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         )
 
         sandbox.init_app(app, deployment.sites)
+    if any(site.smart_app for site in deployment.sites.values()):
+        from cds_service.smart import views as smart  # mounted only where a site enables it
+
+        smart.init_app(app, deployment.sites)
     return app

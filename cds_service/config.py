@@ -34,6 +34,7 @@ from cds_service.protocol.errors import ConfigError
 from cds_service.schema_errors import describe_errors
 from cds_service.service import CdsService, Orderable
 from cds_service.site_section import SiteSection
+from cds_service.smart.settings import SmartAppSettings, parse_smart_app
 from cds_service.training.export_settings import BulkExportSettings, parse_bulk_export
 from cds_service.trust.site_issuers import (
     DEFAULT_ALGORITHMS,
@@ -89,6 +90,10 @@ DEFAULTS: dict[str, Any] = {
     # directory shipped beside the package. Only the models a site names are loaded, once per
     # worker.
     "MODELS_DIR": None,
+    # The SMART app's server-side sessions (cds_service/smart/sessions.py): redis://… (every
+    # host) or sqlite:///path (one machine); None = the replay cache's Redis when it is one, else
+    # var/smart-sessions.sqlite3.
+    "SMART_SESSION_URL": None,
 }
 
 BUILTIN_SITE_ID = "default"
@@ -145,6 +150,8 @@ class Site:
     bulk_export: BulkExportSettings | None = None
     # `model_acceptance`: what `cds-service models promote` requires of an evaluation.
     acceptance: Acceptance = field(default_factory=Acceptance)
+    # `smart_app`: the SMART on FHIR companion app at /smart (cds_service/smart/).
+    smart_app: SmartAppSettings | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -215,6 +222,8 @@ class _SiteSchema(SiteSection):
     # Validated by `cds_service.training.export_settings`.
     bulk_export = fields.Raw(allow_none=True)
     model_acceptance = fields.Nested(AcceptanceSchema, load_default=dict)
+    # Validated by `cds_service.smart.settings`.
+    smart_app = fields.Raw(allow_none=True)
 
 
 def _service_settings(service: CdsService, raw: Mapping[str, Any] | None, source: str
@@ -332,6 +341,8 @@ def _site_from_mapping(data: Any, source: str, registry: Mapping[str, CdsService
         sandbox=parsed["sandbox"],
         bulk_export=bulk_export,
         acceptance=parse_acceptance(parsed["model_acceptance"]),
+        smart_app=parse_smart_app(parsed.get("smart_app"), source,
+                                  allow_http_loopback=settings.allow_http_loopback),
         raw=MappingProxyType(data),
     )
 

@@ -249,6 +249,11 @@ def handle(request: HookRequest) -> list[Card]:
                                    "review and sign.", resource),)))
 
     links = [Link(label="KDIGO 2024 CKD guideline", url=KDIGO_URL)]
+    if request.site.smart_app is not None:
+        # Our own SMART app (cds_service/smart/): Epic opens its registered launch URL with
+        # `iss` and `launch` (CDS Hooks 2.0, Link type "smart").
+        links.append(Link(label="Kidney picture (eGFR, albuminuria, risk)",
+                          url=request.site.smart_app.launch_url, type="smart"))
     smart = request.settings.get("smart_link")
     if smart:
         # appContext reaches the app as an opaque string (JSON pre-serialised, rule 93): the

@@ -54,6 +54,9 @@ SETTINGS: dict[str, Any] = {
     # the like. Nothing here may depend on a header the caller chooses: the public URL is
     # configured (PUBLIC_URL), so the scheme is always the listening socket's own.
     "secure_scheme_headers": {},
+    # gunicorn's default access line has the request line with its query string and the Referer:
+    # /smart/callback?code=…&state=… would put an authorization code in the log. The path only.
+    "access_log_format": '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)s',
 }
 if Path("/dev/shm").is_dir():  # noqa: S108 - gunicorn's heartbeat files, not our data
     SETTINGS["worker_tmp_dir"] = "/dev/shm"  # noqa: S108

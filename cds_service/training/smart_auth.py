@@ -30,44 +30,46 @@ DEFAULT_TOKEN_LIFETIME_S = 300
 TIMEOUT_S = 30.0
 
 
-def load_signing_key(path: Path, *, kid: str, algorithm: str) -> Any:
+def load_signing_key(path: Path, *, kid: str, algorithm: str, setting: str = "bulk_export"
+                     ) -> Any:
     """The private key in `path`: a PEM, a private JWK, or a JWK Set holding a key whose `kid`
-    is `kid`. Raises AuthFailed saying what is wrong with the file (never its contents)."""
+    is `kid`. Raises AuthFailed saying what is wrong with the file (never its contents), naming
+    the site file's `setting` section."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise AuthFailed(f"bulk_export.private_key_file: cannot read {path}: "
+        raise AuthFailed(f"{setting}.private_key_file: cannot read {path}: "
                          f"{exc.strerror}") from exc
     if data.lstrip().startswith(b"{"):
-        return _key_from_jwk(data, path, kid=kid, algorithm=algorithm)
+        return _key_from_jwk(data, path, kid=kid, algorithm=algorithm, setting=setting)
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise AuthFailed(f"bulk_export.private_key_file: {path} is neither an unencrypted PEM "
+        raise AuthFailed(f"{setting}.private_key_file: {path} is neither an unencrypted PEM "
                          "private key nor a JWK Set") from exc
 
 
-def _key_from_jwk(data: bytes, path: Path, *, kid: str, algorithm: str) -> Any:
+def _key_from_jwk(data: bytes, path: Path, *, kid: str, algorithm: str, setting: str) -> Any:
     try:
         document = json.loads(data)
     except ValueError as exc:
-        raise AuthFailed(f"bulk_export.private_key_file: {path} is not JSON") from exc
+        raise AuthFailed(f"{setting}.private_key_file: {path} is not JSON") from exc
     keys = document.get("keys", [document]) if isinstance(document, dict) else []
     matching = [k for k in keys if isinstance(k, dict) and k.get("kid") == kid]
     if not matching:
-        raise AuthFailed(f"bulk_export.private_key_file: {path} has no key with kid {kid!r} "
+        raise AuthFailed(f"{setting}.private_key_file: {path} has no key with kid {kid!r} "
                          "(the kid the EHR registered the public key under)")
     jwk = matching[0]
     if "d" not in jwk:
-        raise AuthFailed(f"bulk_export.private_key_file: {path}: the key {kid!r} is a public "
+        raise AuthFailed(f"{setting}.private_key_file: {path}: the key {kid!r} is a public "
                          "key; the private one signs client assertions")
     if jwk.get("alg") and jwk["alg"] != algorithm:
-        raise AuthFailed(f"bulk_export.private_key_file: {path}: the key {kid!r} is for "
-                         f"{jwk['alg']}, bulk_export.algorithm is {algorithm}")
+        raise AuthFailed(f"{setting}.private_key_file: {path}: the key {kid!r} is for "
+                         f"{jwk['alg']}, {setting}.algorithm is {algorithm}")
     try:
         return jwt.PyJWK(jwk, algorithm).key
     except jwt.PyJWTError as exc:
-        raise AuthFailed(f"bulk_export.private_key_file: {path}: the key {kid!r} is not a "
+        raise AuthFailed(f"{setting}.private_key_file: {path}: the key {kid!r} is not a "
                          f"usable {algorithm} key: {exc}") from exc
 
 

@@ -1,0 +1,1 @@
+"""The SMART on FHIR companion app (issue 19)."""
