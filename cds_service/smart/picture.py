@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
+from markupsafe import Markup
+
 from cds_service.features import Reading, flatten, readings_many
+from cds_service.smart.chart import egfr_chart, uacr_chart
 from hooks._kidney import (
     COMPARATOR_TEXT,
     INPUTS,
@@ -134,6 +137,12 @@ class Picture:
     risk_not_shown: str | None            # why there is no risk, when there is none
     medicines: tuple[FlaggedMedicine, ...]
     missing: tuple[str, ...]              # missing or old data, in words
+
+    def egfr_chart(self) -> Markup:
+        return egfr_chart(self.egfr)
+
+    def uacr_chart(self) -> Markup:
+        return uacr_chart(self.uacr)
 
 
 def build_picture(prefetch: Mapping[str, Any], *, site: Any, binding: Any,
