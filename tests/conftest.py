@@ -29,6 +29,7 @@ pytest_plugins = [
     "tests.helpers.fhir_server",
     "tests.helpers.jwks",
     "tests.helpers.servers",
+    "tests.helpers.smart_server",
     "tests.helpers.storage",
 ]
 
