@@ -63,10 +63,10 @@ def test_scopes_follow_the_servers_smart_version():
     v2 = app.scope_for({"capabilities": ["launch-ehr", "permission-v2", "permission-v1"]})
     v1 = app.scope_for({"capabilities": ["launch-ehr", "permission-v1"]})
     # SMART App Launch 2.x §Scopes: `.rs` = read and search (v2); `.read` (v1).
-    assert v2.split() == ["launch", "openid", "fhirUser", "patient/Patient.rs",
+    assert v2.split() == ["launch", "openid", "fhirUser", "online_access", "patient/Patient.rs",
                           "patient/Observation.rs", "patient/Condition.rs",
                           "patient/MedicationRequest.rs", "patient/Medication.rs"]
-    assert v1.split()[3:] == ["patient/Patient.read", "patient/Observation.read",
+    assert v1.split()[4:] == ["patient/Patient.read", "patient/Observation.read",
                               "patient/Condition.read", "patient/MedicationRequest.read",
                               "patient/Medication.read"]
     forced = parse_smart_app({**OK, "scope_version": "v1"}, "s")

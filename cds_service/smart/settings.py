@@ -29,9 +29,12 @@ LAUNCH_PATH = "/smart/launch"
 # What the app reads: the kidney-risk card's data (hooks/kidney_risk.py) and the Medication
 # resources its MedicationRequests name. SMART App Launch 2.x §Scopes: v2 `.rs` = read + search;
 # v1 `.read` for servers that speak only v1. `launch` takes the EHR's launch context; `openid
-# fhirUser` asks who the clinician is (an id_token with a fhirUser claim).
+# fhirUser` asks who the clinician is (an id_token with a fhirUser claim); `online_access` a
+# refresh token that lives while the clinician is signed in (§Scopes for requesting a refresh
+# token), so a page reloaded after the 5-minute Epic token does not need a new launch. A server
+# that grants none simply ends the session with the access token.
 RESOURCE_TYPES = ("Patient", "Observation", "Condition", "MedicationRequest", "Medication")
-BASE_SCOPES = ("launch", "openid", "fhirUser")
+BASE_SCOPES = ("launch", "openid", "fhirUser", "online_access")
 
 
 @dataclass(frozen=True)
