@@ -15,7 +15,7 @@ Inputs outside the equations' domain give None, never an exception. What is read
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -390,18 +390,7 @@ def interpret(vector: FeatureVector, resources: list[Any], *, now: datetime,
 
     egfrs, creatinines = readings_many((_SPECS["egfr"], _SPECS["creatinine"]), resources,
                                        now=now, code_map=code_map)
-    reported = [Egfr(float(round(r.value)), r.comparator, r.date, r.instant, r.source)
-                for r in egfrs]
-    calculated = []
-    if creatinines and age is None:
-        notes.append("no eGFR could be calculated from creatinine: age not recorded")
-    elif creatinines and age < 18:
-        notes.append("CKD-EPI 2021 is for adults; no eGFR calculated from creatinine")
-    elif creatinines:
-        calculated = [e for c in creatinines if (e := _calculated(c, age, now, female))]
-    # Newest first by time; on the same instant the laboratory's own eGFR wins over ours.
-    history = sorted([*calculated, *reported],
-                     key=lambda e: (e.instant, e.creatinine is None))
+    history = _history(egfrs, creatinines, age, female, now, notes)
     latest = history[-1] if history else None
     dates = [e.date for e in history] + [c.date for c in creatinines]
     extra = []
@@ -419,6 +408,39 @@ def interpret(vector: FeatureVector, resources: list[Any], *, now: datetime,
         last_kidney_function=max(dates) if dates else None, weight=weight,
         creatinine=creatinines[-1] if creatinines else None, female=female,
         notes=tuple(notes), extra_resources=tuple(extra))
+
+
+def _history(egfrs: list[Reading], creatinines: list[Reading], age: float | None,
+             female: bool | None, now: datetime, notes: list[str]) -> list[Egfr]:
+    """Reported eGFRs and CKD-EPI 2021 from each creatinine, oldest first."""
+    reported = [Egfr(float(round(r.value)), r.comparator, r.date, r.instant, r.source)
+                for r in egfrs]
+    calculated = []
+    if creatinines and age is None:
+        notes.append("no eGFR could be calculated from creatinine: age not recorded")
+    elif creatinines and age < 18:
+        notes.append("CKD-EPI 2021 is for adults; no eGFR calculated from creatinine")
+    elif creatinines:
+        calculated = [e for c in creatinines if (e := _calculated(c, age, now, female))]
+    # On the same instant the laboratory's own eGFR sorts after (wins over) ours.
+    return sorted([*calculated, *reported], key=lambda e: (e.instant, e.creatinine is None))
+
+
+# The SMART app charts the years behind the card: the course of eGFR and albuminuria over years
+# is what a referral weighs (KDIGO 2024 chapter 2, progression), while the card reads the 2-year
+# window of kidney_inputs.yaml. Same codes, units and plausibility rules, a longer window.
+HISTORY_YEARS = 10
+_LONG_SPECS = tuple(replace(_SPECS[name], lookback_days=HISTORY_YEARS * 366)
+                    for name in ("egfr", "creatinine", "uacr"))
+
+
+def long_history(resources: Iterable[Any], status: KidneyStatus, *, now: datetime,
+                 code_map: CodeMap | None = None) -> tuple[tuple[Egfr, ...], tuple[Reading, ...]]:
+    """(every eGFR, every urine ACR) of the last `HISTORY_YEARS`, oldest first, read as
+    `interpret` reads the last two years for `status`."""
+    egfrs, creatinines, uacrs = readings_many(_LONG_SPECS, list(resources), now=now,
+                                              code_map=code_map)
+    return tuple(_history(egfrs, creatinines, status.age, status.female, now, [])), tuple(uacrs)
 
 
 def _observation(rid: str, loinc: str, value: float, unit: str, day: str) -> dict[str, Any]:

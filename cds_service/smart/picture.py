@@ -15,11 +15,10 @@ from typing import Any
 
 from markupsafe import Markup
 
-from cds_service.features import Reading, flatten, readings_many
+from cds_service.features import Reading, flatten
 from cds_service.smart.chart import egfr_chart, uacr_chart
 from hooks._kidney import (
     COMPARATOR_TEXT,
-    INPUTS,
     Egfr,
     KidneyStatus,
     a_category,
@@ -27,6 +26,7 @@ from hooks._kidney import (
     factor_label,
     factor_text,
     g_category,
+    long_history,
     number,
     risk,
     risk_text,
@@ -34,7 +34,6 @@ from hooks._kidney import (
 from hooks._medications import active_medications
 from hooks._prescribing import Patient, evaluate
 
-_UACR_SPEC = next(spec for spec in INPUTS if spec.name == "uacr")
 # KDIGO 2024 chapter 2.1: GFR and albuminuria assessed at least yearly in CKD (the card's
 # "No urine ACR in the last 12 months" wording; docs/clinical.md, "Albuminuria testing").
 YEARLY = timedelta(days=365)
@@ -153,12 +152,13 @@ def build_picture(prefetch: Mapping[str, Any], *, site: Any, binding: Any,
     code_map = getattr(site, "code_map", None) or {}
     status = assess(resources, now=now, code_map=code_map)
     prediction = risk(status, resources, binding, now=now)
-    (uacr_readings,) = readings_many((_UACR_SPEC,), resources, now=now, code_map=code_map)
+    # The charts show ten years (`long_history`); the figures and rules use the card's window.
+    egfr_history, uacr_history = long_history(resources, status, now=now, code_map=code_map)
     shown, not_shown = _risk(status, prediction, binding)
     return Picture(
         patient=patient_label(prefetch.get("patient")),
-        egfr=tuple(_egfr_point(e) for e in status.history),
-        uacr=tuple(_uacr_point(r) for r in uacr_readings),
+        egfr=tuple(_egfr_point(e) for e in egfr_history),
+        uacr=tuple(_uacr_point(r) for r in uacr_history),
         g=_g(status), a=_a(status), acute=status.acute,
         risk=shown, risk_not_shown=not_shown,
         medicines=_medicines(prefetch, site, status, prediction, now),

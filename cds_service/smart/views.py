@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, redirect, render_template, request, url_for
@@ -26,6 +27,7 @@ from cds_service.protocol.errors import CdsError, FhirAccessError
 from cds_service.runtime import runtime
 from cds_service.smart import oauth
 from cds_service.smart.oauth import LaunchFailed
+from cds_service.smart.page import read_picture
 from cds_service.smart.sessions import SESSION_ID, Sessions, kv_from_url, new_id
 from cds_service.smart.settings import SmartAppSettings
 from cds_service.training.errors import AuthFailed
@@ -37,8 +39,6 @@ bp = Blueprint("smart", __name__, url_prefix="/smart", template_folder="template
 
 COOKIE = "cds_smart"
 LAUNCH_TTL_S = 600  # from the authorize redirect to the callback: a sign-in, not a session
-SERVICE = "kidney-risk"  # whose data, model and rules the page shows
-REQUIRED_KEYS = frozenset({"patient"})  # the rest may fail and is then named as missing
 
 
 class SmartPageError(Exception):
@@ -223,8 +223,6 @@ def app():
         raise SmartPageError(401, "This session has ended. Open the app again from the chart.")
     context = _current(session_id, context_id)
     site = runtime().sites[context["site"]]
-    from cds_service.smart.page import read_picture  # noqa: PLC0415
-
     try:
         picture = read_picture(site, context)
     except FhirAccessError as exc:
@@ -234,4 +232,4 @@ def app():
                                       "again from the chart.", exc.message) from exc
         raise
     return render_template("smart_app.html", picture=picture, fhir_user=context["fhir_user"],
-                           launched_at=context["launched_at"])
+                           launched_at=datetime.fromtimestamp(context["launched_at"], UTC))

@@ -53,8 +53,10 @@ def request(url, body=None, token=None, headers=None):
 
 
 class Server:
-    def __init__(self, tmp_path: Path, *args: str, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, tmp_path: Path, *args: str, env: dict | None = None,
+                 port: int | None = None):
+        # `port`: when a file written before the start must name the URL (a redirect URI).
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         # The demo site signs with its development key, as under `make run`.
         env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}",
@@ -101,8 +103,8 @@ def worker_pids(server) -> set[int]:
 def serve(tmp_path):
     servers = []
 
-    def _start(*args, env=None):
-        server = Server(tmp_path, *args, env=env)
+    def _start(*args, env=None, port=None):
+        server = Server(tmp_path, *args, env=env, port=port)
         servers.append(server)
         return server
 
