@@ -71,6 +71,10 @@ def test_authorize_redirects_with_a_code_or_an_error_and_never_to_an_unknown_uri
         assert refused.status_code == 400 and "Location" not in refused.headers
     no_launch = authorize(smart_server, verifier, launch="made-up")
     assert "error=invalid_request" in no_launch.headers["Location"]
+    smart_server.deny_authorization = "access_denied"
+    denied = authorize(smart_server, verifier, state="s3")
+    assert parse_qs(urlsplit(denied.headers["Location"]).query) == {
+        "error": ["access_denied"], "state": ["s3"]}
     assert [r["outcome"] for r in smart_server.authorize_requests][:2] == ["code",
                                                                           "code_challenge_method "
                                                                           "must be S256"]

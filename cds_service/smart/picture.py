@@ -35,7 +35,8 @@ from hooks._medications import active_medications
 from hooks._prescribing import Patient, evaluate
 
 # KDIGO 2024 chapter 2.1: GFR and albuminuria assessed at least yearly in CKD (the card's
-# "No urine ACR in the last 12 months" wording; docs/clinical.md, "Albuminuria testing").
+# "No urine ACR in the last 12 months" wording; docs/clinical.md, "Albuminuria testing";
+# the practice-point number is not verified).
 YEARLY = timedelta(days=365)
 # The INPUTS specs read eGFR, creatinine and urine ACR of the last 2 years (lookback_days 730).
 LOOKBACK_TEXT = "the last 2 years"

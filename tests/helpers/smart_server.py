@@ -11,6 +11,10 @@ refresh tokens, and FHIR reads that need the access token issued for that patien
     server.client_jwks = {"keys": [public_jwk]}              # confidential client from now on
     server.capabilities = ["launch-ehr", "permission-v1", ...]   # e.g. a SMART v1-only EHR
     server.expire_access_tokens()                            # every access token now gets 401
+    server.revoke_all()                                      # access and refresh tokens alike
+    server.deny_authorization = "access_denied"              # authorize redirects with it
+    server.grant_refresh_tokens = False                      # offline_access is never granted
+    s256(verifier), new_verifier()                           # PKCE helpers for tests
 
 Addresses: `server.origin` (http://127.0.0.1:<port>), `server.iss` (`{origin}/fhir`, the FHIR
 base and the `aud` of the authorize request), `server.authorize_url`, `server.token_url`,
@@ -583,7 +587,8 @@ class SmartServer:
             self.issued_access_tokens.append(token)
         body: dict[str, Any] = {"access_token": token, "token_type": "Bearer",
                                 "expires_in": self.expires_in, "scope": scope,
-                                "patient": grant.launch.patient}
+                                "patient": grant.launch.patient,
+                                "need_patient_banner": False}  # Epic shows its own banner
         if grant.launch.encounter:
             body["encounter"] = grant.launch.encounter
         return body
