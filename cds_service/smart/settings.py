@@ -68,6 +68,8 @@ class SmartAppSettings:
         return " ".join([*BASE_SCOPES, *(f"patient/{t}.{suffix}" for t in RESOURCE_TYPES)])
 
 
+# `Strict` is not offered: the authorization server's redirect to /smart/callback is a
+# cross-site navigation, and a Strict cookie would not come with it.
 class _SmartAppSchema(SiteSection):
     client_id = fields.String(required=True, validate=validate.Length(min=1, max=256))
     redirect_uri = fields.Url(required=True, schemes={"https", "http"}, require_tld=False)
@@ -83,7 +85,7 @@ class _SmartAppSchema(SiteSection):
                               validate=validate.OneOf(SIGNING_ALGORITHMS))
     session_minutes = fields.Float(load_default=60, validate=validate.Range(min=1, max=24 * 60))
     cookie_samesite = fields.String(load_default="Lax",
-                                    validate=validate.OneOf(("Lax", "Strict", "None")))
+                                    validate=validate.OneOf(("Lax", "None")))
     frame_ancestors = fields.List(fields.String(validate=validate.Regexp(
         r"^https://[^/\s*;,']+$", error="must be an https origin like https://epic.example.org")))
 
