@@ -342,3 +342,44 @@ def test_a_confidential_client_signs_its_token_requests(make_smart_app, ehr, tmp
     page = launch_to_app(app.test_client(), ehr)
     assert page.status_code == 200
     assert [r["client_auth"] for r in ehr.token_requests] == ["private_key_jwt"]
+
+
+def test_the_kidney_risk_card_links_to_the_app_when_the_site_enables_it(make_app):
+    from tests.helpers.golden import patient_request
+    from tests.helpers.http import post
+
+    smart = ("smart_app:\n  client_id: cds-kidney-app\n"
+             "  redirect_uri: https://cds.example.org/cds/smart/callback\n")
+    for site_yaml, expected in (("", []), (smart, ["https://cds.example.org/cds/smart/launch"])):
+        client = make_app(SERVICES=SERVICES, SITE_YAML=site_yaml).test_client()
+        response = post(client, "/cds-services/kidney-risk", patient_request())
+        assert response.status_code == 200
+        (card,) = response.get_json()["cards"]
+        # CDS Hooks 2.0 Link: type "smart" is launched by the EHR with iss and launch.
+        assert [link["url"] for link in card["links"] if link["type"] == "smart"] == expected
+
+
+def test_a_refresh_raced_by_another_worker_keeps_the_session(app, ehr, monkeypatch):
+    """With rotating refresh tokens, the second of two concurrent refreshes is refused
+    (invalid_grant): the page then takes the token the first one stored."""
+    ehr.rotate_refresh = True
+    client = app.test_client()
+    page = launch_to_app(client, ehr)
+    ehr.expire_access_tokens()
+    _age(app, client, page)
+    sessions = app.extensions["smart"]["sessions"]
+    session_id = client.get_cookie("cds_smart", path="/smart/").value
+    stale = sessions.get(session_id, f"context:{page.request.args['ctx']}")
+    assert client.get(page.request.full_path).status_code == 200  # worker A refreshes
+    # Worker B read the context before A stored the new token, and refreshes with the old one.
+    real_get, reads = sessions.get, []
+
+    def read_before_a_stored(*args):
+        reads.append(args)
+        return stale if len(reads) == 1 else real_get(*args)
+
+    monkeypatch.setattr(sessions, "get", read_before_a_stored)
+    again = client.get(page.request.full_path)
+    assert again.status_code == 200 and "Lovelace" in again.text
+    assert [(r["form"]["grant_type"], r["status"]) for r in ehr.token_requests] == [
+        ("authorization_code", 200), ("refresh_token", 200), ("refresh_token", 400)]

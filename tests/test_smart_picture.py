@@ -258,3 +258,16 @@ def test_the_page_has_its_sections_charts_and_tables(kfre):
     assert "<dt>5-year risk</dt><dd>15%</dd>" in html
     assert "<main" in html and "<header" in html
     assert "Opened by Practitioner/eDoc1" in html
+
+
+def test_the_charts_show_ten_years_while_the_figures_use_the_cards_window(kfre):
+    # The card reads the last 2 years (hooks/data/kidney_inputs.yaml, lookback_days 730); the
+    # charts the last 10 (hooks/_kidney.HISTORY_YEARS, 366-day years): a result of 5 years ago
+    # is charted, one of 11 years ago is not, and neither changes the category shown.
+    p = picture(chart(egfrs=[egfr(70, 11 * 365), egfr(58, 5 * 365), egfr(41, 20)],
+                      uacrs=[uacr(20, 6 * 365), uacr(80, 20)], person=patient("male", 66)),
+                kfre)
+    assert [point.value for point in p.egfr] == [58, 41]
+    assert [point.value for point in p.uacr] == [20, 80]
+    assert (p.g.code, p.g.value) == ("G3b", "eGFR 41")
+    assert p.a.code == "A2"

@@ -207,6 +207,11 @@ def _current(session_id: str, context_id: str) -> dict[str, Any]:
     try:
         tokens = oauth.refresh(config, app, context["refresh_token"])
     except (LaunchFailed, AuthFailed) as exc:
+        # Another worker may have refreshed this context a moment ago, and a server that
+        # rotates refresh tokens then refuses the old one: take the token that worker stored.
+        again = sessions.get(session_id, name)
+        if again is not None and again["expires_at"] - 30 > time.time():
+            return again
         sessions.delete(session_id, name)
         raise SmartPageError(401, "This session has ended. Open the app again from the chart.",
                              f"refresh failed: {exc}") from exc

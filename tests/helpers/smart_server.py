@@ -300,8 +300,9 @@ class SmartServer:
                           medications: Iterable[dict] = (), encounter: dict | None = None
                           ) -> None:
         """Answer `Patient/<id>`, and Observation / Condition / MedicationRequest searches whose
-        `patient` (or `subject`) is this patient, whatever the other parameters (`code`,
-        `category`, `_count`…): every resource of that type, the app filters. `medications`
+        `patient` (or `subject`) is this patient: every resource of that type with one of the
+        search's `code`s (any, without a `code`), whatever the other parameters (`category`,
+        `_count`…). `medications`
         answer `Medication/<id>` reads (and `_include=MedicationRequest:medication`)."""
         chart = {
             "patient": patient or {"resourceType": "Patient", "id": patient_id},
@@ -652,7 +653,7 @@ class SmartServer:
             return None
         entries = [{"fullUrl": self.fhir.url_for(f"{r['resourceType']}/{r.get('id', '')}"),
                     "resource": r, "search": {"mode": "match"}}
-                   for r in chart[CHART_SEARCHES[path]]]
+                   for r in chart[CHART_SEARCHES[path]] if _has_code(r, params.get("code"))]
         included = [{"fullUrl": self.fhir.url_for(f"Medication/{m.get('id', '')}"),
                      "resource": m, "search": {"mode": "include"}}
                     for m in chart["medications"]
@@ -663,6 +664,19 @@ class SmartServer:
                   "entry": entries + included}
         return Route(path=path, query=None, body=json.dumps(bundle).encode(),
                      headers={"Content-Type": FHIR_JSON})
+
+
+def _has_code(resource: dict, wanted: list[str] | None) -> bool:
+    """FHIR token search on `code` (`system|code` or a bare code, comma = or); no `code`
+    parameter matches everything."""
+    if not wanted:
+        return True
+    tokens = {t for value in wanted for t in value.split(",")}
+    for coding in (resource.get("code") or {}).get("coding") or []:
+        if (f"{coding.get('system')}|{coding.get('code')}" in tokens
+                or coding.get("code") in tokens):
+            return True
+    return False
 
 
 def _patient_of(resource_type: str, rest: str, query: dict[str, list[str]]) -> str | None:
