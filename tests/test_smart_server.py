@@ -180,8 +180,11 @@ def test_refresh_rotates_and_the_old_refresh_token_dies(smart_server):
 def test_fhir_needs_the_patients_token(smart_server):
     smart_server.redirect_uris = [CALLBACK]
     observation = {"resourceType": "Observation", "id": "o1", "status": "final",
+                   "code": {"coding": [{"system": "http://loinc.org", "code": "62238-1"}]},
                    "subject": {"reference": "Patient/p1"}}
-    smart_server.add_patient_chart("p1", observations=[observation])
+    other_code = {**observation, "id": "o2",
+                  "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]}}
+    smart_server.add_patient_chart("p1", observations=[observation, other_code])
     smart_server.add_patient_chart("p2")
     search = f"{smart_server.iss}/Observation?patient=p1&code=http://loinc.org|62238-1"
     anonymous = requests.get(search, timeout=5)
