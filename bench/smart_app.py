@@ -17,6 +17,10 @@ and the page; nothing is cached.
 Figures per reload, from the browser's own timings (Navigation Timing and Paint Timing):
 time to the first byte of the page (the server's work, FHIR reads included), and first
 contentful paint; both measured from the reload's navigation start. Medians and the slowest.
+
+Tried and explained: a first run showed 1 s stalls on 8 reloads in 20. They were the test EHR's
+listen backlog (socketserver's default of 5, overflowed by a call's 8 parallel reads, the SYN
+retried after 1 s), now 128 (tests/helpers/fhir_server.py), not the service.
 """
 
 from __future__ import annotations

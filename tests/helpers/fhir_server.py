@@ -31,6 +31,12 @@ import pytest
 FHIR_JSON = "application/fhir+json"
 
 
+class _Listener(ThreadingHTTPServer):
+    # socketserver's listen backlog is 5: a call's 8 parallel reads overflow it, and the
+    # kernel's dropped SYN is retried after 1 s, a stall that is the test server's, not ours.
+    request_queue_size = 128
+
+
 def _query_key(query: str | Mapping[str, Any] | None) -> tuple | None:
     if query is None:
         return None
@@ -85,7 +91,7 @@ class FhirTestServer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.requests: list[RecordedRequest] = []
-        self._httpd = ThreadingHTTPServer((host, 0), self._handler_class())
+        self._httpd = _Listener((host, 0), self._handler_class())
         self._httpd.daemon_threads = True
         self.host, self.port = self._httpd.server_address[:2]
         self._thread = threading.Thread(
