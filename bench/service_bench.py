@@ -1,10 +1,13 @@
-"""HTTP benchmark of the real service (`cds-service serve`) against a floor app, in one run.
+"""HTTP benchmark of the real service (`cds-service serve`) against a floor app and a peer
+(HealthChain), in one run.
 
 Run from the repository root with the project's virtualenv (`make bench` does the first):
 
     python -m bench.service_bench                  # full run, a few minutes on 2 cores
     python -m bench.service_bench --quick          # tiny fixed counts: a smoke test, not data
     python -m bench.service_bench --out DIR        # default: bench/results (--quick: a temp dir)
+    python -m bench.service_bench --quick --peer   # the quick run with the peer groups too
+    python -m bench.service_bench --no-pin         # client and servers share every CPU
 
 It writes ``DIR/service.json`` (every scenario's figures, the payloads, the servers' memory, the
 machine, library versions, date and git commit) and ``DIR/service.md`` (one table per server
@@ -20,6 +23,16 @@ temporary directory (its own SQLite store and replay cache, Prometheus directory
   is written on every call. Tokens and hookInstances are made before a scenario is timed.
 - ``floor-1w``, ``floor-2w``: `bench.floor_app` (a bare Flask app that parses the body and
   answers a fixed card) on the same gunicorn application and settings, same bodies.
+- ``peer-1w``, ``peer-2w``: `bench.peer.healthchain_app`, HealthChain 0.16.1's CDS Hooks
+  service with a patient-view handler making one scikit-learn prediction per call and answering
+  one card, no authentication (HealthChain has none), uvicorn with uvloop and httptools,
+  `--workers 1|2`; patient-view payloads only. It runs in its own virtualenv, built by
+  `bench.peer.venv` on first use into `$CDS_BENCH_CACHE` or ``~/.cache/cds-bench``
+  (`--peer-cache`) and reused after. If that fails (offline) or the peer does not start, its
+  groups are reported "not run" with the reason and the rest of the run goes on. Full runs
+  include it, quick runs only with `--peer`. The peer sends no `Server-Timing`: client-side
+  figures and server CPU only. uvicorn with one worker serves in its only process (reported as
+  both master and worker); with two, a supervisor spawns the workers.
 - ``service-shadow-2w``: the demo site with `shadow_model: ckd-progression-lr` for kidney-risk
   (a site file written into the temporary directory), so both shipped models are loaded and
   scored on every patient-view call: the memory figure the RSS target is about.
@@ -45,9 +58,14 @@ its scenarios: VmRSS, peak VmHWM and Pss (`/proc/<pid>/smaps_rollup`; models are
 the gunicorn master and shared with the workers by fork, which Pss splits) of the master and of
 each worker.
 
-The load generator runs on the same cores as the server: on a 2-core machine the client's own
-work (about a third of a millisecond of CPU per request here) competes with the server, and
-concurrent runs compare the service and the floor under the same handicap. Concurrent
+CPUs: with `--pin` (the default when 2 or more CPUs are usable) the load generator runs on the
+second usable CPU and every server process (gunicorn or uvicorn master and workers: the mask
+is set before exec and inherited) on all the others; on 2 CPUs that is the server on CPU 0 and
+the client on CPU 1, as the issue-20 measurement of the peer was taken, and then 2 workers
+share one CPU and cannot scale (the 2w/1w target needs `--no-pin` there). With `--no-pin` the
+client shares the cores with the server: its own work (about a third of a millisecond of CPU
+per request) competes with the server, and concurrent runs compare the servers under the same
+handicap. Concurrent
 connections are threads by default, measured as the cheaper client here; `--client processes`
 forks one process per connection (see `bench.load` for the measurement). Numbers are for
 comparing runs on one machine; nothing fails on a slow figure.
@@ -621,7 +639,8 @@ def run(settings: Settings, *, client_mode: str = "threads", groups: Sequence[Gr
     payloads = build()
     signer = Signer(_jwks_file())
     pins = pinning(pin)
-    peer_info, python = _peer(groups, peer, peer_cache or peer_venv.default_cache(), say)
+    peer_info, python = peer_venv.resolve(any(g.kind == "peer" for g in groups) and peer,
+                                          peer_cache or peer_venv.default_cache(), say)
     tmp = Path(tempfile.mkdtemp(prefix="cds-service-bench-"))
     started = time.monotonic()
     usable = os.sched_getaffinity(0)
@@ -671,26 +690,6 @@ def run(settings: Settings, *, client_mode: str = "threads", groups: Sequence[Gr
     report["targets"] = targets(report)
     report["non_200_total"] = sum(s["non_200"] for g in results for s in g["scenarios"])
     return report
-
-
-def _peer(groups: Sequence[Group], wanted: bool, cache: Path, say) -> tuple[dict, Path | None]:
-    """The peer's description and interpreter; None (and the reason) when it does not run."""
-    info = {"requirements": list(peer_venv.REQUIREMENTS), "server": peer_process.SERVER,
-            "venv": str(cache / peer_venv.NAME), "versions": None, "reason": None,
-            "not_run": []}
-    if not any(g.kind == "peer" for g in groups):
-        return info, None
-    if not wanted:
-        info["reason"] = "not asked for (quick runs need --peer)"
-        return info, None
-    try:
-        python, stamp = peer_venv.ensure(cache, say)
-    except peer_venv.Unavailable as exc:
-        say(f"peer: not run: {exc}")
-        info["reason"] = str(exc)
-        return info, None
-    info["versions"] = stamp["versions"]
-    return info, python
 
 
 # ---------------------------------------------------------------------------------------------
@@ -833,7 +832,7 @@ def markdown(report: dict) -> str:
         "Payloads: " + "; ".join(f"{name} {p['bytes'] / 1000:,.1f} KB ({p['description']})"
                                  for name, p in report["payloads"].items()) + ".",
         "",
-        _peer_line(report["peer"]),
+        peer_process.markdown_line(report["peer"]),
         "",
         "## Targets",
         "",
@@ -867,9 +866,11 @@ def markdown(report: dict) -> str:
             "",
             f"`{group['command']}`. Memory MB: master {mem['master']['rss_mb']:.0f} RSS "
             f"(Pss {_f(mem['master'].get('pss_mb'), 0)}); per worker {workers}. "
-            f"Log: {group['log']['lines']} lines, {group['log']['access_log_lines']} of them "
-            "gunicorn access lines." + (" No `Server-Timing`: client-side figures only."
-                                        if group["server"] == "peer" else ""),
+            + (f"Log: {group['log']['lines']} lines (uvicorn, no access log). No "
+               "`Server-Timing`: client-side figures and server CPU only."
+               if group["server"] == "peer" else
+               f"Log: {group['log']['lines']} lines, {group['log']['access_log_lines']} of them "
+               "gunicorn access lines."),
             "",
             "| payload | conns | requests | non-200 | req/s | client p50 / p95 / p99 ms | "
             "server total p50 / p95 / p99 ms | server CPU ms/req | others' CPU |"
@@ -898,20 +899,6 @@ def markdown(report: dict) -> str:
 
 def _cpus(cpus: Sequence[int]) -> str:
     return ", ".join(map(str, cpus))
-
-
-def _peer_line(peer: dict) -> str:
-    versions = peer["versions"] or {}
-    what = ("Peer: HealthChain " + (versions.get("healthchain") or "0.16.1") + " (`bench/peer/`), "
-            "patient-view `kidney-risk` making one scikit-learn LogisticRegression prediction "
-            "per call (eGFR and age from the prefetch) and answering one card, no "
-            f"authentication; {peer['server']}; its own virtualenv ({peer['venv']}: "
-            + ", ".join(peer["requirements"]) + ").")
-    if versions:
-        what += " Installed: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."
-    if peer["reason"]:
-        what += f" **Not run**: {peer['reason']}."
-    return what
 
 
 def write(report: dict, out: Path) -> tuple[Path, Path]:

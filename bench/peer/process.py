@@ -27,3 +27,18 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def markdown_line(peer: dict) -> str:
+    """What the peer is, as the bench's markdown header says it."""
+    versions = peer["versions"] or {}
+    text = ("Peer: HealthChain " + (versions.get("healthchain") or "0.16.1") + " (`bench/peer/`), "
+            "patient-view `kidney-risk` making one scikit-learn LogisticRegression prediction "
+            "per call (eGFR and age from the prefetch) and answering one card, no "
+            f"authentication; {peer['server']}; its own virtualenv ({peer['venv']}: "
+            + ", ".join(peer["requirements"]) + ").")
+    if versions:
+        text += " Installed: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."
+    if peer["reason"]:
+        text += f" **Not run**: {peer['reason']}."
+    return text

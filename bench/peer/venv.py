@@ -85,6 +85,26 @@ def ensure(cache: Path, say=print, python: str = sys.executable) -> tuple[Path, 
     return python_of(venv), stamp
 
 
+def resolve(wanted: bool, cache: Path, say=print) -> tuple[dict, Path | None]:
+    """The peer's description for the report and its interpreter; None (and the reason in the
+    description) when it is not wanted or cannot be built. `not_run`: filled by the bench."""
+    from bench.peer.process import SERVER
+
+    info = {"requirements": list(REQUIREMENTS), "server": SERVER, "venv": str(cache / NAME),
+            "versions": None, "reason": None, "not_run": []}
+    if not wanted:
+        info["reason"] = "not asked for (--no-peer, or --quick without --peer)"
+        return info, None
+    try:
+        python, stamp = ensure(cache, say)
+    except Unavailable as exc:
+        say(f"peer: not run: {exc}")
+        info["reason"] = str(exc)
+        return info, None
+    info["versions"] = stamp["versions"]
+    return info, python
+
+
 def _versions(python: Path) -> dict:
     code = ("import json, importlib.metadata as m; print(json.dumps({n: m.version(n) for n in "
             f"{list(REPORTED)!r}}}))")
