@@ -7,6 +7,7 @@ No speed is asserted: the numbers depend on the machine; only their presence and
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -17,7 +18,10 @@ import pytest
 
 from bench import load, payloads, service_bench
 from bench.floor_app import create_app as create_floor_app
+from bench.peer import venv as peer_venv
 from bench.service_bench import GROUPS, QUICK, main
+
+PEERS = tuple(g for g in GROUPS if g.kind == "peer")
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 SERVICE_STAGES = ("auth", "prefetch", "features", "model", "cards", "rest", "total")
@@ -33,9 +37,12 @@ def test_quick_run_writes_every_group_and_scenario(tmp_path: Path, capsys) -> No
         assert report["environment"][key]
     assert report["environment"]["libraries"]["gunicorn"]
     assert set(report["payloads"]) == {"pv-3kb", "pv-100obs", "pv-1000obs", "os-10orders"}
-    assert [g["name"] for g in report["groups"]] == [g.name for g in GROUPS]
+    run = [g for g in GROUPS if g.kind != "peer"]  # quick runs leave the peer out
+    assert [g["name"] for g in report["groups"]] == [g.name for g in run]
+    assert [g["group"] for g in report["peer"]["not_run"]] == [g.name for g in PEERS]
+    assert "Not run: not asked for" in markdown
 
-    for group, spec in zip(report["groups"], GROUPS, strict=True):
+    for group, spec in zip(report["groups"], run, strict=True):
         name = group["name"]
         assert [(s["payload"], s["connections"]) for s in group["scenarios"]] == list(
             spec.scenarios), name
@@ -77,14 +84,75 @@ def test_quick_run_writes_every_group_and_scenario(tmp_path: Path, capsys) -> No
     assert floor["models"] is None
 
     targets = report["targets"]
-    for key in ("ratio_vs_floor_3kb_1w_seq", "server_p50_3kb_ms", "server_p50_1mb_ms",
+    for key in ("ratio_vs_floor_3kb_1w_seq", "server_p50_3kb_ms", "server_p99_3kb_ms",
+                "server_p50_1mb_ms", "server_p99_1mb_ms", "orders_vs_pv_1w_seq",
                 "scaling_2w_vs_1w_16c", "rss_per_worker_both_models_mb"):
         assert targets[key]["value"] > 0, key
         assert targets[key]["met"] in (True, False), key
         assert targets[key]["what"] in markdown
+    peer = targets["ratio_vs_peer_3kb_1w_seq"]
+    assert peer["value"] is None and peer["target"] == ">= 1 (stretch 1.5)"
     assert targets["non_200_total"] == {**targets["non_200_total"], "value": 0, "met": True}
     assert report["non_200_total"] == 0
     assert str(tmp_path / "service.json") in capsys.readouterr().out
+
+
+def test_peer_not_run_when_its_virtualenv_cannot_be_built(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    report = service_bench.run(QUICK, groups=PEERS, say=lambda _: None, peer_cache=blocked,
+                               pin=False)
+    assert report["groups"] == [] and report["non_200_total"] == 0
+    reason = report["peer"]["reason"]
+    assert reason.startswith("cannot build") and str(blocked) in reason
+    assert report["peer"]["not_run"] == [{"group": g.name, "reason": reason} for g in PEERS]
+    text = service_bench.markdown(report)
+    assert f"## peer-1w\n\nNot run: {reason}" in text and "**Not run**" in text
+
+
+def test_peer_virtualenv_failing_install_and_reuse(tmp_path: Path) -> None:
+    with pytest.raises(peer_venv.Unavailable, match="exited with"):
+        peer_venv.ensure(tmp_path, say=lambda _: None, python="/bin/false")
+    assert peer_venv.ready(tmp_path) is None
+    # A stamped virtualenv with the same requirements is reused: nothing is run.
+    venv = tmp_path / peer_venv.NAME
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()
+    stamp = {"requirements": list(peer_venv.REQUIREMENTS), "versions": {"healthchain": "0.16.1"}}
+    (venv / peer_venv.STAMP).write_text(json.dumps(stamp))
+    assert peer_venv.ensure(tmp_path, python="/bin/false") == (venv / "bin" / "python", stamp)
+    stamp["requirements"] = ["healthchain==0.15.0"]
+    (venv / peer_venv.STAMP).write_text(json.dumps(stamp))
+    assert peer_venv.ready(tmp_path) is None
+
+
+@pytest.mark.skipif(peer_venv.ready(peer_venv.default_cache()) is None,
+                    reason="the peer's virtualenv is not built (python -m bench.service_bench)")
+def test_peer_groups_answer_every_payload_when_built() -> None:
+    report = service_bench.run(QUICK, groups=PEERS, say=lambda _: None)
+    assert report["peer"]["not_run"] == [] and report["peer"]["versions"]["healthchain"]
+    assert [g["name"] for g in report["groups"]] == [g.name for g in PEERS]
+    for group, spec in zip(report["groups"], PEERS, strict=True):
+        assert [(s["payload"], s["connections"]) for s in group["scenarios"]] == list(
+            spec.scenarios)
+        for s in group["scenarios"]:
+            assert s["statuses"] == {"200": s["count"]} and s["server_ms"] == {}
+            assert s["server_cpu_ms_per_request"] > 0
+        workers = group["memory"]["workers"]
+        assert len(workers) == spec.workers and all(w["rss_mb"] > 10 for w in workers)
+        if spec.workers == 1:  # uvicorn serves in its only process
+            assert workers[0]["pid"] == group["memory"]["master"]["pid"]
+
+
+def test_pinning_splits_the_usable_cpus() -> None:
+    assert service_bench.pinning(False) is None
+    usable = os.sched_getaffinity(0)
+    pins = service_bench.pinning(None)
+    if len(usable) < 2:
+        assert pins is None
+    else:
+        server, client = pins
+        assert len(client) == 1 and server | client == usable and not server & client
 
 
 def test_payloads_have_the_documented_shape_and_size() -> None:
