@@ -345,14 +345,14 @@ def test_a_confidential_client_signs_its_token_requests(make_smart_app, ehr, tmp
 
 
 def test_the_kidney_risk_card_links_to_the_app_when_the_site_enables_it(make_app):
-    from tests.helpers.golden import patient_request
+    from tests.helpers.golden import as_of_today, patient_request
     from tests.helpers.http import post
 
     smart = ("smart_app:\n  client_id: cds-kidney-app\n"
              "  redirect_uri: https://cds.example.org/cds/smart/callback\n")
     for site_yaml, expected in (("", []), (smart, ["https://cds.example.org/cds/smart/launch"])):
         client = make_app(SERVICES=SERVICES, SITE_YAML=site_yaml).test_client()
-        response = post(client, "/cds-services/kidney-risk", patient_request())
+        response = post(client, "/cds-services/kidney-risk", as_of_today(patient_request()))
         assert response.status_code == 200
         (card,) = response.get_json()["cards"]
         # CDS Hooks 2.0 Link: type "smart" is launched by the EHR with iss and launch.
