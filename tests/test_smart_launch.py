@@ -12,7 +12,6 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from cds_service.app import create_app
 from hooks import SERVICES
 from tests.helpers.smart_server import SmartServer
 from tests.helpers.smart_site import write_smart_site
@@ -46,25 +45,18 @@ def ehr():
 
 
 @pytest.fixture
-def make_smart_app(tmp_path):
-    apps = []
+def make_smart_app(make_app, tmp_path):
+    """The conftest app factory on a site that enables the app for `ehr`'s issuer."""
+    made = []
 
     def _make(ehr, smart_extra: str = ""):
         site = write_smart_site(tmp_path, ehr.iss, REDIRECT, smart_extra=smart_extra,
-                                name=f"site-{len(apps)}.yaml")
-        app = create_app({
-            "SITE_CONFIG": str(site), "SERVICES": SERVICES, "PUBLIC_URL": "http://localhost",
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}",
-            "REPLAY_CACHE_URL": f"sqlite:///{tmp_path / 'replay.sqlite3'}",
-            "SMART_SESSION_URL": f"sqlite:///{tmp_path / f'smart-{len(apps)}.sqlite3'}",
-            "SPOOL_DIR": str(tmp_path / f"spool-{len(apps)}")})
-        app.config["TESTING"] = True
-        apps.append(app)
-        return app
+                                name=f"site-{len(made)}.yaml")
+        made.append(site)
+        return make_app(SITE_CONFIG=str(site), SERVICES=SERVICES, SMART_SESSION_URL=(
+            f"sqlite:///{tmp_path / f'smart-{len(made)}.sqlite3'}"))
 
-    yield _make
-    for app in apps:
-        app.extensions["cds"].close()
+    return _make
 
 
 @pytest.fixture
