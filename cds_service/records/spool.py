@@ -143,7 +143,12 @@ class SpoolRecorder:
     ROTATE_BYTES = 4 * 1024 * 1024
     FSYNC_S = 1.0
     SCAN_S = 5.0
-    LINGER_S = 0.01  # as `recorder.Recorder`: let calls queue up into one transaction
+    # Let calls queue up into one transaction. A transaction's fixed cost dominates: storing
+    # the records of 1, 4, 16 and 64 patient-views per transaction cost 1.26, 0.37, 0.15 and
+    # 0.11 ms of CPU per call on the bench machine, taken from the worker that answers. At
+    # 300 calls/s, 50 ms gathers ~15 calls where 10 ms gathered 3 (issue 20). Records reach
+    # the store that much later; the spool already holds them.
+    LINGER_S = 0.05
     RETRY_S = (0.25, 5.0)  # first and longest wait before writing again after a failure
     CLOSE_S = 20.0  # a graceful stop writes what it can in this long (gunicorn allows 30 s)
 
