@@ -41,7 +41,17 @@ Server processes log to a file (never a pipe), JSON, `CDS_LOG_LEVEL=WARNING`; an
 variable of the caller's environment is left out, so nothing (e.g. `CDS_AUTH_REQUIRED`)
 changes what is measured.
 
-Scenarios (payloads: `bench.payloads`), each after unrecorded warm-up requests and after one
+First, side by side (`run_rounds`, skipped with `run(headline=False)`): ``floor-1w``,
+``service-1w`` and ``peer-1w`` (when the peer is run) are started together and take turns on
+the headline scenario, pv-3kb over 1 connection: `Settings.rounds` rounds (5 in a full run) of
+`round_count` requests each, the order rotating by one each round. The report's ``rounds``
+holds each round's figures, their medians and each round's service/floor and service/peer
+ratios with their medians; the issue-20 ratio and pv-3kb latency targets are taken from these
+medians. On a shared 2-CPU machine whose speed drifts by a third within minutes, only figures
+taken in turns make a ratio.
+
+Then the groups one after another. Scenarios (payloads: `bench.payloads`), each after
+unrecorded warm-up requests and after one
 checked request per payload (HTTP 200 and the expected card, or the run stops):
 pv-3kb over 1 keep-alive connection and over 16 concurrent ones; pv-100obs, pv-1000obs and
 os-10orders over 1 connection. A fixed number of requests each (`Settings`), with a timeout
@@ -80,6 +90,7 @@ import platform
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,6 +153,9 @@ class Settings:
     mode: str
     counts: dict[tuple[str, int], int]     # (payload, connections) -> measured requests
     warmup: dict[tuple[str, int], int]
+    rounds: int = 0              # side-by-side rounds of the headline scenario (0: none)
+    round_count: int = 0         # requests per server per round
+    round_warmup: int = 0
 
 
 FULL = Settings(
@@ -150,6 +164,7 @@ FULL = Settings(
             ("pv-1000obs", 1): 200, ("os-10orders", 1): 1000},
     warmup={("pv-3kb", 1): 100, ("pv-3kb", CONCURRENT): 160, ("pv-100obs", 1): 50,
             ("pv-1000obs", 1): 10, ("os-10orders", 1): 50},
+    rounds=5, round_count=1000, round_warmup=200,
 )
 QUICK = Settings(
     "quick",
@@ -157,7 +172,14 @@ QUICK = Settings(
             ("pv-1000obs", 1): 5, ("os-10orders", 1): 20},
     warmup={("pv-3kb", 1): 3, ("pv-3kb", CONCURRENT): 16, ("pv-100obs", 1): 2,
             ("pv-1000obs", 1): 1, ("os-10orders", 1): 2},
+    rounds=2, round_count=20, round_warmup=3,
 )
+
+# The headline comparison (issue 20: "5 alternating rounds, medians"): these servers run side by
+# side and take turns, one round of the same scenario each, so a machine that speeds up or
+# slows down meanwhile (seen here: the floor alone at 1,950 to 2,880 req/s in runs minutes
+# apart) moves all of them alike and the per-round ratios hold.
+HEADLINE = ("pv-3kb", 1)
 SCENARIOS = tuple(FULL.counts)
 
 
@@ -576,6 +598,82 @@ def run_group(group: Group, settings: Settings, payloads: dict[str, Payload], si
     }
 
 
+def _median(values: Sequence[float | None]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return round(statistics.median(values), 3) if values else None
+
+
+def run_rounds(settings: Settings, payloads: dict[str, Payload], signer: Signer, tmp: Path,
+               say, *, python: Path | None = None, cpus: set[int] | None = None) -> dict:
+    """The headline scenario on the floor, the service and the peer (when `python`, its
+    virtualenv, is given), 1 worker each, all started at once and measured in turns: each round
+    runs `round_count` requests on each server, the order rotating from round to round.
+    Medians over the rounds, and the per-round ratios of the service to each other server."""
+    name, connections = HEADLINE
+    kinds = ["floor", "service", *(["peer"] if python is not None else [])]
+    servers = {kind: Server(Group(f"{kind}-1w", kind, 1, (HEADLINE,)), tmp / f"rounds-{kind}",
+                            SITE_CONFIG if kind == "service" else None,
+                            python if kind == "peer" else None, cpus) for kind in kinds}
+    per_server = settings.round_warmup + settings.rounds * settings.round_count
+    figures: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    say(f"rounds: {', '.join(kinds)} side by side, {settings.rounds} rounds of "
+        f"{settings.round_count} x {name}")
+    try:
+        for server in servers.values():
+            server.start()
+        batches = {}
+        for kind, server in servers.items():
+            check_payload(server, payloads[name], signer)
+            batches[kind] = batch = Batch(server, payloads[name], per_server, signer)
+            if settings.round_warmup:
+                load.run(HOST, server.port, batch, settings.round_warmup,
+                         timeout=REQUEST_TIMEOUT_S)
+        for r in range(settings.rounds):
+            offset = settings.round_warmup + r * settings.round_count
+            for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+                server, batch = servers[kind], batches[kind]
+                pids = server.worker_pids()
+                cpu = (cpu_seconds(pids), client_cpu_seconds(), machine_busy_seconds())
+                result = load.run(HOST, server.port, lambda i, b=batch, o=offset: b(o + i),
+                                  settings.round_count, timeout=REQUEST_TIMEOUT_S)
+                figures[kind].append({"round": r + 1, **summarize(
+                    result, server_cpu_s=cpu_seconds(pids) - cpu[0],
+                    client_cpu_s=client_cpu_seconds() - cpu[1],
+                    machine_cpu_s=machine_busy_seconds() - cpu[2])})
+            say("  round " + str(r + 1) + ": " + ", ".join(
+                f"{kind} {figures[kind][-1]['requests_per_s']} req/s" for kind in kinds))
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    def medians(rounds: list[dict]) -> dict:
+        total = [r["server_ms"].get("total", {}) for r in rounds]
+        return {
+            "requests_per_s": _median([r["requests_per_s"] for r in rounds]),
+            "client_ms": {q: _median([r["client_ms"][q] for r in rounds])
+                          for q in ("p50", "p99")},
+            "server_ms": {q: _median([t.get(q) for t in total]) for q in ("p50", "p99")},
+            "server_cpu_ms_per_request": _median([r["server_cpu_ms_per_request"]
+                                                  for r in rounds]),
+            "other_cpu_share": _median([r["other_cpu_share"] for r in rounds]),
+            "non_200": sum(r["non_200"] for r in rounds),
+        }
+
+    ratios = {}
+    for other in kinds:
+        if other != "service":
+            per_round = [_ratio(a, b) for a, b in zip(figures["service"], figures[other],
+                                                      strict=True)]
+            ratios[f"service_vs_{other}"] = {"rounds": per_round, "median": _median(per_round)}
+    return {
+        "payload": name, "connections": connections, "rounds": settings.rounds,
+        "requests_per_round": settings.round_count, "warmup": settings.round_warmup,
+        "servers": {kind: {"median": medians(figures[kind]), "rounds": figures[kind]}
+                    for kind in kinds},
+        "ratios": ratios,
+    }
+
+
 def _models(ready: dict | None) -> Any:
     """The models /readyz reports loaded (id, version, sha256)."""
     if ready is None:
@@ -635,11 +733,13 @@ def pinning(pin: bool | None) -> tuple[set[int], set[int]] | None:
 
 def run(settings: Settings, *, client_mode: str = "threads", groups: Sequence[Group] = GROUPS,
         say=print, peer: bool = True, peer_cache: Path | None = None,
-        pin: bool | None = None) -> dict:
+        pin: bool | None = None, headline: bool = True) -> dict:
     payloads = build()
+    report_rounds = None
     signer = Signer(_jwks_file())
     pins = pinning(pin)
-    peer_info, python = peer_venv.resolve(any(g.kind == "peer" for g in groups) and peer,
+    peer_info, python = peer_venv.resolve((any(g.kind == "peer" for g in groups)
+                                           or bool(settings.rounds and headline)) and peer,
                                           peer_cache or peer_venv.default_cache(), say)
     tmp = Path(tempfile.mkdtemp(prefix="cds-service-bench-"))
     started = time.monotonic()
@@ -648,6 +748,18 @@ def run(settings: Settings, *, client_mode: str = "threads", groups: Sequence[Gr
     try:
         if pins:  # this thread's mask, inherited by the load generator's threads and processes
             os.sched_setaffinity(0, pins[1])
+        if settings.rounds and headline:
+            rounds_python = python if peer else None
+            try:
+                report_rounds = run_rounds(settings, payloads, signer, tmp, say,
+                                           python=rounds_python, cpus=pins and pins[0])
+            except BenchError as exc:
+                if rounds_python is None:
+                    raise
+                say(f"rounds: the peer did not start ({exc}); rounds without it")
+                peer_info["not_run"].append({"group": "rounds", "reason": str(exc)})
+                report_rounds = run_rounds(settings, payloads, signer, tmp, say,
+                                           cpus=pins and pins[0])
         for g in groups:
             if g.kind == "peer" and python is None:
                 peer_info["not_run"].append({"group": g.name, "reason": peer_info["reason"]})
@@ -684,11 +796,14 @@ def run(settings: Settings, *, client_mode: str = "threads", groups: Sequence[Gr
         },
         "payloads": describe(payloads),
         "peer": peer_info,
+        "rounds": report_rounds,
         "groups": results,
         "wall_s": round(time.monotonic() - started, 1),
     }
     report["targets"] = targets(report)
-    report["non_200_total"] = sum(s["non_200"] for g in results for s in g["scenarios"])
+    report["non_200_total"] = (sum(s["non_200"] for g in results for s in g["scenarios"])
+                               + sum(r["non_200"] for server in (report_rounds or {}).get(
+                                   "servers", {}).values() for r in server["rounds"]))
     return report
 
 
@@ -731,26 +846,43 @@ def targets(report: dict) -> dict:
 
     seq = ("pv-3kb", 1)
     conc = ("pv-3kb", CONCURRENT)
+    rounds = report.get("rounds")
+    if rounds:  # the side-by-side medians, when the run took them
+        vs_peer = rounds["ratios"].get("service_vs_peer", {}).get("median")
+        vs_floor = rounds["ratios"]["service_vs_floor"]["median"]
+        seq_p50, seq_p99 = (rounds["servers"]["service"]["median"]["server_ms"][q]
+                            for q in ("p50", "p99"))
+        how = f"median of {rounds['rounds']} side-by-side rounds"
+    else:
+        vs_peer = _ratio(_scenario(report, "service-1w", *seq),
+                         _scenario(report, "peer-1w", *seq))
+        vs_floor = _ratio(_scenario(report, "service-1w", *seq),
+                          _scenario(report, "floor-1w", *seq))
+        seq_p50, seq_p99 = (_server(_scenario(report, "service-1w", *seq), q)
+                            for q in ("p50", "p99"))
+        how = "one run each"
     shadow = _group(report, "service-shadow-2w")
     rss = max((w["rss_mb"] for w in shadow["memory"]["workers"]), default=None) if shadow \
         else None
-    non_200 = sum(s["non_200"] for g in report["groups"] for s in g["scenarios"])
+    non_200 = sum(s["non_200"] for g in report["groups"] for s in g["scenarios"]) + sum(
+        r["non_200"] for server in (rounds or {}).get("servers", {}).values()
+        for r in server["rounds"])
     one = {key: _scenario(report, "service-1w", *key) for key in SCENARIOS}
     return {
         "ratio_vs_peer_3kb_1w_seq": target(
-            _ratio(one[seq], _scenario(report, "peer-1w", *seq)), TARGET_RATIO_VS_PEER, True,
-            "pv-3kb, 1 worker, sequential: service req/s / peer (HealthChain) req/s",
+            vs_peer, TARGET_RATIO_VS_PEER, True,
+            f"pv-3kb, 1 worker, sequential: service req/s / peer (HealthChain) req/s ({how})",
             STRETCH_RATIO_VS_PEER),
         "ratio_vs_floor_3kb_1w_seq": target(
-            _ratio(_scenario(report, "service-1w", *seq), _scenario(report, "floor-1w", *seq)),
-            TARGET_RATIO_VS_FLOOR, True,
-            "pv-3kb, JWT + model + cards, 1 worker, sequential: service req/s / floor req/s"),
+            vs_floor, TARGET_RATIO_VS_FLOOR, True,
+            "pv-3kb, JWT + model + cards, 1 worker, sequential: service req/s / floor req/s "
+            f"({how})"),
         "server_p50_3kb_ms": target(
-            _server(one[seq], "p50"), TARGET_P50_3KB_MS, False,
-            "pv-3kb, 1 worker, sequential: server-side total p50 (ms)"),
+            seq_p50, TARGET_P50_3KB_MS, False,
+            f"pv-3kb, 1 worker, sequential: server-side total p50 (ms; {how})"),
         "server_p99_3kb_ms": target(
-            _server(one[seq], "p99"), TARGET_P99_3KB_MS, False,
-            "pv-3kb, 1 worker, sequential: server-side total p99 (ms)"),
+            seq_p99, TARGET_P99_3KB_MS, False,
+            f"pv-3kb, 1 worker, sequential: server-side total p99 (ms; {how})"),
         "server_p50_1mb_ms": target(
             _server(one[("pv-1000obs", 1)], "p50"), TARGET_P50_1MB_MS, False,
             "pv-1000obs (~1 MB), 1 worker, sequential: server-side total p50 (ms)"),
@@ -834,6 +966,7 @@ def markdown(report: dict) -> str:
         "",
         peer_process.markdown_line(report["peer"]),
         "",
+        *_rounds_markdown(report.get("rounds")),
         "## Targets",
         "",
         "| target | value | goal | |",
@@ -895,6 +1028,35 @@ def markdown(report: dict) -> str:
     lines += [f"Total non-200 responses: {report['non_200_total']}. Wall time "
               f"{report['wall_s']:,.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _rounds_markdown(rounds: dict | None) -> list[str]:
+    if not rounds:
+        return []
+    lines = [
+        f"## Side by side: {rounds['payload']}, 1 worker, sequential",
+        "",
+        f"The servers ran at the same time and took turns: {rounds['rounds']} rounds of "
+        f"{rounds['requests_per_round']:,} requests each (after {rounds['warmup']:,} warm-up "
+        "requests), the order rotating. Medians over the rounds; the ratios are each round's, "
+        "so a machine speeding up or slowing down meanwhile cancels out.",
+        "",
+        "| server | req/s | each round | client p50 / p99 ms | server total p50 / p99 ms | "
+        "server CPU ms/req |",
+        "|---|--:|---|--:|--:|--:|",
+    ]
+    for kind, figures in rounds["servers"].items():
+        m = figures["median"]
+        each = ", ".join(_f(r["requests_per_s"], 0) for r in figures["rounds"])
+        lines.append(f"| {kind} | {_f(m['requests_per_s'], 0)} | {each} | "
+                     f"{_f(m['client_ms']['p50'])} / {_f(m['client_ms']['p99'])} | "
+                     f"{_f(m['server_ms']['p50'])} / {_f(m['server_ms']['p99'])} | "
+                     f"{_f(m['server_cpu_ms_per_request'])} |")
+    lines.append("")
+    for name, ratio in rounds["ratios"].items():
+        lines.append(f"- {name.replace('_', ' ')}: median {_f(ratio['median'], 3)} (rounds: "
+                     + ", ".join(_f(r, 3) for r in ratio["rounds"]) + ")")
+    return [*lines, ""]
 
 
 def _cpus(cpus: Sequence[int]) -> str:

@@ -83,7 +83,28 @@ def test_quick_run_writes_every_group_and_scenario(tmp_path: Path, capsys) -> No
     floor = next(g for g in report["groups"] if g["server"] == "floor")
     assert floor["models"] is None
 
+    # The side-by-side rounds: floor and service (the peer only when asked), taking turns.
+    rounds = report["rounds"]
+    assert list(rounds["servers"]) == ["floor", "service"] and rounds["rounds"] == QUICK.rounds
+    for kind, figures in rounds["servers"].items():
+        assert [r["round"] for r in figures["rounds"]] == list(range(1, QUICK.rounds + 1))
+        for r in figures["rounds"]:
+            assert r["count"] == QUICK.round_count and r["statuses"] == {"200": r["count"]}, kind
+        each = sorted(r["requests_per_s"] for r in figures["rounds"])
+        assert each[0] <= figures["median"]["requests_per_s"] <= each[-1]
+        assert figures["median"]["non_200"] == 0
+    ratio = rounds["ratios"]["service_vs_floor"]
+    assert ratio["rounds"] == [
+        round(a["requests_per_s"] / b["requests_per_s"], 3)
+        for a, b in zip(rounds["servers"]["service"]["rounds"],
+                        rounds["servers"]["floor"]["rounds"], strict=True)]
+    assert min(ratio["rounds"]) <= ratio["median"] <= max(ratio["rounds"])
+    assert "## Side by side: pv-3kb, 1 worker, sequential" in markdown
+
     targets = report["targets"]
+    assert targets["ratio_vs_floor_3kb_1w_seq"]["value"] == ratio["median"]
+    assert targets["server_p50_3kb_ms"]["value"] == (
+        rounds["servers"]["service"]["median"]["server_ms"]["p50"])
     for key in ("ratio_vs_floor_3kb_1w_seq", "server_p50_3kb_ms", "server_p99_3kb_ms",
                 "server_p50_1mb_ms", "server_p99_1mb_ms", "orders_vs_pv_1w_seq",
                 "scaling_2w_vs_1w_16c", "rss_per_worker_both_models_mb"):
@@ -101,7 +122,7 @@ def test_peer_not_run_when_its_virtualenv_cannot_be_built(tmp_path: Path) -> Non
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
     report = service_bench.run(QUICK, groups=PEERS, say=lambda _: None, peer_cache=blocked,
-                               pin=False)
+                               pin=False, headline=False)
     assert report["groups"] == [] and report["non_200_total"] == 0
     reason = report["peer"]["reason"]
     assert reason.startswith("cannot build") and str(blocked) in reason
@@ -131,6 +152,12 @@ def test_peer_virtualenv_failing_install_and_reuse(tmp_path: Path) -> None:
 def test_peer_groups_answer_every_payload_when_built() -> None:
     report = service_bench.run(QUICK, groups=PEERS, say=lambda _: None)
     assert report["peer"]["not_run"] == [] and report["peer"]["versions"]["healthchain"]
+    rounds = report["rounds"]
+    assert list(rounds["servers"]) == ["floor", "service", "peer"]
+    assert all(r["statuses"] == {"200": QUICK.round_count}
+               for r in rounds["servers"]["peer"]["rounds"])
+    assert report["targets"]["ratio_vs_peer_3kb_1w_seq"]["value"] == (
+        rounds["ratios"]["service_vs_peer"]["median"])
     assert [g["name"] for g in report["groups"]] == [g.name for g in PEERS]
     for group, spec in zip(report["groups"], PEERS, strict=True):
         assert [(s["payload"], s["connections"]) for s in group["scenarios"]] == list(
