@@ -33,6 +33,9 @@ temporary directory (its own SQLite store and replay cache, Prometheus directory
   include it, quick runs only with `--peer`. The peer sends no `Server-Timing`: client-side
   figures and server CPU only. uvicorn with one worker serves in its only process (reported as
   both master and worker); with two, a supervisor spawns the workers.
+- ``service-1w-shared``, ``service-2w-shared``: as ``service-1w`` and ``service-2w`` at 16
+  connections, but never pinned (the client and the workers share every CPU): the 2-worker
+  scaling target's figures, since pinned on 2 CPUs both workers share CPU 0.
 - ``service-shadow-2w``: the demo site with `shadow_model: ckd-progression-lr` for kidney-risk
   (a site file written into the temporary directory), so both shipped models are loaded and
   scored on every patient-view call: the memory figure the RSS target is about.
@@ -190,6 +193,7 @@ class Group:
     workers: int
     scenarios: tuple[tuple[str, int], ...] = SCENARIOS
     shadow: bool = False
+    shared: bool = False  # client and server on every CPU, whatever --pin says
 
 
 # The peer answers patient-view only (HealthChain's whole request validated by pydantic).
@@ -202,6 +206,9 @@ GROUPS = (
     Group("service-2w", "service", 2),
     Group("peer-2w", "peer", 2, (("pv-3kb", 1), ("pv-3kb", CONCURRENT))),
     Group("service-shadow-2w", "service", 2, (("pv-3kb", 1), ("pv-1000obs", 1)), shadow=True),
+    # The scaling target: pinned on 2 CPUs, both workers would share CPU 0.
+    Group("service-1w-shared", "service", 1, (("pv-3kb", CONCURRENT),), shared=True),
+    Group("service-2w-shared", "service", 2, (("pv-3kb", CONCURRENT),), shared=True),
 )
 
 
@@ -579,6 +586,7 @@ def run_group(group: Group, settings: Settings, payloads: dict[str, Payload], si
         "name": group.name,
         "server": group.kind,
         "workers": group.workers,
+        "shared_cpus": group.shared,
         "threads": None if group.kind == "peer" else SETTINGS["threads"],
         "command": " ".join([{"service": "cds-service", "floor": "python",
                               "peer": f"{peer_venv.NAME}/bin/python"}[group.kind],
@@ -765,8 +773,11 @@ def run(settings: Settings, *, client_mode: str = "threads", groups: Sequence[Gr
                 peer_info["not_run"].append({"group": g.name, "reason": peer_info["reason"]})
                 continue
             try:
+                if pins:
+                    os.sched_setaffinity(0, usable if g.shared else pins[1])
                 results.append(run_group(g, settings, payloads, signer, tmp, client_mode, say,
-                                         python=python, cpus=pins and pins[0]))
+                                         python=python,
+                                         cpus=None if g.shared else pins and pins[0]))
             except BenchError as exc:
                 if g.kind != "peer":
                     raise
@@ -893,9 +904,11 @@ def targets(report: dict) -> dict:
             _ratio(one[("os-10orders", 1)], one[seq]), TARGET_ORDERS_VS_PV, True,
             "os-10orders / pv-3kb req/s, 1 worker, sequential (within 10 %)"),
         "scaling_2w_vs_1w_16c": target(
-            _ratio(_scenario(report, "service-2w", *conc), _scenario(report, "service-1w", *conc)),
+            _ratio(_scenario(report, "service-2w-shared", *conc),
+                   _scenario(report, "service-1w-shared", *conc)),
             TARGET_SCALING_2W, True,
-            f"pv-3kb, {CONCURRENT} connections: service 2 workers req/s / 1 worker req/s"),
+            f"pv-3kb, {CONCURRENT} connections: service 2 workers req/s / 1 worker req/s "
+            "(client and workers sharing every CPU)"),
         "rss_per_worker_both_models_mb": target(
             rss, TARGET_RSS_MB, False,
             "largest worker VmRSS (MB) with kfre-4var and ckd-progression-lr loaded "
@@ -986,8 +999,10 @@ def markdown(report: dict) -> str:
         f"at {CONCURRENT} connections: {_f(ctx['ratio_vs_peer_3kb_1w_16c'], 3)} (1 worker), "
         f"{_f(ctx['ratio_vs_peer_3kb_2w_16c'], 3)} (2 workers); the peer goes "
         f"{_f(ctx['peer_scaling_2w_vs_1w_16c'])}× from 1 to 2 workers."
-        + (" Pinned, the servers share one CPU: 2 workers cannot scale past 1 here (run "
-           "`--no-pin` for the scaling figure)." if pin and len(pin["server_cpus"]) < 2 else ""),
+        + (" Pinned, the servers share one CPU: 2 workers cannot scale past 1 there, so the "
+           "scaling target comes from the `-shared` groups, where the client and the workers "
+           "share every CPU (the client's own CPU per request then competes with the "
+           "workers)." if pin and len(pin["server_cpus"]) < 2 else ""),
         "",
     ]
     for group in report["groups"]:
@@ -997,7 +1012,9 @@ def markdown(report: dict) -> str:
         lines += [
             f"## {group['name']}",
             "",
-            f"`{group['command']}`. Memory MB: master {mem['master']['rss_mb']:.0f} RSS "
+            ("Not pinned: the client and the workers share every CPU. " if group["shared_cpus"]
+             else "")
+            + f"`{group['command']}`. Memory MB: master {mem['master']['rss_mb']:.0f} RSS "
             f"(Pss {_f(mem['master'].get('pss_mb'), 0)}); per worker {workers}. "
             + (f"Log: {group['log']['lines']} lines (uvicorn, no access log). No "
                "`Server-Timing`: client-side figures and server CPU only."

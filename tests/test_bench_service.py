@@ -79,7 +79,10 @@ def test_quick_run_writes_every_group_and_scenario(tmp_path: Path, capsys) -> No
     models = {g["name"]: {m["id"] for m in g["models"]} for g in report["groups"]
               if g["server"] == "service"}
     assert models == {"service-1w": {"kfre-4var"}, "service-2w": {"kfre-4var"},
-                      "service-shadow-2w": {"kfre-4var", "ckd-progression-lr"}}
+                      "service-shadow-2w": {"kfre-4var", "ckd-progression-lr"},
+                      "service-1w-shared": {"kfre-4var"}, "service-2w-shared": {"kfre-4var"}}
+    assert [g["name"] for g in report["groups"] if g["shared_cpus"]] == [
+        "service-1w-shared", "service-2w-shared"]
     floor = next(g for g in report["groups"] if g["server"] == "floor")
     assert floor["models"] is None
 
