@@ -29,7 +29,7 @@ from cds_service.features import (
     FeatureValue,
     FeatureVector,
     Reading,
-    extract_many,
+    extract_with_readings,
     parse_features,
     readings_many,
 )
@@ -321,9 +321,10 @@ class KidneyStatus:
 def assess(resources: Iterable[Any], *, now: datetime,
            code_map: CodeMap | None = None) -> KidneyStatus:
     """What the chart says about kidney function at `now` (see the module docstring)."""
-    resources = list(resources)
-    (vector,) = extract_many((INPUTS,), resources, now=now, code_map=code_map)
-    return interpret(vector, resources, now=now, code_map=code_map)
+    vector, (egfrs, creatinines) = extract_with_readings(
+        INPUTS, (_SPECS["egfr"], _SPECS["creatinine"]), list(resources), now=now,
+        code_map=code_map)
+    return interpret(vector, egfrs, creatinines, now=now)
 
 
 def _female(vector: FeatureVector) -> bool | None:
@@ -377,9 +378,9 @@ def _acute(history: list[Egfr], creatinines: list[Reading]) -> str | None:
     return None
 
 
-def interpret(vector: FeatureVector, resources: list[Any], *, now: datetime,
-              code_map: CodeMap | None = None) -> KidneyStatus:
-    """`assess` on the INPUTS vector already extracted (the history is read from `resources`)."""
+def interpret(vector: FeatureVector, egfrs: list[Reading], creatinines: list[Reading], *,
+              now: datetime) -> KidneyStatus:
+    """`assess` on the INPUTS vector and the eGFR and creatinine results already extracted."""
     notes: list[str] = []
     uacr = vector["uacr"] if vector["uacr"].status == "observed" else None
     weight = vector["weight"] if vector["weight"].status == "observed" else None
@@ -388,8 +389,6 @@ def interpret(vector: FeatureVector, resources: list[Any], *, now: datetime,
     conditions = frozenset(name for name in CONDITION_SETS
                            if f"has_{name}" in vector.names and vector[f"has_{name}"].value)
 
-    egfrs, creatinines = readings_many((_SPECS["egfr"], _SPECS["creatinine"]), resources,
-                                       now=now, code_map=code_map)
     history = _history(egfrs, creatinines, age, female, now, notes)
     latest = history[-1] if history else None
     dates = [e.date for e in history] + [c.date for c in creatinines]

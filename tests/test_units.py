@@ -257,6 +257,28 @@ def test_readings_history_oldest_first_with_the_same_exclusions():
     assert (fv.n, fv.value, fv.source) == (3, 1.4, "Observation/c3b")
 
 
+def test_extract_with_readings_is_extract_and_readings_in_one_pass():
+    code_map = parse_code_map([{"from": f"{LOCAL}|1526", "to": f"{LOINC}|2160-0"}])
+    resources = [
+        obs("2160-0", 1.4, "mg/dL", date="2025-03-01T08:00:00Z", id="c3"),
+        obs("1526", valueString="<0.5", system=LOCAL, date="2024-06-01", id="c2"),
+        obs("33914-3", 48, "mL/min/1.73m2", date="2025-02-01", id="e1"),
+        obs("2160-0", 9.9, "mg/dL", status="entered-in-error", id="x1"),
+    ]
+    specs = [SPEC["egfr"], SPEC["creatinine"], SPEC["hba1c"]]
+    vector, (creatinines, egfrs) = engine.extract_with_readings(
+        specs, [SPEC["creatinine"], SPEC["egfr"]], resources, now=NOW, code_map=code_map)
+    assert vector == extract(specs, resources, now=NOW, code_map=code_map)
+    assert [(r.source, r.value, r.comparator) for r in creatinines] == [
+        ("Observation/c2", 0.5, "<"), ("Observation/c3", 1.4, None)]
+    assert creatinines == readings(SPEC["creatinine"], resources, now=NOW, code_map=code_map)
+    assert [(r.source, r.value) for r in egfrs] == [("Observation/e1", 48.0)]
+    with pytest.raises(ValueError):  # a reading spec must be one of the extracted specs
+        engine.extract_with_readings([SPEC["egfr"]], [SPEC["creatinine"]], [], now=NOW)
+    with pytest.raises(ValueError, match="numeric Observation"):
+        engine.extract_with_readings([SPEC["diabetes"]], [SPEC["diabetes"]], [], now=NOW)
+
+
 def test_readings_refuses_non_numeric_specs():
     with pytest.raises(ValueError, match="numeric Observation"):
         readings(SPEC["diabetes"], [], now=NOW)

@@ -43,7 +43,13 @@ from cds_service.features.codes import (
     concept_codes,
 )
 from cds_service.features.compiled import _compiled
-from cds_service.features.extraction import extract, extract_many, readings, readings_many
+from cds_service.features.extraction import (
+    extract,
+    extract_many,
+    extract_with_readings,
+    readings,
+    readings_many,
+)
 from cds_service.features.resources import flatten, group_by_patient
 from cds_service.features.specs import (
     AGE_RANGE,
@@ -94,6 +100,7 @@ __all__ = [
     "concept_codes",
     "extract",
     "extract_many",
+    "extract_with_readings",
     "flatten",
     "group_by_patient",
     "parse_code_map",

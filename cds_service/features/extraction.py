@@ -1,5 +1,6 @@
 """The extraction engine: specs compiled once into a (system, code) lookup, each resource
-visited once: `extract`, `extract_many`, `readings` and `readings_many`.
+visited once: `extract`, `extract_many`, `readings`, `readings_many` and
+`extract_with_readings`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,29 @@ def extract(specs: Sequence[FeatureSpec], resources: Iterable[Any], *, now: date
     compiled = _compiled(tuple(specs))
     now = _as_utc(now)
     accs, patient = _collect(compiled, resources, now, code_map)
+    return _vector(compiled, accs, patient, now)
+
+
+def extract_with_readings(specs: Sequence[FeatureSpec], reading_specs: Sequence[FeatureSpec],
+                          resources: Iterable[Any], *, now: datetime,
+                          code_map: CodeMap | None = None,
+                          ) -> tuple[FeatureVector, tuple[list[Reading], ...]]:
+    """`extract(specs)` and `readings_many(reading_specs)` from a single pass over the resources
+    (a 1,000-result chart is read once, not twice); each of `reading_specs` must be one of
+    `specs`."""
+    specs = tuple(specs)
+    indexes = [specs.index(spec) for spec in reading_specs]  # ValueError: not one of specs
+    for spec in reading_specs:
+        _check_reading_spec(spec)
+    compiled = _compiled(specs)
+    now = _as_utc(now)
+    accs, patient = _collect(compiled, resources, now, code_map)
+    return (_vector(compiled, accs, patient, now),
+            tuple(_readings(compiled, accs[i], i, code_map) for i in indexes))
+
+
+def _vector(compiled: _Compiled, accs: list[_Acc], patient: Mapping | None,
+            now: datetime) -> FeatureVector:
     values = []
     for feature, acc in zip(compiled.features, accs, strict=True):
         if feature.kind == "patient":
@@ -69,20 +93,25 @@ def readings_many(specs: Sequence[FeatureSpec], resources: Iterable[Any], *, now
                   code_map: CodeMap | None = None) -> tuple[list[Reading], ...]:
     """`readings` of several features from a single pass over the resources."""
     for spec in specs:
-        if spec.resource != "Observation" or spec.aggregation not in NUMERIC_AGGREGATIONS:
-            raise ValueError(f"readings needs a numeric Observation feature; {spec.name!r} is "
-                             f"{spec.resource} {spec.aggregation}")
+        _check_reading_spec(spec)
     compiled = _compiled(tuple(specs))
     accs, _ = _collect(compiled, resources, _as_utc(now), code_map)
-    out = []
-    for index, acc in enumerate(accs):
-        out.append([Reading(instant, day, value, comparator,
-                            f"Observation/{rid}" if rid else None,
-                            _matched_code(element.get("code"), compiled.observation, code_map,
-                                          index), notes)
-                    for instant, value, rid, day, notes, comparator, element
-                    in _ordered(acc.items.values())])
-    return tuple(out)
+    return tuple(_readings(compiled, acc, index, code_map) for index, acc in enumerate(accs))
+
+
+def _check_reading_spec(spec: FeatureSpec) -> None:
+    if spec.resource != "Observation" or spec.aggregation not in NUMERIC_AGGREGATIONS:
+        raise ValueError(f"readings needs a numeric Observation feature; {spec.name!r} is "
+                         f"{spec.resource} {spec.aggregation}")
+
+
+def _readings(compiled: _Compiled, acc: _Acc, index: int,
+              code_map: CodeMap | None) -> list[Reading]:
+    return [Reading(instant, day, value, comparator, f"Observation/{rid}" if rid else None,
+                    _matched_code(element.get("code"), compiled.observation, code_map, index),
+                    notes)
+            for instant, value, rid, day, notes, comparator, element
+            in _ordered(acc.items.values())]
 
 
 def _matched_code(concept: Any, lookup: _Lookup, code_map: Mapping | None,
