@@ -173,8 +173,9 @@ class TokenVerifier:
             raise AuthError("replay")
 
         sub = claims.get("sub")
-        logger.debug("JWT accepted: iss=%s kid=%s jti=%s",
-                     log_field(iss), log_field(kid), log_field(jti))
+        if logger.isEnabledFor(logging.DEBUG):  # log_field costs more than the rest of a call
+            logger.debug("JWT accepted: iss=%s kid=%s jti=%s",
+                         log_field(iss), log_field(kid), log_field(jti))
         return VerifiedCaller(
             iss=issuer.config.iss,
             site_id=issuer.config.site_id,
