@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -482,6 +483,240 @@ def test_embedded_jwk_header_is_never_used(rs, make_verifier):
     # Even reusing a trusted kid, the signature is checked against the trusted key.
     token = make_jwt(attacker.with_kid(rs.kid), headers={"jwk": attacker.public_jwk})
     assert refused(make_verifier(jwks_set=jwks(rs)), token) == "signature"
+
+
+# -- the compact serialisation (RFC 7515 §7.1), as strictly as PyJWT parses it ------------------
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _segments(token: str) -> list[str]:
+    return token.split(".")
+
+
+def _with_segment(token: str, index: int, segment: str) -> str:
+    parts = _segments(token)
+    parts[index] = segment
+    return ".".join(parts)
+
+
+def _token_with_partial_quanta(key: TestKey) -> str:
+    """A valid token each of whose three segments ends in a 2- or 3-character group."""
+    for pad in range(16):
+        token = make_jwt(key, headers={"x": "a" * (pad % 4)}, x="b" * (pad // 4))
+        if all(len(segment) % 4 in (2, 3) for segment in _segments(token)):
+            return token
+    raise AssertionError("no padding combination found")
+
+
+def _non_canonical(segment: str) -> str:
+    """The same bytes with an unused low bit of the last character set (RFC 4648 §3.5)."""
+    return segment[:-1] + _ALPHABET[_ALPHABET.index(segment[-1]) | 1]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_non_canonical_base64url_segments_are_malformed(rs, make_verifier, index):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    token = _token_with_partial_quanta(rs)
+    # The lenient decoder reads the same bytes, so the signature would verify.
+    assert refused(verifier, _with_segment(token, index, _non_canonical(_segments(token)[index]))) \
+        == "malformed"
+    assert verifier.verify(bearer(token), AUD)
+
+
+def test_padding_that_completes_the_last_quantum_is_accepted_as_pyjwt_does(rs, make_verifier):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    token = _token_with_partial_quanta(rs)
+    signature = signature_segment(token)
+    padded = _with_segment(token, 2, signature + "=" * (-len(signature) % 4))
+    assert verifier.verify(bearer(padded), AUD)
+    # Padding the header or payload changes the signing input itself.
+    head = _segments(token)[0]
+    assert refused(verifier, _with_segment(token, 0, head + "=" * (-len(head) % 4))) \
+        == "signature"
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("padding", ["wrong", "three", "middle"])
+def test_bad_padding_is_malformed(rs, make_verifier, index, padding):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    token = _token_with_partial_quanta(rs)
+    segment = _segments(token)[index]
+    missing = -len(segment) % 4
+    bad = {
+        "wrong": segment + "=" * (3 - missing),  # 1 where 2 are needed, or 2 where 1 is
+        "three": segment + "===",
+        "middle": segment[:4] + "=" + segment[5:],
+    }[padding]
+    assert refused(verifier, _with_segment(token, index, bad)) == "malformed"
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("character", ["+", "/", "!", "é", " "])
+def test_characters_outside_the_base64url_alphabet_are_malformed(rs, make_verifier, index,
+                                                                  character):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    token = make_jwt(rs)
+    segment = _segments(token)[index]
+    bad = segment[:8] + character + segment[9:]
+    assert refused(verifier, bearer(_with_segment(token, index, bad))) == "malformed"
+
+
+def test_signature_segment_of_impossible_length_is_malformed(rs, make_verifier):
+    verifier = make_verifier(jwks_set=jwks(rs))
+    token = make_jwt(rs)
+    signature = signature_segment(token)
+    cut = signature[: len(signature) - (len(signature) % 4) - 3]  # leaves 1 character over
+    assert len(cut) % 4 == 1
+    assert refused(verifier, _with_segment(token, 2, cut)) == "malformed"
+
+
+@pytest.mark.parametrize("shape", ["two", "four", "trailing-dot", "leading-dot"])
+def test_a_token_of_other_than_three_segments_is_malformed(rs, make_verifier, shape):
+    token = make_jwt(rs)
+    bad = {
+        "two": token.rsplit(".", 1)[0],
+        "four": token + "." + signature_segment(token),
+        "trailing-dot": token + ".",
+        "leading-dot": "." + token,
+    }[shape]
+    assert refused(make_verifier(jwks_set=jwks(rs)), bearer(bad)) == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("header", "payload"),
+    [
+        (["alg", "RS384"], None),
+        ("RS384", None),
+        (None, ["iss"]),
+        (None, 42),
+        (None, "claims"),
+    ],
+)
+def test_a_header_or_payload_that_is_not_a_json_object_is_malformed(rs, make_verifier, header,
+                                                                     payload):
+    head, body, signature = _segments(make_jwt(rs))
+    if header is not None:
+        head = b64url(json.dumps(header).encode())
+    if payload is not None:
+        body = b64url(json.dumps(payload).encode())
+    assert refused(make_verifier(jwks_set=jwks(rs)), f"{head}.{body}.{signature}") == "malformed"
+
+
+@pytest.mark.parametrize("segment", [0, 1])
+def test_invalid_json_is_malformed(rs, make_verifier, segment):
+    token = _with_segment(make_jwt(rs), segment, b64url(b'{"alg": "RS384",'))
+    assert refused(make_verifier(jwks_set=jwks(rs)), token) == "malformed"
+
+
+@pytest.mark.parametrize("key_name", ["rs", "es"])
+def test_a_tampered_payload_or_header_fails_the_signature(request, key_name, make_verifier):
+    key = request.getfixturevalue(key_name)
+    verifier = make_verifier(jwks_set=jwks(key))
+    token = make_jwt(key)
+    head, body, signature = _segments(token)
+    claims = json.loads(base64.urlsafe_b64decode(body + "=="))
+    forged = b64url(json.dumps(claims | {"exp": claims["exp"] + 60}).encode())
+    assert refused(verifier, f"{head}.{forged}.{signature}") == "signature"
+    other_head = make_jwt(key, headers={"x": 1}).split(".")[0]
+    assert refused(verifier, f"{other_head}.{body}.{signature}") == "signature"
+    assert verifier.verify(bearer(token), AUD)
+
+
+@pytest.mark.parametrize("key_name", ["rs", "es"])
+@pytest.mark.parametrize("change", ["empty", "truncated", "extended"])
+def test_a_signature_of_the_wrong_length_fails_the_signature(request, key_name, make_verifier,
+                                                            change):
+    key = request.getfixturevalue(key_name)
+    token = make_jwt(key)
+    segment = signature_segment(token)
+    signature = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    bad = {"empty": b"", "truncated": signature[:-3], "extended": signature + b"\0\0\0"}[change]
+    assert refused(make_verifier(jwks_set=jwks(key)), _with_segment(token, 2, b64url(bad))) \
+        == "signature"
+
+
+def test_an_es384_signature_in_der_form_fails_the_signature(es, make_verifier):
+    # RFC 7518 §3.4: the JWS form is r || s, never ASN.1 DER.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    token = make_jwt(es)
+    signing_input = token.rsplit(".", 1)[0].encode()
+    der = es.private.sign(signing_input, ec.ECDSA(hashes.SHA384()))
+    assert refused(make_verifier(jwks_set=jwks(es)), _with_segment(token, 2, b64url(der))) \
+        == "signature"
+
+
+def test_an_unencoded_payload_is_malformed(rs, make_verifier):
+    # RFC 7797 `b64: false` (without `crit`, which is refused first): PyJWT refuses it as well.
+    verifier = make_verifier(jwks_set=jwks(rs))
+    assert refused(verifier, make_jwt(rs, headers={"b64": False})) == "malformed"
+    assert verifier.verify(bearer(make_jwt(rs, headers={"b64": True})), AUD)
+
+
+def test_a_short_key_is_refused_after_the_token_is_parsed():
+    weak = rsa_key(bits=1024)
+    verifier = TokenVerifier([TrustedIssuer(ISS, "a", jwks=jwks(weak))], MemoryReplayCache())
+    token = make_jwt(weak)
+    assert refused(verifier, token) == "key"
+    assert refused(verifier, _with_segment(token, 2, "!" + signature_segment(token)[1:])) \
+        == "malformed"
+    assert refused(verifier, make_jwt(weak, headers={"b64": False})) == "malformed"
+
+
+def test_keys_are_bound_and_prepared_once_per_kid_and_alg(rs):
+    from cds_service.trust.keys import BoundKey, KeySet
+
+    keys = KeySet.parse(jwks(rs, rsa_key(bits=1024, kid="weak")), strict=True, where="test")
+    bound = keys.bind(rs.kid, "RS384")
+    assert isinstance(bound, BoundKey) and bound.usable
+    assert keys.bind(rs.kid, "RS384") is bound
+    assert bound.prepared.public_numbers() == rs.private.public_key().public_numbers()
+    assert not keys.bind("weak", "RS384").usable
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"iss": 5}, "iss"),
+        ({"iss": True}, "iss"),
+        ({"iss": {"url": ISS}}, "iss"),
+        ({"aud": 5}, "aud"),
+        ({"aud": {"url": AUD}}, "aud"),
+        ({"aud": None, "exp": None}, "aud"),  # the first missing claim, in PyJWT's order
+        ({"iat": None, "jti": None}, "iat"),
+    ],
+)
+def test_claims_of_unknown_types(rs, make_verifier, claims, reason):
+    assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, **claims)) == reason
+
+
+def test_the_segment_rule_matches_the_pyjwt_in_use():
+    # auth.py checks segments itself, as PyJWT's own parser does; if a PyJWT upgrade changes
+    # what it accepts, this says so. Every string up to 6 characters over the boundary cases.
+    import itertools
+
+    from jwt.api_jws import PyJWS
+    from jwt.exceptions import DecodeError
+
+    from cds_service.trust.auth import _SEGMENT
+
+    decode = getattr(PyJWS, "_decode_base64url_segment", None)
+    if decode is None:
+        pytest.skip("this PyJWT has no separate segment decoder")
+
+    def pyjwt_accepts(segment: str) -> bool:
+        try:
+            decode(segment.encode(), "segment")
+        except DecodeError:
+            return False
+        return True
+
+    for length in range(7):
+        for characters in itertools.product("AEQgwB_-/=+", repeat=length):
+            segment = "".join(characters)
+            assert bool(_SEGMENT.fullmatch(segment)) == pyjwt_accepts(segment), segment
 
 
 # -- jku allow-list -------------------------------------------------------------------------

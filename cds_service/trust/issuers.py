@@ -7,12 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
-
 from cds_service.trust.errors import AuthError
 from cds_service.trust.jwks import JwksCache
 from cds_service.trust.jwks_fetch import check_jku_url
-from cds_service.trust.keys import ASYMMETRIC_ALGORITHMS, KeySet
+from cds_service.trust.keys import ASYMMETRIC_ALGORITHMS, BoundKey, KeySet
 from cds_service.trust.settings import AuthSettings
 
 
@@ -95,7 +93,7 @@ class TrustStore:
     def get(self, iss: Any) -> Issuer | None:
         return self._issuers.get(iss) if isinstance(iss, str) else None
 
-    def key(self, issuer: Issuer, header: Mapping[str, Any], kid: str, alg: str) -> jwt.PyJWK:
+    def key(self, issuer: Issuer, header: Mapping[str, Any], kid: str, alg: str) -> BoundKey:
         if "jku" in header:
             jku = header["jku"]
             # Allow-list by exact string before anything is fetched: a jku chosen by the token's

@@ -1,5 +1,5 @@
 """Verification keys: which JWKs a trust store or a fetched JWK Set may hold, the set of them by
-kid (`KeySet`), and a key bound to the one algorithm a token may use (`bind_key`)."""
+kid (`KeySet`), and a key bound to the one algorithm a token may use (`bind_key`, `BoundKey`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,25 @@ _CURVE = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 _SECRET_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
-def bind_key(jwk_data: Mapping[str, Any], alg: str) -> jwt.PyJWK:
+class BoundKey(jwt.PyJWK):
+    """A PyJWK bound to one algorithm, its key prepared once for `Algorithm.verify`.
+
+    `usable` is False when PyJWT's own `prepare_key` or `check_key_length` refuses the key (an
+    RSA modulus under 2048 bits, NIST SP 800-131A): what `jwt.decode` with
+    `enforce_minimum_key_length` refuses with InvalidKeyError on every token, after parsing it.
+    """
+
+    def __init__(self, jwk_data: dict[str, Any], algorithm: str):
+        super().__init__(jwk_data, algorithm=algorithm)
+        try:
+            self.prepared = self.Algorithm.prepare_key(self.key)
+        except jwt.InvalidKeyError:  # e.g. an EC key on another curve than `alg` names
+            self.prepared, self.usable = None, False
+        else:
+            self.usable = self.Algorithm.check_key_length(self.prepared) is None
+
+
+def bind_key(jwk_data: Mapping[str, Any], alg: str) -> BoundKey:
     """A PyJWK that verifies only `alg`; AuthError("key") when the JWK cannot serve it.
 
     PyJWK binds one algorithm at construction (RSA keys default to RS256), so the key is bound
@@ -42,7 +60,7 @@ def bind_key(jwk_data: Mapping[str, Any], alg: str) -> jwt.PyJWK:
     if alg in _CURVE and jwk_data.get("crv") != _CURVE[alg]:
         raise AuthError("key")
     try:
-        return jwt.PyJWK(dict(jwk_data), algorithm=alg)
+        return BoundKey(dict(jwk_data), algorithm=alg)
     except jwt.PyJWTError:
         raise AuthError("key") from None
 
@@ -79,7 +97,7 @@ class KeySet:
 
     def __init__(self, keys: Mapping[str, Mapping[str, Any]]):
         self._keys = dict(keys)
-        self._bound: dict[tuple[str, str], jwt.PyJWK] = {}
+        self._bound: dict[tuple[str, str], BoundKey] = {}
         self._lock = threading.Lock()
 
     def __contains__(self, kid: str) -> bool:
