@@ -97,3 +97,36 @@ def test_recycled_workers_serve_the_validated_configuration_not_the_edited_file(
     assert len(workers) >= 3, output  # recycled at least twice after ~10 requests each
     assert "Worker failed to boot" not in output
     assert "configuration error" not in output
+
+
+def test_workers_keep_the_app_and_the_masters_objects_out_of_the_collectors_sight(
+        tmp_path, site_file):
+    """gc.freeze once a worker has built its app, and in the master before each fork (so the
+    workers' collections never write to the pages they share with it)."""
+    import argparse
+    import gc
+
+    from cds_service.app import load_deployment
+    from cds_service.ops import serving
+
+    deployment = load_deployment({
+        "SITE_CONFIG": site_file(""), "DATABASE_URL": f"sqlite:///{tmp_path / 'cds.sqlite3'}",
+        "REPLAY_CACHE_URL": f"sqlite:///{tmp_path / 'replay.sqlite3'}",
+        "SPOOL_DIR": str(tmp_path / "spool"), "PUBLIC_URL": "http://localhost",
+        "ALLOW_DEV_KEYS": True})
+    args = argparse.Namespace(host="127.0.0.1", port=0, workers=1, threads=4, max_requests=0,
+                              access_log=False, pidfile=None)
+    server = serving.Server(args, deployment, {})
+    assert server.cfg.pre_fork is serving._pre_fork
+    gc.unfreeze()
+    try:
+        app = server.load()
+        try:
+            assert gc.get_freeze_count() > 0
+            gc.unfreeze()
+            serving._pre_fork(None, None)
+            assert gc.get_freeze_count() > 0
+        finally:
+            app.extensions["cds"].close()
+    finally:
+        gc.unfreeze()

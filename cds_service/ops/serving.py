@@ -25,6 +25,7 @@ its pid, a generation counted up per SIGHUP, and whether the configuration was a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -78,6 +79,13 @@ def prepare_metrics_dir() -> tuple[str, bool]:
     return given, False
 
 
+def _pre_fork(server: Arbiter, worker: Any) -> None:
+    # Python's gc docs (gc.freeze): freeze right before fork(), so a worker's collections never
+    # visit, and so never write to, the objects it shares with the master (the loaded models
+    # among them): those pages stay shared instead of being copied into every worker.
+    gc.freeze()
+
+
 def _worker_exit(server: Arbiter, worker: Any) -> None:
     """In the worker, as it stops (SIGTERM, reload, recycling): write queued call records."""
     app = getattr(worker, "wsgi", None)
@@ -118,6 +126,7 @@ class Server(BaseApplication):
             "logconfig_dict": self.logconfig,
             "child_exit": _child_exit,
             "worker_exit": _worker_exit,
+            "pre_fork": _pre_fork,
         }
         if self.args.pidfile:
             settings["pidfile"] = str(Path(self.args.pidfile).absolute())
@@ -134,6 +143,12 @@ class Server(BaseApplication):
         from cds_service import create_app
 
         app = create_app(deployment=self.deployment)
+        # Everything loaded so far lives as long as the worker. Out of the collector's sight,
+        # a collection walks only what calls allocate: a 1 MB prefetch's ~100,000 objects made
+        # CPython's full collections walk the whole app and its libraries too, and parsing it
+        # took 42 ms of CPU instead of 23 (issue 20, measured in-process).
+        gc.collect()
+        gc.freeze()
         log.info("worker %d ready: sites %s, models %s", os.getpid(),
                  ", ".join(sorted(self.deployment.sites)),
                  ", ".join(f"{m.id} {m.version}" for m in self.deployment.models) or "none")
@@ -160,6 +175,9 @@ class ValidatingArbiter(Arbiter):
         from cds_service.app import load_deployment
 
         self.generation += 1
+        # The deployment being replaced was frozen at the last fork (`_pre_fork`): let the
+        # collector reclaim it once the old workers are gone.
+        gc.unfreeze()
         try:
             deployment = load_deployment()
         except ConfigError as exc:
