@@ -318,13 +318,16 @@ class Store:
         if not topics:
             return {}
         params = {"site": site, "service_id": service_id, "user_id": user_id,
-                  "patient_id": patient_id, "topics": sorted(set(topics)), "since": since}
+                  "patient_id": patient_id, "since": since}
         self._ensure_schema()
         with self._unavailable_on_error(), self._engine.connect() as conn:
             rows = conn.execute(RECENT_OVERRIDES, params).all()
+        wanted = topics if isinstance(topics, set | frozenset) else set(topics)
         latest: dict[str, Override] = {}
-        for topic_code, when, indicator, card_uuid in rows:
-            latest.setdefault(topic_code, Override(topic_code, when, indicator, card_uuid))
+        for topic_code, when, indicator, card_uuid in rows:  # newest first
+            # A NULL topic never equalled anything in SQL: it matches no topic here either.
+            if topic_code is not None and topic_code in wanted and topic_code not in latest:
+                latest[topic_code] = Override(topic_code, when, indicator, card_uuid)
         return latest
 
     def list_overrides(self, *, since: datetime, site: str | None = None,
