@@ -157,9 +157,10 @@ def _add_missing_columns(conn: Connection) -> None:
         log.info("added column %s.%s", table_name, column_name)
 
 
-def create_engine(url: URL) -> Engine:
+def create_engine(url: URL, *, pooled: bool = True) -> Engine:
     """The engine for `url` (from `normalize_url`): SQLite with its pragmas and `BEGIN IMMEDIATE`
-    for writes (its directory created), PostgreSQL with connect and TCP timeouts."""
+    for writes (its directory created), PostgreSQL with connect and TCP timeouts. `pooled=False`
+    (SQLite only): no pool and autocommit, for connections the caller keeps open (and closes)."""
     # hide_parameters: SQL errors must not carry clinician comments (PHI) into logs.
     if url.get_backend_name() == "sqlite":
         directory = Path(url.database).expanduser().parent
@@ -167,7 +168,10 @@ def create_engine(url: URL) -> Engine:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create directory {directory}: {exc.strerror}") from exc
-        engine = sa.create_engine(url, hide_parameters=True)
+        options: dict[str, Any] = {} if pooled else {
+            "poolclass": sa.NullPool, "isolation_level": "AUTOCOMMIT",
+            "connect_args": {"check_same_thread": False}}
+        engine = sa.create_engine(url, hide_parameters=True, **options)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
