@@ -229,7 +229,7 @@ def test_latest_override_per_topic_for_several_topics_in_one_query(store):
         if "card_overrides" in statement or "issued_cards" in statement:
             statements.append(statement)
 
-    engines = [e for e in (store._engine, store._lookup_engine) if e is not None]
+    engines = [store._engine, *([store._lookups.engine] if store._lookups else [])]
     for engine in engines:
         sa.event.listen(engine, "before_cursor_execute", count)
     try:
@@ -282,13 +282,13 @@ def test_sqlite_lookup_keeps_one_connection_per_thread_and_no_read_open(sqlite_s
         record_issued(store, [issued("c1")])
         store.insert_feedback("site-a", "svc", [item("c1", NOW)])
         assert set(overrides(store)) == {"T1"}
-        conn = store._lookup_local.conn
-        assert set(overrides(store)) == {"T1"} and store._lookup_local.conn is conn
+        conn = store._lookups._local.conn
+        assert set(overrides(store)) == {"T1"} and store._lookups._local.conn is conn
         others: list = []
         thread = threading.Thread(target=lambda: others.append(overrides(store)))
         thread.start()
         thread.join()
-        assert set(others[0]) == {"T1"} and len(store._lookup_conns) == 2
+        assert set(others[0]) == {"T1"} and len(store._lookups._open) == 2
 
         # Nothing pinned: with the lookup connections idle, a checkpoint empties the WAL.
         record_issued(store, [issued("c2")])
@@ -297,21 +297,21 @@ def test_sqlite_lookup_keeps_one_connection_per_thread_and_no_read_open(sqlite_s
         assert busy == 0
 
         # Opened in another process (before a fork): left alone, never used here.
-        store._lookup_local.pid = -1
+        store._lookups._local.pid = -1
         assert set(overrides(store)) == {"T1"}
-        assert store._lookup_local.conn is not conn and not conn.closed
+        assert store._lookups._local.conn is not conn and not conn.closed
 
         # A broken connection is dropped; the next lookup opens another.
-        broken = store._lookup_local.conn
+        broken = store._lookups._local.conn
         broken.invalidate()
         with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the driver raises
             overrides(store)
-        assert broken.closed and store._lookup_local.conn is None
+        assert broken.closed and store._lookups._local.conn is None
         assert set(overrides(store)) == {"T1"}
-        opened = list(store._lookup_conns.values())
+        opened = list(store._lookups._open.values())
     assert opened and all(c.closed for c in opened)
     # Closed: a lookup still answers, on a pooled connection it returns.
-    assert set(overrides(store)) == {"T1"} and not store._lookup_conns
+    assert set(overrides(store)) == {"T1"} and not store._lookups._open
     conn.close()
 
 

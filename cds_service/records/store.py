@@ -32,6 +32,7 @@ from cds_service.records.audit import TEXT_FIELDS, TUPLE_FIELDS
 from cds_service.records.call import Call
 from cds_service.records.database import (
     StoreUnavailable,
+    ThreadConnections,
     create_engine,
     create_schema,
     normalize_url,
@@ -94,12 +95,8 @@ class Store:
         # SQLite: each thread keeps one connection for the override lookup, which runs on every
         # call with cards (a pool checkout and its reset-on-return cost a third of the lookup).
         # Its own engine without a pool, so these never starve the pooled writers and readers.
-        self._lookup_engine = (create_engine(self._url, pooled=False)
-                               if self.dialect == "sqlite" else None)
-        self._lookup_local = threading.local()
-        self._lookup_conns: dict[int, Connection] = {}  # id -> connection, of this process
-        self._lookup_pid = os.getpid()
-        self._lookup_closed = False
+        self._lookups = (ThreadConnections(create_engine(self._url, pooled=False))
+                         if self.dialect == "sqlite" else None)
         try:
             self._ensure_schema()
             up = True
@@ -340,7 +337,7 @@ class Store:
         return latest
 
     def _lookup_rows(self, params: dict[str, Any]) -> list[sa.Row]:
-        conn = self._lookup_connection()
+        conn = self._lookups.get() if self._lookups is not None else None
         if conn is None:
             with self._engine.connect() as pooled:
                 return pooled.execute(RECENT_OVERRIDES, params).all()
@@ -349,51 +346,9 @@ class Store:
             # implicit read transaction ends here, none is left to hold back WAL checkpoints.
             rows = conn.execute(RECENT_OVERRIDES, params).all()
         except BaseException:
-            self._drop_lookup_connection(conn)
+            self._lookups.drop(conn)
             raise
         return rows
-
-    def _lookup_connection(self) -> Connection | None:
-        """This thread's lookup connection (SQLite), opened on first use; None on PostgreSQL
-        (the lookup runs on a store thread, off the request thread, through the pool) and once
-        the store is closed."""
-        if self._lookup_engine is None or self._lookup_closed:
-            return None
-        local = self._lookup_local
-        conn = getattr(local, "conn", None)
-        # A connection never crosses fork(): one opened before it belongs to the parent.
-        if conn is not None and local.pid == os.getpid():
-            return conn
-        conn = self._lookup_engine.connect()
-        with self._schema_lock:
-            if self._lookup_pid != os.getpid():
-                self._lookup_conns, self._lookup_pid = {}, os.getpid()
-            if self._lookup_closed:
-                conn.close()
-                return None
-            self._lookup_conns[id(conn)] = conn
-        local.conn, local.pid = conn, os.getpid()
-        return conn
-
-    def _drop_lookup_connection(self, conn: Connection) -> None:
-        self._lookup_local.conn = None
-        with self._schema_lock:
-            self._lookup_conns.pop(id(conn), None)
-        try:
-            conn.close()
-        except Exception:  # noqa: BLE001 - already broken; the next lookup opens another
-            log.debug("closing a broken lookup connection", exc_info=True)
-
-    def _close_lookup_connections(self) -> None:
-        with self._schema_lock:
-            self._lookup_closed = True
-            conns = list(self._lookup_conns.values()) if self._lookup_pid == os.getpid() else []
-            self._lookup_conns = {}
-        for conn in conns:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - closing: nothing left to do with it
-                log.debug("closing a lookup connection", exc_info=True)
 
     def list_overrides(self, *, since: datetime, site: str | None = None,
                        service_id: str | None = None, user_id: str | None = None,
@@ -506,5 +461,6 @@ class Store:
         self.recorder.close()
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown(wait=False, cancel_futures=True)
-        self._close_lookup_connections()
+        if self._lookups is not None:
+            self._lookups.close()
         self._engine.dispose()
