@@ -229,11 +229,14 @@ def test_latest_override_per_topic_for_several_topics_in_one_query(store):
         if "card_overrides" in statement or "issued_cards" in statement:
             statements.append(statement)
 
-    sa.event.listen(store._engine, "before_cursor_execute", count)
+    engines = [store._engine, *([store._lookups.engine] if store._lookups else [])]
+    for engine in engines:
+        sa.event.listen(engine, "before_cursor_execute", count)
     try:
         found = overrides(store, topics=("T1", "T2", "T3", "T4"))
     finally:
-        sa.event.remove(store._engine, "before_cursor_execute", count)
+        for engine in engines:
+            sa.event.remove(engine, "before_cursor_execute", count)
 
     assert found == {
         "T1": Override("T1", NOW - timedelta(minutes=10), "info", "t1-a"),
@@ -243,6 +246,73 @@ def test_latest_override_per_topic_for_several_topics_in_one_query(store):
     # this patient, which grows with each chart opening.
     assert len(statements) == 1 and "issued_cards" not in statements[0]
     assert overrides(store, topics=["T2"]) == {"T2": found["T2"]}
+
+
+def test_an_override_of_another_topic_never_stands_in(store):
+    # Topics are picked from the rows of this user and patient after the query: a newer
+    # override of another topic must neither suppress nor hide the one asked about.
+    record_issued(store, [issued("t1", indicator="info"), issued("t2", topic_code="T2"),
+                          issued("t1-old", indicator="critical"),
+                          issued("none", topic_code=None)])
+    store.insert_feedback("site-a", "svc", [
+        item("t1", NOW - timedelta(hours=2)), item("t1-old", NOW - timedelta(hours=3)),
+        item("t2", NOW - timedelta(minutes=1)), item("none", NOW)])
+
+    assert overrides(store, topics={"T1"}) == {
+        "T1": Override("T1", NOW - timedelta(hours=2), "info", "t1")}
+    assert overrides(store, topics=["T2"]) == {
+        "T2": Override("T2", NOW - timedelta(minutes=1), "warning", "t2")}
+    assert overrides(store, topics=("T3",)) == {}
+    assert set(overrides(store, topics=iter(["T1", "T2", "T3"]))) == {"T1", "T2"}
+
+
+def test_two_overrides_of_a_topic_at_one_time_the_later_stored_counts(store):
+    record_issued(store, [issued("first", indicator="critical"), issued("second")])
+    at = NOW - timedelta(hours=1)
+    store.insert_feedback("site-a", "svc", [item("first", at)])
+    store.insert_feedback("site-a", "svc", [item("second", at)])
+
+    assert overrides(store) == {"T1": Override("T1", at, "warning", "second")}
+
+
+def test_sqlite_lookup_keeps_one_connection_per_thread_and_no_read_open(sqlite_store_url):
+    import threading
+
+    with Store(sqlite_store_url) as store:
+        record_issued(store, [issued("c1")])
+        store.insert_feedback("site-a", "svc", [item("c1", NOW)])
+        assert set(overrides(store)) == {"T1"}
+        conn = store._lookups._local.conn
+        assert set(overrides(store)) == {"T1"} and store._lookups._local.conn is conn
+        others: list = []
+        thread = threading.Thread(target=lambda: others.append(overrides(store)))
+        thread.start()
+        thread.join()
+        assert set(others[0]) == {"T1"} and len(store._lookups._open) == 2
+
+        # Nothing pinned: with the lookup connections idle, a checkpoint empties the WAL.
+        record_issued(store, [issued("c2")])
+        with store._engine.connect() as other:
+            busy, _, _ = other.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        assert busy == 0
+
+        # Opened in another process (before a fork): left alone, never used here.
+        store._lookups._local.pid = -1
+        assert set(overrides(store)) == {"T1"}
+        assert store._lookups._local.conn is not conn and not conn.closed
+
+        # A broken connection is dropped; the next lookup opens another.
+        broken = store._lookups._local.conn
+        broken.invalidate()
+        with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the driver raises
+            overrides(store)
+        assert broken.closed and store._lookups._local.conn is None
+        assert set(overrides(store)) == {"T1"}
+        opened = list(store._lookups._open.values())
+    assert opened and all(c.closed for c in opened)
+    # Closed: a lookup still answers, on a pooled connection it returns.
+    assert set(overrides(store)) == {"T1"} and not store._lookups._open
+    conn.close()
 
 
 def test_empty_topics_finds_nothing(store):

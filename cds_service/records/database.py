@@ -18,6 +18,8 @@ guarded ALTER TABLE. Anything more needs a migration tool (Alembic) before it sh
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -157,9 +159,10 @@ def _add_missing_columns(conn: Connection) -> None:
         log.info("added column %s.%s", table_name, column_name)
 
 
-def create_engine(url: URL) -> Engine:
+def create_engine(url: URL, *, pooled: bool = True) -> Engine:
     """The engine for `url` (from `normalize_url`): SQLite with its pragmas and `BEGIN IMMEDIATE`
-    for writes (its directory created), PostgreSQL with connect and TCP timeouts."""
+    for writes (its directory created), PostgreSQL with connect and TCP timeouts. `pooled=False`
+    (SQLite only): no pool and autocommit, for connections the caller keeps open (and closes)."""
     # hide_parameters: SQL errors must not carry clinician comments (PHI) into logs.
     if url.get_backend_name() == "sqlite":
         directory = Path(url.database).expanduser().parent
@@ -167,7 +170,10 @@ def create_engine(url: URL) -> Engine:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create directory {directory}: {exc.strerror}") from exc
-        engine = sa.create_engine(url, hide_parameters=True)
+        options: dict[str, Any] = {} if pooled else {
+            "poolclass": sa.NullPool, "isolation_level": "AUTOCOMMIT",
+            "connect_args": {"check_same_thread": False}}
+        engine = sa.create_engine(url, hide_parameters=True, **options)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
@@ -189,3 +195,56 @@ def create_schema(conn: Connection) -> None:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_SCHEMA_LOCK_KEY)))
     metadata.create_all(conn)
     _add_missing_columns(conn)
+
+
+class ThreadConnections:
+    """One connection per thread from `engine` (`create_engine(..., pooled=False)`), kept open
+    across calls; `get` returns None once closed. A connection opened before a fork belongs to
+    the parent: the child neither uses nor closes it."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: dict[int, Connection] = {}  # id -> connection, of process `_pid`
+        self._pid = os.getpid()
+        self._closed = False
+
+    def get(self) -> Connection | None:
+        if self._closed:
+            return None
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is not None and local.pid == os.getpid():
+            return conn
+        conn = self.engine.connect()
+        with self._lock:
+            if self._pid != os.getpid():
+                self._open, self._pid = {}, os.getpid()
+            if self._closed:
+                conn.close()
+                return None
+            self._open[id(conn)] = conn
+        local.conn, local.pid = conn, os.getpid()
+        return conn
+
+    def drop(self, conn: Connection) -> None:
+        """Close `conn` (this thread's, after an error); the next `get` opens another."""
+        self._local.conn = None
+        with self._lock:
+            self._open.pop(id(conn), None)
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - already broken
+            log.debug("closing a broken connection", exc_info=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = list(self._open.values()) if self._pid == os.getpid() else []
+            self._open = {}
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing anyway
+                log.debug("closing a connection", exc_info=True)

@@ -75,7 +75,10 @@ def overrides_stored_first(conn: Connection, issued: Sequence[dict[str, Any]]) -
 
 
 def _recent_overrides_query() -> sa.Select:
-    """`Store.recent_overrides`, built once (it runs on every call that has cards)."""
+    """`Store.recent_overrides`, built once (it runs on every call that has cards): every topic;
+    the caller keeps those it asked for. The four equalities leave a handful of rows (one per
+    override this clinician made for this patient within the window), and without an expanding
+    `IN` the compiled statement is cached whole instead of rendered on each call."""
     o = overrides_table.c
     return (
         sa.select(o.topic_code, o.time, o.indicator, o.card_uuid)
@@ -84,7 +87,6 @@ def _recent_overrides_query() -> sa.Select:
             o.service_id == sa.bindparam("service_id"),
             o.user_id == sa.bindparam("user_id"),
             o.patient_id == sa.bindparam("patient_id"),
-            o.topic_code.in_(sa.bindparam("topics", expanding=True)),
             o.time >= sa.bindparam("since", type_=UtcDateTime),
         )
         # Newest first; ids break ties so the answer is deterministic.

@@ -66,14 +66,17 @@ def encode(call: Call) -> bytes:
         audit = {name: getattr(call.audit, name) for name in call.audit.__dataclass_fields__}
     data = {"id": call.id, "audit": audit, "issued_cards": list(call.issued_cards),
             "predictions": list(call.predictions)}
-    return (json.dumps(data, default=_iso, ensure_ascii=True, separators=(",", ":"))
-            + "\n").encode("ascii")
+    return (_ENCODER.encode(data) + "\n").encode("ascii")
 
 
 def _iso(value: object) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"{type(value).__name__} in a call record")
+
+
+# Built once: `json.dumps` with any option builds an encoder per call.
+_ENCODER = json.JSONEncoder(default=_iso, ensure_ascii=True, separators=(",", ":"))
 
 
 def decode(line: bytes) -> Call:
