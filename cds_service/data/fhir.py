@@ -22,6 +22,7 @@ The reads themselves: `cds_service.data.fhir_client` (GET only), under a
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import math
 import re
@@ -205,15 +206,22 @@ class FhirBase:
         return f"{self.scheme}://{host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(url: str) -> FhirBase:
+    # Every call checks its fhirServer against the site's bases: one parse per distinct URL.
+    return FhirBase.parse(url)
+
+
 def allowed_by(url: Any, allowed: Iterable[str]) -> bool:
     """True when `url` equals or lies below one of the `allowed` FHIR bases. Pure: no DNS."""
     try:
-        wanted = FhirBase.parse(url)
+        wanted = _parsed(url) if isinstance(url, str) else FhirBase.parse(url)
     except ValueError:
         return False
     for entry in allowed:
         try:
-            if FhirBase.parse(entry).contains(wanted):
+            if (_parsed(entry) if isinstance(entry, str) else FhirBase.parse(entry)).contains(
+                    wanted):
                 return True
         except ValueError:
             continue

@@ -72,7 +72,10 @@ def resolve_prefetch(
         if not isinstance(template, str):
             template = ""  # config is linted at load; tolerate anyway: unsatisfiable
         search = is_search(template)
-        rendered = render_template(template, context) if template else None
+        # A read's URL names the type to check what was sent against; a search's URL is needed
+        # only to fetch it, so one that was sent is rendered only if it has to be fetched.
+        sent_search = search and key in given
+        rendered = render_template(template, context) if template and not sent_search else None
         read_type = None if search else read_type_of(template, rendered)
         if key in given:
             value = given[key]
@@ -102,6 +105,8 @@ def resolve_prefetch(
         else:
             why = "was not prefetched"
         metrics.prefetch_key(key, "miss")
+        if sent_search and template:
+            rendered = render_template(template, context)
         if rendered is None:
             values[key], sources[key] = None, "unsatisfiable"
             logger.info("prefetch key %r: template unsatisfiable from the hook context", key)
