@@ -130,3 +130,25 @@ def test_workers_keep_the_app_and_the_masters_objects_out_of_the_collectors_sigh
             app.extensions["cds"].close()
     finally:
         gc.unfreeze()
+
+
+def test_a_worker_on_the_embedded_defaults_does_not_load_redis(tmp_path, site_file):
+    """redis (7 MB of RSS per worker) is imported only where a Redis URL is configured."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cds_service.app import create_app\n"
+        f"app = create_app({{'SITE_CONFIG': {str(site_file(''))!r}, "
+        f"'DATABASE_URL': 'sqlite:///{tmp_path}/cds.sqlite3', "
+        f"'REPLAY_CACHE_URL': 'sqlite:///{tmp_path}/replay.sqlite3', "
+        f"'SPOOL_DIR': '{tmp_path}/spool', 'PUBLIC_URL': 'http://localhost', "
+        "'ALLOW_DEV_KEYS': True})\n"
+        "print('redis' in sys.modules)\n"
+        "app.extensions['cds'].close()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"

@@ -31,7 +31,6 @@ import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
-import redis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -136,13 +135,16 @@ class SqliteKv:
 
 class RedisKv:
     def __init__(self, url: str, *, prefix: str = "cds-service:smart:"):
+        import redis  # noqa: PLC0415 - a worker without Redis never loads it (7 MB of RSS)
+
         self.prefix = prefix
+        self._errors = redis.RedisError
         self._client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
 
     def _call(self, method: str, key: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return getattr(self._client, method)(self.prefix + key, *args, **kwargs)
-        except redis.RedisError as exc:
+        except self._errors as exc:
             # The URL may carry a password: name only the failure class.
             raise SessionStoreError(f"session store (redis): {type(exc).__name__}") from exc
 

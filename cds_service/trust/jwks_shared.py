@@ -9,11 +9,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-
-import redis
+from typing import TYPE_CHECKING
 
 from cds_service.trust.jwks_fetch import MAX_JWKS_BYTES
 from cds_service.trust.keys import KeySet
+
+if TYPE_CHECKING:
+    import redis
 
 # One logger for all of token verification: refusals, skipped keys and JWK Set fetches alike.
 logger = logging.getLogger("cds_service.trust.auth")
@@ -55,8 +57,11 @@ class RedisJwksStore:
         if scheme not in ("redis", "rediss"):
             # Never echo the URL: it may carry a password.
             raise ValueError(f"unsupported JWKS cache URL scheme {scheme[:16]!r} (use redis://)")
+        import redis  # noqa: PLC0415 - a worker without Redis never loads it (7 MB of RSS)
+
         self.prefix = prefix
         self._clock = clock
+        self._errors = redis.RedisError
         self._client = client if client is not None else redis.Redis.from_url(
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
         )
@@ -72,7 +77,7 @@ class RedisJwksStore:
             return None
         try:
             raw = self._client.get(self.key(jku))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             self._unavailable(exc)
             return None
         if raw is None:
@@ -91,7 +96,7 @@ class RedisJwksStore:
                            separators=(",", ":"))
         try:
             self._client.set(self.key(jku), value, px=max(1, math.ceil(expire_s * 1000)))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             self._unavailable(exc)
 
     def close(self) -> None:
@@ -116,7 +121,7 @@ class RedisJwksStore:
         keys = KeySet.parse(document.get("jwks"), strict=True, where="jwks")
         return keys, max(age, 0.0)
 
-    def _unavailable(self, exc: redis.RedisError) -> None:
+    def _unavailable(self, exc: Exception) -> None:
         self._retry_at = time.monotonic() + SHARED_JWKS_RETRY_S
         # The URL may carry a password: name only the failure class.
         logger.warning("shared JWK Set cache (redis) unavailable: %s; in-process cache only "

@@ -27,11 +27,12 @@ import time
 import weakref
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
-
-import redis
+from typing import TYPE_CHECKING, Protocol
 
 from cds_service.protocol.errors import CdsError
+
+if TYPE_CHECKING:
+    import redis
 
 PURGE_INTERVAL_S = 60.0
 
@@ -165,7 +166,10 @@ class RedisReplayCache:
         socket_timeout_s: float = 2.0,
         client: redis.Redis | None = None,
     ):
+        import redis  # noqa: PLC0415 - a worker without Redis never loads it (7 MB of RSS)
+
         self.prefix = prefix
+        self._errors = redis.RedisError
         self._client = client if client is not None else redis.Redis.from_url(
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
         )
@@ -181,7 +185,7 @@ class RedisReplayCache:
         ttl_ms = max(1, math.ceil((expires_at - time.time()) * 1000))
         try:
             return bool(self._client.set(self.key(iss, jti), b"1", nx=True, px=ttl_ms))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             # The URL may carry a password: name only the failure class.
             raise ReplayCacheError(f"replay cache (redis): {type(exc).__name__}") from exc
 
