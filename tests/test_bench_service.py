@@ -88,7 +88,10 @@ def test_quick_run_writes_every_group_and_scenario(tmp_path: Path, capsys) -> No
 
     # The side-by-side rounds: floor and service (the peer only when asked), taking turns.
     rounds = report["rounds"]
-    assert list(rounds["servers"]) == ["floor", "service"] and rounds["rounds"] == QUICK.rounds
+    assert list(rounds["servers"]) == ["floor", "service", "service-orders"]
+    assert rounds["rounds"] == QUICK.rounds
+    assert [s["payload"] for s in rounds["servers"].values()] == ["pv-3kb", "pv-3kb",
+                                                                  "os-10orders"]
     for kind, figures in rounds["servers"].items():
         assert [r["round"] for r in figures["rounds"]] == list(range(1, QUICK.rounds + 1))
         for r in figures["rounds"]:
@@ -102,10 +105,14 @@ def test_quick_run_writes_every_group_and_scenario(tmp_path: Path, capsys) -> No
         for a, b in zip(rounds["servers"]["service"]["rounds"],
                         rounds["servers"]["floor"]["rounds"], strict=True)]
     assert min(ratio["rounds"]) <= ratio["median"] <= max(ratio["rounds"])
+    orders = rounds["ratios"]["orders_vs_pv"]
+    assert len(orders["rounds"]) == QUICK.rounds
+    assert min(orders["rounds"]) <= orders["median"] <= max(orders["rounds"])
     assert "## Side by side: pv-3kb, 1 worker, sequential" in markdown
 
     targets = report["targets"]
     assert targets["ratio_vs_floor_3kb_1w_seq"]["value"] == ratio["median"]
+    assert targets["orders_vs_pv_1w_seq"]["value"] == orders["median"]
     assert targets["server_p50_3kb_ms"]["value"] == (
         rounds["servers"]["service"]["median"]["server_ms"]["p50"])
     for key in ("ratio_vs_floor_3kb_1w_seq", "server_p50_3kb_ms", "server_p99_3kb_ms",
@@ -156,7 +163,7 @@ def test_peer_groups_answer_every_payload_when_built() -> None:
     report = service_bench.run(QUICK, groups=PEERS, say=lambda _: None)
     assert report["peer"]["not_run"] == [] and report["peer"]["versions"]["healthchain"]
     rounds = report["rounds"]
-    assert list(rounds["servers"]) == ["floor", "service", "peer"]
+    assert list(rounds["servers"]) == ["floor", "service", "peer", "service-orders"]
     assert all(r["statuses"] == {"200": QUICK.round_count}
                for r in rounds["servers"]["peer"]["rounds"])
     assert report["targets"]["ratio_vs_peer_3kb_1w_seq"]["value"] == (
