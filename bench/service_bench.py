@@ -50,8 +50,9 @@ the headline scenario, pv-3kb over 1 connection: `Settings.rounds` rounds (15 in
 `round_count` requests each, the order rotating by one each round; the service takes one more
 turn on os-10orders. The report's ``rounds`` holds each round's figures, their medians and each
 round's service/floor, service/peer and os-10orders/pv-3kb ratios with their medians; the
-issue-20 ratio, order-select and pv-3kb latency targets are taken from these medians. On a shared 2-CPU machine whose speed drifts by a third within minutes, only figures
-taken in turns make a ratio.
+issue-20 ratio, order-select and pv-3kb latency targets are taken from these medians. On a
+shared 2-CPU machine whose speed drifts by a third within minutes, only figures taken in turns
+make a ratio.
 
 Then the groups one after another. Scenarios (payloads: `bench.payloads`), each after
 unrecorded warm-up requests and after one
