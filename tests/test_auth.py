@@ -692,9 +692,13 @@ def test_claims_of_unknown_types(rs, make_verifier, claims, reason):
     assert refused(make_verifier(jwks_set=jwks(rs)), make_jwt(rs, **claims)) == reason
 
 
-def test_the_segment_rule_matches_the_pyjwt_in_use():
-    # auth.py checks segments itself, as PyJWT's own parser does; if a PyJWT upgrade changes
-    # what it accepts, this says so. Every string up to 6 characters over the boundary cases.
+def test_the_segment_rule_matches_the_rfcs_and_the_pyjwt_in_use():
+    # auth.py checks segments itself, as PyJWT's own parser does. The rule, written out from
+    # RFC 7515 §2 (base64url, padding optional) and RFC 4648 §3.5 (canonical: the unused bits
+    # of a last 2- or 3-character group are zero), and PyJWT's own decoder where this release
+    # has one: if an upgrade changes what it accepts, this says so. Every string up to 6
+    # characters over the boundary cases.
+    import base64
     import itertools
 
     from jwt.api_jws import PyJWS
@@ -702,9 +706,19 @@ def test_the_segment_rule_matches_the_pyjwt_in_use():
 
     from cds_service.trust.auth import _SEGMENT
 
-    decode = getattr(PyJWS, "_decode_base64url_segment", None)
-    if decode is None:
-        pytest.skip("this PyJWT has no separate segment decoder")
+    alphabet = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+    def rfc_accepts(segment: str) -> bool:
+        body = segment.rstrip("=")
+        padding = len(segment) - len(body)
+        if not set(body) <= alphabet or len(body) % 4 == 1:
+            return False
+        if padding and padding != -len(body) % 4:  # `=` only completing the last group
+            return False
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=") == body
+
+    decode = getattr(PyJWS, "_decode_base64url_segment", None)  # PyJWT >= 2.15
 
     def pyjwt_accepts(segment: str) -> bool:
         try:
@@ -716,7 +730,9 @@ def test_the_segment_rule_matches_the_pyjwt_in_use():
     for length in range(7):
         for characters in itertools.product("AEQgwB_-/=+", repeat=length):
             segment = "".join(characters)
-            assert bool(_SEGMENT.fullmatch(segment)) == pyjwt_accepts(segment), segment
+            assert bool(_SEGMENT.fullmatch(segment)) == rfc_accepts(segment), segment
+            if decode is not None:
+                assert rfc_accepts(segment) == pyjwt_accepts(segment), segment
 
 
 # -- jku allow-list -------------------------------------------------------------------------
