@@ -35,6 +35,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import jwt
 
+from tests.helpers.client_assertion import check_assertion
+
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
@@ -114,20 +116,9 @@ class BulkDataServer:
             raise ValueError(f"unknown kid {header.get('kid')!r}")
         if header.get("alg") != self.alg:
             raise ValueError(f"alg {header.get('alg')!r} is not the registered {self.alg}")
-        try:
-            claims = jwt.decode(assertion, self.public_key, algorithms=[self.alg],
-                                audience=self.token_url, issuer=self.client_id,
-                                options={"require": ["exp", "jti", "iss", "sub", "aud"]})
-        except jwt.PyJWTError as exc:
-            raise ValueError(f"assertion refused: {exc}") from exc
-        if claims["sub"] != self.client_id:
-            raise ValueError("sub is not the client_id")
-        if claims["exp"] > time.time() + 300:
-            raise ValueError("exp more than five minutes ahead")
-        with self.lock:
-            if claims["jti"] in self.seen_jti:
-                raise ValueError("jti replayed")
-            self.seen_jti.add(claims["jti"])
+        claims = check_assertion(assertion, self.public_key, self.alg, token_url=self.token_url,
+                                 client_id=self.client_id, seen_jti=self.seen_jti,
+                                 lock=self.lock)
         return {"header": header, "claims": claims, "scope": form.get("scope")}
 
     def authorized(self, authorization: str | None) -> bool:

@@ -62,6 +62,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from tests.helpers.client_assertion import check_assertion
 from tests.helpers.fhir_server import (
     FHIR_JSON,
     FhirTestServer,
@@ -515,19 +516,11 @@ class SmartServer:
             raise ValueError(f"unknown kid {header.get('kid')!r}")
         try:
             key = jwt.PyJWK(keys[0], algorithm=header["alg"]).key
-            claims = jwt.decode(assertion, key, algorithms=[header["alg"]],
-                                audience=self.token_url, issuer=self.client_id,
-                                options={"require": ["exp", "jti", "iss", "sub", "aud"]})
         except jwt.PyJWTError as exc:
             raise ValueError(f"assertion refused: {exc}") from exc
-        if claims["sub"] != self.client_id:
-            raise ValueError("sub is not the client_id")
-        if claims["exp"] > time.time() + 300:
-            raise ValueError("exp more than five minutes ahead")
-        with self._lock:
-            if claims["jti"] in self._seen_jti:
-                raise ValueError("jti replayed")
-            self._seen_jti.add(claims["jti"])
+        claims = check_assertion(assertion, key, header["alg"], token_url=self.token_url,
+                                 client_id=self.client_id, seen_jti=self._seen_jti,
+                                 lock=self._lock)
         return {"header": header, "claims": claims}
 
     def _exchange_code(self, form: dict[str, str], record: dict) -> dict:
