@@ -25,11 +25,11 @@ import yaml
 
 from cds_service.features import (
     LOINC,
+    ChartPass,
     CodeMap,
     FeatureValue,
     FeatureVector,
     Reading,
-    extract_with_readings,
     parse_features,
     readings_many,
 )
@@ -321,10 +321,20 @@ class KidneyStatus:
 def assess(resources: Iterable[Any], *, now: datetime,
            code_map: CodeMap | None = None) -> KidneyStatus:
     """What the chart says about kidney function at `now` (see the module docstring)."""
-    vector, (egfrs, creatinines) = extract_with_readings(
-        INPUTS, (_SPECS["egfr"], _SPECS["creatinine"]), list(resources), now=now,
-        code_map=code_map)
-    return interpret(vector, egfrs, creatinines, now=now)
+    return assess_chart(ChartPass([INPUTS], resources, now=now, code_map=code_map))
+
+
+def chart_pass(resources: Iterable[Any], *, now: datetime, code_map: CodeMap | None,
+               model: Any = None) -> ChartPass:
+    """One pass over the chart for INPUTS and the features of `model` (a `ModelBinding`)."""
+    groups = [INPUTS, *(model.feature_groups() if model is not None else ())]
+    return ChartPass(groups, resources, now=now, code_map=code_map)
+
+
+def assess_chart(chart: ChartPass) -> KidneyStatus:
+    """`assess` from a pass whose groups include INPUTS."""
+    egfrs, creatinines = chart.readings(INPUTS, (_SPECS["egfr"], _SPECS["creatinine"]))
+    return interpret(chart.vector(INPUTS), egfrs, creatinines, now=chart.now)
 
 
 def _female(vector: FeatureVector) -> bool | None:
@@ -473,16 +483,23 @@ def assess_request(request: Any) -> tuple[KidneyStatus, Any]:
     """(kidney status, the site model's prediction or None) for a hook request."""
     resources = [v for v in request.prefetch.values() if v is not None]
     with request.stage("features"):
-        status = assess(resources, now=request.now, code_map=request.site.code_map)
-    return status, risk(status, resources, request.model, now=request.now)
+        chart = chart_pass(resources, now=request.now, code_map=request.site.code_map,
+                           model=request.model)
+        status = assess_chart(chart)
+    return status, risk(status, chart, request.model, now=request.now)
 
 
-def risk(status: KidneyStatus, resources: list[Any], model: Any, *, now: datetime) -> Any:
+def risk(status: KidneyStatus, resources: list[Any] | ChartPass, model: Any, *,
+         now: datetime) -> Any:
     """The model's prediction (a `ModelBinding`'s) for the chart `status` was read from, or None:
     the model sees the eGFR and urine ACR the card shows, and is not run without an eGFR or
-    where the risk equation does not apply (`KidneyStatus.risk_exclusions`)."""
+    where the risk equation does not apply (`KidneyStatus.risk_exclusions`). A `ChartPass`
+    `status` was assessed from is extended with them and scored without a second pass."""
     if model is None or status.latest is None or status.risk_exclusions():
         return None
+    if isinstance(resources, ChartPass):
+        resources.extend(status.extra_resources)
+        return model.score(resources, now=now)
     return model.score([*resources, *status.extra_resources], now=now)
 
 

@@ -257,7 +257,7 @@ def test_readings_history_oldest_first_with_the_same_exclusions():
     assert (fv.n, fv.value, fv.source) == (3, 1.4, "Observation/c3b")
 
 
-def test_extract_with_readings_is_extract_and_readings_in_one_pass():
+def test_chart_pass_is_extract_and_readings_in_one_pass():
     code_map = parse_code_map([{"from": f"{LOCAL}|1526", "to": f"{LOINC}|2160-0"}])
     resources = [
         obs("2160-0", 1.4, "mg/dL", date="2025-03-01T08:00:00Z", id="c3"),
@@ -266,17 +266,44 @@ def test_extract_with_readings_is_extract_and_readings_in_one_pass():
         obs("2160-0", 9.9, "mg/dL", status="entered-in-error", id="x1"),
     ]
     specs = [SPEC["egfr"], SPEC["creatinine"], SPEC["hba1c"]]
-    vector, (creatinines, egfrs) = engine.extract_with_readings(
-        specs, [SPEC["creatinine"], SPEC["egfr"]], resources, now=NOW, code_map=code_map)
-    assert vector == extract(specs, resources, now=NOW, code_map=code_map)
+    chart = engine.ChartPass([specs], resources, now=NOW, code_map=code_map)
+    creatinines, egfrs = chart.readings(specs, [SPEC["creatinine"], SPEC["egfr"]])
+    assert chart.vector(specs) == extract(specs, resources, now=NOW, code_map=code_map)
     assert [(r.source, r.value, r.comparator) for r in creatinines] == [
         ("Observation/c2", 0.5, "<"), ("Observation/c3", 1.4, None)]
     assert creatinines == readings(SPEC["creatinine"], resources, now=NOW, code_map=code_map)
     assert [(r.source, r.value) for r in egfrs] == [("Observation/e1", 48.0)]
     with pytest.raises(ValueError):  # a reading spec must be one of the extracted specs
-        engine.extract_with_readings([SPEC["egfr"]], [SPEC["creatinine"]], [], now=NOW)
+        engine.ChartPass([[SPEC["egfr"]]], [], now=NOW).readings([SPEC["egfr"]],
+                                                                [SPEC["creatinine"]])
     with pytest.raises(ValueError, match="numeric Observation"):
-        engine.extract_with_readings([SPEC["diabetes"]], [SPEC["diabetes"]], [], now=NOW)
+        engine.ChartPass([[SPEC["diabetes"]]], [], now=NOW).readings([SPEC["diabetes"]],
+                                                                    [SPEC["diabetes"]])
+
+
+def test_chart_pass_groups_and_extend_are_extract_on_everything_so_far():
+    # Two groups sharing a spec, one pass; then a resource computed later joins the pass.
+    first = [SPEC["egfr"], SPEC["creatinine"]]
+    second = [SPEC["creatinine"], SPEC["hba1c"], SPEC["diabetes"]]
+    resources = [
+        obs("2160-0", 1.4, "mg/dL", date="2025-03-01", id="c3"),
+        obs("4548-4", 7.1, "%", date="2025-01-01", id="h1"),
+        obs("2160-0", 1.2, "mg/dL", date="2025-02-01", id="c3"),  # same id: the first wins
+    ]
+    later = [obs("33914-3", 40, "mL/min/1.73m2", date="2025-03-02", id="computed"),
+             obs("4548-4", 9.9, "%", date="2025-03-02", id="h1")]  # seen before: skipped
+    chart = engine.ChartPass([first, second], resources, now=NOW)
+    assert chart.vector(first) == extract(first, resources, now=NOW)
+    assert chart.vector(second) == extract(second, resources, now=NOW)
+    assert chart.vector(first)["egfr"].status != "observed"
+    chart.extend(later)
+    assert chart.resources == [*resources, *later]
+    for group in (first, second, [SPEC["hba1c"]]):  # the last is no group: a pass of its own
+        assert chart.vector(group) == extract(group, [*resources, *later], now=NOW)
+    assert chart.vector(first)["egfr"].value == 40
+    assert chart.vector(second)["hba1c"].value == 7.1
+    assert chart.serves(NOW, None) and not chart.serves(NOW, {}) \
+        and not chart.serves(NOW + timedelta(seconds=1), None)
 
 
 def test_readings_refuses_non_numeric_specs():

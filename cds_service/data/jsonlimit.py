@@ -42,7 +42,7 @@ def loads(data: str | bytes, *, limit: int = MAX_DEPTH, **kwargs: Any) -> Any:
         value = json.loads(data, **kwargs)
     except RecursionError:
         raise JsonTooDeep(limit) from None
-    if too_deep(value, limit):
+    if isinstance(value, (dict, list)) and text_too_deep(data, limit):
         raise JsonTooDeep(limit)
     return value
 
@@ -58,3 +58,39 @@ def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
         if not level:
             return False
     return True
+
+
+# Every byte but the five that shape JSON's nesting (a `bytes.translate` delete set).
+_NOT_STRUCTURE = bytes(range(256)).translate(None, b'"[]{}')
+_AS_PARENS = bytes.maketrans(b"[]{}", b"()()")
+
+
+def text_too_deep(text: str | bytes, limit: int = MAX_DEPTH) -> bool:
+    """`too_deep` of the value `text` parses to, read from the text: `text` must be JSON that
+    `json.loads` accepted. A few C-speed passes over bytes instead of a Python visit of every
+    object and array (a 1 MB prefetch: about 2 ms against 10-17).
+
+    RFC 8259 §7: a quote or backslash inside a string is escaped, and escapes read left to
+    right, so removing every `\\` and then every `\"` leaves one unescaped `"` at each end of each
+    string. Of those quotes and the brackets, two adjacent quotes enclose nothing: dropping them
+    keeps every other quote's parity, so the odd stretches between the quotes left are string
+    contents (brackets there are text) and the even ones are structure. Each round of removing
+    `()` then strips exactly the innermost level, so the depth is the number of rounds."""
+    if isinstance(text, str):
+        data = text.encode("utf-8", "surrogatepass")
+    elif json.detect_encoding(text).startswith("utf-8"):
+        data = bytes(text)  # UTF-8 codes every non-ASCII character in bytes 0x80 and above
+    else:  # json.loads reads UTF-16 and UTF-32 bytes too, where `"` can be half a character
+        data = text.decode(json.detect_encoding(text), "surrogatepass").encode(
+            "utf-8", "surrogatepass")
+    if b"\\" in data:
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    data = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in data:
+        data = b"".join(data.split(b'"')[::2])
+    data = data.translate(_AS_PARENS)
+    for _ in range(limit):
+        if not data:
+            return False
+        data = data.replace(b"()", b"")
+    return bool(data)

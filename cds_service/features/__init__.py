@@ -44,9 +44,9 @@ from cds_service.features.codes import (
 )
 from cds_service.features.compiled import _compiled
 from cds_service.features.extraction import (
+    ChartPass,
     extract,
     extract_many,
-    extract_with_readings,
     readings,
     readings_many,
 )
@@ -73,6 +73,7 @@ from cds_service.features.units import _ucum_factor
 from cds_service.features.values import FeatureValue, FeatureVector, Reading, vector_from_values
 
 __all__ = [
+    "ChartPass",
     "AGE_RANGE",
     "AGGREGATIONS",
     "COUNTING_AGGREGATIONS",
@@ -100,7 +101,6 @@ __all__ = [
     "concept_codes",
     "extract",
     "extract_many",
-    "extract_with_readings",
     "flatten",
     "group_by_patient",
     "parse_code_map",

@@ -1,6 +1,6 @@
 """The extraction engine: specs compiled once into a (system, code) lookup, each resource
-visited once: `extract`, `extract_many`, `readings`, `readings_many` and
-`extract_with_readings`.
+visited once: `extract`, `extract_many`, `readings`, `readings_many`, and `ChartPass` (several
+spec lists from one pass, which resources computed from its first vectors can join later).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cds_service.features.codes import _MAPPING, CodeMap, _coding_key
-from cds_service.features.compiled import _Compiled, _compiled, _Lookup
+from cds_service.features.compiled import _Compiled, _compiled, _Feature, _Lookup
 from cds_service.features.resources import (
     _absent_reason,
     _as_utc,
@@ -46,32 +46,85 @@ def extract(specs: Sequence[FeatureSpec], resources: Iterable[Any], *, now: date
     """The feature vector of one patient's resources at `now` (see the module docstring)."""
     compiled = _compiled(tuple(specs))
     now = _as_utc(now)
-    accs, patient = _collect(compiled, resources, now, code_map)
-    return _vector(compiled, accs, patient, now)
+    collector = _Collector(compiled, now, code_map)
+    collector.feed(resources)
+    return _vector(compiled.features, collector.accs, collector.patient, now)
 
 
-def extract_with_readings(specs: Sequence[FeatureSpec], reading_specs: Sequence[FeatureSpec],
-                          resources: Iterable[Any], *, now: datetime,
-                          code_map: CodeMap | None = None,
-                          ) -> tuple[FeatureVector, tuple[list[Reading], ...]]:
-    """`extract(specs)` and `readings_many(reading_specs)` from a single pass over the resources
-    (a 1,000-result chart is read once, not twice); each of `reading_specs` must be one of
-    `specs`."""
-    specs = tuple(specs)
-    indexes = [specs.index(spec) for spec in reading_specs]  # ValueError: not one of specs
-    for spec in reading_specs:
-        _check_reading_spec(spec)
-    compiled = _compiled(specs)
-    now = _as_utc(now)
-    accs, patient = _collect(compiled, resources, now, code_map)
-    return (_vector(compiled, accs, patient, now),
-            tuple(_readings(compiled, accs[i], i, code_map) for i in indexes))
+class ChartPass:
+    """One pass over a chart for several spec lists at once: a hook's own inputs and its active
+    model's features, so a 1,000-result chart is read once, not once per list. Resources the
+    hook computes from the first vector (an eGFR from creatinine, which the model reads too)
+    join the same pass with `extend`.
+
+    `vector(specs)` is exactly `extract(specs, every resource given so far)`, and
+    `readings(specs, reading_specs)` exactly `readings_many`, for `specs` one of the groups;
+    any other spec list gets a pass of its own over the same resources (a shadow model's, which
+    stays out of the shared pass so that nothing in it can touch the active answer)."""
+
+    def __init__(self, groups: Iterable[Sequence[FeatureSpec]], resources: Iterable[Any], *,
+                 now: datetime, code_map: CodeMap | None = None):
+        self.now = _as_utc(now)
+        self.code_map = code_map
+        self._groups: list[tuple[tuple[FeatureSpec, ...], int]] = []  # (specs, first index)
+        joined: list[FeatureSpec] = []
+        for group in groups:
+            group = tuple(group)
+            if self._start(group) is None:
+                self._groups.append((group, len(joined)))
+                joined += group
+        self._compiled = _compiled(tuple(joined))
+        self._resources: list[Any] = []
+        self._collector = _Collector(self._compiled, self.now, code_map)
+        self.extend(resources)
+
+    @property
+    def resources(self) -> list[Any]:
+        """Every resource given so far, in order."""
+        return self._resources
+
+    def extend(self, resources: Iterable[Any]) -> None:
+        """Add resources to the pass, as if they had come after those given before."""
+        resources = list(resources)
+        self._resources += resources
+        self._collector.feed(resources)
+
+    def _start(self, specs: tuple[FeatureSpec, ...]) -> int | None:
+        # A list, not a dict: a hand-built spec may hold something unhashable (see _compiled).
+        return next((start for group, start in self._groups if group == specs), None)
+
+    def serves(self, now: datetime, code_map: CodeMap | None) -> bool:
+        """Whether this pass reads the chart as `extract(now=now, code_map=code_map)` would."""
+        return _as_utc(now) == self.now and code_map is self.code_map
+
+    def vector(self, specs: Sequence[FeatureSpec]) -> FeatureVector:
+        specs = tuple(specs)
+        start = self._start(specs)
+        if start is None:
+            return extract(specs, self._resources, now=self.now, code_map=self.code_map)
+        end = start + len(specs)
+        return _vector(self._compiled.features[start:end], self._collector.accs[start:end],
+                       self._collector.patient, self.now)
+
+    def readings(self, specs: Sequence[FeatureSpec],
+                 reading_specs: Sequence[FeatureSpec]) -> tuple[list[Reading], ...]:
+        """`readings_many(reading_specs)`; each of `reading_specs` must be one of `specs`."""
+        specs = tuple(specs)
+        indexes = [specs.index(spec) for spec in reading_specs]  # ValueError: not one of specs
+        for spec in reading_specs:
+            _check_reading_spec(spec)
+        start = self._start(specs)
+        if start is None:
+            return readings_many(reading_specs, self._resources, now=self.now,
+                                 code_map=self.code_map)
+        return tuple(_readings(self._compiled, self._collector.accs[start + i], start + i,
+                               self.code_map) for i in indexes)
 
 
-def _vector(compiled: _Compiled, accs: list[_Acc], patient: Mapping | None,
-            now: datetime) -> FeatureVector:
+def _vector(features: Sequence[_Feature], accs: Sequence[_Acc], patient: Mapping | None,
+             now: datetime) -> FeatureVector:
     values = []
-    for feature, acc in zip(compiled.features, accs, strict=True):
+    for feature, acc in zip(features, accs, strict=True):
         if feature.kind == "patient":
             values.append(_patient_feature(feature, patient, now))
         elif feature.kind == "count":
@@ -95,8 +148,10 @@ def readings_many(specs: Sequence[FeatureSpec], resources: Iterable[Any], *, now
     for spec in specs:
         _check_reading_spec(spec)
     compiled = _compiled(tuple(specs))
-    accs, _ = _collect(compiled, resources, _as_utc(now), code_map)
-    return tuple(_readings(compiled, acc, index, code_map) for index, acc in enumerate(accs))
+    collector = _Collector(compiled, _as_utc(now), code_map)
+    collector.feed(resources)
+    return tuple(_readings(compiled, acc, index, code_map)
+                 for index, acc in enumerate(collector.accs))
 
 
 def _check_reading_spec(spec: FeatureSpec) -> None:
@@ -133,44 +188,50 @@ def _matched_code(concept: Any, lookup: _Lookup, code_map: Mapping | None,
     return None
 
 
-def _collect(compiled: _Compiled, resources: Iterable[Any], now: datetime,
-             code_map: CodeMap | None) -> tuple[list[_Acc], Mapping | None]:
-    """The single pass over the resources: what each feature collected, and the Patient."""
-    features = compiled.features
-    accs = [_Acc() for _ in features]
-    starts: list[datetime | None] = []
-    for feature in features:
-        days = feature.spec.lookback_days
-        try:
-            starts.append(now - timedelta(days=days) if days else None)
-        except (OverflowError, TypeError):
-            starts.append(None)
-    wants_observations = bool(compiled.observation.exact or compiled.observation.prefixes)
-    wants_conditions = bool(compiled.condition.exact or compiled.condition.prefixes)
-    patient: Mapping | None = None
-    seen: set[tuple[str, str]] = set()
-    for resource in flatten(resources):
-        rtype = resource.get("resourceType")
-        if rtype == "Observation":
-            if not wants_observations:
+class _Collector:
+    """The single pass over the resources: what each feature collected, and the Patient. More
+    resources can be fed later; a resource seen before (same type and id) is skipped."""
+
+    def __init__(self, compiled: _Compiled, now: datetime, code_map: CodeMap | None):
+        self.compiled, self.now, self.code_map = compiled, now, code_map
+        self.accs = [_Acc() for _ in compiled.features]
+        self.starts: list[datetime | None] = []
+        for feature in compiled.features:
+            days = feature.spec.lookback_days
+            try:
+                self.starts.append(now - timedelta(days=days) if days else None)
+            except (OverflowError, TypeError):
+                self.starts.append(None)
+        self.patient: Mapping | None = None
+        self.seen: set[tuple[str, str]] = set()
+
+    def feed(self, resources: Iterable[Any]) -> None:
+        compiled, accs, starts, now, code_map = (self.compiled, self.accs, self.starts, self.now,
+                                                 self.code_map)
+        wants_observations = bool(compiled.observation.exact or compiled.observation.prefixes)
+        wants_conditions = bool(compiled.condition.exact or compiled.condition.prefixes)
+        seen = self.seen
+        for resource in flatten(resources):
+            rtype = resource.get("resourceType")
+            if rtype == "Observation":
+                if not wants_observations:
+                    continue
+            elif rtype == "Condition":
+                if not wants_conditions:
+                    continue
+            elif rtype != "Patient" or self.patient is not None:
                 continue
-        elif rtype == "Condition":
-            if not wants_conditions:
-                continue
-        elif rtype != "Patient" or patient is not None:
-            continue
-        rid = _resource_id(resource)
-        if rid is not None:
-            if (rtype, rid) in seen:
-                continue  # the same resource twice (paged searches overlap, prefetch + read)
-            seen.add((rtype, rid))
-        if rtype == "Observation":
-            _observation(resource, rid, compiled, accs, starts, now, code_map)
-        elif rtype == "Condition":
-            _condition(resource, rid, compiled, accs, starts, now, code_map)
-        else:
-            patient = resource
-    return accs, patient
+            rid = _resource_id(resource)
+            if rid is not None:
+                if (rtype, rid) in seen:
+                    continue  # the same resource twice (paged searches overlap, prefetch + read)
+                seen.add((rtype, rid))
+            if rtype == "Observation":
+                _observation(resource, rid, compiled, accs, starts, now, code_map)
+            elif rtype == "Condition":
+                _condition(resource, rid, compiled, accs, starts, now, code_map)
+            else:
+                self.patient = resource
 
 
 def extract_many(groups: Sequence[Sequence[FeatureSpec]], resources: Iterable[Any], *,

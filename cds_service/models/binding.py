@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cds_service.features import CodeMap, extract, flatten
+from cds_service.features import ChartPass, CodeMap
 from cds_service.models.loaded import LoadedModel, Prediction
 from cds_service.models.manifest import Threshold
 from cds_service.ops import metrics
@@ -35,25 +35,39 @@ class ModelBinding:
     # not counted in the model metrics, which describe the scores the service served.
     observed: bool = True
 
-    def score(self, resources: Iterable[Any], *, now: datetime | None = None) -> Prediction:
+    def feature_groups(self) -> list[tuple]:
+        """The spec lists a hook's `ChartPass` should read for this binding in its one pass: the
+        active model's (the shadow model's stays out of it, see `ChartPass`)."""
+        return [tuple(self.active.manifest.features)]
+
+    def score(self, resources: Iterable[Any] | ChartPass, *,
+              now: datetime | None = None) -> Prediction:
         """The active model's prediction on the patient's FHIR resources (features extracted here,
-        with the site's code mappings and thresholds), and the shadow model's, scored silently."""
+        with the site's code mappings and thresholds), and the shadow model's, scored silently.
+        `resources` may be the hook's own `ChartPass` over the chart, read at `now` with this
+        binding's code map: its vectors are used instead of another pass."""
         now = now or self.clock()
-        resources = list(flatten(resources))  # once, for the active and the shadow model
-        prediction = self._score("active", self.active, resources, now, self.thresholds)
+        if not isinstance(resources, ChartPass):
+            resources = ChartPass(self.feature_groups(), resources, now=now,
+                                  code_map=self.code_map)
+        elif not resources.serves(now, self.code_map):
+            resources = ChartPass(self.feature_groups(), resources.resources, now=now,
+                                  code_map=self.code_map)
+        chart = resources
+        prediction = self._score("active", self.active, chart, self.thresholds)
         if self.shadow is not None:
             try:
-                shadow = self._score("shadow", self.shadow, resources, now, None)
+                shadow = self._score("shadow", self.shadow, chart, None)
                 if self.observed:
                     metrics.observe_shadow(prediction, shadow)
             except Exception:  # noqa: BLE001 - a shadow model never affects the answer
                 log.exception("shadow model %s %s failed", self.shadow.id, self.shadow.version)
         return prediction
 
-    def _score(self, role: str, model: LoadedModel, resources: Iterable[Any], now: datetime,
+    def _score(self, role: str, model: LoadedModel, chart: ChartPass,
                thresholds: Mapping[str, Threshold] | None) -> Prediction:
         with metrics.stage("features"):
-            vector = extract(model.manifest.features, resources, now=now, code_map=self.code_map)
+            vector = chart.vector(model.manifest.features)
         started = time.perf_counter()
         with metrics.stage("model"):
             prediction = model.predict_vector(vector, thresholds)

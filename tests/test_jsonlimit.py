@@ -1,0 +1,92 @@
+"""The nesting limit on JSON from outside: `jsonlimit.text_too_deep` reads the depth from the
+text and must agree with `too_deep`, the plain walk of the parsed value, on every JSON shape."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cds_service.data import jsonlimit
+from cds_service.data.jsonlimit import MAX_DEPTH, JsonTooDeep, text_too_deep, too_deep
+
+# Strings that look like structure: brackets, quotes and backslashes in every arrangement that
+# an escape-unaware scan would miscount.
+TRICKY = ["", "[", "]", "{", "}", "[[[", "]]]}", '"', '\\', '\\"', '"\\', '\\\\"', '[\\"]',
+          '""', '"[', ']"', "\\\\", "a\\", "\\n[", "\u00e9[", "\u2028{", "\U0001f600]",
+          "\u225b\u5b22", "x" * 50]
+
+
+def nested(depth: int, leaf: object = 1, rng: random.Random | None = None) -> object:
+    """`depth` levels of objects and arrays (a leaf that is a container adds its own)."""
+    value = leaf
+    for level in range(depth):
+        if rng is None or rng.random() < 0.5:
+            value = [value] if rng is None else [rng.choice(TRICKY), value, rng.choice(TRICKY)]
+        else:
+            value = {rng.choice(TRICKY): value, "k" + str(level): rng.choice(TRICKY)}
+    return value
+
+
+def random_value(rng: random.Random, depth: int) -> object:
+    if depth <= 0 or rng.random() < 0.25:
+        return rng.choice([*TRICKY, 0, -1.5, True, None, 10**30])
+    if rng.random() < 0.5:
+        return [random_value(rng, depth - 1) for _ in range(rng.randint(0, 3))]
+    return {rng.choice(TRICKY) + str(i): random_value(rng, depth - 1)
+            for i in range(rng.randint(0, 3))}
+
+
+def encodings(value: object) -> list[str | bytes]:
+    compact = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return [compact, json.dumps(value), json.dumps(value, indent=2, ensure_ascii=False),
+            compact.encode("utf-8"), compact.encode("utf-16-le"),
+            compact.encode("utf-32")]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, 150])
+def test_depth_exactly_at_the_limit(depth):
+    # `[` * d + `]` * d nests d arrays: over the limit exactly when d > MAX_DEPTH.
+    text = "[" * depth + "]" * depth if depth else "1"
+    assert text_too_deep(text) is (depth > MAX_DEPTH)
+    assert too_deep(json.loads(text)) is (depth > MAX_DEPTH)
+
+
+def test_brackets_inside_strings_are_text():
+    text = json.dumps({"div": "[" * 500 + "{" * 500, "q": '\\"[[[', "e": "\\\\" + "[" * 300})
+    assert not text_too_deep(text)
+    assert not text_too_deep('["\\\\", "\\\\\\"[[[[", []]', limit=2)
+    assert not text_too_deep('["\ud800[[", "\udfff"]', limit=1)  # lone surrogates, as Python reads
+    # Two levels plus a string of brackets: over a limit of 1, not of 2.
+    assert text_too_deep('[{"a": "]]]]"}]', limit=1)
+    assert not text_too_deep('[{"a": "]]]]"}]', limit=2)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_agrees_with_the_walk_of_the_parsed_value(seed):
+    rng = random.Random(seed)  # noqa: S311 - reproducible test shapes, not secrets
+    for _ in range(25):
+        value = random_value(rng, rng.randint(0, 6))
+        limit = rng.randint(1, 7)
+        for text in encodings(value):
+            assert text_too_deep(text, limit) is too_deep(value, limit), (text, limit)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_agrees_near_the_service_limit(seed):
+    rng = random.Random(seed)  # noqa: S311 - reproducible test shapes, not secrets
+    for depth in (MAX_DEPTH - 2, MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1):
+        value = nested(depth, random_value(rng, 2), rng)
+        for text in encodings(value):
+            assert text_too_deep(text) is too_deep(value), depth
+
+
+def test_loads_refuses_too_deep_and_returns_the_rest():
+    ok = "[" * MAX_DEPTH + "]" * MAX_DEPTH
+    assert jsonlimit.loads(ok) == json.loads(ok)
+    with pytest.raises(JsonTooDeep):
+        jsonlimit.loads("[" + ok + "]")
+    with pytest.raises(JsonTooDeep):  # deeper than Python's own recursion limit
+        jsonlimit.loads("[" * 100_000 + "]" * 100_000)
+    assert jsonlimit.loads('"[[["') == "[[["
