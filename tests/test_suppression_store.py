@@ -232,11 +232,17 @@ def test_latest_override_per_topic_for_several_topics_in_one_query(store):
     engines = [store._engine, *([store._lookups.engine] if store._lookups else [])]
     for engine in engines:
         sa.event.listen(engine, "before_cursor_execute", count)
+    # SQLite's lookup runs on the driver's connection (`DriverLookup`): SQLite's own trace.
+    driver = store._lookups.get().connection.dbapi_connection if store._lookups else None
+    if driver is not None:
+        driver.set_trace_callback(lambda statement: count(None, None, statement))
     try:
         found = overrides(store, topics=("T1", "T2", "T3", "T4"))
     finally:
         for engine in engines:
             sa.event.remove(engine, "before_cursor_execute", count)
+        if driver is not None:
+            driver.set_trace_callback(None)
 
     assert found == {
         "T1": Override("T1", NOW - timedelta(minutes=10), "info", "t1-a"),
@@ -301,13 +307,14 @@ def test_sqlite_lookup_keeps_one_connection_per_thread_and_no_read_open(sqlite_s
         assert set(overrides(store)) == {"T1"}
         assert store._lookups._local.conn is not conn and not conn.closed
 
-        # A broken connection is dropped; the next lookup opens another.
-        broken = store._lookups._local.conn
-        broken.invalidate()
-        with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the driver raises
-            overrides(store)
-        assert broken.closed and store._lookups._local.conn is None
+        # An invalidated connection reconnects to a new driver connection on its next use
+        # (a driver error drops it instead: test_sqlite_driver_lookup_error_is_store_unavailable).
+        kept = store._lookups._local.conn
+        old_driver = kept.connection.dbapi_connection
+        kept.invalidate()
         assert set(overrides(store)) == {"T1"}
+        assert store._lookups._local.conn is kept
+        assert kept.connection.dbapi_connection is not old_driver
         opened = list(store._lookups._open.values())
     assert opened and all(c.closed for c in opened)
     # Closed: a lookup still answers, on a pooled connection it returns.
@@ -477,3 +484,35 @@ def test_suppressions_list_and_clear_commands(store, store_url, tmp_path, monkey
     assert capsys.readouterr().err == "no suppressions in force\n"
     # Expired overrides are left for the retention purge; they suppress nothing either way.
     assert len(store.list_overrides(since=now - timedelta(days=2))) == 2
+
+
+def test_sqlite_driver_lookup_answers_as_sqlalchemy_does(sqlite_store_url):
+    # The SQLite lookup runs RECENT_OVERRIDES on the driver's connection: the same rows, values
+    # and order as SQLAlchemy's execution of it, times included (aware UTC, microseconds).
+    from cds_service.records.overrides import RECENT_OVERRIDES
+
+    with Store(sqlite_store_url) as store:
+        record_issued(store, [issued(f"c{i}", topic_code=f"T{i % 3}" if i % 4 else None,
+                                     indicator=("info", "warning", "critical")[i % 3])
+                              for i in range(12)])
+        for i in range(12):
+            at = NOW - timedelta(hours=i % 5, microseconds=137 * i)
+            store.insert_feedback("site-a", "svc", [item(f"c{i}", at)])
+        params = {"site": "site-a", "service_id": "svc", "user_id": "Practitioner/u1",
+                  "patient_id": "Patient/p1", "since": NOW - timedelta(hours=3)}
+        with store._engine.connect() as conn:
+            expected = [tuple(row) for row in conn.execute(RECENT_OVERRIDES, params)]
+        got = store._lookup_rows(params)
+        assert len(expected) == 8 and got == expected
+        assert all(row[1].tzinfo is UTC for row in got)
+        assert got == store._lookup_rows(params)  # the thread's kept connection, again
+        assert store._lookup_rows({**params, "since": NOW + timedelta(seconds=1)}) == []
+
+
+def test_sqlite_driver_lookup_error_is_store_unavailable(sqlite_store_url, monkeypatch):
+    with Store(sqlite_store_url) as store:
+        overrides(store)
+        monkeypatch.setattr(store._driver_lookup, "sql", "SELECT * FROM no_such_table")
+        with pytest.raises(StoreUnavailable, match="no such table"):
+            overrides(store)
+        assert store._lookups._local.conn is None  # dropped; the next lookup opens another

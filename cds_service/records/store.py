@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ from cds_service.records.database import (
 from cds_service.records.feedback import OVERRIDDEN, FeedbackItem
 from cds_service.records.overrides import (
     RECENT_OVERRIDES,
+    DriverLookup,
     Override,
     overrides_stored_first,
     record_overrides,
@@ -97,6 +99,8 @@ class Store:
         # Its own engine without a pool, so these never starve the pooled writers and readers.
         self._lookups = (ThreadConnections(create_engine(self._url, pooled=False))
                          if self.dialect == "sqlite" else None)
+        self._driver_lookup = (DriverLookup(self._lookups.engine.dialect)
+                               if self._lookups is not None else None)
         try:
             self._ensure_schema()
             up = True
@@ -342,13 +346,16 @@ class Store:
             with self._engine.connect() as pooled:
                 return pooled.execute(RECENT_OVERRIDES, params).all()
         try:
-            # Autocommit, and `all()` reads every row and resets the statement: SQLite's
+            # Autocommit, and `fetchall()` reads every row and resets the statement: SQLite's
             # implicit read transaction ends here, none is left to hold back WAL checkpoints.
-            rows = conn.execute(RECENT_OVERRIDES, params).all()
-        except BaseException:
+            return self._driver_lookup.rows(conn.connection.dbapi_connection, params)
+        except BaseException as exc:
             self._lookups.drop(conn)
+            if isinstance(exc, sqlite3.Error):  # as SQLAlchemy would have wrapped it
+                raise sa_exc.DBAPIError.instance(
+                    self._driver_lookup.sql, None, exc, sqlite3.Error,
+                    hide_parameters=True, dialect=self._lookups.engine.dialect) from exc
             raise
-        return rows
 
     def list_overrides(self, *, since: datetime, site: str | None = None,
                        service_id: str | None = None, user_id: str | None = None,
