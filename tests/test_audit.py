@@ -466,3 +466,34 @@ def test_lenient_record_tuple_fields():
     assert len(record.suggestion_uuids) == MAX_ITEMS
     assert record.prefetch_keys_used[0] == "egfr:prefetch"
     assert record.prefetch_keys_used[1].startswith("withheld:sha256-")
+
+
+def test_plain_passes_every_check():
+    # `_plain` lets identifier-like strings skip the checks: it must only ever admit strings that
+    # every check passes and `safe_text` keeps as they are.
+    import random
+
+    from cds_service.records import audit
+
+    def full_checks_pass(value: str) -> bool:
+        return not (audit._UNPRINTABLE.search(value) or audit._JWT.search(value)
+                    or audit._OPAQUE_TOKEN.search(value) or audit._CREDENTIAL_PAIR.search(value)
+                    or audit._RESOURCE_JSON.search(value)) and len(value) <= MAX_TEXT
+
+    alphabet = "abcyzAEJYZ0189._:/@|-=\"~+ \t\x00eyJ"
+    rng = random.Random(20)  # noqa: S311 - reproducible test strings, not secrets
+    samples = ["", "a" * 64, "a" * 65, "eyJ", "xeyJa.b.c", "eyJa..", "Patient/abc.12-x",
+               "urn:uuid:6f1c2a3e-1d2b-4c5d-8e9f-0a1b2c3d4e5f", "egfr:prefetch", "token=abc",
+               "https://fhir.example.org/api/FHIR/R4", "a" * 30 + "=" + "b" * 30]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+                for _ in range(20_000)]
+    admitted = 0
+    for value in samples:
+        if audit._plain(value):
+            admitted += 1
+            assert full_checks_pass(value), value
+            assert safe_text(value) == value
+            AuditRecord(kind="invoke", time=datetime.now(UTC), status=200, detail=value)
+    assert admitted > 100
+    assert not audit._plain("a" * 65) and not audit._plain("eyJa..") \
+        and not audit._plain("token=abc")
