@@ -25,6 +25,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,13 @@ def _texts(*concepts: Any) -> str:
     return " ".join(p for p in parts if isinstance(p, str))[:2000]
 
 
+@lru_cache(maxsize=2048)
+def _names_in(text: str) -> tuple[str, ...]:
+    # Orders name the same formulary items over and over, and one search of the alternation of
+    # every ingredient and brand name costs tens of µs: each distinct text is searched once.
+    return tuple(TERMINOLOGY.pattern.findall(text))
+
+
 def _name(concept: Any, display: Any) -> str | None:
     """How the order names its medication for a card: the concept's text, else a coding's
     display, else the reference's display."""
@@ -158,25 +166,29 @@ def order_route(order: Mapping) -> str | None:
 def identify(concept: Any, code_map: CodeMap | None = None, *, identifiers: Any = None,
              display: Any = None, route: str | None = None) -> Medication | None:
     """The in-scope ingredients and route of a medication, by code first and name second."""
-    text = _texts(concept, {"display": display}) or None
-    direct = concept_codes(concept)
     names: set[str] = set()
     coded_route = None
     how = None
-    for system, code in sorted(concept_codes(concept, code_map, identifiers)):
+    codes = concept_codes(concept, code_map, identifiers)
+    for system, code in sorted(codes) if len(codes) > 1 else codes:
         if system == RXNORM and code in TERMINOLOGY.concepts:
             found, form_route = TERMINOLOGY.concepts[code]
             names |= found
             coded_route = coded_route or form_route
-            how = how or (f"RxNorm {code}" if (system, code) in direct else "site code mapping")
-    if not names and text:
-        for word in TERMINOLOGY.pattern.findall(text):
+            how = how or (f"RxNorm {code}" if (system, code) in concept_codes(concept)
+                          else "site code mapping")
+    text = None  # the names in the order's words: read only when codes left something open
+    if not names:
+        text = _texts(concept, {"display": display})
+        for word in _names_in(text) if text else ():
             names |= TERMINOLOGY.words[word.lower()]
             how = how or f"name '{word}'"
-    if not names:
-        return None
-    return Medication(frozenset(names), coded_route or route or
-                      (_route_from_text(text) if text else None), how, _name(concept, display))
+        if not names:
+            return None
+    if not (coded_route or route):
+        text = text if text is not None else _texts(concept, {"display": display})
+        route = _route_from_text(text) if text else None
+    return Medication(frozenset(names), coded_route or route, how, _name(concept, display))
 
 
 def resolve_medication(order: Mapping, bundles: Iterable[Any]) -> tuple[Any, Any, Any]:
