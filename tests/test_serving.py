@@ -152,3 +152,88 @@ def test_a_worker_on_the_embedded_defaults_does_not_load_redis(tmp_path, site_fi
                           cwd=ROOT, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def _worker(workers: int, threads: int):
+    from types import SimpleNamespace
+
+    from cds_service.ops.worker import SharingThreadWorker
+
+    worker = SharingThreadWorker.__new__(SharingThreadWorker)  # only what accept() reads
+    worker.cfg = SimpleNamespace(workers=workers, threads=threads)
+    worker.nr_conns = 0
+    worker.accepted = []
+    worker.enqueue_req = worker.accepted.append
+    return worker
+
+
+@pytest.mark.parametrize(("workers", "held", "waits"), [
+    (2, 3, False),   # fewer connections than threads: accepts at once
+    (2, 4, True),    # a connection per thread: lets another worker accept first
+    (1, 9, False),   # alone: nobody else to take it
+])
+def test_sharing_worker_waits_before_accepting_only_when_full(monkeypatch, workers, held, waits):
+    import socket
+
+    from cds_service.ops import worker as worker_module
+
+    slept: list[float] = []
+    monkeypatch.setattr(worker_module.time, "sleep", slept.append)
+    worker = _worker(workers, threads=4)
+    worker.nr_conns = held
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        client = socket.create_connection(listener.getsockname())
+        try:
+            worker.accept(listener)
+            assert slept == ([worker_module.DEFER_S] if waits else [])
+            assert len(worker.accepted) == 1 and worker.nr_conns == held + 1
+        finally:
+            client.close()
+            for conn in worker.accepted:
+                conn.sock.close()
+
+
+def test_sharing_worker_leaves_a_connection_another_worker_took(monkeypatch):
+    import socket
+
+    from cds_service.ops import worker as worker_module
+
+    worker = _worker(2, threads=4)
+    worker.nr_conns = 4
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        taken = []
+        # While this worker waits, another one accepts the connection.
+        monkeypatch.setattr(worker_module.time, "sleep",
+                            lambda _s: taken.append(listener.accept()[0]))
+        client = socket.create_connection(listener.getsockname())
+        try:
+            worker.accept(listener)  # EAGAIN: nothing accepted, nothing raised
+            assert taken and worker.accepted == [] and worker.nr_conns == 4
+        finally:
+            client.close()
+            for conn in taken:
+                conn.close()
+
+
+def test_two_workers_answer_many_concurrent_keepalive_connections(tmp_path):
+    # Every connection answered while workers hold more connections than threads.
+    import http.client
+
+    server = Server(tmp_path, "--workers", "2", "--threads", "2")
+    try:
+        host, port = server.base.removeprefix("http://").split(":")
+        conns = [http.client.HTTPConnection(host, int(port), timeout=10) for _ in range(12)]
+        statuses = []
+        for _ in range(3):
+            for conn in conns:
+                conn.request("GET", "/healthz")
+                response = conn.getresponse()
+                response.read()
+                statuses.append(response.status)
+        for conn in conns:
+            conn.close()
+    finally:
+        server.stop()
+    assert statuses == [200] * 36

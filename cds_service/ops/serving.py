@@ -4,6 +4,7 @@ Why each setting (gunicorn documentation, "Settings" and "Design"):
 
 - `gthread` workers with `threads` per process: a call waiting on a slow FHIR fallback read
   holds one thread, not the process, so other calls on that worker are answered meanwhile.
+  `ops.worker.SharingThreadWorker`: gthread, sharing new connections out between workers.
   Each worker holds one copy of the models (loaded once in the master, inherited by fork).
 - `timeout` 30 s: a worker silent that long (stuck, not merely busy: gthread's main loop keeps
   the heartbeat) is killed and replaced. Well above the prefetch deadline (2.5 s by default).
@@ -45,7 +46,7 @@ from cds_service.protocol.errors import ConfigError
 log = logging.getLogger("cds_service.ops.serving")
 
 SETTINGS: dict[str, Any] = {
-    "worker_class": "gthread",
+    "worker_class": "cds_service.ops.worker.SharingThreadWorker",
     "threads": 4,
     "timeout": 30,
     "graceful_timeout": 30,
