@@ -148,10 +148,11 @@ class SpoolRecorder:
     SCAN_S = 5.0
     # Let calls queue up into one transaction. A transaction's fixed cost dominates: storing
     # the records of 1, 4, 16 and 64 patient-views per transaction cost 1.26, 0.37, 0.15 and
-    # 0.11 ms of CPU per call on the bench machine, taken from the worker that answers. At
-    # 300 calls/s, 50 ms gathers ~15 calls where 10 ms gathered 3 (issue 20). Records reach
-    # the store that much later; the spool already holds them.
-    LINGER_S = 0.05
+    # 0.11 ms of CPU per call on the bench machine, taken from the worker that answers (issue
+    # 20; measured again later: ~3.2 ms per transaction plus ~0.13 ms per call on a slower
+    # day). At 300 calls/s, 200 ms gathers ~60 calls. Records reach the store that much later
+    # (the spool already holds them); `flush` and `close` cut the wait short.
+    LINGER_S = 0.2
     RETRY_S = (0.25, 5.0)  # first and longest wait before writing again after a failure
     CLOSE_S = 20.0  # a graceful stop writes what it can in this long (gunicorn allows 30 s)
 
@@ -173,6 +174,7 @@ class SpoolRecorder:
         self.write_error: str | None = None
         self._closing = False
         self._closed = False
+        self._flushers = 0  # threads waiting in `flush`
         self._pid: int | None = None
         self._threads: list[threading.Thread] = []
         self._start()
@@ -213,11 +215,16 @@ class SpoolRecorder:
         """Wait until this worker's records are stored (or `timeout`); at once while the store
         is down: they are safe in the spool, and the caller should not wait on the outage."""
         with self._cond:
-            if not self._cond.wait_for(
-                    lambda: not self._pending and not self._unspooled or not self.store_ok,
-                    timeout):
-                log.warning("spool: %d call record(s) not yet stored after %.1f s",
-                            self._pending, timeout)
+            self._flushers += 1  # the writer does not linger for more calls meanwhile
+            self._hurry.set()
+            try:
+                if not self._cond.wait_for(
+                        lambda: not self._pending and not self._unspooled or not self.store_ok,
+                        timeout):
+                    log.warning("spool: %d call record(s) not yet stored after %.1f s",
+                                self._pending, timeout)
+            finally:
+                self._flushers -= 1
 
     def close(self) -> None:
         """Store what is spooled (for up to CLOSE_S), then stop; a segment not fully stored is
@@ -228,6 +235,7 @@ class SpoolRecorder:
                 return
             self._closing = True
             self._stopping.set()
+            self._hurry.set()
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(self.CLOSE_S)
@@ -253,6 +261,7 @@ class SpoolRecorder:
         self._segment = Segment.create(self.directory)
         self._written = self._shipped = self._pending = 0
         self._stopping = threading.Event()
+        self._hurry = threading.Event()  # a flush or close waits: stop lingering
         self._threads = [threading.Thread(target=self._ship_forever, name="spool-shipper",
                                           daemon=True),
                          threading.Thread(target=self._fsync_forever, name="spool-fsync",
@@ -287,8 +296,10 @@ class SpoolRecorder:
                 closing = self._closing
             if closing and deadline is None:
                 deadline = time.monotonic() + self.CLOSE_S
-            if not closing and not retry:
-                time.sleep(self.LINGER_S)
+            if not closing and not retry and not self._flushers:
+                # Its own event, not `_cond`, which every `submit` notifies (see _fsync_forever).
+                self._hurry.wait(self.LINGER_S)
+                self._hurry.clear()
             ok = self._ship_own()
             if ok and not closing and time.monotonic() >= next_scan:
                 ok = self._replay_orphans()
