@@ -162,9 +162,22 @@ def _check_reading_spec(spec: FeatureSpec) -> None:
 
 def _readings(compiled: _Compiled, acc: _Acc, index: int,
               code_map: CodeMap | None) -> list[Reading]:
+    # A chart's results of one test carry the same few codings: each is matched once.
+    matched: dict[tuple, str | None] = {}
+
+    def code(concept: Any) -> str | None:
+        codings = concept.get("coding") if isinstance(concept, _MAPPING) else None
+        try:
+            key = tuple((c.get("system"), c.get("code")) for c in codings)
+            found = matched.get(key, matched)
+        except (TypeError, AttributeError):  # not a list of codings, or unhashable parts
+            return _matched_code(concept, compiled.observation, code_map, index)
+        if found is matched:
+            found = matched[key] = _matched_code(concept, compiled.observation, code_map, index)
+        return found
+
     return [Reading(instant, day, value, comparator, f"Observation/{rid}" if rid else None,
-                    _matched_code(element.get("code"), compiled.observation, code_map, index),
-                    notes)
+                    code(element.get("code")), notes)
             for instant, value, rid, day, notes, comparator, element
             in _ordered(acc.items.values())]
 
