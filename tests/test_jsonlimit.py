@@ -90,3 +90,13 @@ def test_loads_refuses_too_deep_and_returns_the_rest():
     with pytest.raises(JsonTooDeep):  # deeper than Python's own recursion limit
         jsonlimit.loads("[" * 100_000 + "]" * 100_000)
     assert jsonlimit.loads('"[[["') == "[[["
+
+
+def test_loads_reads_the_depth_from_the_utf8_bytes_given():
+    deep = "[" * (MAX_DEPTH + 1) + '"é"' + "]" * (MAX_DEPTH + 1)
+    with pytest.raises(JsonTooDeep):
+        jsonlimit.loads(deep, utf8=deep.encode("utf-8"))
+    shallow = '{"a": ["é", {"b": "[[[[["}]}'
+    assert jsonlimit.loads(shallow, utf8=shallow.encode("utf-8"), limit=3) == json.loads(shallow)
+    with pytest.raises(JsonTooDeep):
+        jsonlimit.loads(shallow, utf8=shallow.encode("utf-8"), limit=2)

@@ -36,13 +36,16 @@ class JsonTooDeep(CdsError):
         self.limit = limit
 
 
-def loads(data: str | bytes, *, limit: int = MAX_DEPTH, **kwargs: Any) -> Any:
-    """`json.loads`, raising `JsonTooDeep` for a value nested deeper than `limit`."""
+def loads(data: str | bytes, *, limit: int = MAX_DEPTH, utf8: bytes | None = None,
+          **kwargs: Any) -> Any:
+    """`json.loads`, raising `JsonTooDeep` for a value nested deeper than `limit`. `utf8`: the
+    UTF-8 bytes `data` was decoded from, when the caller has them (the depth is read from them
+    without encoding `data` again)."""
     try:
         value = json.loads(data, **kwargs)
     except RecursionError:
         raise JsonTooDeep(limit) from None
-    if isinstance(value, (dict, list)) and text_too_deep(data, limit):
+    if isinstance(value, (dict, list)) and text_too_deep(data if utf8 is None else utf8, limit):
         raise JsonTooDeep(limit)
     return value
 
@@ -83,6 +86,8 @@ def text_too_deep(text: str | bytes, limit: int = MAX_DEPTH) -> bool:
     else:  # json.loads reads UTF-16 and UTF-32 bytes too, where `"` can be half a character
         data = text.decode(json.detect_encoding(text), "surrogatepass").encode(
             "utf-8", "surrogatepass")
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False  # every level opens with one of them: at most this many levels
     if b"\\" in data:
         data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
     data = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")

@@ -80,7 +80,8 @@ class JsonParser(FlaskParser):
             return missing
         # As webargs does: UTF-8 only (RFC 8259 §8.1); its UnicodeDecodeError and JSONDecodeError
         # handling (400 "Invalid JSON body.", an empty body as missing) stays as it was.
-        return jsonlimit.loads(req.get_data(cache=True).decode("utf-8"))
+        raw = req.get_data(cache=True)
+        return jsonlimit.loads(raw.decode("utf-8"), utf8=raw)
 
 
 class Blueprint(flask_smorest.Blueprint):
