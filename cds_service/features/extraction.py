@@ -215,7 +215,10 @@ class _Matcher:
     def __call__(self, concept: Any) -> Collection[int]:
         codings = concept.get("coding") if isinstance(concept, _MAPPING) else None
         try:
-            key = tuple((c.get("system"), c.get("code")) for c in codings)
+            if type(codings) is list and len(codings) == 1:  # the usual shape: one coding
+                key = ((codings[0].get("system"), codings[0].get("code")),)
+            else:
+                key = tuple((c.get("system"), c.get("code")) for c in codings)
             hits = self.memo.get(key)
         except (TypeError, AttributeError):  # not a list of codings, or unhashable parts
             return self.lookup.match(concept, self.code_map)
