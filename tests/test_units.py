@@ -346,3 +346,26 @@ def test_conditions_recorded_just_ahead_are_counted(delta, counted):
                                       "code": "E11.9"}]}}
     fv = run("diabetes", [condition])
     assert fv.value == (1.0 if counted else 0.0), fv
+
+
+def test_pass_matcher_answers_as_the_lookup_for_every_concept_shape():
+    from cds_service.features.compiled import _compiled
+    from cds_service.features.extraction import _Matcher
+
+    code_map = parse_code_map([{"from": f"{LOCAL}|1526", "to": f"{LOINC}|2160-0"}])
+    lookup = _compiled((SPEC["egfr"], SPEC["creatinine"], SPEC["hba1c"])).observation
+    concepts = [
+        {"coding": [{"system": LOINC, "code": "2160-0"}]},
+        {"coding": [{"system": LOCAL, "code": "1526"}]},                      # via the code map
+        {"coding": [{"system": LOINC, "code": "4548-4"}, {"system": LOCAL, "code": "1526"}]},
+        {"coding": [{"system": LOINC, "code": "0000-0"}]},
+        {"coding": [{"system": LOINC + "/", "code": " 2160-0 "}]},            # normalised
+        {"coding": []}, {"coding": None}, {"coding": "2160-0"}, {"coding": ["x"]},
+        {"coding": [{"system": [LOINC], "code": "2160-0"}]},                  # unhashable part
+        {"coding": [None, {"system": LOINC, "code": "2160-0"}]}, {}, None, "x",
+    ]
+    matcher = _Matcher(lookup, code_map)
+    for _ in range(2):  # the second time from the memo
+        for concept in concepts:
+            assert set(matcher(concept)) == lookup.match(concept, code_map), concept
+    assert matcher({"coding": [{"system": LOINC, "code": "2160-0"}]}) == {1}
