@@ -47,13 +47,10 @@ class ModelBinding:
         `resources` may be the hook's own `ChartPass` over the chart, read at `now` with this
         binding's code map: its vectors are used instead of another pass."""
         now = now or self.clock()
-        if not isinstance(resources, ChartPass):
-            resources = ChartPass(self.feature_groups(), resources, now=now,
-                                  code_map=self.code_map)
-        elif not resources.serves(now, self.code_map):
-            resources = ChartPass(self.feature_groups(), resources.resources, now=now,
-                                  code_map=self.code_map)
-        chart = resources
+        chart = resources if isinstance(resources, ChartPass) else None
+        if chart is None or not chart.serves(now, self.code_map):
+            chart = ChartPass(self.feature_groups(), resources if chart is None
+                              else chart.resources, now=now, code_map=self.code_map)
         prediction = self._score("active", self.active, chart, self.thresholds)
         if self.shadow is not None:
             try:
