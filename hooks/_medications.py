@@ -177,7 +177,7 @@ def identify(concept: Any, code_map: CodeMap | None = None, *, identifiers: Any 
             coded_route = coded_route or form_route
             how = how or (f"RxNorm {code}" if (system, code) in concept_codes(concept)
                           else "site code mapping")
-    text = None  # the names in the order's words: read only when codes left something open
+    text = None  # the order's words: read only when its codes leave the drug or route open
     if not names:
         text = _texts(concept, {"display": display})
         for word in _names_in(text) if text else ():

@@ -120,8 +120,9 @@ def prefetch_key_sources(sources: Mapping[str, str]) -> tuple[str, ...]:
 
 # An identifier-like string every check below passes unchanged, told by one match instead of
 # five searches (most fields of a call are such: ids, uuids, hook and service names): no control
-# character, no `=` (credential pair), no `"` (resource JSON), too short for an opaque token (65+)
-# and, without "eyJ", no JWT. `_plain_passes_every_check` in tests/test_audit.py holds it to that.
+# character, no `=` (credential pair), no `"` (resource JSON), too short for an opaque token
+# (65+) and, without "eyJ", no JWT. tests/test_audit.py `test_plain_passes_every_check` holds it
+# to that.
 _PLAIN = re.compile(r"[A-Za-z0-9._:/@|-]{0,64}")
 
 
@@ -132,7 +133,7 @@ def _plain(value: str) -> bool:
 def _check_text(name: str, value: object, limit: int = MAX_TEXT) -> None:
     if not isinstance(value, str):
         raise ValueError(f"AuditRecord.{name}: expected a string, got {type(value).__name__}")
-    if _plain(value):
+    if len(value) <= limit and _plain(value):
         return
     if len(value) > limit:
         raise ValueError(f"AuditRecord.{name}: longer than {limit} characters")
@@ -168,7 +169,7 @@ def safe_text(value: object, limit: int = MAX_TEXT) -> str:
     """
     if not isinstance(value, str):
         return f"[{type(value).__name__} value withheld]"
-    if _plain(value):
+    if len(value) <= limit and _plain(value):
         return value
     text = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
                             else f"\\u{ord(m.group()):04x}", value)
