@@ -350,7 +350,7 @@ def test_conditions_recorded_just_ahead_are_counted(delta, counted):
 
 def test_pass_matcher_answers_as_the_lookup_for_every_concept_shape():
     from cds_service.features.compiled import _compiled
-    from cds_service.features.extraction import _Matcher
+    from cds_service.features.extraction import _matcher
 
     code_map = parse_code_map([{"from": f"{LOCAL}|1526", "to": f"{LOINC}|2160-0"}])
     lookup = _compiled((SPEC["egfr"], SPEC["creatinine"], SPEC["hba1c"])).observation
@@ -364,7 +364,7 @@ def test_pass_matcher_answers_as_the_lookup_for_every_concept_shape():
         {"coding": [{"system": [LOINC], "code": "2160-0"}]},                  # unhashable part
         {"coding": [None, {"system": LOINC, "code": "2160-0"}]}, {}, None, "x",
     ]
-    matcher = _Matcher(lookup, code_map)
+    matcher = _matcher(lookup, code_map)
     for _ in range(2):  # the second time from the memo
         for concept in concepts:
             assert set(matcher(concept)) == lookup.match(concept, code_map), concept

@@ -5,7 +5,7 @@ spec lists from one pass, which resources computed from its first vectors can jo
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -162,20 +162,8 @@ def _check_reading_spec(spec: FeatureSpec) -> None:
 
 def _readings(compiled: _Compiled, acc: _Acc, index: int,
               code_map: CodeMap | None) -> list[Reading]:
-    # A chart's results of one test carry the same few codings: each is matched once.
-    matched: dict[tuple, str | None] = {}
-
-    def code(concept: Any) -> str | None:
-        codings = concept.get("coding") if isinstance(concept, _MAPPING) else None
-        try:
-            key = tuple((c.get("system"), c.get("code")) for c in codings)
-            found = matched.get(key, matched)
-        except (TypeError, AttributeError):  # not a list of codings, or unhashable parts
-            return _matched_code(concept, compiled.observation, code_map, index)
-        if found is matched:
-            found = matched[key] = _matched_code(concept, compiled.observation, code_map, index)
-        return found
-
+    code = _ByCodings(lambda concept: _matched_code(concept, compiled.observation, code_map,
+                                                    index))
     return [Reading(instant, day, value, comparator, f"Observation/{rid}" if rid else None,
                     code(element.get("code")), notes)
             for instant, value, rid, day, notes, comparator, element
@@ -201,30 +189,38 @@ def _matched_code(concept: Any, lookup: _Lookup, code_map: Mapping | None,
     return None
 
 
-class _Matcher:
-    """`lookup.match(concept, code_map)` remembered by the concept's (system, code) pairs for one
-    pass: a chart's results of one test carry the same few codings, a 1,000-result chart a few
-    dozen distinct ones."""
+_UNSEEN = object()
 
-    __slots__ = ("lookup", "code_map", "memo")
 
-    def __init__(self, lookup: _Lookup, code_map: CodeMap | None):
-        self.lookup, self.code_map = lookup, code_map
-        self.memo: dict[tuple, frozenset[int]] = {}
+class _ByCodings:
+    """`compute(concept)` remembered for one pass by the concept's (system, code) pairs, all it
+    reads of a concept: a chart's results of one test carry the same few codings, a 1,000-result
+    chart a few dozen distinct ones."""
 
-    def __call__(self, concept: Any) -> Collection[int]:
+    __slots__ = ("compute", "memo")
+
+    def __init__(self, compute: Callable[[Any], Any]):
+        self.compute = compute
+        self.memo: dict[tuple, Any] = {}
+
+    def __call__(self, concept: Any) -> Any:
         codings = concept.get("coding") if isinstance(concept, _MAPPING) else None
         try:
             if type(codings) is list and len(codings) == 1:  # the usual shape: one coding
                 key = ((codings[0].get("system"), codings[0].get("code")),)
             else:
                 key = tuple((c.get("system"), c.get("code")) for c in codings)
-            hits = self.memo.get(key)
+            found = self.memo.get(key, _UNSEEN)
         except (TypeError, AttributeError):  # not a list of codings, or unhashable parts
-            return self.lookup.match(concept, self.code_map)
-        if hits is None:
-            hits = self.memo[key] = frozenset(self.lookup.match(concept, self.code_map))
-        return hits
+            return self.compute(concept)
+        if found is _UNSEEN:
+            found = self.memo[key] = self.compute(concept)
+        return found
+
+
+def _matcher(lookup: _Lookup, code_map: CodeMap | None) -> _ByCodings:
+    """`lookup.match(concept, code_map)`, remembered for the pass."""
+    return _ByCodings(lambda concept: frozenset(lookup.match(concept, code_map)))
 
 
 class _Collector:
@@ -243,8 +239,8 @@ class _Collector:
                 self.starts.append(None)
         self.patient: Mapping | None = None
         self.seen: set[tuple[str, str]] = set()
-        self.match_observation = _Matcher(compiled.observation, code_map)
-        self.match_condition = _Matcher(compiled.condition, code_map)
+        self.match_observation = _matcher(compiled.observation, code_map)
+        self.match_condition = _matcher(compiled.condition, code_map)
 
     def feed(self, resources: Iterable[Any]) -> None:
         compiled, accs, starts, now = self.compiled, self.accs, self.starts, self.now
@@ -288,7 +284,7 @@ def extract_many(groups: Sequence[Sequence[FeatureSpec]], resources: Iterable[An
 
 
 def _observation(obs: Mapping, rid: str | None, compiled: _Compiled, accs: list[_Acc],
-                 starts: list[datetime | None], now: datetime, match: _Matcher) -> None:
+                 starts: list[datetime | None], now: datetime, match: _ByCodings) -> None:
     targets: dict[int, Mapping] = {}
     components = obs.get("component")
     if isinstance(components, list):
@@ -338,7 +334,7 @@ def _observation(obs: Mapping, rid: str | None, compiled: _Compiled, accs: list[
 
 
 def _condition(cond: Mapping, rid: str | None, compiled: _Compiled, accs: list[_Acc],
-               starts: list[datetime | None], now: datetime, match: _Matcher) -> None:
+               starts: list[datetime | None], now: datetime, match: _ByCodings) -> None:
     hits = match(cond.get("code"))
     if not hits:
         return
