@@ -9,13 +9,25 @@ import random
 import pytest
 
 from cds_service.data import jsonlimit
-from cds_service.data.jsonlimit import MAX_DEPTH, JsonTooDeep, text_too_deep, too_deep
+from cds_service.data.jsonlimit import MAX_DEPTH, JsonTooDeep, text_too_deep
 
 # Strings that look like structure: brackets, quotes and backslashes in every arrangement that
 # an escape-unaware scan would miscount.
 TRICKY = ["", "[", "]", "{", "}", "[[[", "]]]}", '"', '\\', '\\"', '"\\', '\\\\"', '[\\"]',
           '""', '"[', ']"', "\\\\", "a\\", "\\n[", "\u00e9[", "\u2028{", "\U0001f600]",
           "\u225b\u5b22", "x" * 50]
+
+
+def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
+    """The oracle: the parsed value walked level by level (what the service did before)."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(limit):
+        level = [child for node in level
+                 for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
 
 
 def nested(depth: int, leaf: object = 1, rng: random.Random | None = None) -> object:

@@ -50,28 +50,16 @@ def loads(data: str | bytes, *, limit: int = MAX_DEPTH, utf8: bytes | None = Non
     return value
 
 
-def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """True when `value` nests objects and arrays more than `limit` deep. Level by level, without
-    recursion; about as long as json.loads took to build the value."""
-    level = [value] if isinstance(value, (dict, list)) else []
-    for _ in range(limit):
-        level = [child for node in level
-                 for child in (node.values() if isinstance(node, dict) else node)
-                 if isinstance(child, (dict, list))]
-        if not level:
-            return False
-    return True
-
-
 # Every byte but the five that shape JSON's nesting (a `bytes.translate` delete set).
 _NOT_STRUCTURE = bytes(range(256)).translate(None, b'"[]{}')
 _AS_PARENS = bytes.maketrans(b"[]{}", b"()()")
 
 
 def text_too_deep(text: str | bytes, limit: int = MAX_DEPTH) -> bool:
-    """`too_deep` of the value `text` parses to, read from the text: `text` must be JSON that
-    `json.loads` accepted. A few C-speed passes over bytes instead of a Python visit of every
-    object and array (a 1 MB prefetch: about 2 ms against 10-17).
+    """Whether the value `text` parses to nests objects and arrays more than `limit` deep, read
+    from the text: `text` must be JSON that `json.loads` accepted. A few C-speed passes over
+    bytes instead of a Python visit of every object and array (a 1 MB prefetch: about 2-4 ms
+    against 10-17).
 
     RFC 8259 §7: a quote or backslash inside a string is escaped, and escapes read left to
     right, so removing every `\\` and then every `\"` leaves one unescaped `"` at each end of each
@@ -81,11 +69,10 @@ def text_too_deep(text: str | bytes, limit: int = MAX_DEPTH) -> bool:
     `()` then strips exactly the innermost level, so the depth is the number of rounds."""
     if isinstance(text, str):
         data = text.encode("utf-8", "surrogatepass")
-    elif json.detect_encoding(text).startswith("utf-8"):
+    elif (encoding := json.detect_encoding(text)).startswith("utf-8"):
         data = bytes(text)  # UTF-8 codes every non-ASCII character in bytes 0x80 and above
     else:  # json.loads reads UTF-16 and UTF-32 bytes too, where `"` can be half a character
-        data = text.decode(json.detect_encoding(text), "surrogatepass").encode(
-            "utf-8", "surrogatepass")
+        data = text.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
     if data.count(b"[") + data.count(b"{") <= limit:
         return False  # every level opens with one of them: at most this many levels
     if b"\\" in data:
