@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +40,7 @@ from cds_service.records.database import (
     scrub,
     url_secrets,
 )
+from cds_service.records.driver import DriverInsert
 from cds_service.records.feedback import OVERRIDDEN, FeedbackItem
 from cds_service.records.overrides import (
     RECENT_OVERRIDES,
@@ -99,6 +99,7 @@ class Store:
         # Its own engine without a pool, so these never starve the pooled writers and readers.
         self._lookups = (ThreadConnections(create_engine(self._url, pooled=False))
                          if self.dialect == "sqlite" else None)
+        self._inserts: dict[tuple[str, frozenset[str]], DriverInsert] = {}
         self._driver_lookup = (DriverLookup(self._lookups.engine.dialect)
                                if self._lookups is not None else None)
         try:
@@ -297,9 +298,26 @@ class Store:
             for table, rows in ((audit_log_table, audit), (issued_cards_table, issued),
                                 (predictions_table, predictions)):
                 if rows:
-                    conn.execute(sa.insert(table), rows)
+                    self._insert(conn, table, rows)
             overrides_stored_first(conn, issued)
         return len(calls)
+
+    def _insert(self, conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
+        """`rows` into `table` in `conn`'s transaction; on SQLite through the driver
+        (`driver.DriverInsert`, one per table and set of keys): storing a patient-view's records
+        took 0.23 ms of CPU through SQLAlchemy's execution, 0.21 this way (issue 20)."""
+        if self.dialect != "sqlite":
+            conn.execute(sa.insert(table), rows)
+            return
+        by_keys: dict[frozenset[str], list[dict[str, Any]]] = {}
+        for row in rows:
+            by_keys.setdefault(frozenset(row), []).append(row)
+        for keys, same in by_keys.items():
+            insert = self._inserts.get((table.name, keys))
+            if insert is None:
+                insert = self._inserts.setdefault((table.name, keys),
+                                                  DriverInsert(table, keys, conn.dialect))
+            insert.run(conn.connection.dbapi_connection, same)
 
     def record(self, call: Call) -> None:
         """Queue a call's records for the background writer; returns at once (see `Recorder`)."""
@@ -349,12 +367,8 @@ class Store:
             # Autocommit, and `fetchall()` reads every row and resets the statement: SQLite's
             # implicit read transaction ends here, none is left to hold back WAL checkpoints.
             return self._driver_lookup.rows(conn.connection.dbapi_connection, params)
-        except BaseException as exc:
+        except BaseException:
             self._lookups.drop(conn)
-            if isinstance(exc, sqlite3.Error):  # as SQLAlchemy would have wrapped it
-                raise sa_exc.DBAPIError.instance(
-                    self._driver_lookup.sql, None, exc, sqlite3.Error,
-                    hide_parameters=True, dialect=self._lookups.engine.dialect) from exc
             raise
 
     def list_overrides(self, *, since: datetime, site: str | None = None,
