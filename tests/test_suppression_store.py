@@ -412,6 +412,20 @@ def test_an_override_stored_before_its_card_is_recorded_still_counts(store):
     assert list(overrides(store, topics=("T1",)).values())[0].card_uuid == "c1"
 
 
+def test_each_override_is_one_row_whatever_is_stored_first(store):
+    # `cds-service suppressions clear` deletes rows by id: a second row for one override would
+    # go on suppressing after the operator cleared the first.
+    store.insert_feedback("site-a", "svc", [item("c1", NOW - timedelta(hours=1))])
+    record_issued(store, [issued("c1")])  # the card second: its override recorded now
+    store.insert_feedback("site-a", "svc", [  # a new override of the same card, and a repeat
+        item("c1", NOW - timedelta(minutes=30)), item("c1", NOW - timedelta(hours=1))])
+    record_issued(store, [issued("c2")])  # another card of this site and service
+
+    rows = store.list_overrides(since=SINCE)
+    assert sorted(row["time"] for row in rows) == [NOW - timedelta(hours=1),
+                                                   NOW - timedelta(minutes=30)]
+
+
 # The suppression window starts at the outcome timestamp, at the latest when we received the
 # feedback: the EHR's clock can neither push it later nor, by delivering late, restart it.
 @pytest.mark.parametrize(("stamped", "starts"), [

@@ -34,6 +34,31 @@ class Override:
     card_uuid: str
 
 
+def _insert_overrides(by_feedback_key: bool) -> sa.Insert:
+    """`record_overrides`'s statement, built once (it runs in every transaction of call records):
+    the site, service, cards and feedback keys are bound parameters, the lists expanding."""
+    f, c = feedback_table.c, issued_cards_table.c
+    override_time = sa.case((f.outcome_timestamp < f.received_at, f.outcome_timestamp),
+                            else_=f.received_at)
+    query = (
+        sa.select(override_time, c.site, c.service_id, c.user_id, c.patient_id,
+                  c.topic_code, c.indicator, c.card_uuid)
+        .select_from(feedback_table.join(issued_cards_table, sa.and_(
+            c.card_uuid == f.card, c.site == f.site, c.service_id == f.service_id)))
+        .where(f.site == sa.bindparam("site"), f.service_id == sa.bindparam("service_id"),
+               f.outcome == OVERRIDDEN, f.card.in_(sa.bindparam("cards", expanding=True)))
+    )
+    if by_feedback_key:
+        query = query.where(f.dedupe_key.in_(sa.bindparam("feedback_keys", expanding=True)))
+    o = overrides_table.c
+    return sa.insert(overrides_table).from_select(
+        [o.time, o.site, o.service_id, o.user_id, o.patient_id, o.topic_code, o.indicator,
+         o.card_uuid], query)
+
+
+_INSERT_OVERRIDES = {False: _insert_overrides(False), True: _insert_overrides(True)}
+
+
 def record_overrides(conn: Connection, site: str, service_id: str, cards: Collection[str], *,
                      feedback_keys: Collection[str] | None = None) -> None:
     """`card_overrides` rows for the overrides (only `feedback_keys`, when given) of the cards
@@ -46,23 +71,10 @@ def record_overrides(conn: Connection, site: str, service_id: str, cards: Collec
     retrying after an outage) does not restart it. Either way the card comes back sooner, never
     later, than the clinician's override implies.
     """
-    f, c = feedback_table.c, issued_cards_table.c
-    override_time = sa.case((f.outcome_timestamp < f.received_at, f.outcome_timestamp),
-                            else_=f.received_at)
-    query = (
-        sa.select(override_time, c.site, c.service_id, c.user_id, c.patient_id,
-                  c.topic_code, c.indicator, c.card_uuid)
-        .select_from(feedback_table.join(issued_cards_table, sa.and_(
-            c.card_uuid == f.card, c.site == f.site, c.service_id == f.service_id)))
-        .where(f.site == site, f.service_id == service_id, f.outcome == OVERRIDDEN,
-               f.card.in_(sorted(cards)))
-    )
+    params = {"site": site, "service_id": service_id, "cards": sorted(cards)}
     if feedback_keys is not None:
-        query = query.where(f.dedupe_key.in_(sorted(feedback_keys)))
-    o = overrides_table.c
-    conn.execute(sa.insert(overrides_table).from_select(
-        [o.time, o.site, o.service_id, o.user_id, o.patient_id, o.topic_code, o.indicator,
-         o.card_uuid], query))
+        params["feedback_keys"] = sorted(feedback_keys)
+    conn.execute(_INSERT_OVERRIDES[feedback_keys is not None], params)
 
 
 def overrides_stored_first(conn: Connection, issued: Sequence[dict[str, Any]]) -> None:
