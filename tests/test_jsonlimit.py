@@ -7,6 +7,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cds_service.data import jsonlimit
 from cds_service.data.jsonlimit import MAX_DEPTH, JsonTooDeep, text_too_deep
@@ -112,3 +114,82 @@ def test_loads_reads_the_depth_from_the_utf8_bytes_given():
     assert jsonlimit.loads(shallow, utf8=shallow.encode("utf-8"), limit=3) == json.loads(shallow)
     with pytest.raises(JsonTooDeep):
         jsonlimit.loads(shallow, utf8=shallow.encode("utf-8"), limit=2)
+
+
+# --- parsing: msgspec where it can, the standard library's answer always --------------------
+
+def outcome(parse, text) -> tuple:
+    """What parsing `text` gives: the value, typed all the way down (1 and 1.0 and True differ;
+    NaN compares by repr), or the exception's type."""
+    try:
+        value = parse(text)
+    except Exception as exc:  # noqa: BLE001 - the exception is the outcome compared
+        return ("error", type(exc))
+    return ("value", typed(value))
+
+
+def typed(value: object) -> object:
+    if isinstance(value, dict):
+        return ("dict", [(typed(k), typed(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return ("list", [typed(v) for v in value])
+    return (type(value).__name__, repr(value))
+
+
+# Texts where msgspec and `json.loads` part ways, or where either refuses: each must get the
+# standard library's answer.
+EDGES = ["NaN", "[Infinity, -Infinity]", "1e400", "-1e400", "-0", "-0.0", "1.5e-400",
+         "12345678901234567890123", "1" * 4300, "1" * 4301, "1." + "1" * 5000,
+         '{"a": 1, "a": 2}', '"\\ud800"', '{"\\udfff": 1}', '"\\uD834\\uDD1E"', '"a\x01b"',
+         '"\t"', '"\\u0000"', " [1] \n", "\ufeff[1]", "[1,]", "01", "tru", "", " ", '"\\x"',
+         "[1 2]", '"\\u12"', "4.9e-324", "2.2250738585072014e-308", "1.7976931348623157e308",
+         "0.1", "1E2", "1e-7", '["\\/"]', "[" * 50 + "]" * 50, "[" * 5000 + "]" * 5000]
+EDGE_BYTES = [b'"\xff"', b'"\xed\xa0\x80"', b'"\xc0\xaf"', b"\xef\xbb\xbf[1]", b"[1]\x00",
+              '{"a": "é"}'.encode("utf-16"), '{"a": "é"}'.encode("utf-32-le"),
+              '{"a": "é"}'.encode()]
+
+
+def stdlib(text):
+    value = json.loads(text)
+    if isinstance(value, (dict, list)) and too_deep(value):
+        raise JsonTooDeep()
+    return value
+
+
+@pytest.mark.parametrize("text", EDGES + EDGE_BYTES, ids=repr)
+def test_loads_answers_as_the_standard_library_at_the_edges(text):
+    expected = outcome(stdlib, text)
+    if expected[1] is RecursionError:
+        expected = ("error", JsonTooDeep)
+    assert outcome(jsonlimit.loads, text) == expected
+    if isinstance(text, str) and "\ud800" not in text:
+        utf8 = text.encode("utf-8", "surrogatepass")
+        assert outcome(lambda t: jsonlimit.loads(t, utf8=utf8), text) == expected
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.integers(min_value=-(10**40), max_value=10**40) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(value=json_values, indent=st.sampled_from([None, 1]), ascii_only=st.booleans())
+def test_loads_equals_the_standard_library_on_any_json(value, indent, ascii_only):
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
+    assert outcome(jsonlimit.loads, text) == outcome(stdlib, text)
+    utf8 = text.encode("utf-8", "surrogatepass")
+    assert outcome(lambda t: jsonlimit.loads(t, utf8=utf8), text) == outcome(stdlib, text)
+    assert outcome(jsonlimit.loads, utf8) == outcome(stdlib, utf8)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(value=json_values, cut=st.integers(min_value=0), insert=st.sampled_from(
+    ["", ",", "]", "}", '"', "\\", "NaN", "\x00", "\ud800", "\ufeff", " ", "e9", "-", "."]))
+def test_loads_equals_the_standard_library_on_broken_json(value, cut, insert):
+    text = json.dumps(value, ensure_ascii=False)
+    at = cut % (len(text) + 1)
+    broken = text[:at] + insert + text[at:]
+    assert outcome(jsonlimit.loads, broken) == outcome(stdlib, broken)
