@@ -10,6 +10,7 @@ from typing import Any
 from flask import Config, Flask
 
 from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_default_site, load_sites
+from cds_service.features import prepare as prepare_features
 from cds_service.models.loaded import ModelSet
 from cds_service.ops import listeners, logs
 from cds_service.protocol import swagger_ui
@@ -85,6 +86,8 @@ def load_deployment(config: Mapping[str, Any] | None = None) -> Deployment:
                     if resolved["DEFAULT_SITE"] or not resolved["AUTH_REQUIRED"] or len(sites) == 1
                     else None)
     models = build_models(resolved["MODELS_DIR"] or SHIPPED_MODELS_DIR, sites)
+    prepare_features([*(group for service in services.values() for group in service.feature_groups),
+                      *(model.manifest.features for model in models)])
     return Deployment(resolved, services, sites, default_site, models)
 
 

@@ -101,6 +101,9 @@ class CdsService:
     # Site orderables (site `orderables` keys) the service's suggestions use → what the card
     # loses at a site without one (`cds-service site check` warns about those missing).
     orderables: Mapping[str, str] = field(default_factory=dict)
+    # The feature spec lists (`FeatureSpec` tuples) its handler extracts, besides its model's:
+    # compiled when the deployment loads (`features.prepare`), not on a worker's first call.
+    feature_groups: tuple[tuple, ...] = ()
 
     def __post_init__(self):
         unknown = [h for h in self.hooks if h not in HOOKS]

@@ -37,6 +37,7 @@ from cds_service.protocol.cards import (
 from cds_service.service import CdsService, HookRequest
 from cds_service.site_section import SiteSection
 from hooks._kidney import (
+    INPUTS,
     PREFETCH,
     KidneyStatus,
     assess_request,
@@ -299,4 +300,5 @@ SERVICE = CdsService(
     # sends it, and its absence is said on the card instead of failing the call.
     optional_prefetch=frozenset({"creatinine", "uacr", "patient", "hba1c", "bp", "conditions",
                                  "medications"}),
+    feature_groups=(INPUTS,),
 )

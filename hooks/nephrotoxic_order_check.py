@@ -29,6 +29,7 @@ from cds_service.protocol.cards import (
 from cds_service.service import CdsService, HookRequest
 from hooks._kidney import (
     COMPARATOR_TEXT,
+    INPUTS,
     PREFETCH,
     KidneyStatus,
     assess_request,
@@ -203,4 +204,5 @@ SERVICE = CdsService(
     },
     optional_prefetch=frozenset({"creatinine", "uacr", "patient", "medications", "conditions",
                                  "weight"}),
+    feature_groups=(INPUTS,),
 )

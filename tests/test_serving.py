@@ -154,6 +154,36 @@ def test_a_worker_on_the_embedded_defaults_does_not_load_redis(tmp_path, site_fi
     assert done.stdout.strip().splitlines()[-1] == "False"
 
 
+
+def test_the_deployment_compiles_what_a_first_call_would(tmp_path, site_file):
+    """The master loads the deployment once and forks workers with it: feature specs compiled
+    and the UCUM registry built there, not on each worker's first call (0.6 to 3 s)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from cds_service.app import load_deployment\n"
+        "from cds_service.features import compiled, units\n"
+        "from hooks._kidney import INPUTS\n"
+        "assert units._ucum_registry.cache_info().currsize == 0\n"
+        f"deployment = load_deployment({{'SITE_CONFIG': {str(site_file(''))!r}, "
+        "'PUBLIC_URL': 'http://localhost', 'ALLOW_DEV_KEYS': True})\n"
+        "built = units._ucum_registry.cache_info().currsize\n"
+        "before = compiled._compile.cache_info()\n"
+        "for specs in [INPUTS, *(m.manifest.features for m in deployment.models)]:\n"
+        "    compiled._compiled(tuple(specs))\n"
+        "after = compiled._compile.cache_info()\n"
+        "print(built, len(list(deployment.models)), after.misses - before.misses, "
+        "after.hits - before.hits)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    built, models, misses, hits = map(int, done.stdout.split())
+    assert built == 1
+    assert models >= 1
+    assert (misses, hits) == (0, models + 1)
+
 def _worker(workers: int, threads: int):
     from types import SimpleNamespace
 

@@ -42,7 +42,7 @@ from cds_service.features.codes import (
     CodeMap,
     concept_codes,
 )
-from cds_service.features.compiled import _compiled
+from cds_service.features.compiled import _compiled, prepare
 from cds_service.features.extraction import (
     ChartPass,
     extract,
@@ -110,5 +110,6 @@ __all__ = [
     "vector_from_values",
     # Private, re-exported for the tests that inspect the caches through this package.
     "_compiled",
+    "prepare",
     "_ucum_factor",
 ]

@@ -4,7 +4,7 @@ to feature indexes, with each feature's units and conversions resolved.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -116,6 +116,14 @@ def _compile_uncached(specs: tuple[FeatureSpec, ...]) -> _Compiled:
 
 
 _compile = lru_cache(maxsize=64)(_compile_uncached)
+
+
+def prepare(groups: Iterable[Sequence[FeatureSpec]]) -> None:
+    """Compile spec lists ahead of the calls that read them: their units are parsed, which
+    builds the UCUM registry. Built lazily, that took a worker's first call 0.6 to 3 s (issue 20);
+    `load_deployment` runs this in the gunicorn master, so every worker is forked with it."""
+    for specs in groups:
+        _compiled(tuple(specs))
 
 
 def _compiled(specs: tuple[FeatureSpec, ...]) -> _Compiled:
