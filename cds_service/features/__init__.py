@@ -29,7 +29,8 @@ lookup, `extraction` the engine, and `values` what it returns and how a feature'
 aggregate. The public names are all importable from `cds_service.features`.
 
 Speed: the specs are compiled once (cached per spec tuple) into a dict from normalised
-(system, code) to feature indexes, and each resource is visited once.
+(system, code) to feature indexes, and each resource is visited once. `prepare` compiles them
+ahead of any call (`load_deployment` does, in the gunicorn master).
 """
 
 from cds_service.features.codes import (
@@ -105,11 +106,11 @@ __all__ = [
     "group_by_patient",
     "parse_code_map",
     "parse_features",
+    "prepare",
     "readings",
     "readings_many",
     "vector_from_values",
     # Private, re-exported for the tests that inspect the caches through this package.
     "_compiled",
-    "prepare",
     "_ucum_factor",
 ]
