@@ -8,6 +8,7 @@ is ever committed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -79,6 +80,31 @@ def pytest_configure(config):
     if os.environ.get("TEST_CLOCK_SHIFT") and "time_machine" not in sys.modules:
         raise pytest.UsageError("TEST_CLOCK_SHIFT is set but tests/clockshift is not on "
                                 "PYTHONPATH: the clock was not moved")
+
+
+def _loggers() -> dict[str, logging.Logger]:
+    return {"": logging.root, **{name: logger for name, logger in
+                                 logging.root.manager.loggerDict.items()
+                                 if isinstance(logger, logging.Logger)}}
+
+
+@pytest.fixture(autouse=True)
+def _process_logging_restored():
+    """A `cds-service` command run in-process configures the process's logging (`logs.configure`):
+    a stderr handler on the stream pytest captured for that test, and every logger that existed
+    disabled. Undo both after the test, or a thread still logging later (a FHIR fallback read
+    past its call's deadline) writes to a closed stream, and later tests' loggers stay silent.
+    pytest's own capture handlers come and go with each phase: they are left alone."""
+    before = {name: (set(logger.handlers), logger.level, logger.disabled)
+              for name, logger in _loggers().items()}
+    yield
+    for name, logger in _loggers().items():
+        handlers, level, disabled = before.get(name, (set(), logger.level, logger.disabled))
+        for handler in logger.handlers[:]:
+            if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+                logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.disabled = disabled
 
 TEST_ISS = "https://ehr.test/api/FHIR/R4"
 TEST_KID = "d3bmo5HzW61TUgikHZH+A8Tx4UOXz2iOs4KvVU4eLY0="  # Epic-style: standard base64
