@@ -101,10 +101,13 @@ def _process_logging_restored():
     for name, logger in _loggers().items():
         handlers, level, disabled = before.get(name, (set(), logger.level, logger.disabled))
         for handler in logger.handlers[:]:
-            if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
-                logger.removeHandler(handler)
-        logger.setLevel(level)
+            if (handler not in handlers and isinstance(handler, logging.StreamHandler)
+                    and not type(handler).__module__.startswith("_pytest")):
+                logger.removeHandler(handler)  # (a library's NullHandler from an import stays)
+        if logger.level != level:  # setLevel clears every logger's cache: only when it moved
+            logger.setLevel(level)
         logger.disabled = disabled
+
 
 TEST_ISS = "https://ehr.test/api/FHIR/R4"
 TEST_KID = "d3bmo5HzW61TUgikHZH+A8Tx4UOXz2iOs4KvVU4eLY0="  # Epic-style: standard base64
