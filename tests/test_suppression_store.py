@@ -426,6 +426,41 @@ def test_each_override_is_one_row_whatever_is_stored_first(store):
                                                    NOW - timedelta(minutes=30)]
 
 
+
+def test_an_override_counts_when_its_card_and_feedback_are_stored_at_the_same_moment(
+        store_url, monkeypatch):
+    """Host A's writer stores the card while host B stores the clinician's override of it. With
+    A's transaction past its override step and not yet committed, B's feedback must not commit
+    without the override: it waits for A's commit and records it then (PostgreSQL: an advisory
+    lock; SQLite: BEGIN IMMEDIATE)."""
+    import threading
+
+    real_step = store_module.overrides_stored_first
+    stepped, go = threading.Event(), threading.Event()
+
+    def step_then_wait(conn, issued_rows):
+        real_step(conn, issued_rows)
+        stepped.set()
+        go.wait(5)  # A's transaction stays open here, before its commit
+
+    monkeypatch.setattr(store_module, "overrides_stored_first", step_then_wait)
+    with Store(store_url) as host_a, Store(store_url) as host_b:
+        host_a._ensure_schema()
+        writer = threading.Thread(target=record_issued, args=(host_a, [issued("c1")]))
+        writer.start()
+        assert stepped.wait(10)
+        override = item("c1", NOW - timedelta(minutes=30))
+        feedback = threading.Thread(target=host_b.insert_feedback,
+                                    args=("site-a", "svc", [override]), kwargs={"received_at": NOW})
+        feedback.start()
+        feedback.join(1.0)  # B's chance to commit without A's card, if nothing makes it wait
+        go.set()
+        writer.join(10)
+        feedback.join(10)
+        assert not writer.is_alive() and not feedback.is_alive()
+        assert overrides(host_a, since=NOW - timedelta(days=1)) == {
+            "T1": Override("T1", NOW - timedelta(minutes=30), "warning", "c1")}
+
 # The suppression window starts at the outcome timestamp, at the latest when we received the
 # feedback: the EHR's clock can neither push it later nor, by delivering late, restart it.
 @pytest.mark.parametrize(("stamped", "starts"), [

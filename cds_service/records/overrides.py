@@ -58,6 +58,11 @@ def _insert_overrides(by_feedback_key: bool) -> sa.Insert:
 
 _INSERT_OVERRIDES = {False: _insert_overrides(False), True: _insert_overrides(True)}
 
+# pg_advisory_xact_lock key taken by every transaction that records overrides (see
+# `record_overrides`); any constant unused elsewhere (database.py holds the schema's).
+_PG_OVERRIDES_LOCK_KEY = 0x0CD5_0FE2_1DE5
+_TAKE_TURN = sa.select(sa.func.pg_advisory_xact_lock(_PG_OVERRIDES_LOCK_KEY))
+
 
 def record_overrides(conn: Connection, site: str, service_id: str, cards: Collection[str], *,
                      feedback_keys: Collection[str] | None = None) -> None:
@@ -71,6 +76,14 @@ def record_overrides(conn: Connection, site: str, service_id: str, cards: Collec
     retrying after an outage) does not restart it. Either way the card comes back sooner, never
     later, than the clinician's override implies.
     """
+    # The card and its feedback are often stored at the same moment, by different hosts: the
+    # writer of the host that answered, and the host Epic's feedback reached. Under PostgreSQL's
+    # READ COMMITTED, two such transactions in flight at once each miss the other's row, and
+    # neither records the override (write skew): the card would not be suppressed. This lock,
+    # held until commit, makes them take turns, and the statement after it reads what the other
+    # committed. SQLite writes already take turns (BEGIN IMMEDIATE).
+    if conn.dialect.name == "postgresql":
+        conn.execute(_TAKE_TURN)
     params = {"site": site, "service_id": service_id, "cards": sorted(cards)}
     if feedback_keys is not None:
         params["feedback_keys"] = sorted(feedback_keys)
