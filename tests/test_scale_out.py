@@ -151,6 +151,13 @@ def test_two_instances_share_replay_feedback_suppression_audit_and_jwks(
         200, {"received": 1, "stored": 1})
     with Store(pg_url) as store:
         [stored] = list_feedback(store, card=card["uuid"])
+        # A's writer stores the card it issued up to LINGER_S after answering (spool.py),
+        # possibly after B took the feedback: whichever is stored second records the override,
+        # and suppression acts from then on.
+        deadline = time.monotonic() + 10
+        while (not store.list_overrides(since=at - timedelta(minutes=5))
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
     assert (stored["site"], stored["outcome"], stored["override_code"]) == (
         "scale-out", "overridden", reason["code"])
 
