@@ -132,11 +132,20 @@ def test_workers_keep_the_app_and_the_masters_objects_out_of_the_collectors_sigh
         gc.unfreeze()
 
 
-def test_a_worker_on_the_embedded_defaults_does_not_load_redis(tmp_path, site_file):
-    """redis (7 MB of RSS per worker) is imported only where a Redis URL is configured."""
+def fresh_interpreter(code: str) -> str:
+    """What `code` prints, run by a new Python process from the checkout: nothing imported or
+    cached by earlier tests."""
     import subprocess
     import sys
 
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_a_worker_on_the_embedded_defaults_does_not_load_redis(tmp_path, site_file):
+    """redis (7 MB of RSS per worker) is imported only where a Redis URL is configured."""
     code = (
         "import sys\n"
         "from cds_service.app import create_app\n"
@@ -148,19 +157,12 @@ def test_a_worker_on_the_embedded_defaults_does_not_load_redis(tmp_path, site_fi
         "print('redis' in sys.modules)\n"
         "app.extensions['cds'].close()\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"
-
+    assert fresh_interpreter(code).strip().splitlines()[-1] == "False"
 
 
 def test_the_deployment_compiles_what_a_first_call_would(tmp_path, site_file):
     """The master loads the deployment once and forks workers with it: feature specs compiled
     and the UCUM registry built there, not on each worker's first call (0.6 to 3 s)."""
-    import subprocess
-    import sys
-
     code = (
         "from cds_service.app import load_deployment\n"
         "from cds_service.features import compiled, units\n"
@@ -176,13 +178,11 @@ def test_the_deployment_compiles_what_a_first_call_would(tmp_path, site_file):
         "print(built, len(list(deployment.models)), after.misses - before.misses, "
         "after.hits - before.hits)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    built, models, misses, hits = map(int, done.stdout.split())
+    built, models, misses, hits = map(int, fresh_interpreter(code).split())
     assert built == 1
     assert models >= 1
     assert (misses, hits) == (0, models + 1)
+
 
 def _worker(workers: int, threads: int):
     from types import SimpleNamespace
