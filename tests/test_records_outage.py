@@ -213,3 +213,31 @@ def test_kill_9_of_a_worker_under_load_loses_no_record(serve, tmp_path):
     rows = stored()
     assert len(rows) == len(set(rows))  # none twice
     assert victim not in worker_pids(server)
+
+
+def test_calls_answered_while_a_batch_is_stored_wait_for_the_next_linger(tmp_path, monkeypatch):
+    """A transaction's fixed cost is why the writer lingers (SpoolRecorder.LINGER_S): the calls
+    answered while one batch is being stored join the calls of the next linger, not a
+    transaction of their own straight after."""
+    monkeypatch.setattr(SpoolRecorder, "LINGER_S", 0.5)
+    batches, storing, release = [], threading.Event(), threading.Event()
+
+    def write(calls):
+        batches.append([c.audit.hook_instance for c in calls])
+        if len(batches) == 1:
+            storing.set()
+            assert release.wait(10)
+
+    recorder = SpoolRecorder(write, lambda: None, tmp_path / "spool")
+    try:
+        recorder.submit(call(1))
+        assert storing.wait(10)
+        recorder.submit(call(2))
+        recorder.submit(call(3))
+        release.set()
+        time.sleep(0.05)  # well inside the next linger
+        recorder.submit(call(4))
+        recorder.flush(10)
+        assert batches == [["hi-1"], ["hi-2", "hi-3", "hi-4"]]
+    finally:
+        recorder.close()
