@@ -15,7 +15,7 @@ from cds_service.models.loaded import ModelSet
 from cds_service.ops import listeners, logs
 from cds_service.protocol import swagger_ui
 from cds_service.protocol.errors import ConfigError
-from cds_service.protocol.http import Api, JsonProvider, register_error_handlers
+from cds_service.protocol.http import Api, App, JsonProvider, register_error_handlers
 from cds_service.runtime import build_models, build_runtime, check_audiences, check_public_url
 from cds_service.service import CdsService, index_services
 
@@ -101,7 +101,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     """
     if deployment is None:
         deployment = load_deployment(config)
-    app = Flask("cds_service")
+    app = App("cds_service")
     app.json = JsonProvider(app)
     app.config.update(deployment.config)
     app.config.update(OPENAPI)
