@@ -9,9 +9,12 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cds_service.records import store as store_module
 from cds_service.records.audit import (
+    AUDIT_FIELDS,
     MAX_ITEMS,
     MAX_TEXT,
     AuditRecord,
@@ -451,6 +454,27 @@ def test_lenient_record_is_always_built_and_holds_no_secret(field, value):
     assert isinstance(stored, str)
     if isinstance(value, str) and value != "nul\x00":
         assert value not in stored
+    assert strictly_rebuilt(record) == record
+
+
+def strictly_rebuilt(record: AuditRecord) -> AuditRecord:
+    """`record` built again through every check (lenient_record's own are skipped)."""
+    return AuditRecord(**{name: getattr(record, name) for name in AUDIT_FIELDS})
+
+
+_ANY_TEXT = st.one_of(
+    st.text(), st.text(alphabet="eyJ.=&?\"/:_-tokenpasswordresourceType0123456789 "),
+    st.sampled_from([LONG_ID, JWT, OPAQUE, "x" * 5000]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.fixed_dictionaries({}, optional={
+    **{name: st.one_of(_ANY_TEXT, st.integers(), st.none()) for name in TEXT_FIELDS},
+    **{name: st.lists(_ANY_TEXT, max_size=5)
+       for name in [*TUPLE_FIELDS, "prefetch_keys_used"]}}))
+def test_what_lenient_record_keeps_passes_every_strict_check(values):
+    record = lenient_record(kind="invoke", time=NOW, status=200, **values)
+    assert strictly_rebuilt(record) == record
 
 
 def test_lenient_record_tuple_fields():

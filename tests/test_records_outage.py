@@ -22,9 +22,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from bench.tcp_proxy import TcpProxy
-from cds_service.records.audit import AuditRecord
+from cds_service.records.audit import AUDIT_FIELDS, AuditRecord, lenient_record
 from cds_service.records.call import Call
-from cds_service.records.spool import SpoolRecorder, encode
+from cds_service.records.spool import SpoolRecorder, decode, encode
 from cds_service.records.store import Store
 from hooks import SERVICES
 from tests.conftest import ROOT
@@ -241,3 +241,11 @@ def test_calls_answered_while_a_batch_is_stored_wait_for_the_next_linger(tmp_pat
         assert batches == [["hi-1"], ["hi-2", "hi-3", "hi-4"]]
     finally:
         recorder.close()
+
+
+def test_a_spool_line_holds_the_audit_records_fields_and_reads_back_as_it_was():
+    record = lenient_record(kind="invoke", time=NOW, status=200, site="s", hook="patient-view",
+                            iss="https://ehr.example/oauth2", card_uuids=["c-1"])
+    line = encode(Call(audit=record))
+    assert set(json.loads(line)["audit"]) == set(AUDIT_FIELDS)
+    assert decode(line).audit == record

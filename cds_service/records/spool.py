@@ -39,7 +39,7 @@ from typing import Any
 
 from cds_service.ops import metrics
 from cds_service.protocol.errors import ConfigError
-from cds_service.records.audit import AuditRecord
+from cds_service.records.audit import AUDIT_FIELDS, AuditRecord
 from cds_service.records.call import Call
 from cds_service.records.database import StoreUnavailable
 
@@ -63,7 +63,7 @@ def encode(call: Call) -> bytes:
     """One spool line: the call as JSON (datetimes as ISO 8601 text), newline-terminated."""
     audit = None
     if call.audit is not None:
-        audit = {name: getattr(call.audit, name) for name in call.audit.__dataclass_fields__}
+        audit = {name: getattr(call.audit, name) for name in AUDIT_FIELDS}
     data = {"id": call.id, "audit": audit, "issued_cards": list(call.issued_cards),
             "predictions": list(call.predictions)}
     return (_ENCODER.encode(data) + "\n").encode("ascii")
