@@ -9,6 +9,7 @@ PubChem CID 588 gives 113.12 g/mol). So 1 umol/L = 113.12 ug/L = 0.011312 mg/dL,
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -369,3 +370,20 @@ def test_pass_matcher_answers_as_the_lookup_for_every_concept_shape():
         for concept in concepts:
             assert set(matcher(concept)) == lookup.match(concept, code_map), concept
     assert matcher({"coding": [{"system": LOINC, "code": "2160-0"}]}) == {1}
+
+
+def test_features_reading_one_result_each_apply_their_own_unit_and_range():
+    # One pass shares a result's value between features that read it alike (a service input
+    # and its model's feature): never between features whose unit or range differ.
+    egfr = SPEC["egfr"]
+    twin = dataclasses.replace(egfr, name="egfr_twin")
+    narrow = dataclasses.replace(egfr, name="egfr_narrow", plausible=(1.0, 30.0))
+    other_unit = dataclasses.replace(egfr, name="egfr_ml_s", unit="mL/s", plausible=(0.01, 4.0),
+                                     conversions={"mL/min/{1.73_m2}": (1 / 60, 0.0)})
+    resources = [obs("33914-3", 48, "mL/min/1.73m2", date="2025-02-01", id="e1")]
+    chart = engine.ChartPass([[egfr, twin], [narrow, other_unit]], resources, now=NOW)
+    first, second = chart.vector([egfr, twin]), chart.vector([narrow, other_unit])
+    assert (first["egfr"].value, first["egfr_twin"].value) == (48.0, 48.0)
+    assert second["egfr_narrow"].status != "observed"
+    assert second["egfr_ml_s"].value == pytest.approx(0.8)
+    assert second == extract([narrow, other_unit], resources, now=NOW)

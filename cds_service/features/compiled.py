@@ -5,7 +5,7 @@ to feature indexes, with each feature's units and conversions resolved.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -83,6 +83,10 @@ class _Feature:
     unit_key: str | None
     conversions: Mapping[str, tuple[float, float]]
     molar_mass: float | None = None
+    # All that `resources._numeric_value` reads of a feature: two features with the same key
+    # read the same value from a result (a service's input and its model's feature of the same
+    # test), so a pass computes it once for both.
+    value_key: Any = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ class _Compiled:
     features: tuple[_Feature, ...]
     observation: _Lookup
     condition: _Lookup
+    # Feature index -> its FeatureValue when nothing in a chart touched it (values._vector):
+    # that value depends on the spec alone, and most of a small chart's features are such.
+    untouched: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _compile_uncached(specs: tuple[FeatureSpec, ...]) -> _Compiled:
@@ -101,9 +108,15 @@ def _compile_uncached(specs: tuple[FeatureSpec, ...]) -> _Compiled:
             kind = "count"
         else:
             kind = "numeric"
-        features.append(_Feature(
-            spec, kind, _unit(spec.unit) if isinstance(spec.unit, str) else None,
-            {_unit(u): conv for u, conv in spec.conversions.items()}, spec.molar_mass))
+        unit_key = _unit(spec.unit) if isinstance(spec.unit, str) else None
+        conversions = {_unit(u): conv for u, conv in spec.conversions.items()}
+        value_key = (spec.unit, spec.plausible, unit_key, frozenset(conversions.items()),
+                     spec.molar_mass)
+        try:
+            hash(value_key)
+        except TypeError:  # a hand-built spec holding something unhashable: never shared
+            value_key = None
+        features.append(_Feature(spec, kind, unit_key, conversions, spec.molar_mass, value_key))
         if kind == "numeric" and isinstance(spec.unit, str):
             _ucum_unit(spec.unit)  # parse the canonical unit (and build the registry) now
     return _Compiled(

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cds_service.features.codes import _MAPPING, CodeMap, _coding_key
-from cds_service.features.compiled import _Compiled, _compiled, _Feature, _Lookup
+from cds_service.features.compiled import _Compiled, _compiled, _Lookup
 from cds_service.features.resources import (
     _absent_reason,
     _as_utc,
@@ -48,7 +48,8 @@ def extract(specs: Sequence[FeatureSpec], resources: Iterable[Any], *, now: date
     now = _as_utc(now)
     collector = _Collector(compiled, now, code_map)
     collector.feed(resources)
-    return _vector(compiled.features, collector.accs, collector.patient, now)
+    return _vector(compiled, range(len(compiled.features)), collector.accs, collector.patient,
+                   now)
 
 
 class ChartPass:
@@ -103,7 +104,7 @@ class ChartPass:
         if start is None:
             return extract(specs, self._resources, now=self.now, code_map=self.code_map)
         end = start + len(specs)
-        return _vector(self._compiled.features[start:end], self._collector.accs[start:end],
+        return _vector(self._compiled, range(start, end), self._collector.accs,
                        self._collector.patient, self.now)
 
     def readings(self, specs: Sequence[FeatureSpec],
@@ -121,16 +122,26 @@ class ChartPass:
                                self.code_map) for i in indexes)
 
 
-def _vector(features: Sequence[_Feature], accs: Sequence[_Acc], patient: Mapping | None,
-             now: datetime) -> FeatureVector:
+def _vector(compiled: _Compiled, indexes: range, accs: Sequence[_Acc],
+            patient: Mapping | None, now: datetime) -> FeatureVector:
     values = []
-    for feature, acc in zip(features, accs, strict=True):
+    untouched = compiled.untouched
+    for index in indexes:
+        feature, acc = compiled.features[index], accs[index]
         if feature.kind == "patient":
             values.append(_patient_feature(feature, patient, now))
+            continue
+        if not (acc.items or acc.counts or acc.texts):
+            # Nothing in the chart reached this feature: its value is the spec's alone.
+            value = untouched.get(index)
+            if value is None:
+                value = untouched[index] = (_count_feature if feature.kind == "count"
+                                            else _numeric_feature)(feature, acc)
         elif feature.kind == "count":
-            values.append(_count_feature(feature, acc))
+            value = _count_feature(feature, acc)
         else:
-            values.append(_numeric_feature(feature, acc))
+            value = _numeric_feature(feature, acc)
+        values.append(value)
     return FeatureVector(tuple(values))
 
 
@@ -304,6 +315,7 @@ def _observation(obs: Mapping, rid: str | None, compiled: _Compiled, accs: list[
             accs[index].counts[f"status:{status}"] += 1
         return
     when = _observation_date(obs)
+    numeric: dict[tuple[int, Any], Any] = {}  # (element, feature.value_key) -> _numeric_value
     for index, element in targets.items():
         acc, feature, start = accs[index], compiled.features[index], starts[index]
         if when is None:
@@ -317,7 +329,10 @@ def _observation(obs: Mapping, rid: str | None, compiled: _Compiled, accs: list[
             acc.counts["old"] += 1
             continue
         if feature.kind == "numeric":
-            result = _numeric_value(element, feature)
+            key = (id(element), feature.value_key)
+            result = numeric.get(key) if feature.value_key is not None else None
+            if result is None:
+                result = numeric[key] = _numeric_value(element, feature)
             if isinstance(result, str):
                 acc.texts[result] += 1
                 continue
