@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from cds_service.data.jsonlimit import MAX_DEPTH
+from cds_service.protocol.http import json_body
 from hooks import SERVICES
 from tests.conftest import example
 from tests.helpers.http import PATIENT_VIEW, assert_outcome, nested, post, walk
@@ -68,6 +69,20 @@ def test_patient_view_answers_cards(client):
     body = response.get_json()
     assert body["cards"][0]["summary"] == "patient-view for Patient/1288992"
     assert validate_response(body, epic=True) == []
+
+
+def test_response_bodies_are_json_with_sorted_keys_and_utf8_text(app):
+    value = {"cards": [{"summary": "eGFR ≥ 60 mL/min/1.73 m²", "indicator": "info",
+                        "detail": None, "n": [1, 2.5, True]}], "extension": {"b": 1, "a": 2}}
+    body = json_body(value)
+    assert json.loads(body) == value
+    assert body.startswith(b'{"cards":[{"detail":null,"indicator":"info","n":[1,2.5,true],')
+    assert body.endswith(b'"extension":{"a":2,"b":1}}')
+    assert "≥ 60 mL/min/1.73 m²".encode() in body
+    # A lone surrogate (from a chart's text) cannot be UTF-8: Flask's JSON escapes it instead.
+    with app.app_context():
+        odd = json_body({"detail": "x\ud800"})
+    assert odd == b'{"detail": "x\\ud800"}' and json.loads(odd) == {"detail": "x\ud800"}
 
 
 def test_no_guidance_is_an_empty_card_list(client):

@@ -249,3 +249,24 @@ def test_a_spool_line_holds_the_audit_records_fields_and_reads_back_as_it_was():
     line = encode(Call(audit=record))
     assert set(json.loads(line)["audit"]) == set(AUDIT_FIELDS)
     assert decode(line).audit == record
+
+
+def test_spool_lines_read_back_whichever_encoder_wrote_them():
+    record = lenient_record(kind="invoke", time=NOW, status=200, detail="eGFR ≥ 60 mL/min/1.73 m²")
+    utf8 = Call(audit=record, issued_cards=[{"card_uuid": "c-1", "time": NOW, "topic_code": "é"}],
+                predictions=[])
+    # A lone surrogate (msgspec refuses to write it) takes the standard library's ASCII line.
+    odd = Call(audit=record, issued_cards=[{"card_uuid": "c-2", "time": NOW,
+                                            "topic_code": "x\ud800"}], predictions=[])
+    assert b"\xc2\xb2" in encode(utf8) and b"\\ud800" in encode(odd)
+    for call_ in (utf8, odd):
+        line = encode(call_)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        assert decode(line) == call_
+    # A line written before msgspec wrote them (ASCII, +00:00 offsets) still reads back.
+    old = json.dumps({"id": utf8.id, "audit": {**{name: getattr(record, name)
+                                                   for name in AUDIT_FIELDS},
+                                                "time": NOW.isoformat()},
+                      "issued_cards": [{**utf8.issued_cards[0], "time": NOW.isoformat()}],
+                      "predictions": []}, ensure_ascii=True, default=list)
+    assert decode(old.encode() + b"\n") == utf8

@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 import flask_smorest
+import msgspec
 from flask import Flask, Response, json, request
 from flask.json.provider import DefaultJSONProvider
 from marshmallow import missing
@@ -35,6 +36,20 @@ _ISSUE_CODE = {
     422: "invalid",
     429: "throttled",
 }
+
+
+# Flask's own JSON sorts keys; so does this, at a tenth of the time for a card response (issue
+# 20). Non-ASCII text goes out as UTF-8 (RFC 8259 §8.1), not as \u escapes.
+_BODY_ENCODER = msgspec.json.Encoder(order="sorted")
+
+
+def json_body(value: Any) -> bytes:
+    """`value` as a JSON response body; what msgspec cannot write (a lone surrogate from a
+    chart's text, a type it does not know) is written by Flask's JSON instead."""
+    try:
+        return _BODY_ENCODER.encode(value)
+    except (TypeError, ValueError, msgspec.EncodeError):  # UnicodeEncodeError: a ValueError
+        return json.dumps(value).encode("ascii")
 
 
 def outcome_response(body: dict, status: int, headers: dict | None = None) -> Response:

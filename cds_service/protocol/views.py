@@ -10,14 +10,14 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from flask import Response, g, json, request
+from flask import Response, g, request
 
 from cds_service.data.fhir import origin_for_audit
 from cds_service.data.prefetch_resolve import resolve_prefetch
 from cds_service.ops import metrics
 from cds_service.protocol.cards import render_response
 from cds_service.protocol.errors import RequestInvalid, ServiceNotFound
-from cds_service.protocol.http import Blueprint, require_json_body
+from cds_service.protocol.http import Blueprint, json_body, require_json_body
 from cds_service.protocol.schemas import (
     CardsResponseSchema,
     CdsRequestSchema,
@@ -127,7 +127,7 @@ def invoke(body: dict, service_id: str):
         body["hook"], service.id, site.id, body["hookInstance"], len(rendered["cards"]),
         (time.perf_counter() - started) * 1000,
     )
-    return Response(json.dumps(rendered), status=200, mimetype="application/json")
+    return Response(json_body(rendered), status=200, mimetype="application/json")
 
 
 def _prefetch_for(body: dict, site: Site, enabled: SiteService) -> Prefetch:

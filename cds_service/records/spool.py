@@ -37,6 +37,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from cds_service.ops import metrics
 from cds_service.protocol.errors import ConfigError
 from cds_service.records.audit import AUDIT_FIELDS, AuditRecord
@@ -60,13 +62,20 @@ def default_directory(database_url: str) -> Path:
 
 
 def encode(call: Call) -> bytes:
-    """One spool line: the call as JSON (datetimes as ISO 8601 text), newline-terminated."""
+    """One spool line: the call as JSON (datetimes as ISO 8601 text), newline-terminated.
+
+    msgspec writes it (UTF-8, datetimes in RFC 3339 with `Z`: a tenth of the standard library's
+    time on the request thread, issue 20); what msgspec refuses (a lone surrogate, a type it
+    does not know) is written by `json` as before, ASCII-escaped. Either reads back the same."""
     audit = None
     if call.audit is not None:
         audit = {name: getattr(call.audit, name) for name in AUDIT_FIELDS}
     data = {"id": call.id, "audit": audit, "issued_cards": list(call.issued_cards),
             "predictions": list(call.predictions)}
-    return (_ENCODER.encode(data) + "\n").encode("ascii")
+    try:
+        return _ENCODER.encode(data) + b"\n"
+    except (TypeError, ValueError, msgspec.EncodeError):  # UnicodeEncodeError: a ValueError
+        return (_JSON_ENCODER.encode(data) + "\n").encode("ascii")
 
 
 def _iso(value: object) -> str:
@@ -75,13 +84,18 @@ def _iso(value: object) -> str:
     raise TypeError(f"{type(value).__name__} in a call record")
 
 
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder()
 # Built once: `json.dumps` with any option builds an encoder per call.
-_ENCODER = json.JSONEncoder(default=_iso, ensure_ascii=True, separators=(",", ":"))
+_JSON_ENCODER = json.JSONEncoder(default=_iso, ensure_ascii=True, separators=(",", ":"))
 
 
 def decode(line: bytes) -> Call:
     """The `Call` a spool line holds; ValueError (or TypeError) when it holds none."""
-    data = json.loads(line)
+    try:
+        data = _DECODER.decode(line)
+    except msgspec.DecodeError:  # not JSON, or `json`'s fallback line (a lone surrogate)
+        data = json.loads(line)
     audit = data["audit"]
     if audit is not None:
         audit = AuditRecord(**{**audit, "time": datetime.fromisoformat(audit["time"])})
