@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import logging.config
 import re
-import uuid
 
 from flask import Flask, g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter
+
+from cds_service.ids import uuid4_hex
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _TOKEN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -59,7 +60,7 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def _request_id() -> None:
         given = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id = given if _TOKEN.fullmatch(given) else uuid.uuid4().hex
+        g.request_id = given if _TOKEN.fullmatch(given) else uuid4_hex()
 
     @app.after_request
     def _echo(response):

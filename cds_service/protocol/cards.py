@@ -12,12 +12,12 @@ Epic: https://fhir.epic.com/Documentation?docId=cds-hooks ("CDS Hooks Response")
 from __future__ import annotations
 
 import re
-import uuid as uuid_lib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from cds_service.ids import uuid4_text
 from cds_service.protocol.errors import ServiceFault
 
 INDICATORS = frozenset({"info", "warning", "critical"})
@@ -55,7 +55,7 @@ def draft_order(resource_type: str, patient_id: object, **fields: Any) -> dict:
 
 
 def _new_uuid() -> str:
-    return str(uuid_lib.uuid4())
+    return uuid4_text()
 
 
 def _set(obj: object, name: str, value: object) -> None:

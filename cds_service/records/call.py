@@ -9,12 +9,12 @@ No Flask here: the views keep one `CallRecord` per request and note into it.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from cds_service.ids import uuid4_hex
 from cds_service.records.audit import (
     FEEDBACK,
     INVOKE,
@@ -45,7 +45,7 @@ class Call:
     audit: AuditRecord | None
     issued_cards: Sequence[dict[str, Any]] = ()
     predictions: Sequence[dict[str, Any]] = ()
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=uuid4_hex)
 
     @property
     def time(self) -> datetime:
