@@ -132,3 +132,10 @@ def test_schemas_with_other_hooks_take_marshmallow_s_path():
     assert not schema._fast_loadable()
     with pytest.raises(ValidationError, match="bad name"):
         schema.load({"name": "bad"})
+
+
+def test_plain_fields_are_loaded_without_marshmallow_s_field_machinery():
+    plan, declared = CdsRequestSchema()._plan
+    shortcuts = {name for name, _, _, shortcut in plan if shortcut is not None}
+    assert shortcuts == {"hook", "hookInstance", "fhirServer", "context", "prefetch", "extension"}
+    assert "fhirAuthorization" in declared - shortcuts  # Nested: its own schema's short path

@@ -7,6 +7,8 @@ known to deviate (1.0-shaped requests, `draftOrders` with or without `type`, str
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cached_property
 from typing import Any
 
 from marshmallow import (
@@ -55,6 +57,12 @@ class _FastLoad(Schema):
         return super().load(data, many=many, partial=partial, unknown=unknown)
 
     def _fast_loadable(self) -> bool:
+        fast = self.__dict__.get("_fast")  # what a schema instance is does not change
+        if fast is None:
+            fast = self.__dict__["_fast"] = self._check_fast_loadable()
+        return fast
+
+    def _check_fast_loadable(self) -> bool:
         if self.many or self.partial or self.unknown != INCLUDE:
             return False
         for tag, hooks in self._hooks.items():
@@ -64,6 +72,15 @@ class _FastLoad(Schema):
                                           for _, hook_many, kwargs in hooks):
                 return False
         return True
+
+    @cached_property
+    def _plan(self) -> tuple[tuple[tuple[str, str, Any, Any], ...], frozenset[str]]:
+        """Per field: (data key, output key, field, shortcut or None); and every data key."""
+        plan = []
+        for attr_name, field in self.load_fields.items():
+            name = field.data_key if field.data_key is not None else attr_name
+            plan.append((name, field.attribute or attr_name, field, _shortcut(field)))
+        return tuple(plan), frozenset(name for name, *_ in plan)
 
     def _run_hooks(self, tag: str, data: Any) -> Any:
         for name, _, _ in self._hooks.get(tag, ()):
@@ -75,18 +92,54 @@ class _FastLoad(Schema):
         if not isinstance(data, dict):
             raise ValidationError("not an object")
         out: dict[str, Any] = {}
-        declared = set()
-        for attr_name, field in self.load_fields.items():
-            name = field.data_key if field.data_key is not None else attr_name
-            declared.add(name)
-            value = field.deserialize(data.get(name, missing), name, data)
+        plan, declared = self._plan
+        for name, key, field, shortcut in plan:
+            value = data.get(name, missing)
+            value = shortcut(value) if shortcut else field.deserialize(value, name, data)
             if value is not missing:
-                out[field.attribute or attr_name] = value
+                out[key] = value
         for key in data.keys() - declared:
             out[key] = data[key]
         for name, _, _ in self._hooks.get("validates_schema", ()):
             getattr(self, name)(out, many=False, partial=None, unknown=INCLUDE)
         return self._run_hooks("post_load", out)
+
+
+def _shortcut(field: fields.Field) -> Callable[[Any], Any] | None:
+    """`field.deserialize(value)` for the plain fields a request holds (a string, a URL, an
+    object, any JSON value), without marshmallow's bookkeeping around it: the same checks, the
+    same validators, the same value out. It raises ValidationError wherever `deserialize` might
+    (marshmallow then loads the request and words the error); None for any other field."""
+    kind = type(field)
+    if field.pre_load or field.post_load or field.load_default is not missing:
+        return None
+    if kind is fields.Dict and (field.key_field or field.value_field):
+        return None
+    accepted = {fields.String: str, fields.Url: str, fields.Dict: dict,
+                fields.Raw: object}.get(kind)
+    if accepted is None:
+        return None
+    required, allow_none, validators = field.required, field.allow_none, tuple(field.validators)
+
+    def shortcut(value: Any) -> Any:
+        if value is missing:
+            if required:
+                raise ValidationError("required")
+            return missing
+        if value is None:
+            if allow_none:
+                return None
+            raise ValidationError("null")
+        if accepted is not object and type(value) is not accepted:
+            raise ValidationError("type")  # bytes, subclasses: marshmallow's to decide
+        if accepted is dict:
+            value = dict(value)  # Dict returns a copy
+        for validator in validators:
+            if validator(value) is False:
+                raise ValidationError("validator")
+        return value
+
+    return shortcut
 
 
 class FhirAuthorizationSchema(_FastLoad):
