@@ -387,3 +387,19 @@ def test_features_reading_one_result_each_apply_their_own_unit_and_range():
     assert second["egfr_narrow"].status != "observed"
     assert second["egfr_ml_s"].value == pytest.approx(0.8)
     assert second == extract([narrow, other_unit], resources, now=NOW)
+
+
+def test_a_pass_over_spec_lists_made_afresh_each_time_reads_each_list_it_is_given():
+    # Joined spec lists are remembered by the identity of the tuples read: lists given as lists
+    # become new tuples each call, whose ids Python reuses once they are dropped. Each pass must
+    # still read the specs it was given.
+    resources = [obs("2160-0", 1.4, "mg/dL", date="2025-03-01", id="c3"),
+                 obs("4548-4", 7.1, "%", date="2025-01-01", id="h1"),
+                 obs("33914-3", 48, "mL/min/1.73m2", date="2025-02-01", id="e1")]
+    lists = [[SPEC["egfr"], SPEC["creatinine"]], [SPEC["hba1c"], SPEC["egfr"]],
+             [SPEC["creatinine"], SPEC["hba1c"]]]
+    for i in range(300):
+        specs = lists[i % 3]
+        vector = engine.ChartPass([list(specs)], resources, now=NOW).vector(specs)
+        assert vector == extract(specs, resources, now=NOW)
+        assert vector.names == tuple(spec.name for spec in specs)

@@ -67,14 +67,7 @@ class ChartPass:
                  now: datetime, code_map: CodeMap | None = None):
         self.now = _as_utc(now)
         self.code_map = code_map
-        self._groups: list[tuple[tuple[FeatureSpec, ...], int]] = []  # (specs, first index)
-        joined: list[FeatureSpec] = []
-        for group in groups:
-            group = tuple(group)
-            if self._start(group) is None:
-                self._groups.append((group, len(joined)))
-                joined += group
-        self._compiled = _compiled(tuple(joined))
+        self._groups, self._compiled = _joined(tuple(tuple(group) for group in groups))
         self._resources: list[Any] = []
         self._collector = _Collector(self._compiled, self.now, code_map)
         self.extend(resources)
@@ -91,8 +84,7 @@ class ChartPass:
         self._collector.feed(resources)
 
     def _start(self, specs: tuple[FeatureSpec, ...]) -> int | None:
-        # A list, not a dict: a hand-built spec may hold something unhashable (see _compiled).
-        return next((start for group, start in self._groups if group == specs), None)
+        return _start(self._groups, specs)
 
     def serves(self, now: datetime, code_map: CodeMap | None) -> bool:
         """Whether this pass reads the chart as `extract(now=now, code_map=code_map)` would."""
@@ -120,6 +112,45 @@ class ChartPass:
                                  code_map=self.code_map)
         return tuple(_readings(self._compiled, self._collector.accs[start + i], start + i,
                                self.code_map) for i in indexes)
+
+
+def _start(groups: Sequence[tuple[tuple[FeatureSpec, ...], int]],
+           specs: tuple[FeatureSpec, ...]) -> int | None:
+    # A list, not a dict: a hand-built spec may hold something unhashable (see _compiled).
+    return next((start for group, start in groups if group == specs), None)
+
+
+# Spec lists joined for a pass, by the identity of the lists given: a hook passes the same
+# tuples on every call (its inputs, its model's features), and hashing every spec again to find
+# the compiled form cost more than a small chart's results. Each entry holds the tuples it is
+# keyed by, so their ids stay theirs.
+_JOINED: dict[tuple[int, ...], tuple[tuple, list, _Compiled]] = {}
+_JOINED_MAX = 256
+
+
+def _joined(groups: tuple[tuple[FeatureSpec, ...], ...]
+            ) -> tuple[list[tuple[tuple[FeatureSpec, ...], int]], _Compiled]:
+    """(each distinct group with its first index in the joined list, the joined list compiled)."""
+    key = tuple(map(id, groups))
+    found = _JOINED.get(key)
+    if found is not None:
+        return found[1], found[2]
+    starts: list[tuple[tuple[FeatureSpec, ...], int]] = []  # (specs, first index)
+    joined: list[FeatureSpec] = []
+    for group in groups:
+        if _start(starts, group) is None:
+            starts.append((group, len(joined)))
+            joined += group
+    joined_specs = tuple(joined)
+    compiled = _compiled(joined_specs)
+    try:
+        hash(joined_specs)
+    except TypeError:  # compiled afresh each time (see _compiled): so is this
+        return starts, compiled
+    if len(_JOINED) >= _JOINED_MAX:
+        _JOINED.clear()
+    _JOINED[key] = (groups, starts, compiled)
+    return starts, compiled
 
 
 def _vector(compiled: _Compiled, indexes: range, accs: Sequence[_Acc],

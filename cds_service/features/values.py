@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
+from functools import cached_property
 from typing import Any
 
 from cds_service.features.compiled import _Feature
@@ -74,12 +75,17 @@ class FeatureVector:
         return [math.nan if v.value is None else v.value for v in self.values]
 
     def __getitem__(self, name: str) -> FeatureValue:
-        for v in self.values:
-            if v.name == name:
-                return v
-        raise KeyError(name)
+        return self.values[self._index[name]]
 
-    @property
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        # A hook reads a vector by name a dozen times a call; the first of equal names wins.
+        index: dict[str, int] = {}
+        for i, v in enumerate(self.values):
+            index.setdefault(v.name, i)
+        return index
+
+    @cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(v.name for v in self.values)
 
