@@ -91,11 +91,12 @@ def text_too_deep(text: str | bytes, limit: int = MAX_DEPTH) -> bool:
         data = bytes(text)  # UTF-8 codes every non-ASCII character in bytes 0x80 and above
     else:  # json.loads reads UTF-16 and UTF-32 bytes too, where `"` can be half a character
         data = text.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
-    if data.count(b"[") + data.count(b"{") <= limit:
-        return False  # every level opens with one of them: at most this many levels
     if b"\\" in data:
         data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
-    data = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    data = data.translate(None, _NOT_STRUCTURE)  # counted here: a tenth of the bytes to read
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False  # every level opens with one of them: at most this many levels
+    data = data.replace(b'""', b"")
     if b'"' in data:
         data = b"".join(data.split(b'"')[::2])
     data = data.translate(_AS_PARENS)
