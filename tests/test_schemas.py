@@ -139,3 +139,6 @@ def test_plain_fields_are_loaded_without_marshmallow_s_field_machinery():
     shortcuts = {name for name, _, _, shortcut in plan if shortcut is not None}
     assert shortcuts == {"hook", "hookInstance", "fhirServer", "context", "prefetch", "extension"}
     assert "fhirAuthorization" in declared - shortcuts  # Nested: its own schema's short path
+    plan, _ = schemas.CONTEXT_SCHEMAS["order-select"]._plan
+    assert {name for name, _, _, shortcut in plan if shortcut} == {
+        "userId", "patientId", "encounterId", "draftOrders", "selections"}

@@ -107,15 +107,21 @@ class _FastLoad(Schema):
 
 def _shortcut(field: fields.Field) -> Callable[[Any], Any] | None:
     """`field.deserialize(value)` for the plain fields a request holds (a string, a URL, an
-    object, any JSON value), without marshmallow's bookkeeping around it: the same checks, the
-    same validators, the same value out. It raises ValidationError wherever `deserialize` might
-    (marshmallow then loads the request and words the error); None for any other field."""
+    object, a list of such, any JSON value), without marshmallow's bookkeeping around it: the
+    same checks, the same validators, the same value out. It raises ValidationError wherever
+    `deserialize` might (marshmallow then loads the request and words the error); None for any
+    other field."""
     kind = type(field)
     if field.pre_load or field.post_load or field.load_default is not missing:
         return None
     if kind is fields.Dict and (field.key_field or field.value_field):
         return None
-    accepted = {fields.String: str, fields.Url: str, fields.Dict: dict,
+    item = None
+    if kind is fields.List:  # a list of plain items: each through the item field's shortcut
+        item = _shortcut(field.inner) if not isinstance(field.inner, fields.Nested) else None
+        if item is None:
+            return None
+    accepted = {fields.String: str, fields.Url: str, fields.Dict: dict, fields.List: list,
                 fields.Raw: object}.get(kind)
     if accepted is None:
         return None
@@ -134,6 +140,8 @@ def _shortcut(field: fields.Field) -> Callable[[Any], Any] | None:
             raise ValidationError("type")  # bytes, subclasses: marshmallow's to decide
         if accepted is dict:
             value = dict(value)  # Dict returns a copy
+        elif item is not None:
+            value = [item(each) for each in value]
         for validator in validators:
             if validator(value) is False:
                 raise ValidationError("validator")
