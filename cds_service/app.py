@@ -12,7 +12,7 @@ from flask import Config, Flask
 from cds_service.config import DEFAULTS, SHIPPED_MODELS_DIR, Site, choose_default_site, load_sites
 from cds_service.features import prepare as prepare_features
 from cds_service.models.loaded import ModelSet
-from cds_service.ops import listeners, logs
+from cds_service.ops import listeners, logs, memory
 from cds_service.protocol import swagger_ui
 from cds_service.protocol.errors import ConfigError
 from cds_service.protocol.http import Api, App, JsonProvider, register_error_handlers
@@ -108,6 +108,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     logging.getLogger("cds_service").setLevel(app.config["LOG_LEVEL"])
 
     logs.init_app(app)  # first: the request id is set before anything logs
+    memory.init_app(app)
     api = Api(app)
     app.extensions["cds_api"] = api
     register_error_handlers(app)
