@@ -139,7 +139,9 @@ def _name(concept: Any, display: Any) -> str | None:
     return next((c.strip()[:200] for c in candidates if isinstance(c, str) and c.strip()), None)
 
 
+@lru_cache(maxsize=2048)
 def _route_from_text(text: str) -> str | None:
+    # Searched once per distinct text, as `_names_in`: a dozen word searches per order otherwise.
     if _SYSTEMIC_WORDS.search(text):
         return None
     for route, pattern in _ROUTE_WORDS:
