@@ -29,13 +29,14 @@ import json
 import secrets
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
 
 from tests.helpers.client_assertion import check_assertion
+from tests.helpers.loopback import LoopbackHTTPServer
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -72,8 +73,7 @@ class BulkDataServer:
         self.medication_reads: list[str] = []
         self.deletes: list[str] = []
         self.status_polls = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = LoopbackHTTPServer(("127.0.0.1", 0), self._handler())
         self.root = f"http://127.0.0.1:{self._server.server_address[1]}"
         self.url = f"{self.root}/fhir"
         self.token_url = f"{self.root}/auth/token"

@@ -22,19 +22,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 
+from tests.helpers.loopback import LoopbackHTTPServer
+
 FHIR_JSON = "application/fhir+json"
-
-
-class _Listener(ThreadingHTTPServer):
-    # socketserver's listen backlog is 5: a call's 8 parallel reads overflow it, and the
-    # kernel's dropped SYN is retried after 1 s, a stall that is the test server's, not ours.
-    request_queue_size = 128
 
 
 def _query_key(query: str | Mapping[str, Any] | None) -> tuple | None:
@@ -91,8 +87,7 @@ class FhirTestServer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.requests: list[RecordedRequest] = []
-        self._httpd = _Listener((host, 0), self._handler_class())
-        self._httpd.daemon_threads = True
+        self._httpd = LoopbackHTTPServer((host, 0), self._handler_class())
         self.host, self.port = self._httpd.server_address[:2]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
