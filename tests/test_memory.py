@@ -29,6 +29,28 @@ def test_a_large_body_trims_after_its_response_is_closed(client, trims):
     assert trims == [0]
 
 
+def test_a_large_body_is_freed_only_once_its_response_is_sent(client, monkeypatch):
+    # Freeing a 1 MB prefetch's objects takes milliseconds: the EHR should not wait on it.
+    released = []
+    monkeypatch.setattr(memory, "_release", lambda held: released.append(list(held or [])))
+    padding = "y" * memory.LARGE_BODY_BYTES
+    response = post(client, "/cds-services/echo", {**PATIENT_VIEW, "extension": {"pad": padding}})
+    assert response.status_code == 200
+    assert released == []
+    response.close()
+    [[decoded]] = released
+    assert decoded["hookInstance"] == PATIENT_VIEW["hookInstance"]
+    assert decoded["extension"]["pad"] == padding
+
+
+def test_a_small_body_is_not_held(client, monkeypatch):
+    released = []
+    monkeypatch.setattr(memory, "_release", released.append)
+    response = post(client, "/cds-services/echo", PATIENT_VIEW)
+    response.close()
+    assert response.status_code == 200 and released == []
+
+
 def test_a_small_body_never_trims(client, trims):
     response = post(client, "/cds-services/echo", PATIENT_VIEW)
     response.close()

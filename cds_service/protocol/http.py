@@ -18,6 +18,7 @@ from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
 from cds_service.data import jsonlimit
+from cds_service.ops import memory
 from cds_service.protocol.errors import CdsError, Issue, operation_outcome
 from cds_service.protocol.schemas import OperationOutcomeSchema
 from cds_service.schema_errors import messages_to_issues
@@ -96,7 +97,9 @@ class JsonParser(FlaskParser):
         # As webargs does: UTF-8 only (RFC 8259 §8.1); its UnicodeDecodeError and JSONDecodeError
         # handling (400 "Invalid JSON body.", an empty body as missing) stays as it was.
         raw = req.get_data(cache=True)
-        return jsonlimit.loads(raw.decode("utf-8"), utf8=raw)
+        decoded = jsonlimit.loads(raw.decode("utf-8"), utf8=raw)
+        memory.hold(raw, decoded)
+        return decoded
 
 
 class App(Flask):
