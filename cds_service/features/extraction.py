@@ -248,8 +248,15 @@ class _ByCodings:
     def __call__(self, concept: Any) -> Any:
         codings = concept.get("coding") if isinstance(concept, _MAPPING) else None
         try:
-            if type(codings) is list and len(codings) == 1:  # the usual shape: one coding
+            # The usual shapes, spelled out (a generator costs more than the lookup it keys): one
+            # coding, or two as Epic sends a result (its own component id beside the LOINC).
+            count = len(codings) if type(codings) is list else 0
+            if count == 1:
                 key = ((codings[0].get("system"), codings[0].get("code")),)
+            elif count == 2:
+                first, second = codings
+                key = ((first.get("system"), first.get("code")),
+                       (second.get("system"), second.get("code")))
             else:
                 key = tuple((c.get("system"), c.get("code")) for c in codings)
             found = self.memo.get(key, _UNSEEN)
