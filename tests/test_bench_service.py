@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from bench import load, payloads, service_bench
 from bench.floor_app import create_app as create_floor_app
 from bench.peer import venv as peer_venv
 from bench.service_bench import GROUPS, QUICK, main
+from tests.helpers.loopback import LoopbackHTTPServer
 
 PEERS = tuple(g for g in GROUPS if g.kind == "peer")
 
@@ -256,8 +257,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def http_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
+    server = LoopbackHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.server_address[1]

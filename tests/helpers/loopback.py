@@ -1,4 +1,5 @@
-"""The threaded HTTP server under every fake EHR endpoint in the tests (FHIR, JWKS, Bulk Data)."""
+"""The threaded HTTP server under every fake endpoint in the tests (FHIR, JWKS, Bulk Data, the
+bench load generator's target)."""
 
 from __future__ import annotations
 
