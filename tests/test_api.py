@@ -336,6 +336,47 @@ def test_oversized_body_is_413_with_default_5_mb(client, make_app):
     assert_outcome(post(small_limit, "/cds-services/echo", big), 413)
 
 
+class _ServerInput:
+    """A WSGI server's input: at most `step` bytes per read, as a socket hands them over."""
+
+    def __init__(self, data: bytes, step: int):
+        self.data, self.step, self.reads = data, step, 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        size = self.step if size < 0 else min(size, self.step)
+        piece, self.data = self.data[:size], self.data[size:]
+        return piece
+
+
+def _post_from(client, server_input: _ServerInput, content_length: int):
+    return client.post("/cds-services/echo", data=server_input.data,
+                       content_type="application/json", environ_overrides={
+                           "wsgi.input": server_input, "CONTENT_LENGTH": str(content_length)})
+
+
+def test_a_body_of_known_length_is_asked_for_in_one_read(client):
+    # werkzeug alone reads 64 KiB at a time: gunicorn copies what it holds on each (http.py).
+    data = json.dumps({**PATIENT_VIEW, "extension": {"pad": "x" * 300_000}}).encode()
+    server_input = _ServerInput(data, step=len(data))
+    response = _post_from(client, server_input, len(data))
+    assert response.status_code == 200, response.get_json()
+    assert server_input.reads == 1
+
+
+def test_a_body_handed_over_in_pieces_is_read_whole(client):
+    data = json.dumps({**PATIENT_VIEW, "extension": {"pad": "y" * 300_000}}).encode()
+    server_input = _ServerInput(data, step=4096)
+    response = _post_from(client, server_input, len(data))
+    assert response.status_code == 200, response.get_json()
+    assert server_input.reads == -(-len(data) // 4096)
+
+
+def test_a_body_shorter_than_its_content_length_is_400(client):
+    data = json.dumps(PATIENT_VIEW).encode()
+    assert_outcome(_post_from(client, _ServerInput(data, step=len(data)), len(data) + 10), 400)
+
+
 def test_handler_failure_is_500_outcome_without_internals(client, caplog):
     response = post(client, "/cds-services/broken", PATIENT_VIEW)
     body = assert_outcome(response, 500)
