@@ -296,6 +296,9 @@ def run(args: argparse.Namespace, logconfig: dict) -> int:
     metrics_dir, created = prepare_metrics_dir()
     master = os.getpid()
     from cds_service.app import load_deployment
+    from cds_service.ops import memory
+
+    memory.tune_allocator()  # before the models load and the workers fork: they inherit it
 
     try:
         try:
