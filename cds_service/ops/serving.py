@@ -60,6 +60,8 @@ SETTINGS: dict[str, Any] = {
     # /smart/callback?code=…&state=… would put an authorization code in the log. The path only.
     "access_log_format": '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)s',
 }
+# gc.set_threshold's first value in a worker (`Server.load`).
+GC_YOUNG_THRESHOLD = 50_000
 if Path("/dev/shm").is_dir():  # noqa: S108 - gunicorn's heartbeat files, not our data
     SETTINGS["worker_tmp_dir"] = "/dev/shm"  # noqa: S108
 
@@ -150,6 +152,12 @@ class Server(BaseApplication):
         # took 42 ms of CPU instead of 23 (issue 20, measured in-process).
         gc.collect()
         gc.freeze()
+        # A call allocates its objects in one burst that lives until the call ends: a 1.1 MB
+        # prefetch is ~100,000 containers, which at CPython's default threshold (700) set off
+        # ~40 young and ~4 middle collections per call, each walking objects still in use
+        # (issue 20, side by side: server p50 18.3 -> 16.7 ms; 3 KB calls and RSS unchanged).
+        # Garbage in cycles still goes, after 50,000 allocations instead of 700.
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         log.info("worker %d ready: sites %s, models %s", os.getpid(),
                  ", ".join(sorted(self.deployment.sites)),
                  ", ".join(f"{m.id} {m.version}" for m in self.deployment.models) or "none")
