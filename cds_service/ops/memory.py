@@ -15,8 +15,8 @@ forks; the workers inherit it) keeps that memory in the process instead:
   MAX_CONTENT_LENGTH, 5 MB by default) come from that arena, not from a mapping of their own;
 - free memory at the top of the arena goes back to the kernel past 64 MiB (`M_TRIM_THRESHOLD`),
   and after a large call `malloc_trim(0)` returns free pages anywhere in it once more than
-  64 MiB are free in all (`mallinfo2`): a worker keeps what a large call needs, not what a
-  burst of them needed.
+  64 MiB are free in all (`mallinfo2`, glibc 2.33 and later; before, only the top is
+  returned): a worker keeps what a large call needs, not what a burst of them needed.
 
 Side by side (one worker pinned to one core, 1.1 MB patient-view): page faults per call
 1,679 -> 0, server-side p50 20.6 -> 18.3 ms; worker RSS after the calls 185 MB either way.

@@ -108,10 +108,11 @@ class _WholeBody(LimitedStream):
     """A body of known length whose `readall` (what `request.get_data()` calls) asks for all of
     the rest in one read. werkzeug's reads 64 KiB at a time, and gunicorn (27.0,
     `Unreader.read`) takes up to 1 MiB off the socket at once and, on each of those reads, copies
-    all it holds ahead again: a 1.1 MB prefetch cost 17 reads and ~3 ms of CPU more than one read
-    (issue 20, server p50 20.8 -> 17.8 ms). Everything else is werkzeug's own: this stream is
-    limited to the Content-Length over werkzeug's (which enforces MAX_CONTENT_LENGTH), and a
-    body shorter than its Content-Length raises `ClientDisconnected` as werkzeug's does."""
+    all it holds ahead again: a 1.1 MB prefetch took 17 reads (issue 20: about 0.6 ms of a 21 ms
+    call side by side; most of what remained was page faults, see `ops.memory`). Everything
+    else is werkzeug's own: this stream is limited to the Content-Length over werkzeug's
+    (which enforces MAX_CONTENT_LENGTH), and a body shorter than its Content-Length raises
+    `ClientDisconnected` as werkzeug's does."""
 
     def readall(self) -> bytes:
         parts = []
