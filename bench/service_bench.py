@@ -371,13 +371,19 @@ def memory(pid: int) -> dict[str, Any]:
     return out
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (proc(5) field 3 onward: index 0 is the state,
+    7 minflt, 11 utime, 12 stime); the name may hold spaces and parentheses."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     """User + system CPU time of `pids` so far (/proc/<pid>/stat utime, stime)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(pid)
         except OSError:  # a worker that died; the run reports it at the end
             continue
         total += int(fields[11]) + int(fields[12])

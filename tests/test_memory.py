@@ -8,7 +8,6 @@ import platform
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -119,14 +118,10 @@ def test_a_tuned_allocator_reuses_large_buffers_in_every_thread():
     assert int(done.stdout) < 64  # fewer than one page per call
 
 
-def _minor_faults(pid: int) -> int:
-    # proc(5), /proc/pid/stat field 10, minflt: after the command name, the 8th field.
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
-
-
 @glibc
 def test_a_worker_answers_large_prefetches_from_memory_it_keeps(serve):
     from bench.payloads import build, new_hook_instance
+    from bench.service_bench import stat_fields
 
     server = serve("--workers", "1", "--site-config", str(ROOT / "site_config"))
     [worker] = worker_pids(server)
@@ -134,9 +129,9 @@ def test_a_worker_answers_large_prefetches_from_memory_it_keeps(serve):
     url = server.base + "/cds-services/kidney-risk"
     faults = []
     for _ in range(8):
-        before = _minor_faults(worker)
+        before = int(stat_fields(worker)[7])
         status, answer = request(url, {**body, "hookInstance": new_hook_instance()})
-        faults.append(_minor_faults(worker) - before)
+        faults.append(int(stat_fields(worker)[7]) - before)
         assert status == 200 and len(answer["cards"]) == 1, answer
     # With glibc's defaults each 1.1 MB call faulted ~1,650 pages in again (issue 20).
     assert sorted(faults[3:])[2] < 100, faults

@@ -55,10 +55,15 @@ class _Mallinfo2(ctypes.Structure):
         "fordblks", "keepcost")]
 
 
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+except OSError:
+    _LIBC = None
+
+
 def _glibc(name: str, argtypes: list, restype: Any) -> Any:
-    try:
-        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
-    except (OSError, AttributeError):  # not glibc (musl, macOS), or older than 2.33 (mallinfo2)
+    function = getattr(_LIBC, name, None)
+    if function is None:  # not glibc (musl, macOS), or older than 2.33 (mallinfo2)
         return None
     function.argtypes, function.restype = argtypes, restype
     return function

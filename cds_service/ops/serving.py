@@ -60,10 +60,11 @@ SETTINGS: dict[str, Any] = {
     # /smart/callback?code=…&state=… would put an authorization code in the log. The path only.
     "access_log_format": '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)s',
 }
-# gc.set_threshold's first value in a worker (`Server.load`).
-GC_YOUNG_THRESHOLD = 50_000
 if Path("/dev/shm").is_dir():  # noqa: S108 - gunicorn's heartbeat files, not our data
     SETTINGS["worker_tmp_dir"] = "/dev/shm"  # noqa: S108
+
+# gc.set_threshold's first value in a worker (`Server.load`).
+GC_YOUNG_THRESHOLD = 50_000
 
 
 def prepare_metrics_dir() -> tuple[str, bool]:
