@@ -4,6 +4,9 @@ real gunicorn with two workers, and in-process for FHIR fallback reads and shado
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from cds_service.records.suppression import WITHHELD_EXTENSION
@@ -213,3 +217,47 @@ def test_metrics_endpoint_needs_no_token_and_names_the_catalogue(client):
     catalogue = Path(ROOT / "cds_service" / "ops" / "metrics.py").read_text()
     for name in ("cds_requests", "cds_stage_duration_seconds", "cds_jwt_rejections"):
         assert f'"{name}"' in catalogue and f"# HELP {name}" in text
+
+
+MULTIPROCESS_PID_SCRIPT = r"""
+import os, sys
+from cds_service.ops import metrics  # PROMETHEUS_MULTIPROC_DIR is set: multiprocess values
+calls = []
+def profile(frame, event, arg):  # prometheus_client holds os.getpid itself: see every C call
+    if event == "c_call" and arg is os.getpid:
+        calls.append(1)
+sys.setprofile(profile)
+for _ in range(100):
+    metrics.count_request("s", "svc", "patient-view", 200, 0.01)
+sys.setprofile(None)
+print(len(calls))
+pid = os.fork()
+if pid == 0:
+    for _ in range(7):
+        metrics.count_request("s", "svc", "patient-view", 200, 0.01)
+    os._exit(0)
+os.waitpid(pid, 0)
+print(pid)
+sys.stdout.flush()
+"""
+
+
+def test_multiprocess_values_know_their_process_without_asking_the_kernel_each_time(tmp_path):
+    # prometheus_client asks getpid() on every increment to notice a fork; ours knows the pid
+    # and learns a child's at the fork, so each process still writes its own file.
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    done = subprocess.run(  # noqa: S603 - this interpreter, a fixed script
+        [sys.executable, "-c", MULTIPROCESS_PID_SCRIPT], capture_output=True, text=True,
+        timeout=60, cwd=ROOT, check=False,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    assert done.returncode == 0, done.stderr
+    getpid_calls, child = (int(line) for line in done.stdout.split())
+    assert getpid_calls == 0
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    total = registry.get_sample_value("cds_requests_total", {
+        "site": "s", "service": "svc", "hook": "patient-view", "status": "200"})
+    assert total == 107
+    # The child's 7 calls are in its own file, not in its parent's.
+    assert (metrics_dir / f"counter_{child}.db").is_file()

@@ -272,3 +272,23 @@ def test_two_workers_answer_many_concurrent_keepalive_connections(tmp_path):
     finally:
         server.stop()
     assert statuses == [200] * 36
+
+
+@pytest.mark.parametrize("access_log", [False, True], ids=["default", "--access-log"])
+def test_the_access_line_is_built_only_when_asked_for(access_log):
+    # gunicorn counts its access log as on whenever a logging dictionary is given (ours always
+    # is) and formats each call's atoms for a logger held at WARNING to drop.
+    from gunicorn.config import Config
+
+    from cds_service.ops.logs import logconfig
+    from cds_service.ops.serving import SETTINGS
+
+    cfg = Config()
+    for key, value in {**SETTINGS, "accesslog": "-" if access_log else None,
+                       "logconfig_dict": logconfig("text", access_log=access_log)}.items():
+        cfg.set(key, value)
+    logger = cfg.logger_class(cfg)
+    built = []
+    logger.atoms = lambda *args: built.append(args) or {}
+    logger.access(None, None, {}, None)
+    assert len(built) == (1 if access_log else 0)

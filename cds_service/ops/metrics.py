@@ -30,7 +30,24 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    values,
 )
+
+# prometheus_client's multiprocess values ask the kernel for the pid on every increment, to
+# notice a fork: about thirty getpid() calls per patient-view. The pid changes only at a fork,
+# so it is kept here and renewed in the child; MultiProcessValue's `process_identifier` is the
+# hook for that. Replaced before the first metric below is built.
+_pid = os.getpid()
+
+
+def _renew_pid() -> None:
+    global _pid  # noqa: PLW0603 - one value per process, set again only in a forked child
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+if getattr(values.ValueClass, "_multiprocess", False):
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: _pid)
 
 UNKNOWN = "unknown"
 STAGES = ("auth", "prefetch", "fhir_fallback", "features", "model", "cards")

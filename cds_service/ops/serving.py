@@ -40,13 +40,27 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.glogging import Logger
 
 from cds_service.protocol.errors import ConfigError
 
 log = logging.getLogger("cds_service.ops.serving")
 
+class AccessLogger(Logger):
+    """gunicorn's logger, with the access line built only under `--access-log`.
+
+    gunicorn counts the access log as on whenever a logging dictionary is set (ours always is)
+    and then formats every call's atoms (time, headers, sizes) for a `gunicorn.access` logger
+    held at WARNING to drop (`logs.logconfig`)."""
+
+    def access(self, resp, req, environ, request_time) -> None:
+        if self.cfg.accesslog:
+            super().access(resp, req, environ, request_time)
+
+
 SETTINGS: dict[str, Any] = {
     "worker_class": "cds_service.ops.worker.SharingThreadWorker",
+    "logger_class": AccessLogger,
     "threads": 4,
     "timeout": 30,
     "graceful_timeout": 30,
