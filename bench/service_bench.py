@@ -236,6 +236,7 @@ class Server:
     site_config: Path | None = None
     python: Path | None = None          # the peer's virtualenv interpreter
     cpus: set[int] | None = None        # --pin: the server's CPUs, inherited by its workers
+    code: Path | None = None            # another commit's tree, served by this virtualenv
     port: int = field(default_factory=load.free_port)
     process: subprocess.Popen | None = None
 
@@ -267,9 +268,10 @@ class Server:
             # As `make run`: tokens name the URL served (aud), signed with the demo's dev key.
             "CDS_PUBLIC_URL": self.base,
             "CDS_ALLOW_DEV_KEYS": "true",
-            # The floor app is run as `-m bench.floor_app` from the temporary directory.
-            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
-                                          if p),
+            # The floor app is run as `-m bench.floor_app` from the temporary directory; `code`
+            # comes first on the path, so its `cds_service` and `hooks` are the ones imported.
+            "PYTHONPATH": os.pathsep.join(p for p in (str(self.code or ROOT),
+                                                      os.environ.get("PYTHONPATH")) if p),
         })
 
     def start(self) -> None:
