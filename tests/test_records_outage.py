@@ -243,6 +243,27 @@ def test_calls_answered_while_a_batch_is_stored_wait_for_the_next_linger(tmp_pat
         recorder.close()
 
 
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="per-thread nice: Linux")
+def test_the_shipper_gives_way_to_the_request_threads(tmp_path):
+    """The shipper stores at a lower CPU priority than the threads answering calls (the spool
+    module's docstring): its nice value is theirs plus SHIPPER_NICE, theirs unchanged."""
+    seen = []
+
+    def write(calls):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    recorder = SpoolRecorder(write, lambda: None, tmp_path / "spool")
+    try:
+        recorder.submit(call(1))
+        recorder.flush(10)
+    finally:
+        recorder.close()
+    assert seen == [min(19, own + SpoolRecorder.SHIPPER_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    assert SpoolRecorder.SHIPPER_NICE > 0
+
+
 def test_a_spool_line_holds_the_audit_records_fields_and_reads_back_as_it_was():
     record = lenient_record(kind="invoke", time=NOW, status=200, site="s", hook="patient-view",
                             iss="https://ehr.example/oauth2", card_uuids=["c-1"])
