@@ -36,7 +36,9 @@ from prometheus_client import (
 # prometheus_client's multiprocess values ask the kernel for the pid on every increment, to
 # notice a fork: about thirty getpid() calls per patient-view. The pid changes only at a fork,
 # so it is kept here and renewed in the child; MultiProcessValue's `process_identifier` is the
-# hook for that. Replaced before the first metric below is built.
+# hook for that. Replaced before the first metric below is built; a multiprocess value made
+# before this import would keep its own handle on this process's files, so nothing may make
+# one earlier (`cds-service serve` imports this module while loading, before any metric).
 _pid = os.getpid()
 
 

@@ -46,6 +46,7 @@ from cds_service.protocol.errors import ConfigError
 
 log = logging.getLogger("cds_service.ops.serving")
 
+
 class AccessLogger(Logger):
     """gunicorn's logger, with the access line built only under `--access-log`.
 

@@ -26,8 +26,9 @@ the nice value is per thread). A batch is tens of milliseconds of CPU in one bur
 `LINGER_S`, and a call answered meanwhile on the same core shared the CPU with it: that is the
 slowest 1 % of calls (issue 20: without the shipper, a 3 KB patient-view's server-side p99 on
 one pinned core fell from ~10 to 5 ms). At a lower priority the request threads come first and
-the shipper takes the gaps between calls. Side by side, p99 10.1 -> 6.5 and 9.6 -> 8.3 ms at
-+10 in two runs, 5.0 and 4.4 at +19 (p50 about 3 ms). Under sustained full load the shipper
+the shipper takes the gaps between calls. Side by side at +10: p99 9.77 -> 8.66 ms over 12
+rounds (bench/results/compare-shipper.md), 10.1 -> 6.5 and 9.6 -> 8.3 in shorter runs; at +19
+5.0 and 4.4 (p50 about 3 ms on that machine). Under sustained full load the shipper
 gets only the share its nice value leaves it and falls behind; the records wait in the spool,
 safe, and are stored once the load eases. 16 connections for 30 s: 1,776 of 6,000 calls still
 spooled at the end, all stored 0.8 s later, at +10; 5,432 and 2 s at +19, and +15 was no
