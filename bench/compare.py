@@ -48,12 +48,9 @@ from bench.service_bench import (
     _jwks_file,
     _median,
     check_payload,
-    client_cpu_seconds,
-    cpu_seconds,
     environment,
-    machine_busy_seconds,
+    measured,
     pinning,
-    summarize,
 )
 
 ROUNDS, REQUESTS, WARMUP = 12, 400, 100
@@ -118,14 +115,10 @@ def compare(rev: str, *, payload: str = "pv-3kb", rounds: int = ROUNDS,
                 offset = warmup + r * requests
                 for label in order[r % 2:] + order[:r % 2]:
                     server, batch = servers[label], batches[label]
-                    pids = server.worker_pids()
-                    cpu = (cpu_seconds(pids), client_cpu_seconds(), machine_busy_seconds())
-                    result = load.run(HOST, server.port, lambda i, b=batch, o=offset: b(o + i),
-                                      requests, timeout=REQUEST_TIMEOUT_S)
-                    figures[label].append({"round": r + 1, **summarize(
-                        result, server_cpu_s=cpu_seconds(pids) - cpu[0],
-                        client_cpu_s=client_cpu_seconds() - cpu[1],
-                        machine_cpu_s=machine_busy_seconds() - cpu[2])})
+                    figures[label].append({"round": r + 1, **measured(
+                        server, lambda s=server, b=batch, o=offset: load.run(
+                            HOST, s.port, lambda i: b(o + i), requests,
+                            timeout=REQUEST_TIMEOUT_S))})
                 say(f"round {r + 1}: " + ", ".join(
                     f"{label} {figures[label][-1]['requests_per_s']} req/s" for label in order))
         finally:

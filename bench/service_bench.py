@@ -552,6 +552,17 @@ def summarize(result: load.Result, *, server_cpu_s: float, client_cpu_s: float,
 # Running
 
 
+def measured(server: Server, send) -> dict:
+    """`summarize` of `send()` (a `load.run`), with the CPU its workers, the client and the rest
+    of the machine used meanwhile."""
+    pids = server.worker_pids()
+    cpu = (cpu_seconds(pids), client_cpu_seconds(), machine_busy_seconds())
+    result = send()
+    return summarize(result, server_cpu_s=cpu_seconds(pids) - cpu[0],
+                     client_cpu_s=client_cpu_seconds() - cpu[1],
+                     machine_cpu_s=machine_busy_seconds() - cpu[2])
+
+
 def run_group(group: Group, settings: Settings, payloads: dict[str, Payload], signer: Signer,
               tmp: Path, client_mode: str, say, *, python: Path | None = None,
               cpus: set[int] | None = None) -> dict:
@@ -570,15 +581,10 @@ def run_group(group: Group, settings: Settings, payloads: dict[str, Payload], si
             count, warmup = settings.counts[key], settings.warmup[key]
             batch = Batch(server, payloads[name], count + warmup, signer)
             mode = client_mode if connections > 1 else "sequential"
-            pids = server.worker_pids()
-            cpu = (cpu_seconds(pids), client_cpu_seconds(), machine_busy_seconds())
-            result = load.run(HOST, server.port, lambda i, b=batch, w=warmup: b(w + i), count,
-                              connections=connections, warmup=batch, warmup_count=warmup,
-                              mode=client_mode, timeout=REQUEST_TIMEOUT_S)
             # CPU figures include the warm-up requests' share; negligible at full counts.
-            figures = summarize(result, server_cpu_s=cpu_seconds(pids) - cpu[0],
-                                client_cpu_s=client_cpu_seconds() - cpu[1],
-                                machine_cpu_s=machine_busy_seconds() - cpu[2])
+            figures = measured(server, lambda b=batch, w=warmup, c=count, n=connections: load.run(
+                HOST, server.port, lambda i: b(w + i), c, connections=n, warmup=b,
+                warmup_count=w, mode=client_mode, timeout=REQUEST_TIMEOUT_S))
             scenarios.append({"payload": name, "connections": connections, "client": mode,
                               "warmup": warmup, "payload_bytes": payloads[name].size,
                               **figures})
@@ -660,14 +666,10 @@ def run_rounds(settings: Settings, payloads: dict[str, Payload], signer: Signer,
             offset = settings.round_warmup + r * settings.round_count
             for label in labels[r % len(labels):] + labels[:r % len(labels)]:
                 server, batch = servers[turns[label][0]], batches[label]
-                pids = server.worker_pids()
-                cpu = (cpu_seconds(pids), client_cpu_seconds(), machine_busy_seconds())
-                result = load.run(HOST, server.port, lambda i, b=batch, o=offset: b(o + i),
-                                  settings.round_count, timeout=REQUEST_TIMEOUT_S)
-                figures[label].append({"round": r + 1, **summarize(
-                    result, server_cpu_s=cpu_seconds(pids) - cpu[0],
-                    client_cpu_s=client_cpu_seconds() - cpu[1],
-                    machine_cpu_s=machine_busy_seconds() - cpu[2])})
+                figures[label].append({"round": r + 1, **measured(
+                    server, lambda s=server, b=batch, o=offset: load.run(
+                        HOST, s.port, lambda i: b(o + i), settings.round_count,
+                        timeout=REQUEST_TIMEOUT_S))})
             say("  round " + str(r + 1) + ": " + ", ".join(
                 f"{label} {figures[label][-1]['requests_per_s']} req/s" for label in labels))
     finally:

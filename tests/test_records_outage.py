@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 import uuid
@@ -243,7 +244,8 @@ def test_calls_answered_while_a_batch_is_stored_wait_for_the_next_linger(tmp_pat
         recorder.close()
 
 
-@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="per-thread nice: Linux")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="per-thread nice values are Linux's (spool._lower_priority)")
 def test_the_shipper_gives_way_to_the_request_threads(tmp_path):
     """The shipper stores at a lower CPU priority than the threads answering calls (the spool
     module's docstring): its nice value is theirs plus SHIPPER_NICE, theirs unchanged."""
